@@ -1,0 +1,194 @@
+"""What a study hands back: recommended.yaml and a standalone best_model.py.
+
+best_model.py is rendered from the network autotune itself builds for the best configuration,
+module by module, so the snippet and the tuned model have the same layers, the same names and
+the same parameter count; `write_outputs` checks that before it returns. The snippet imports
+torch only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import re
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from torch import nn
+
+from autotune.models import build_model
+from autotune.space import TrialConfig
+from autotune.spec import Spec
+
+_LEAVES: dict[type, tuple[str, ...]] = {
+    nn.Flatten: (),
+    nn.ReLU: (),
+    nn.GELU: (),
+    nn.SiLU: (),
+    nn.Tanh: (),
+    nn.Identity: (),
+}
+
+
+def render_module(module: nn.Module, indent: int = 1) -> str:
+    """Python source that constructs `module` (nested Sequentials keep their child names)."""
+    pad = "    " * indent
+    if isinstance(module, nn.Sequential):
+        items = [f'{pad}    ("{name}", {render_module(child, indent + 1)}),'
+                 for name, child in module.named_children()]
+        return "nn.Sequential(OrderedDict([\n" + "\n".join(items) + f"\n{pad}]))"
+    if type(module) in _LEAVES:
+        return f"nn.{type(module).__name__}()"
+    if isinstance(module, nn.Linear):
+        return f"nn.Linear({module.in_features}, {module.out_features}, bias={module.bias is not None})"
+    if isinstance(module, nn.Conv2d):
+        return (f"nn.Conv2d({module.in_channels}, {module.out_channels}, "
+                f"kernel_size={module.kernel_size}, stride={module.stride}, "
+                f"padding={module.padding}, bias={module.bias is not None})")
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return (f"nn.{type(module).__name__}({module.num_features}, eps={module.eps!r}, "
+                f"momentum={module.momentum!r})")
+    if isinstance(module, (nn.Dropout, nn.Dropout2d)):
+        return f"nn.{type(module).__name__}(p={module.p!r})"
+    if isinstance(module, nn.MaxPool2d):
+        return f"nn.MaxPool2d({module.kernel_size!r})"
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        return f"nn.AdaptiveAvgPool2d({module.output_size!r})"
+    raise ValueError(f"cannot render {type(module).__name__} as standalone PyTorch code")
+
+
+def render_snippet(model: nn.Module, header: str, input_shape: tuple[int, ...]) -> str:
+    """A standalone module whose build_model() returns a fresh copy of `model`'s architecture."""
+    return f'''"""{header}
+
+Standalone: imports torch only. Copy build_model() into your code base; the trained weights, when
+autotune saved them, load with model.load_state_dict(torch.load(path)).
+"""
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+INPUT_SHAPE = {tuple(input_shape)!r}  # one example, without the batch dimension
+
+
+def build_model() -> nn.Module:
+    return {render_module(model)}
+
+
+if __name__ == "__main__":
+    model = build_model().eval()
+    print(model)
+    print(sum(p.numel() for p in model.parameters()), "parameters")
+    print("output of a batch of 2:", tuple(model(torch.zeros(2, *INPUT_SHAPE)).shape))
+'''
+
+
+def load_snippet(path: Path) -> nn.Module:
+    """Run a best_model.py in a fresh namespace and return its build_model()."""
+    namespace: dict[str, Any] = {"__name__": "autotune_snippet"}
+    exec(compile(path.read_text(), str(path), "exec"), namespace)
+    return namespace["build_model"]()
+
+
+def verify_snippet(path: Path, reference: nn.Module) -> None:
+    """Raise if the snippet's network differs from `reference` in layers or parameter count."""
+    rebuilt = load_snippet(path)
+    if repr(rebuilt) != repr(reference):
+        raise RuntimeError(f"{path}: the rendered network differs from the tuned one")
+    count = sum(p.numel() for p in rebuilt.parameters())
+    expected = sum(p.numel() for p in reference.parameters())
+    if count != expected:
+        raise RuntimeError(f"{path}: {count} parameters, the tuned model has {expected}")
+    if set(rebuilt.state_dict()) != set(reference.state_dict()):
+        raise RuntimeError(f"{path}: state_dict keys differ from the tuned model's")
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The best COMPLETE trial, or None when no trial has completed."""
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def write_outputs(study: optuna.Study, spec: Spec) -> tuple[Path, Path]:
+    """Write recommended.yaml and best_model.py for the study's best trial; return their paths."""
+    trial = best_trial(study)
+    if trial is None:
+        raise RuntimeError(f"study {study.study_name!r} has no completed trial to recommend")
+    attrs = study.user_attrs
+    config = TrialConfig.from_dicts(trial.user_attrs["config"])
+    model = build_model(spec.model, config, attrs["input_shape"], attrs["n_classes"])
+    out = spec.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+
+    weights = out / "weights" / f"trial_{trial.number}.pt"
+    metric = attrs.get("metric", spec.study.metric)
+    header = (f"The network autotune recommends for study {study.study_name!r}: trial "
+              f"{trial.number}, {metric} = {trial.value:.4f}.")
+    py_path = out / "best_model.py"
+    py_path.write_text(render_snippet(model, header, tuple(attrs["input_shape"])))
+    verify_snippet(py_path, model)
+
+    recommendation = {
+        "study": {
+            "name": study.study_name,
+            "metric": metric,
+            "direction": study.direction.name.lower(),
+            "storage": redact(spec.storage_url),
+            "trials": _state_counts(study),
+        },
+        "best": {
+            "trial": trial.number,
+            "value": float(trial.value),
+            "mlflow_run_id": trial.user_attrs.get("mlflow_run_id"),
+            "mlflow_parent_run_id": attrs.get("mlflow_parent_run_id"),
+            "weights": str(weights) if weights.exists() else None,
+        },
+        "model": {
+            "template": spec.model.template,
+            "widths": spec.model.resolved_widths,
+            "activation": spec.model.activation,
+            "input_shape": list(attrs["input_shape"]),
+            "n_classes": attrs["n_classes"],
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
+        "blocks": config.to_dicts(),
+        "train": {"seed": spec.train.seed, "max_epochs": spec.train.max_epochs},
+        "versions": library_versions(),
+        "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    yaml_path = out / "recommended.yaml"
+    yaml_path.write_text(
+        "# autotune's recommendation: the best trial's per-block configuration.\n"
+        "# rate is the drop probability; bn_momentum follows PyTorch's convention.\n"
+        + yaml.safe_dump(recommendation, sort_keys=False)
+    )
+    return yaml_path, py_path
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("autotune", "torch", "lightning", "optuna", "mlflow", "scikit-learn"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def redact(url: str) -> str:
+    """postgresql://user:secret@host/db -> postgresql://user:***@host/db"""
+    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
+
+
+def _state_counts(study: optuna.Study) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    return counts

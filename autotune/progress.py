@@ -1,0 +1,111 @@
+"""What the user sees while a study runs: a bar over trials with the best value so far, and the
+running trial's epochs. Where stderr is not a terminal (CI, a log file), one line per trial."""
+
+from __future__ import annotations
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+from rich.table import Table
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from autotune.export import best_trial
+from autotune.spec import Spec
+from autotune.study import FINISHED, MAX_FAILURES_IN_A_ROW, StudyOutcome, top_trials
+from autotune.study import Progress as ProgressBase
+
+
+class RichProgress(ProgressBase):
+    def __init__(self, console: Console, metric: str, max_epochs: int) -> None:
+        self.console, self.metric, self.max_epochs = console, metric, max_epochs
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[note]}"),
+            console=console,
+        )
+        self.trials = self.bar.add_task("trials", total=1, note="", visible=False)
+        self.epochs = self.bar.add_task("", total=max_epochs, note="", visible=False)
+
+    def start(self, study: optuna.Study, total: int) -> None:
+        done = len(study.get_trials(deepcopy=False, states=FINISHED))
+        self.bar.update(self.trials, total=total, completed=min(done, total),
+                        note=self._best(study), visible=True)
+        if done:
+            self.console.print(f"resuming study {study.study_name!r}: {done} of {total} trials done")
+        self.bar.start()
+
+    def epoch(self, trial: optuna.Trial, epoch: int, metrics: dict[str, float]) -> None:
+        self.bar.update(self.epochs, description=f"trial {trial.number}", completed=epoch,
+                        note=f"{self.metric}={metrics[self.metric]:.4f}", visible=True)
+
+    def trial_done(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.state in FINISHED:
+            self.bar.advance(self.trials)
+        self.bar.update(self.trials, note=self._best(study))
+        self.bar.update(self.epochs, visible=False, completed=0)
+        if not self.console.is_terminal:
+            value = "" if trial.value is None else f" {self.metric}={trial.value:.4f}"
+            reason = trial.user_attrs.get("fail_reason", "")
+            self.console.print(f"trial {trial.number} {trial.state.name}{value} {reason}".rstrip()
+                               + f" | {self._best(study)}")
+
+    def close(self) -> None:
+        self.bar.stop()
+
+    def _best(self, study: optuna.Study) -> str:
+        best = best_trial(study)
+        if best is None:
+            return "best: -"
+        return f"best {self.metric}={best.value:.4f} (trial {best.number})"
+
+
+def state_style(state: TrialState) -> str:
+    return {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}.get(state.name, "")
+
+
+def print_summary(console: Console, spec: Spec, outcome: StudyOutcome, k: int = 5) -> None:
+    """The top trials as a table, then where the outputs are and how to look at them."""
+    study = outcome.study
+    table = Table(title=f"study {study.study_name!r}: top {k} of {outcome.finished} finished trials")
+    table.add_column("trial", justify="right")
+    table.add_column(spec.study.metric, justify="right")
+    for i in range(len(spec.model.resolved_widths)):
+        table.add_column(f"block{i}")
+    for trial in top_trials(study, k):
+        blocks = [_block_cell(block) for block in trial.user_attrs.get("config", [])]
+        table.add_row(str(trial.number), f"{trial.value:.4f}", *blocks)
+    console.print(table)
+    counts = {s.name: 0 for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state.name in counts:
+            counts[trial.state.name] += 1
+    console.print("trials: " + ", ".join(
+        f"[{state_style(TrialState[name])}]{n} {name.lower()}[/]" for name, n in counts.items()))
+    if outcome.stopped_by_failures:
+        console.print(f"[red]stopped: {MAX_FAILURES_IN_A_ROW} trials failed in a row[/]; the last "
+                      f"reason: {_last_failure(study)}")
+    for path in outcome.outputs:
+        console.print(f"wrote {path}")
+    if spec.mlflow.enabled:
+        console.print(f"compare trials: mlflow ui --backend-store-uri {spec.tracking_uri}")
+
+
+def _block_cell(block: dict) -> str:
+    if block["placement"] == "none":
+        return f"none, m={block['bn_momentum']:.3g}"
+    return (f"{block['regularizer']}@{block['placement']} {block['rate']:.2f}, "
+            f"m={block['bn_momentum']:.3g}")
+
+
+def _last_failure(study: optuna.Study) -> str:
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    return failed[-1].user_attrs.get("fail_reason", "unknown") if failed else "unknown"

@@ -1,0 +1,346 @@
+"""Search spaces: YAML in search_spaces/ -> per-block Optuna suggestions -> a frozen TrialConfig.
+
+No torch here: this module is the vocabulary of the search and is imported by `validate`.
+
+A search-space file has `params`, one entry per block parameter. Each entry is one of
+- a choice:  {choices: [a, b], default: a}
+- a range:   {low: 0.05, high: 0.5, log: false, step: null, default: 0.1}
+- a fixed value: {value: 0.1}
+A spec overrides an entry for all blocks (search_space.params) or one block (search_space.blocks):
+a list replaces the choices, a scalar fixes the value, a mapping is merged into the entry.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from autotune.errors import SpecError
+
+PLACEMENTS = ("none", "before_bn", "after_bn", "after_act")
+# regularizer name -> the block kinds it applies to: "dense" (mlp: (N, F) features) and
+# "spatial" (cnn: (N, C, H, W) maps). spatial_dropout drops whole channels, which a dense block
+# does not have. The modules themselves live in autotune.regularizers.
+REGULARIZERS: dict[str, frozenset[str]] = {
+    "dropout": frozenset({"dense", "spatial"}),
+    "spatial_dropout": frozenset({"spatial"}),
+}
+TEMPLATE_KINDS = {"mlp": "dense", "cnn": "spatial"}
+PARAM_NAMES = ("placement", "rate", "regularizer", "bn_momentum")
+
+
+@dataclass(frozen=True)
+class Choice:
+    choices: tuple[Any, ...]
+    default: Any
+
+
+@dataclass(frozen=True)
+class Range:
+    low: float
+    high: float
+    default: float
+    log: bool = False
+    step: float | None = None
+
+
+@dataclass(frozen=True)
+class Fixed:
+    value: Any
+
+
+Param = Union[Choice, Range, Fixed]
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """One block's regulariser slot and BN momentum. `rate` is the DROP probability."""
+
+    placement: str = "none"
+    rate: float = 0.0
+    regularizer: str = "none"
+    bn_momentum: float = 0.1
+
+    @property
+    def active(self) -> bool:
+        return self.placement != "none" and self.rate > 0
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """The whole network's configuration: one BlockConfig per block."""
+
+    blocks: tuple[BlockConfig, ...]
+
+    def to_params(self) -> dict[str, Any]:
+        """Flat `block0.placement`-style names, as Optuna and MLflow see them."""
+        return {
+            f"block{i}.{key}": value
+            for i, block in enumerate(self.blocks)
+            for key, value in asdict(block).items()
+        }
+
+    def to_dicts(self) -> list[dict[str, Any]]:
+        return [asdict(block) for block in self.blocks]
+
+    @classmethod
+    def from_dicts(cls, blocks: Sequence[Mapping[str, Any]]) -> TrialConfig:
+        return cls(tuple(BlockConfig(**block) for block in blocks))
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Resolved parameters, one mapping per block, ready to sample."""
+
+    name: str
+    description: str
+    blocks: tuple[dict[str, Param], ...]
+
+    def sample(self, trial: Any) -> TrialConfig:
+        """Ask an Optuna trial for every block's parameters (rate and kind only when placed)."""
+        return TrialConfig(tuple(self._sample_block(trial, i) for i in range(len(self.blocks))))
+
+    def _sample_block(self, trial: Any, i: int) -> BlockConfig:
+        params = self.blocks[i]
+        placement = _suggest(trial, f"block{i}.placement", params["placement"])
+        momentum = _suggest(trial, f"block{i}.bn_momentum", params["bn_momentum"])
+        if placement == "none":
+            return BlockConfig(placement="none", bn_momentum=momentum)
+        rate = _suggest(trial, f"block{i}.rate", params["rate"])
+        regularizer = _suggest(trial, f"block{i}.regularizer", params["regularizer"])
+        return BlockConfig(placement, rate, regularizer, momentum)
+
+    def defaults(self) -> TrialConfig:
+        """Every parameter at its default: the configuration `predict` shows and studies start at."""
+        blocks = []
+        for params in self.blocks:
+            values = {name: _default(param) for name, param in params.items()}
+            if values["placement"] == "none":
+                values.update(rate=0.0, regularizer="none")
+            blocks.append(BlockConfig(**values))
+        return TrialConfig(tuple(blocks))
+
+    def has_numeric(self) -> bool:
+        """Whether any parameter is a range (what CMA-ES and GP can model)."""
+        return any(isinstance(p, Range) for block in self.blocks for p in block.values())
+
+
+def _suggest(trial: Any, name: str, param: Param) -> Any:
+    if isinstance(param, Fixed):
+        return param.value
+    if isinstance(param, Choice):
+        return trial.suggest_categorical(name, list(param.choices))
+    return trial.suggest_float(name, param.low, param.high, log=param.log, step=param.step)
+
+
+def _default(param: Param) -> Any:
+    return param.value if isinstance(param, Fixed) else param.default
+
+
+# -- finding and reading search-space files -----------------------------------------------------
+
+
+def spaces_dir() -> Path:
+    """search_spaces/: inside the installed package, or beside it in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "search_spaces", here.parent / "search_spaces"):
+        if candidate.is_dir():
+            return candidate
+    raise SpecError("search_spaces/: folder not found beside the autotune package")
+
+
+def find_space_file(base: str, base_dir: Path = Path(".")) -> Path:
+    """A search space by name (search_spaces/<name>.yaml) or by path (relative to base_dir)."""
+    as_path = Path(base) if Path(base).is_absolute() else base_dir / base
+    if as_path.suffix in (".yaml", ".yml"):
+        if not as_path.is_file():
+            raise SpecError(f"search_space.base: file not found: {str(as_path)!r}")
+        return as_path
+    named = spaces_dir() / f"{base}.yaml"
+    if not named.is_file():
+        known = ", ".join(name for name, _, _ in list_spaces())
+        raise SpecError(f"search_space.base: unknown search space {base!r}; expected one of: {known}")
+    return named
+
+
+def list_spaces() -> list[tuple[str, Path, str]]:
+    """(name, file, description) of every search space shipped in search_spaces/."""
+    rows = []
+    for path in sorted(spaces_dir().glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text()) or {}
+        rows.append((path.stem, path, str(raw.get("description", ""))))
+    return rows
+
+
+def load_space(
+    base: str,
+    *,
+    params: Mapping[str, Any] | None = None,
+    blocks: Mapping[int, Mapping[str, Any]] | None = None,
+    n_blocks: int,
+    template: str,
+    base_dir: Path = Path("."),
+) -> SearchSpace:
+    """Read a search space, apply the spec's overrides, and resolve it for n_blocks blocks."""
+    path = find_space_file(base, base_dir)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise SpecError(f"{path}: not valid YAML") from None
+    base_params = raw.get("params") if isinstance(raw, dict) else None
+    if not isinstance(base_params, dict):
+        raise SpecError(f"{path}: params: expected a mapping of {', '.join(PARAM_NAMES)}")
+    _check_names(base_params, f"{path}: params")
+    _check_names(params or {}, "search_space.params")
+    for index in blocks or {}:
+        if not 0 <= index < n_blocks:
+            raise SpecError(
+                f"search_space.blocks.{index}: the model has {n_blocks} blocks (0..{n_blocks - 1})"
+            )
+        _check_names(blocks[index], f"search_space.blocks.{index}")  # type: ignore[index]
+
+    resolved = []
+    for i in range(n_blocks):
+        block: dict[str, Param] = {}
+        for name in PARAM_NAMES:
+            if name not in base_params:
+                raise SpecError(f"{path}: params.{name}: missing")
+            entry = _as_entry(base_params[name])
+            where = f"{path}: params.{name}"
+            for layer, field in (((params or {}), "search_space.params"),
+                                 (((blocks or {}).get(i) or {}), f"search_space.blocks.{i}")):
+                if name in layer:
+                    entry = _merge(entry, layer[name])
+                    where = f"{field}.{name}"
+            block[name] = _build(name, entry, where, template)
+        resolved.append(block)
+    return SearchSpace(path.stem, str(raw.get("description", "")), tuple(resolved))
+
+
+def _check_names(mapping: Mapping[str, Any], where: str) -> None:
+    for name in mapping:
+        if name not in PARAM_NAMES:
+            raise SpecError(
+                f"{where}.{name}: unknown parameter; expected one of: {', '.join(PARAM_NAMES)}"
+            )
+
+
+def _as_entry(value: Any) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, list):
+        return {"choices": value}
+    return {"value": value}
+
+
+def _merge(entry: dict[str, Any], override: Any) -> dict[str, Any]:
+    """A list replaces the choices, a scalar fixes the value, a mapping merges into the entry."""
+    if isinstance(override, Mapping):
+        if "value" in override or "choices" in override:
+            return {**{k: v for k, v in entry.items() if k == "default"}, **override}
+        kept = {k: v for k, v in entry.items() if k not in ("value", "choices")}
+        return {**kept, **override}
+    return _as_entry(override)
+
+
+def _build(name: str, entry: dict[str, Any], where: str, template: str) -> Param:
+    """Turn an entry into a Param, checking every value against the parameter's domain."""
+    allowed = {"value"} if "value" in entry else (
+        {"choices", "default"} if "choices" in entry else {"low", "high", "log", "step", "default"}
+    )
+    extra = sorted(set(entry) - allowed)
+    if extra:
+        raise SpecError(f"{where}.{extra[0]}: unknown key; expected one of: {', '.join(sorted(allowed))}")
+    if "value" in entry:
+        return Fixed(_check_value(name, entry["value"], f"{where}", template, fixed=True))
+    if "choices" in entry:
+        return _build_choice(name, entry, where, template)
+    return _build_range(name, entry, where)
+
+
+def _build_choice(name: str, entry: dict[str, Any], where: str, template: str) -> Param:
+    choices = entry["choices"]
+    if not isinstance(choices, list) or not choices:
+        raise SpecError(f"{where}.choices: expected a non-empty list, got {choices!r}")
+    for value in choices:
+        _check_value(name, value, f"{where}.choices", template, fixed=False)
+    if name == "regularizer":  # leave out what the template's blocks cannot use
+        kind = TEMPLATE_KINDS[template]
+        choices = [c for c in choices if kind in REGULARIZERS[c]]
+        if not choices:
+            raise SpecError(f"{where}.choices: none of {entry['choices']} applies to {template} blocks")
+    default = entry.get("default", choices[0])
+    if default not in choices:
+        default = choices[0]
+    if len(choices) == 1:
+        return Fixed(choices[0])
+    return Choice(tuple(choices), default)
+
+
+def _build_range(name: str, entry: dict[str, Any], where: str) -> Param:
+    if name not in ("rate", "bn_momentum"):
+        raise SpecError(f"{where}: {name} takes choices or a value, not a range")
+    for key in ("low", "high"):
+        if key not in entry:
+            raise SpecError(f"{where}.{key}: missing")
+        if not isinstance(entry[key], (int, float)) or isinstance(entry[key], bool):
+            raise SpecError(f"{where}.{key}: expected a number, got {entry[key]!r}")
+    low, high = float(entry["low"]), float(entry["high"])
+    log, step = bool(entry.get("log", False)), entry.get("step")
+    _check_value(name, low, f"{where}.low", "", fixed=False)
+    _check_value(name, high, f"{where}.high", "", fixed=False)
+    if low > high:
+        raise SpecError(f"{where}: low must not exceed high, got low={low} high={high}")
+    if log and low <= 0:
+        raise SpecError(f"{where}.low: a log range needs low > 0, got {low}")
+    if log and step is not None:
+        raise SpecError(f"{where}.step: a log range cannot have a step")
+    if step is not None and (not isinstance(step, (int, float)) or step <= 0):
+        raise SpecError(f"{where}.step: expected a positive number, got {step!r}")
+    if low == high:
+        return Fixed(low)
+    mid = math.sqrt(low * high) if log else (low + high) / 2
+    default = float(entry.get("default", mid))
+    if not low <= default <= high:
+        raise SpecError(f"{where}.default: {default} is outside [{low}, {high}]")
+    return Range(low, high, default, log, None if step is None else float(step))
+
+
+def _check_value(name: str, value: Any, where: str, template: str, *, fixed: bool) -> Any:
+    """Raise SpecError unless value lies in the domain of parameter `name`."""
+    if name == "placement" and value not in PLACEMENTS:
+        raise SpecError(f"{where}: unknown placement {value!r}; expected one of: {', '.join(PLACEMENTS)}")
+    if name == "regularizer":
+        if value not in REGULARIZERS:
+            raise SpecError(
+                f"{where}: unknown regularizer {value!r}; expected one of: {', '.join(REGULARIZERS)}"
+            )
+        if fixed and template and TEMPLATE_KINDS[template] not in REGULARIZERS[value]:
+            raise SpecError(f"{where}: {value} does not apply to {template} blocks")
+    if name in ("rate", "bn_momentum"):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise SpecError(f"{where}: expected a number, got {value!r}")
+        if name == "rate" and not 0 <= value < 1:
+            raise SpecError(f"{where}: a drop rate must lie in [0, 1), got {value}")
+        if name == "bn_momentum" and not 0 < value <= 1:
+            raise SpecError(f"{where}: BN momentum must lie in (0, 1], got {value}")
+        return float(value)
+    return value
+
+
+def describe_space(space: SearchSpace) -> Iterator[tuple[str, str, str]]:
+    """(block, parameter, what is searched) rows, for `autotune spaces` and the README."""
+    for i, block in enumerate(space.blocks):
+        for name, param in block.items():
+            if isinstance(param, Fixed):
+                text = f"fixed at {param.value}"
+            elif isinstance(param, Choice):
+                text = " | ".join(str(c) for c in param.choices)
+            else:
+                text = f"[{param.low}, {param.high}]" + (" log" if param.log else "")
+            yield f"block{i}", name, text

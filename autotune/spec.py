@@ -1,0 +1,316 @@
+"""spec.yaml as frozen pydantic models, and `load_spec(path)` whose errors name the field.
+
+A spec has seven sections: study, data, model, train, search_space, mlflow, output. Every field
+has a default, so `data: {name: digits}` alone is a valid spec. Unknown keys are errors.
+
+Paths the spec *reads* (data.path, a search space file) are relative to the spec file's folder, so
+a spec works from any working directory. Paths the spec *writes* (output, the default sqlite
+databases) are relative to the working directory, as sqlite URLs are.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from autotune.errors import SpecError
+
+BUILTIN_DATASETS = ("digits", "breast_cancer", "wine", "synthetic_tabular", "synthetic_images")
+METRICS = {"val_acc": "maximize", "val_loss": "minimize", "train_loss": "minimize"}
+IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _shorthand(value: Any, key: str = "name") -> Any:
+    """Let `pruner: median` stand for `pruner: {name: median}`."""
+    return {key: value} if isinstance(value, str) else value
+
+
+class PrunerSpec(_Section):
+    # none: every trial trains to the end; median: Optuna's MedianPruner; hyperband: Optuna's
+    # HyperbandPruner with epochs as the resource. The variance-shift pruner joins in a later issue.
+    name: Literal["none", "median", "hyperband"] = "median"
+    # median: trials that always run to the end before any is pruned; 5 gives a median to compare to
+    n_startup_trials: int = Field(5, ge=0)
+    # median: epochs a trial always gets; the first epochs of a small net are noisy
+    n_warmup_epochs: int = Field(3, ge=0)
+    # hyperband: the fewest epochs a trial gets before it can be stopped
+    min_epochs: int = Field(1, ge=1)
+    # hyperband: keep 1/reduction_factor of the trials at each rung; 3 is Hyperband's own default
+    reduction_factor: int = Field(3, ge=2)
+
+
+class StudySpec(_Section):
+    # the Optuna study name and the MLflow parent run's name; a rerun with the same name resumes
+    name: str = Field("autotune", min_length=1)
+    # what the study optimises, measured on the validation split at the end of every epoch
+    metric: Literal["val_acc", "val_loss", "train_loss"] = "val_acc"
+    # maximize or minimize; left out, it follows the metric (accuracy up, loss down)
+    direction: Literal["maximize", "minimize"] | None = None
+    # the study's total budget of finished (complete or pruned) trials, across reruns
+    n_trials: int = Field(20, ge=1)
+    # stop starting new trials after this many seconds of this run; none: no limit
+    timeout: float | None = Field(None, gt=0)
+    # tpe copes with the conditional per-block space; random is the honest baseline; gp and cmaes
+    # model the numeric parameters (cmaes samples categorical ones at random)
+    sampler: Literal["tpe", "random", "gp", "cmaes"] = "tpe"
+    pruner: PrunerSpec = PrunerSpec()
+    # an Optuna storage URL; none: sqlite in the output folder, so a rerun resumes the study
+    storage: str | None = None
+
+    _pruner_shorthand = field_validator("pruner", mode="before")(_shorthand)
+
+    @property
+    def resolved_direction(self) -> Literal["maximize", "minimize"]:
+        return self.direction or METRICS[self.metric]  # type: ignore[return-value]
+
+
+class SyntheticSpec(_Section):
+    # rows drawn for synthetic_tabular and synthetic_images
+    n_samples: int = Field(2000, ge=20)
+    # synthetic_tabular: columns; synthetic_images: ignored (the image size sets the features)
+    n_features: int = Field(20, ge=2)
+    # synthetic_tabular: columns that carry the label; the rest is noise
+    n_informative: int = Field(10, ge=1)
+    n_classes: int = Field(3, ge=2)
+    # synthetic_images: side of the square image, and channels
+    image_size: int = Field(16, ge=4)
+    channels: int = Field(1, ge=1)
+    # label noise: the share of labels flipped at random, so that no config reaches 100 %
+    flip_y: float = Field(0.02, ge=0, lt=1)
+
+
+class DataSpec(_Section):
+    # a built-in dataset: digits, breast_cancer, wine (scikit-learn's bundled copies),
+    # synthetic_tabular or synthetic_images (generated, seeded)
+    name: str | None = None
+    # a .csv or .npz file instead; relative to the spec file's folder
+    path: Path | None = None
+    # the label: a column of the csv, or an array of the npz
+    label: str = "label"
+    # the npz array that holds the features (rows first)
+    features: str = "x"
+    # a user LightningDataModule instead, as "package.module:Class", built with kwargs
+    datamodule: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    # classes of a user datamodule that has no `n_classes` attribute
+    n_classes: int | None = Field(None, ge=2)
+    # share of the rows held out for validation, split with train.seed
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    # 64 keeps BN's batch statistics steady on small tabular sets
+    batch_size: int = Field(64, ge=2)
+    synthetic: SyntheticSpec = SyntheticSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, name: str | None) -> str | None:
+        if name is not None and name not in BUILTIN_DATASETS:
+            raise ValueError(
+                f"unknown dataset {name!r}; expected one of: {', '.join(BUILTIN_DATASETS)}"
+            )
+        return name
+
+    @field_validator("path")
+    @classmethod
+    def _existing_file(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        if path is None:
+            return None
+        base = Path((info.context or {}).get("base_dir", "."))
+        path = path if path.is_absolute() else base / path
+        if path.suffix not in (".csv", ".npz"):
+            raise ValueError(f"expected a .csv or .npz file, got {str(path)!r}")
+        if not path.is_file():
+            raise ValueError(f"file not found: {str(path)!r}")
+        return path
+
+    @field_validator("datamodule")
+    @classmethod
+    def _import_path(cls, value: str | None) -> str | None:
+        if value is not None and not IMPORT_PATH.match(value):
+            raise ValueError(f"expected 'package.module:Class', got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        given = [k for k in ("name", "path", "datamodule") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of name, path, datamodule; got {', '.join(given)}")
+        if not given:
+            object.__setattr__(self, "name", "digits")
+        return self
+
+
+class ModelSpec(_Section):
+    # mlp: Linear blocks on flattened input; cnn: 3x3 Conv2d blocks on (C, H, W) images
+    template: Literal["mlp", "cnn"] = "mlp"
+    # one block per entry: hidden units (mlp) or channels (cnn); none: [256, 256, 128] for mlp,
+    # [32, 64] for cnn
+    widths: list[int] | None = Field(None, min_length=1)
+    activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    # cnn: halve the image with 2x2 max pooling after every block (while it is at least 2 wide)
+    pool: bool = True
+
+    @field_validator("widths")
+    @classmethod
+    def _positive(cls, widths: list[int] | None) -> list[int] | None:
+        for i, width in enumerate(widths or []):
+            if width < 1:
+                raise ValueError(f"widths[{i}] must be at least 1, got {width}")
+        return widths
+
+    @property
+    def resolved_widths(self) -> list[int]:
+        if self.widths is not None:
+            return list(self.widths)
+        return [256, 256, 128] if self.template == "mlp" else [32, 64]
+
+
+class TrainSpec(_Section):
+    # 15 epochs bring a small mlp on digits close to its plateau; raise it for real work
+    max_epochs: int = Field(15, ge=1)
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    # light decay: the search is about dropout and BN, not weight decay
+    weight_decay: float = Field(1e-4, ge=0)
+    # sgd only
+    momentum: float = Field(0.9, ge=0, lt=1)
+    # Lightning's accelerator: auto takes a GPU where there is one
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    # one seed for every trial, so trials differ by their configuration, not their luck
+    seed: int = 0
+
+
+class SearchSpaceSpec(_Section):
+    # a file in search_spaces/ by name, or a path to a YAML file (relative to the spec's folder)
+    base: str = "dropout_bn"
+    # overrides for every block: a list sets the choices, a scalar fixes the value, a mapping
+    # changes the range (e.g. rate: {high: 0.3})
+    params: dict[str, Any] = Field(default_factory=dict)
+    # overrides for one block, by index: {1: {placement: after_act}}
+    blocks: dict[int, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _base_shorthand(cls, value: Any) -> Any:
+        """Let `search_space: dropout_bn` stand for `search_space: {base: dropout_bn}`."""
+        return _shorthand(value, "base")
+
+
+class MlflowSpec(_Section):
+    # none: sqlite in the output folder (MLflow 3 refuses the ./mlruns file store by default)
+    tracking_uri: str | None = None
+    # none: the study's name
+    experiment: str | None = None
+    # false: log nothing to MLflow
+    enabled: bool = True
+
+
+class Spec(_Section):
+    study: StudySpec = StudySpec()
+    data: DataSpec = DataSpec()
+    model: ModelSpec = ModelSpec()
+    train: TrainSpec = TrainSpec()
+    search_space: SearchSpaceSpec = SearchSpaceSpec()
+    mlflow: MlflowSpec = MlflowSpec()
+    # where recommended.yaml, best_model.py and the default databases go; none: runs/<study name>
+    output: Path | None = None
+    # the folder the spec file lives in, for resolving the files it names (set by load_spec)
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @property
+    def output_dir(self) -> Path:
+        return self.output if self.output is not None else Path("runs") / self.study.name
+
+    @property
+    def storage_url(self) -> str:
+        return self.study.storage or f"sqlite:///{self.output_dir / 'autotune.db'}"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow.tracking_uri or f"sqlite:///{self.output_dir / 'mlflow.db'}"
+
+    @property
+    def experiment_name(self) -> str:
+        return self.mlflow.experiment or self.study.name
+
+
+def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None) -> Spec:
+    """Read and validate a spec file. Raises SpecError with one line naming the field or file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: spec file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise SpecError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    if "base_dir" in raw:
+        raise SpecError(f"{path}: base_dir: unknown key")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return parse_spec(raw, base_dir=path.parent, source=str(path))
+
+
+def parse_spec(raw: dict[str, Any], *, base_dir: Path = Path("."), source: str = "spec") -> Spec:
+    """Validate a spec already read into a dict."""
+    try:
+        return Spec.model_validate({**raw, "base_dir": base_dir}, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise SpecError(f"{source}: {describe_error(exc)}") from None
+
+
+def describe_error(exc: ValidationError) -> str:
+    """The first error of a ValidationError as `field.path: what is wrong (got value)`."""
+    errors = exc.errors()
+    first = errors[0]
+    where = ".".join(str(part) for part in first["loc"]) or "spec"
+    if first["type"] == "extra_forbidden":
+        message = "unknown key" + _allowed_keys(first["loc"][:-1])
+    else:
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] not in ("value_error", "missing") and "input" in first:
+            message += f" (got {first['input']!r})"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {message}{more}"
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, last = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            node = {}
+    node[last] = value
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> str:
+    """'; expected one of: ...' for the section at loc, or '' where it is not a section."""
+    model: Any = Spec
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not isinstance(field.annotation, type):
+            return ""
+        model = field.annotation
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return ""
+    keys = [name for name, field in model.model_fields.items() if not field.exclude]
+    return f"; expected one of: {', '.join(keys)}"

@@ -1,0 +1,230 @@
+"""The study: storage, sampler, pruner, the trial loop, resume and the budget.
+
+`n_trials` is the budget of the whole study: the number of trials that finished (COMPLETE or
+PRUNED), across reruns. Running the same spec again loads the same study from its storage and
+runs only what is missing; a failed trial does not use the budget, but five failures in a row stop
+the run, since something is wrong with more than one configuration.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import warnings
+
+import optuna
+from optuna.exceptions import ExperimentalWarning
+from optuna.trial import FrozenTrial, TrialState
+
+from autotune.errors import SpecError
+from autotune.space import SearchSpace, load_space
+from autotune.spec import PrunerSpec, Spec
+
+# heartbeats, RetryHeartbeatStaleTrialCallback and TPE's `group` are marked experimental; we
+# rely on them knowingly and the notice would greet every user on every run
+warnings.filterwarnings("ignore", category=ExperimentalWarning)
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+MAX_FAILURES_IN_A_ROW = 5
+# a worker that has not beaten its heart for grace_period seconds is taken for dead, and its trial
+# is failed and run again (RetryHeartbeatStaleTrialCallback)
+HEARTBEAT_INTERVAL, HEARTBEAT_GRACE = 30, 120
+
+
+class Progress:
+    """What the trial loop tells whoever watches it. This one watches nothing."""
+
+    def start(self, study: optuna.Study, total: int) -> None: ...
+    def epoch(self, trial: optuna.Trial, epoch: int, metrics: dict[str, float]) -> None: ...
+    def trial_done(self, study: optuna.Study, trial: FrozenTrial) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class StudyOutcome:
+    study: optuna.Study
+    finished: int
+    budget: int
+    interrupted: bool = False
+    stopped_by_failures: bool = False
+    outputs: list[Path] = field(default_factory=list)
+
+
+def resolve_space(spec: Spec) -> SearchSpace:
+    """The spec's search space, overrides applied, for the model's blocks."""
+    return load_space(
+        spec.search_space.base,
+        params=spec.search_space.params,
+        blocks=spec.search_space.blocks,
+        n_blocks=len(spec.model.resolved_widths),
+        template=spec.model.template,
+        base_dir=spec.base_dir,
+    )
+
+
+def make_storage(url: str) -> optuna.storages.BaseStorage:
+    """An RDB storage with heartbeats, so that a trial whose worker died is failed and retried."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=HEARTBEAT_INTERVAL,
+            grace_period=HEARTBEAT_GRACE,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+        )
+    except Exception as exc:  # bad URL, missing driver, unreachable server
+        raise SpecError(f"study.storage: cannot open {url!r}: {type(exc).__name__}: {exc}") from None
+
+
+def make_sampler(name: str, seed: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
+    """The spec's sampler, seeded. cmaes and gp need at least one numeric parameter to model."""
+    if name in ("cmaes", "gp") and not space.has_numeric():
+        raise SpecError(f"study.sampler: {name} models numeric parameters; this space has none")
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(
+            seed=seed, warn_independent_sampling=False,
+            independent_sampler=optuna.samplers.RandomSampler(seed=seed),
+        )
+    # multivariate + group: TPE models the parameters together, per conditional subspace
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+
+
+def make_pruner(spec: PrunerSpec, max_epochs: int) -> optuna.pruners.BasePruner:
+    if spec.name == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=spec.n_startup_trials, n_warmup_steps=spec.n_warmup_epochs
+        )
+    if spec.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=min(spec.min_epochs, max_epochs), max_resource=max_epochs,
+            reduction_factor=spec.reduction_factor,
+        )
+    return optuna.pruners.NopPruner()
+
+
+def open_study(spec: Spec, space: SearchSpace) -> optuna.Study:
+    """Create the study, or load it when it exists; refuse a spec that no longer fits it."""
+    direction = spec.study.resolved_direction
+    study = optuna.create_study(
+        study_name=spec.study.name,
+        storage=make_storage(spec.storage_url),
+        sampler=make_sampler(spec.study.sampler, spec.train.seed, space),
+        pruner=make_pruner(spec.study.pruner, spec.train.max_epochs),
+        direction=direction,
+        load_if_exists=True,
+    )
+    if study.direction.name.lower() != direction:
+        raise SpecError(
+            f"study.direction: stored study {spec.study.name!r} is to "
+            f"{study.direction.name.lower()}, the spec says {direction}; choose another study.name"
+        )
+    identity = {"template": spec.model.template, "widths": spec.model.resolved_widths,
+                "metric": spec.study.metric}
+    for key, value in identity.items():
+        stored = study.user_attrs.get(key)
+        if stored is not None and stored != value:
+            section = "study" if key == "metric" else "model"
+            raise SpecError(
+                f"{section}.{key}: stored study {spec.study.name!r} was run with {stored!r}, "
+                f"the spec says {value!r}; choose another study.name"
+            )
+        study.set_user_attr(key, value)
+    return study
+
+
+def count_finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def run_study(
+    spec: Spec,
+    *,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    progress: Progress | None = None,
+) -> StudyOutcome:
+    """Run (or resume) the study until its budget is spent; write the recommendation."""
+    from autotune.data import load_data
+    from autotune.export import best_trial, write_outputs
+    from autotune.tracking import Tracker, flatten
+    from autotune.training import Objective, quiet_lightning, stop_on_signals
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    progress = progress or Progress()
+    budget = n_trials if n_trials is not None else spec.study.n_trials
+    timeout = timeout if timeout is not None else spec.study.timeout
+
+    # 1. everything that can be wrong with the input fails here, before any training
+    space = resolve_space(spec)
+    datamodule = load_data(spec.data, seed=spec.train.seed, base_dir=spec.base_dir)
+    study = open_study(spec, space)
+    study.set_user_attr("input_shape", list(datamodule.input_shape))  # type: ignore[attr-defined]
+    study.set_user_attr("n_classes", int(datamodule.n_classes))  # type: ignore[attr-defined]
+    study.set_user_attr("search_space", space.name)
+
+    # 2. MLflow: the study's parent run, found again on resume
+    tracker = Tracker(spec.tracking_uri, spec.experiment_name, spec.study.name,
+                      enabled=spec.mlflow.enabled)
+    parent = tracker.start_study(flatten(spec.model_dump(mode="json")))
+    if parent is not None:
+        study.set_user_attr("mlflow_parent_run_id", parent)
+
+    # 3. the loop: stop at the budget, on repeated failure, on timeout or on a signal
+    quiet_lightning()
+    outcome = StudyOutcome(study, count_finished(study), budget)
+    failures: list[int] = []
+
+    def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.state == TrialState.FAIL:
+            failures.append(trial.number)
+        else:
+            failures.clear()
+        outcome.finished = count_finished(study)
+        progress.trial_done(study, trial)
+        if outcome.finished >= budget:
+            study.stop()
+        elif len(failures) >= MAX_FAILURES_IN_A_ROW:
+            outcome.stopped_by_failures = True
+            study.stop()
+
+    progress.start(study, budget)
+    try:
+        if outcome.finished < budget:
+            with stop_on_signals() as stop:
+                objective = Objective(spec, space, datamodule, tracker, stop=stop,
+                                      on_epoch=progress.epoch)
+                study.optimize(objective, timeout=timeout, catch=(Exception,),
+                               callbacks=[after_trial])
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+    finally:
+        progress.close()
+
+    # 4. the recommendation, from whatever has completed so far
+    if best_trial(study) is not None:
+        outcome.outputs = list(write_outputs(study, spec))
+    if not outcome.interrupted:
+        best = best_trial(study)
+        metrics = {} if best is None else {f"best_{spec.study.metric}": best.value}
+        tags = {} if best is None else {"autotune.best_trial": best.number}
+        tracker.end_study({**metrics, "finished_trials": outcome.finished}, tags, outcome.outputs)
+    return outcome
+
+
+def top_trials(study: optuna.Study, k: int = 5) -> list[FrozenTrial]:
+    """The k best COMPLETE trials, best first."""
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.value is not None and math.isfinite(t.value)]
+    sign: Callable[[FrozenTrial], Any] = (
+        (lambda t: -t.value) if study.direction.name == "MAXIMIZE" else (lambda t: t.value)
+    )
+    return sorted(complete, key=sign)[:k]
