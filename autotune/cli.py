@@ -47,8 +47,16 @@ def main() -> None:
 
 @main.command()
 @click.argument("spec_file", type=click.Path(path_type=Path))
-@click.option("--n-trials", type=click.IntRange(min=1), help="The study's trial budget (overrides study.n_trials).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds after which no new trial starts (overrides study.timeout).")
+@click.option(
+    "--n-trials",
+    type=click.IntRange(min=1),
+    help="The study's trial budget (overrides study.n_trials).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds after which no new trial starts (overrides study.timeout).",
+)
 @_friendly
 def run(spec_file: Path, n_trials: int | None, timeout: float | None) -> None:
     """Run the study in SPEC_FILE, or resume it where it stopped."""

@@ -37,20 +37,27 @@ def render_module(module: nn.Module, indent: int = 1) -> str:
     """Python source that constructs `module` (nested Sequentials keep their child names)."""
     pad = "    " * indent
     if isinstance(module, nn.Sequential):
-        items = [f'{pad}    ("{name}", {render_module(child, indent + 1)}),'
-                 for name, child in module.named_children()]
+        items = [
+            f'{pad}    ("{name}", {render_module(child, indent + 1)}),'
+            for name, child in module.named_children()
+        ]
         return "nn.Sequential(OrderedDict([\n" + "\n".join(items) + f"\n{pad}]))"
     if type(module) in _LEAVES:
         return f"nn.{type(module).__name__}()"
     if isinstance(module, nn.Linear):
-        return f"nn.Linear({module.in_features}, {module.out_features}, bias={module.bias is not None})"
+        bias = module.bias is not None
+        return f"nn.Linear({module.in_features}, {module.out_features}, bias={bias})"
     if isinstance(module, nn.Conv2d):
-        return (f"nn.Conv2d({module.in_channels}, {module.out_channels}, "
-                f"kernel_size={module.kernel_size}, stride={module.stride}, "
-                f"padding={module.padding}, bias={module.bias is not None})")
+        return (
+            f"nn.Conv2d({module.in_channels}, {module.out_channels}, "
+            f"kernel_size={module.kernel_size}, stride={module.stride}, "
+            f"padding={module.padding}, bias={module.bias is not None})"
+        )
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        return (f"nn.{type(module).__name__}({module.num_features}, eps={module.eps!r}, "
-                f"momentum={module.momentum!r})")
+        return (
+            f"nn.{type(module).__name__}({module.num_features}, eps={module.eps!r}, "
+            f"momentum={module.momentum!r})"
+        )
     if isinstance(module, (nn.Dropout, nn.Dropout2d)):
         return f"nn.{type(module).__name__}(p={module.p!r})"
     if isinstance(module, nn.MaxPool2d):
@@ -129,8 +136,10 @@ def write_outputs(study: optuna.Study, spec: Spec) -> tuple[Path, Path]:
 
     weights = out / "weights" / f"trial_{trial.number}.pt"
     metric = attrs.get("metric", spec.study.metric)
-    header = (f"The network autotune recommends for study {study.study_name!r}: trial "
-              f"{trial.number}, {metric} = {trial.value:.4f}.")
+    header = (
+        f"The network autotune recommends for study {study.study_name!r}: trial "
+        f"{trial.number}, {metric} = {trial.value:.4f}."
+    )
     py_path = out / "best_model.py"
     py_path.write_text(render_snippet(model, header, tuple(attrs["input_shape"])))
     verify_snippet(py_path, model)

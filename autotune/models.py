@@ -43,11 +43,16 @@ def _mlp(widths, config, input_shape, n_classes, activation) -> nn.Sequential:
     fan_in = 1
     for size in input_shape:
         fan_in *= size
-    for i, (width, block) in enumerate(zip(widths, config.blocks)):
+    for i, (width, block) in enumerate(zip(widths, config.blocks, strict=True)):
         # bias=False: the BN that follows subtracts any bias
         weight = nn.Linear(fan_in, width, bias=False)
-        layers[f"block{i}"] = _block("linear", weight, nn.BatchNorm1d(width, momentum=block.bn_momentum),
-                                     ACTIVATIONS[activation](), block)
+        layers[f"block{i}"] = _block(
+            "linear",
+            weight,
+            nn.BatchNorm1d(width, momentum=block.bn_momentum),
+            ACTIVATIONS[activation](),
+            block,
+        )
         fan_in = width
     layers["head"] = nn.Linear(fan_in, n_classes)
     return nn.Sequential(layers)
@@ -56,11 +61,12 @@ def _mlp(widths, config, input_shape, n_classes, activation) -> nn.Sequential:
 def _cnn(widths, config, input_shape, n_classes, activation, pool) -> nn.Sequential:
     if len(input_shape) != 3:
         raise SpecError(
-            f"model.template: cnn needs images shaped (C, H, W); the data has shape {tuple(input_shape)}"
+            "model.template: cnn needs images shaped (C, H, W); "
+            f"the data has shape {tuple(input_shape)}"
         )
     channels, side = input_shape[0], min(input_shape[1], input_shape[2])
     layers: OrderedDict[str, nn.Module] = OrderedDict()
-    for i, (width, block) in enumerate(zip(widths, config.blocks)):
+    for i, (width, block) in enumerate(zip(widths, config.blocks, strict=True)):
         conv = nn.Conv2d(channels, width, kernel_size=3, padding=1, bias=False)
         bn = nn.BatchNorm2d(width, momentum=block.bn_momentum)
         layers[f"block{i}"] = _block("conv", conv, bn, ACTIVATIONS[activation](), block)
@@ -74,7 +80,9 @@ def _cnn(widths, config, input_shape, n_classes, activation, pool) -> nn.Sequent
     return nn.Sequential(layers)
 
 
-def _block(kind: str, weight: nn.Module, bn: nn.Module, act: nn.Module, block: BlockConfig) -> nn.Sequential:
+def _block(
+    kind: str, weight: nn.Module, bn: nn.Module, act: nn.Module, block: BlockConfig
+) -> nn.Sequential:
     """weight -> bn -> act with the regulariser inserted where block.placement says."""
     order = [(kind, weight), ("bn", bn), ("act", act)]
     if block.active:

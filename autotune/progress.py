@@ -6,7 +6,6 @@ from __future__ import annotations
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
-from rich.table import Table
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -14,6 +13,7 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.table import Table
 
 from autotune.export import best_trial
 from autotune.spec import Spec
@@ -37,15 +37,27 @@ class RichProgress(ProgressBase):
 
     def start(self, study: optuna.Study, total: int) -> None:
         done = len(study.get_trials(deepcopy=False, states=FINISHED))
-        self.bar.update(self.trials, total=total, completed=min(done, total),
-                        note=self._best(study), visible=True)
+        self.bar.update(
+            self.trials,
+            total=total,
+            completed=min(done, total),
+            note=self._best(study),
+            visible=True,
+        )
         if done:
-            self.console.print(f"resuming study {study.study_name!r}: {done} of {total} trials done")
+            self.console.print(
+                f"resuming study {study.study_name!r}: {done} of {total} trials done"
+            )
         self.bar.start()
 
     def epoch(self, trial: optuna.Trial, epoch: int, metrics: dict[str, float]) -> None:
-        self.bar.update(self.epochs, description=f"trial {trial.number}", completed=epoch,
-                        note=f"{self.metric}={metrics[self.metric]:.4f}", visible=True)
+        self.bar.update(
+            self.epochs,
+            description=f"trial {trial.number}",
+            completed=epoch,
+            note=f"{self.metric}={metrics[self.metric]:.4f}",
+            visible=True,
+        )
 
     def trial_done(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if trial.state in FINISHED:
@@ -55,8 +67,10 @@ class RichProgress(ProgressBase):
         if not self.console.is_terminal:
             value = "" if trial.value is None else f" {self.metric}={trial.value:.4f}"
             reason = trial.user_attrs.get("fail_reason", "")
-            self.console.print(f"trial {trial.number} {trial.state.name}{value} {reason}".rstrip()
-                               + f" | {self._best(study)}")
+            self.console.print(
+                f"trial {trial.number} {trial.state.name}{value} {reason}".rstrip()
+                + f" | {self._best(study)}"
+            )
 
     def close(self) -> None:
         self.bar.stop()
@@ -75,7 +89,9 @@ def state_style(state: TrialState) -> str:
 def print_summary(console: Console, spec: Spec, outcome: StudyOutcome, k: int = 5) -> None:
     """The top trials as a table, then where the outputs are and how to look at them."""
     study = outcome.study
-    table = Table(title=f"study {study.study_name!r}: top {k} of {outcome.finished} finished trials")
+    table = Table(
+        title=f"study {study.study_name!r}: top {k} of {outcome.finished} finished trials"
+    )
     table.add_column("trial", justify="right")
     table.add_column(spec.study.metric, justify="right")
     for i in range(len(spec.model.resolved_widths)):
@@ -88,11 +104,17 @@ def print_summary(console: Console, spec: Spec, outcome: StudyOutcome, k: int = 
     for trial in study.get_trials(deepcopy=False):
         if trial.state.name in counts:
             counts[trial.state.name] += 1
-    console.print("trials: " + ", ".join(
-        f"[{state_style(TrialState[name])}]{n} {name.lower()}[/]" for name, n in counts.items()))
+    console.print(
+        "trials: "
+        + ", ".join(
+            f"[{state_style(TrialState[name])}]{n} {name.lower()}[/]" for name, n in counts.items()
+        )
+    )
     if outcome.stopped_by_failures:
-        console.print(f"[red]stopped: {MAX_FAILURES_IN_A_ROW} trials failed in a row[/]; the last "
-                      f"reason: {_last_failure(study)}")
+        console.print(
+            f"[red]stopped: {MAX_FAILURES_IN_A_ROW} trials failed in a row[/]; the last "
+            f"reason: {_last_failure(study)}"
+        )
     for path in outcome.outputs:
         console.print(f"wrote {path}")
     if spec.mlflow.enabled:
@@ -102,8 +124,10 @@ def print_summary(console: Console, spec: Spec, outcome: StudyOutcome, k: int = 
 def _block_cell(block: dict) -> str:
     if block["placement"] == "none":
         return f"none, m={block['bn_momentum']:.3g}"
-    return (f"{block['regularizer']}@{block['placement']} {block['rate']:.2f}, "
-            f"m={block['bn_momentum']:.3g}")
+    return (
+        f"{block['regularizer']}@{block['placement']} {block['rate']:.2f}, "
+        f"m={block['bn_momentum']:.3g}"
+    )
 
 
 def _last_failure(study: optuna.Study) -> str:

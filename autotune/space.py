@@ -16,7 +16,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
@@ -54,7 +54,7 @@ class Fixed:
     value: Any
 
 
-Param = Union[Choice, Range, Fixed]
+Param = Choice | Range | Fixed
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class SearchSpace:
         return BlockConfig(placement, rate, regularizer, momentum)
 
     def defaults(self) -> TrialConfig:
-        """Every parameter at its default: the configuration `predict` shows and studies start at."""
+        """Every parameter at its default: the configuration a study can start from."""
         blocks = []
         for params in self.blocks:
             values = {name: _default(param) for name, param in params.items()}
@@ -164,7 +164,9 @@ def find_space_file(base: str, base_dir: Path = Path(".")) -> Path:
     named = spaces_dir() / f"{base}.yaml"
     if not named.is_file():
         known = ", ".join(name for name, _, _ in list_spaces())
-        raise SpecError(f"search_space.base: unknown search space {base!r}; expected one of: {known}")
+        raise SpecError(
+            f"search_space.base: unknown search space {base!r}; expected one of: {known}"
+        )
     return named
 
 
@@ -212,8 +214,10 @@ def load_space(
                 raise SpecError(f"{path}: params.{name}: missing")
             entry = _as_entry(base_params[name])
             where = f"{path}: params.{name}"
-            for layer, field in (((params or {}), "search_space.params"),
-                                 (((blocks or {}).get(i) or {}), f"search_space.blocks.{i}")):
+            for layer, field in (
+                ((params or {}), "search_space.params"),
+                (((blocks or {}).get(i) or {}), f"search_space.blocks.{i}"),
+            ):
                 if name in layer:
                     entry = _merge(entry, layer[name])
                     where = f"{field}.{name}"
@@ -250,12 +254,20 @@ def _merge(entry: dict[str, Any], override: Any) -> dict[str, Any]:
 
 def _build(name: str, entry: dict[str, Any], where: str, template: str) -> Param:
     """Turn an entry into a Param, checking every value against the parameter's domain."""
-    allowed = {"value"} if "value" in entry else (
-        {"choices", "default"} if "choices" in entry else {"low", "high", "log", "step", "default"}
+    allowed = (
+        {"value"}
+        if "value" in entry
+        else (
+            {"choices", "default"}
+            if "choices" in entry
+            else {"low", "high", "log", "step", "default"}
+        )
     )
     extra = sorted(set(entry) - allowed)
     if extra:
-        raise SpecError(f"{where}.{extra[0]}: unknown key; expected one of: {', '.join(sorted(allowed))}")
+        raise SpecError(
+            f"{where}.{extra[0]}: unknown key; expected one of: {', '.join(sorted(allowed))}"
+        )
     if "value" in entry:
         return Fixed(_check_value(name, entry["value"], f"{where}", template, fixed=True))
     if "choices" in entry:
@@ -273,7 +285,9 @@ def _build_choice(name: str, entry: dict[str, Any], where: str, template: str) -
         kind = TEMPLATE_KINDS[template]
         choices = [c for c in choices if kind in REGULARIZERS[c]]
         if not choices:
-            raise SpecError(f"{where}.choices: none of {entry['choices']} applies to {template} blocks")
+            raise SpecError(
+                f"{where}.choices: none of {entry['choices']} applies to {template} blocks"
+            )
     default = entry.get("default", choices[0])
     if default not in choices:
         default = choices[0]
@@ -314,11 +328,14 @@ def _build_range(name: str, entry: dict[str, Any], where: str) -> Param:
 def _check_value(name: str, value: Any, where: str, template: str, *, fixed: bool) -> Any:
     """Raise SpecError unless value lies in the domain of parameter `name`."""
     if name == "placement" and value not in PLACEMENTS:
-        raise SpecError(f"{where}: unknown placement {value!r}; expected one of: {', '.join(PLACEMENTS)}")
+        raise SpecError(
+            f"{where}: unknown placement {value!r}; expected one of: {', '.join(PLACEMENTS)}"
+        )
     if name == "regularizer":
         if value not in REGULARIZERS:
             raise SpecError(
-                f"{where}: unknown regularizer {value!r}; expected one of: {', '.join(REGULARIZERS)}"
+                f"{where}: unknown regularizer {value!r}; "
+                f"expected one of: {', '.join(REGULARIZERS)}"
             )
         if fixed and template and TEMPLATE_KINDS[template] not in REGULARIZERS[value]:
             raise SpecError(f"{where}: {value} does not apply to {template} blocks")

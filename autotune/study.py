@@ -9,12 +9,11 @@ the run, since something is wrong with more than one configuration.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import warnings
 
 import optuna
 from optuna.exceptions import ExperimentalWarning
@@ -78,7 +77,9 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
         )
     except Exception as exc:  # bad URL, missing driver, unreachable server
-        raise SpecError(f"study.storage: cannot open {url!r}: {type(exc).__name__}: {exc}") from None
+        raise SpecError(
+            f"study.storage: cannot open {url!r}: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def make_sampler(name: str, seed: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
@@ -91,7 +92,8 @@ def make_sampler(name: str, seed: int, space: SearchSpace) -> optuna.samplers.Ba
         return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(
-            seed=seed, warn_independent_sampling=False,
+            seed=seed,
+            warn_independent_sampling=False,
             independent_sampler=optuna.samplers.RandomSampler(seed=seed),
         )
     # multivariate + group: TPE models the parameters together, per conditional subspace
@@ -105,7 +107,8 @@ def make_pruner(spec: PrunerSpec, max_epochs: int) -> optuna.pruners.BasePruner:
         )
     if spec.name == "hyperband":
         return optuna.pruners.HyperbandPruner(
-            min_resource=min(spec.min_epochs, max_epochs), max_resource=max_epochs,
+            min_resource=min(spec.min_epochs, max_epochs),
+            max_resource=max_epochs,
             reduction_factor=spec.reduction_factor,
         )
     return optuna.pruners.NopPruner()
@@ -127,8 +130,11 @@ def open_study(spec: Spec, space: SearchSpace) -> optuna.Study:
             f"study.direction: stored study {spec.study.name!r} is to "
             f"{study.direction.name.lower()}, the spec says {direction}; choose another study.name"
         )
-    identity = {"template": spec.model.template, "widths": spec.model.resolved_widths,
-                "metric": spec.study.metric}
+    identity = {
+        "template": spec.model.template,
+        "widths": spec.model.resolved_widths,
+        "metric": spec.study.metric,
+    }
     for key, value in identity.items():
         stored = study.user_attrs.get(key)
         if stored is not None and stored != value:
@@ -172,8 +178,9 @@ def run_study(
     study.set_user_attr("search_space", space.name)
 
     # 2. MLflow: the study's parent run, found again on resume
-    tracker = Tracker(spec.tracking_uri, spec.experiment_name, spec.study.name,
-                      enabled=spec.mlflow.enabled)
+    tracker = Tracker(
+        spec.tracking_uri, spec.experiment_name, spec.study.name, enabled=spec.mlflow.enabled
+    )
     parent = tracker.start_study(flatten(spec.model_dump(mode="json")))
     if parent is not None:
         study.set_user_attr("mlflow_parent_run_id", parent)
@@ -200,10 +207,12 @@ def run_study(
     try:
         if outcome.finished < budget:
             with stop_on_signals() as stop:
-                objective = Objective(spec, space, datamodule, tracker, stop=stop,
-                                      on_epoch=progress.epoch)
-                study.optimize(objective, timeout=timeout, catch=(Exception,),
-                               callbacks=[after_trial])
+                objective = Objective(
+                    spec, space, datamodule, tracker, stop=stop, on_epoch=progress.epoch
+                )
+                study.optimize(
+                    objective, timeout=timeout, catch=(Exception,), callbacks=[after_trial]
+                )
     except KeyboardInterrupt:
         outcome.interrupted = True
     finally:
@@ -222,8 +231,11 @@ def run_study(
 
 def top_trials(study: optuna.Study, k: int = 5) -> list[FrozenTrial]:
     """The k best COMPLETE trials, best first."""
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.value is not None and math.isfinite(t.value)]
+    complete = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.value is not None and math.isfinite(t.value)
+    ]
     sign: Callable[[FrozenTrial], Any] = (
         (lambda t: -t.value) if study.direction.name == "MAXIMIZE" else (lambda t: t.value)
     )

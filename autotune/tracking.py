@@ -17,13 +17,20 @@ from pathlib import Path
 from typing import Any
 
 PARENT_ROLE = "parent"
-RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED", "INTERRUPTED": "KILLED"}
+RUN_STATUS = {
+    "COMPLETE": "FINISHED",
+    "PRUNED": "FINISHED",
+    "FAIL": "FAILED",
+    "INTERRUPTED": "KILLED",
+}
 
 
 class Tracker:
     """Logs a study to MLflow. With enabled=False every method is a no-op returning None."""
 
-    def __init__(self, tracking_uri: str, experiment: str, study_name: str, *, enabled: bool = True):
+    def __init__(
+        self, tracking_uri: str, experiment: str, study_name: str, *, enabled: bool = True
+    ):
         self.enabled = enabled
         self.study_name = study_name
         self.tracking_uri = tracking_uri
@@ -38,8 +45,12 @@ class Tracker:
 
         self.client = MlflowClient(tracking_uri=tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
-            experiment, artifact_location=_artifact_location(tracking_uri)
+        self.experiment_id = (
+            found.experiment_id
+            if found
+            else self.client.create_experiment(
+                experiment, artifact_location=_artifact_location(tracking_uri)
+            )
         )
 
     def start_study(self, params: Mapping[str, Any]) -> str | None:
@@ -70,8 +81,12 @@ class Tracker:
         """A child run for trial `number`, nested under the parent run."""
         if not self.enabled:
             return None
-        tags = {"autotune.study": self.study_name, "autotune.role": "trial",
-                "autotune.trial": str(number), "autotune.state": "RUNNING"}
+        tags = {
+            "autotune.study": self.study_name,
+            "autotune.role": "trial",
+            "autotune.trial": str(number),
+            "autotune.state": "RUNNING",
+        }
         if self.parent_run_id is not None:
             tags["mlflow.parentRunId"] = self.parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=f"trial-{number}", tags=tags)
@@ -83,15 +98,18 @@ class Tracker:
         if self.enabled and run_id is not None:
             self._log(run_id, metrics=metrics, step=step)
 
-    def end_trial(self, run_id: str | None, state: str, tags: Mapping[str, Any] | None = None) -> None:
+    def end_trial(
+        self, run_id: str | None, state: str, tags: Mapping[str, Any] | None = None
+    ) -> None:
         """Mark the child run with the trial's final state (COMPLETE, PRUNED, FAIL, INTERRUPTED)."""
         if not self.enabled or run_id is None:
             return
         self._log(run_id, tags={"autotune.state": state, **(tags or {})})
         self.client.set_terminated(run_id, status=RUN_STATUS[state])
 
-    def end_study(self, metrics: Mapping[str, float], tags: Mapping[str, Any],
-                  artifacts: list[Path]) -> None:
+    def end_study(
+        self, metrics: Mapping[str, float], tags: Mapping[str, Any], artifacts: list[Path]
+    ) -> None:
         """Best value, recommendation and files on the parent run, which is then FINISHED."""
         if not self.enabled or self.parent_run_id is None:
             return
@@ -101,9 +119,15 @@ class Tracker:
                 self.client.log_artifact(self.parent_run_id, str(path))
         self.client.set_terminated(self.parent_run_id, status="FINISHED")
 
-    def _log(self, run_id: str, *, params: Mapping[str, Any] | None = None,
-             metrics: Mapping[str, float] | None = None, tags: Mapping[str, Any] | None = None,
-             step: int = 0) -> None:
+    def _log(
+        self,
+        run_id: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, float] | None = None,
+        tags: Mapping[str, Any] | None = None,
+        step: int = 0,
+    ) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)

@@ -56,7 +56,9 @@ class Classifier(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._sums = {}
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         x, y = batch
         loss = F.cross_entropy(self(x), y)
         self._accumulate("train_loss", loss * len(y))
@@ -73,7 +75,8 @@ class Classifier(pl.LightningModule):
     def epoch_metrics(self) -> dict[str, float]:
         """The epoch's metrics, brought to the host in one sync. Call after validation."""
         names = ("train_loss", "train_n", "val_loss", "val_correct", "val_n")
-        sums = dict(zip(names, torch.stack([self._sums[n].float() for n in names]).tolist()))
+        values = torch.stack([self._sums[n].float() for n in names]).tolist()
+        sums = dict(zip(names, values, strict=True))
         return {
             "train_loss": sums["train_loss"] / sums["train_n"],
             "val_loss": sums["val_loss"] / sums["val_n"],
@@ -83,8 +86,9 @@ class Classifier(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         spec, params = self.train_spec, self.parameters()
         if spec.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum,
-                                   weight_decay=spec.weight_decay)
+            return torch.optim.SGD(
+                params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+            )
         optimizer = torch.optim.AdamW if spec.optimizer == "adamw" else torch.optim.Adam
         return optimizer(params, lr=spec.lr, weight_decay=spec.weight_decay)
 
@@ -92,8 +96,13 @@ class Classifier(pl.LightningModule):
 class EpochReporter(pl.Callback):
     """After each epoch: check the loss is finite, tell the listeners, let Optuna prune."""
 
-    def __init__(self, trial: optuna.Trial | None, metric: str, on_epoch: EpochCallback | None,
-                 stop: threading.Event) -> None:
+    def __init__(
+        self,
+        trial: optuna.Trial | None,
+        metric: str,
+        on_epoch: EpochCallback | None,
+        stop: threading.Event,
+    ) -> None:
         self.trial, self.metric, self.on_epoch, self.stop = trial, metric, on_epoch, stop
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
@@ -105,14 +114,18 @@ class EpochReporter(pl.Callback):
         # validation has run by now (Lightning validates before on_train_epoch_end)
         metrics = module.epoch_metrics()  # type: ignore[operator]
         if not math.isfinite(metrics["train_loss"]):
-            raise NonFiniteLossError(f"training loss became {metrics['train_loss']} in epoch {epoch}")
+            raise NonFiniteLossError(
+                f"training loss became {metrics['train_loss']} in epoch {epoch}"
+            )
         if self.on_epoch is not None:
             self.on_epoch(epoch, metrics)
         if self.trial is None:
             return
         self.trial.report(metrics[self.metric], epoch)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned after epoch {epoch}: {self.metric}={metrics[self.metric]:.4f}")
+            raise optuna.TrialPruned(
+                f"pruned after epoch {epoch}: {self.metric}={metrics[self.metric]:.4f}"
+            )
 
 
 @dataclass
@@ -207,9 +220,16 @@ class Objective:
     weights of every trial that beats the best so far are saved to <output>/weights/.
     """
 
-    def __init__(self, spec: Spec, space: Any, datamodule: pl.LightningDataModule, tracker: Any,
-                 *, stop: threading.Event | None = None,
-                 on_epoch: Callable[[optuna.Trial, int, dict[str, float]], None] | None = None):
+    def __init__(
+        self,
+        spec: Spec,
+        space: Any,
+        datamodule: pl.LightningDataModule,
+        tracker: Any,
+        *,
+        stop: threading.Event | None = None,
+        on_epoch: Callable[[optuna.Trial, int, dict[str, float]], None] | None = None,
+    ):
         self.spec, self.space, self.datamodule, self.tracker = spec, space, datamodule, tracker
         self.stop = stop or threading.Event()
         self.on_epoch = on_epoch
@@ -230,14 +250,18 @@ class Objective:
                 self.on_epoch(trial, epoch, metrics)
 
         try:
-            result = fit(self.spec, config, self.datamodule, trial=trial, on_epoch=report,
-                         stop=self.stop)
+            result = fit(
+                self.spec, config, self.datamodule, trial=trial, on_epoch=report, stop=self.stop
+            )
         except optuna.TrialPruned as exc:
             epoch = epochs[-1] if epochs else 0
             trial.set_user_attr("pruned_epoch", epoch)
             trial.set_user_attr("pruned_reason", str(exc))
-            self.tracker.end_trial(run_id, "PRUNED", {"autotune.pruned_epoch": epoch,
-                                                      "autotune.pruned_reason": str(exc)})
+            self.tracker.end_trial(
+                run_id,
+                "PRUNED",
+                {"autotune.pruned_epoch": epoch, "autotune.pruned_reason": str(exc)},
+            )
             raise
         except TrialInterrupted:
             trial.set_user_attr("interrupted", True)

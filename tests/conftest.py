@@ -1,0 +1,38 @@
+"""Shared fixtures: small specs that train in about a second."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+# one thread per test process: two busy-waiting OpenMP pools on two cores crawl
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture
+def write_spec(tmp_path: Path):
+    """Write a spec dict to tmp_path/spec.yaml with outputs under tmp_path; return its path."""
+
+    def write(spec: dict, name: str = "spec.yaml") -> Path:
+        spec = {"output": str(tmp_path / "out"), **spec}
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(spec))
+        return path
+
+    return write
+
+
+def tiny_spec(**sections) -> dict:
+    """A spec that trains a 2-block mlp on digits for 2 epochs: about a second a trial."""
+    spec = {
+        "study": {"name": "tiny", "n_trials": 3, "pruner": "none"},
+        "data": {"name": "digits", "batch_size": 128},
+        "model": {"template": "mlp", "widths": [32, 16]},
+        "train": {"max_epochs": 2},
+    }
+    for key, value in sections.items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+    return spec

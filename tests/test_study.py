@@ -1,0 +1,247 @@
+"""The trial loop end to end, in process: budget, resume, failures, pruning, MLflow, outputs."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from conftest import tiny_spec
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from autotune import training
+from autotune.data import load_data
+from autotune.export import load_snippet
+from autotune.spec import load_spec
+from autotune.study import count_finished, open_study, resolve_space, run_study
+from autotune.tracking import Tracker
+
+pytestmark = pytest.mark.slow
+
+
+def _mlflow_runs(spec) -> tuple[list, list]:
+    client = MlflowClient(tracking_uri=spec.tracking_uri)
+    experiment = client.get_experiment_by_name(spec.experiment_name)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("autotune.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("autotune.role") == "trial"]
+    return parents, children
+
+
+def test_a_study_runs_its_budget_and_writes_its_outputs(write_spec):
+    spec = load_spec(write_spec(tiny_spec(study={"n_trials": 3})))
+    outcome = run_study(spec)
+
+    # the budget is the number of finished trials
+    assert count_finished(outcome.study) == 3
+    # every trial carries its full configuration
+    for trial in outcome.study.trials:
+        assert len(trial.user_attrs["config"]) == 2
+    # the recommendation and the snippet are written
+    recommended = yaml.safe_load((spec.output_dir / "recommended.yaml").read_text())
+    best = outcome.study.best_trial
+    assert recommended["best"]["trial"] == best.number
+    assert recommended["best"]["value"] == pytest.approx(best.value)
+    assert recommended["blocks"] == best.user_attrs["config"]
+    assert {"torch", "optuna", "lightning", "mlflow"} <= set(recommended["versions"])
+
+
+def test_best_model_snippet_is_standalone_and_loads_the_best_weights(write_spec):
+    spec = load_spec(write_spec(tiny_spec(study={"n_trials": 2})))
+    run_study(spec)
+    snippet = spec.output_dir / "best_model.py"
+    recommended = yaml.safe_load((spec.output_dir / "recommended.yaml").read_text())
+
+    # the snippet imports torch (and the standard library's collections) only
+    imported = {
+        (node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
+        for node in ast.walk(ast.parse(snippet.read_text()))
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
+    assert imported <= {"torch", "collections"}
+    # build_model() takes the best trial's saved weights and scores what the trial scored
+    model = load_snippet(snippet).eval()
+    model.load_state_dict(torch.load(recommended["best"]["weights"]))
+    data = load_data(spec.data, seed=spec.train.seed)
+    with torch.no_grad():
+        correct = sum((model(x).argmax(1) == y).sum().item() for x, y in data.val_dataloader())
+    assert correct / len(data.y_val) == pytest.approx(recommended["best"]["value"])
+
+
+def test_mlflow_holds_one_parent_and_a_nested_child_per_trial(write_spec):
+    spec = load_spec(write_spec(tiny_spec(study={"n_trials": 3})))
+    outcome = run_study(spec)
+    parents, children = _mlflow_runs(spec)
+
+    # one parent run for the study
+    assert len(parents) == 1
+    parent = parents[0]
+    # one child per trial, each nested under the parent
+    assert len(children) == len(outcome.study.trials) == 3
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    for child in children:
+        trial = outcome.study.trials[int(child.data.tags["autotune.trial"])]
+        # flat per-block params
+        assert child.data.params["block0.placement"] == trial.user_attrs["config"][0]["placement"]
+        assert {"block1.rate", "block1.regularizer", "block1.bn_momentum"} <= set(child.data.params)
+        # the trial's final state as a tag
+        assert child.data.tags["autotune.state"] == trial.state.name
+        # per-epoch metrics, step = epoch
+        history = MlflowClient(spec.tracking_uri).get_metric_history(child.info.run_id, "val_acc")
+        assert [m.step for m in history] == [1, 2]
+        assert history[-1].value == pytest.approx(trial.value)
+    # the spec as the parent's params, the best value as its metric
+    assert parent.data.params["model.template"] == "mlp"
+    best = outcome.study.best_value
+    assert parent.data.metrics["best_val_acc"] == pytest.approx(best)
+
+
+def test_a_rerun_resumes_the_same_study_without_repeating_trials(write_spec):
+    path = write_spec(tiny_spec(study={"n_trials": 2}))
+    first = run_study(load_spec(path))
+    done = [(t.number, t.value) for t in first.study.trials]
+
+    # a rerun with the same budget has nothing left to do
+    again = run_study(load_spec(path))
+    assert [(t.number, t.value) for t in again.study.trials] == done
+    # a larger budget adds only the missing trials; the earlier ones are kept as they were
+    more = run_study(load_spec(path), n_trials=4)
+    assert count_finished(more.study) == 4
+    assert [(t.number, t.value) for t in more.study.trials[:2]] == done
+    # MLflow still has one parent run and one child per trial
+    parents, children = _mlflow_runs(load_spec(path))
+    assert len(parents) == 1 and len(children) == 4
+
+
+def test_a_rerun_refuses_a_spec_whose_model_changed(write_spec):
+    path = write_spec(tiny_spec(study={"n_trials": 1}))
+    run_study(load_spec(path))
+    changed = write_spec(tiny_spec(study={"n_trials": 1}, model={"widths": [32, 32, 16]}))
+
+    # the stored study was run with other widths: a clear error, not a mixed study
+    with pytest.raises(ValueError, match=r"model\.widths: stored study 'tiny'"):
+        run_study(load_spec(changed))
+
+
+def test_a_diverging_trial_fails_and_the_study_goes_on(write_spec, monkeypatch):
+    spec = load_spec(write_spec(tiny_spec(study={"n_trials": 3})))
+    real_fit, calls = training.fit, []
+
+    def fit_diverging_once(spec, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second trial trains with an absurd learning rate
+            spec = spec.model_copy(
+                update={"train": spec.train.model_copy(update={"optimizer": "sgd", "lr": 1e12})}
+            )
+        return real_fit(spec, *args, **kwargs)
+
+    monkeypatch.setattr(training, "fit", fit_diverging_once)
+    outcome = run_study(spec)
+    states = [t.state for t in outcome.study.trials]
+
+    # the diverging trial failed with its reason, the others completed the budget
+    assert states == [
+        TrialState.COMPLETE,
+        TrialState.FAIL,
+        TrialState.COMPLETE,
+        TrialState.COMPLETE,
+    ]
+    assert "NonFiniteLossError" in outcome.study.trials[1].user_attrs["fail_reason"]
+    # its MLflow run says FAIL too
+    _, children = _mlflow_runs(spec)
+    failed = [c for c in children if c.data.tags["autotune.trial"] == "1"]
+    assert failed[0].data.tags["autotune.state"] == "FAIL"
+    assert failed[0].info.status == "FAILED"
+
+
+def test_failures_in_a_row_stop_the_run_without_an_exception(write_spec):
+    spec = load_spec(write_spec(tiny_spec(train={"optimizer": "sgd", "lr": 1e12})))
+    outcome = run_study(spec)
+
+    # five diverging trials in a row stop the run; nothing finished, nothing raised
+    assert outcome.stopped_by_failures
+    assert [t.state for t in outcome.study.trials] == [TrialState.FAIL] * 5
+    # no recommendation without a completed trial
+    assert not (spec.output_dir / "recommended.yaml").exists()
+
+
+class _AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study, trial) -> bool:
+        return True
+
+
+def test_pruning_is_honoured_after_the_first_epoch_and_recorded(write_spec):
+    spec = load_spec(write_spec(tiny_spec(train={"max_epochs": 5})))
+    space = resolve_space(spec)
+    data = load_data(spec.data, seed=0)
+    study = optuna.create_study(direction="maximize", pruner=_AlwaysPrune())
+    tracker = Tracker(spec.tracking_uri, spec.experiment_name, "pruning")
+    tracker.start_study({})
+    study.optimize(training.Objective(spec, space, data, tracker), n_trials=1)
+    trial = study.trials[0]
+
+    # the trial stopped after its first epoch, with the epoch and the reason recorded
+    assert trial.state == TrialState.PRUNED
+    assert trial.last_step == 1
+    assert trial.user_attrs["pruned_epoch"] == 1
+    assert "pruned after epoch 1" in trial.user_attrs["pruned_reason"]
+    # the MLflow run says PRUNED and holds one epoch of metrics
+    run = MlflowClient(spec.tracking_uri).get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.data.tags["autotune.state"] == "PRUNED"
+    assert run.data.tags["autotune.pruned_epoch"] == "1"
+
+
+def test_a_fit_is_reproducible_with_the_same_seed(write_spec):
+    spec = load_spec(write_spec(tiny_spec()))
+    config = resolve_space(spec).defaults()
+    data = load_data(spec.data, seed=0)
+
+    # same seed, same configuration: the same learning curve
+    first = training.fit(spec, config, data).history
+    second = training.fit(spec, config, data).history
+    assert first == second
+
+
+def test_stored_study_direction_mismatch_is_a_spec_error(write_spec):
+    spec = load_spec(write_spec(tiny_spec()))
+    open_study(spec, resolve_space(spec))
+    flipped = load_spec(write_spec(tiny_spec(study={"direction": "minimize"}), "flipped.yaml"))
+
+    # the stored study maximizes: the spec may not silently flip it
+    with pytest.raises(ValueError, match=r"study\.direction"):
+        open_study(flipped, resolve_space(flipped))
+
+
+@pytest.mark.parametrize("sampler", ["random", "gp", "cmaes"])
+def test_every_sampler_runs_a_study(write_spec, sampler):
+    spec = load_spec(write_spec(tiny_spec(study={"n_trials": 2, "sampler": sampler})))
+
+    # each sampler drives a short study to its budget
+    assert count_finished(run_study(spec).study) == 2
+
+
+@pytest.mark.parametrize("pruner", ["median", "hyperband"])
+def test_every_pruner_runs_a_study(write_spec, pruner):
+    spec = load_spec(
+        write_spec(tiny_spec(study={"n_trials": 3, "pruner": pruner}, train={"max_epochs": 3}))
+    )
+
+    # each pruner lets a short study reach its budget of finished trials
+    assert count_finished(run_study(spec).study) == 3
+
+
+def test_data_path_output_is_relative_to_the_working_directory(tmp_path, monkeypatch):
+    spec_path = tmp_path / "specs" / "spec.yaml"
+    spec_path.parent.mkdir()
+    spec_path.write_text(yaml.safe_dump({**tiny_spec(study={"n_trials": 1}), "output": "out"}))
+    monkeypatch.chdir(tmp_path)
+    run_study(load_spec(spec_path))
+
+    # outputs land under the working directory, not the spec's folder
+    assert (Path("out") / "recommended.yaml").is_file()
+    assert not (spec_path.parent / "out").exists()
