@@ -70,7 +70,9 @@ def run(spec_file: Path, n_trials: int | None, timeout: float | None) -> None:
     outcome = run_study(spec, n_trials=n_trials, timeout=timeout, progress=progress)
     print_summary(console, spec, outcome)
     if outcome.interrupted:
-        console.print(f"interrupted: run `autotune run {spec_file}` again to resume")
+        console.print(
+            f"interrupted: run `autotune run {spec_file}` again to resume", soft_wrap=True
+        )
         sys.exit(EXIT_INTERRUPTED)
     if outcome.stopped_by_failures:
         sys.exit(1)

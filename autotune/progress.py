@@ -116,9 +116,11 @@ def print_summary(console: Console, spec: Spec, outcome: StudyOutcome, k: int = 
             f"reason: {_last_failure(study)}"
         )
     for path in outcome.outputs:
-        console.print(f"wrote {path}")
+        console.print(f"wrote {path}", soft_wrap=True)
     if spec.mlflow.enabled:
-        console.print(f"compare trials: mlflow ui --backend-store-uri {spec.tracking_uri}")
+        console.print(
+            f"compare trials: mlflow ui --backend-store-uri {spec.tracking_uri}", soft_wrap=True
+        )
 
 
 def _block_cell(block: dict) -> str:

@@ -1,0 +1,213 @@
+"""The command line: verbs, exit codes, one-line errors, interrupt and resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from click.testing import CliRunner
+from conftest import tiny_spec
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from autotune.cli import main
+
+AUTOTUNE = [sys.executable, "-m", "autotune.cli"]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    # exit code 2, one line on stderr, no traceback
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+BAD_SPECS = {
+    "unknown key": (
+        {"data": {"name": "digits", "batch_sise": 8}},
+        ["data.batch_sise", "unknown key"],
+    ),
+    "wrong type": ({"train": {"max_epochs": "many"}}, ["train.max_epochs", "valid integer"]),
+    "out of range": ({"data": {"val_fraction": 1.5}}, ["data.val_fraction", "less than 1"]),
+    "missing file": ({"data": {"path": "missing.csv"}}, ["data.path", "missing.csv"]),
+    "unknown dataset": ({"data": {"name": "mnist"}}, ["data.name", "'mnist'", "digits"]),
+    "bad import path": ({"data": {"datamodule": "no_such_pkg.mod:DM"}}, ["data.datamodule"]),
+    "import path syntax": ({"data": {"datamodule": "not a path"}}, ["data.datamodule"]),
+    "unknown regularizer": (
+        {"search_space": {"params": {"regularizer": ["drpout"]}}},
+        ["search_space.params.regularizer", "'drpout'", "dropout"],
+    ),
+    "unknown search space": ({"search_space": "nope"}, ["search_space.base", "'nope'"]),
+}
+
+
+@pytest.mark.parametrize("verb", ["run", "validate"])
+@pytest.mark.parametrize("case", list(BAD_SPECS))
+def test_bad_input_is_one_line_naming_the_field_and_exit_2(write_spec, verb, case):
+    spec, fragments = BAD_SPECS[case]
+    result = invoke(verb, write_spec(spec))
+
+    # the error names the field, the rule and the value, in one line
+    assert_one_line_error(result, *fragments)
+
+
+def test_a_missing_spec_file_is_named(tmp_path):
+    result = invoke("run", tmp_path / "nowhere.yaml")
+
+    # the missing file is named
+    assert_one_line_error(result, "nowhere.yaml", "not found")
+
+
+def test_invalid_yaml_is_named_with_its_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("study:\n  name: [unclosed\n")
+
+    # the file and the line are named
+    assert_one_line_error(invoke("validate", path), "broken.yaml", "not valid YAML", "line")
+
+
+def test_the_installed_entry_point_reports_bad_input_without_a_traceback(write_spec):
+    path = write_spec({"study": {"n_trials": 0}})
+    proc = subprocess.run([*AUTOTUNE, "run", str(path)], capture_output=True, text=True)
+
+    # a real process: exit 2, one line, the field named
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {path}: study.n_trials: Input should be greater than or equal to 1 (got 0)"
+    ]
+
+
+def test_validate_checks_a_good_spec_without_training(write_spec):
+    path = write_spec(tiny_spec())
+    result = invoke("validate", path)
+
+    # ok, with what it found; no study was created
+    assert result.exit_code == 0, result.output
+    assert "ok" in result.stdout and "(1, 8, 8)" in result.stdout and "10 classes" in result.stdout
+    assert not (Path(path).parent / "out" / "autotune.db").exists()
+
+
+def test_spaces_lists_the_shipped_search_spaces():
+    result = invoke("spaces")
+
+    # every shipped space and its parameters are listed
+    assert result.exit_code == 0
+    assert "dropout_bn" in result.stdout
+    for param in ("placement", "rate", "regularizer", "bn_momentum"):
+        assert param in result.stdout
+
+
+@pytest.mark.slow
+def test_run_then_export_rewrites_the_outputs(write_spec):
+    path = write_spec(tiny_spec(study={"n_trials": 2}))
+    result = invoke("run", path)
+    out = Path(path).parent / "out"
+
+    # the run prints its summary and writes the two files
+    assert result.exit_code == 0, result.output
+    assert "2 complete" in result.stderr
+    assert f"wrote {out / 'recommended.yaml'}" in result.stderr
+    for name in ("recommended.yaml", "best_model.py"):
+        (out / name).unlink()
+    # export writes them again from the stored study alone
+    result = invoke("export", path)
+    assert result.exit_code == 0, result.output
+    assert (out / "recommended.yaml").is_file() and (out / "best_model.py").is_file()
+
+
+def test_export_without_a_study_is_a_one_line_error(write_spec):
+    # no study has run yet: say so, in one line
+    assert_one_line_error(invoke("export", write_spec(tiny_spec())), "study.name", "'tiny'")
+
+
+@pytest.mark.slow
+def test_command_line_overrides_budget_and_timeout(write_spec):
+    path = write_spec(tiny_spec(study={"n_trials": 50}))
+
+    # --timeout stops starting trials after the first one; --n-trials caps the budget
+    assert invoke("run", path, "--timeout", "0.01").exit_code == 0
+    out = Path(path).parent / "out"
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out / 'autotune.db'}")
+    assert len(study.trials) == 1
+    assert invoke("run", path, "--n-trials", "3").exit_code == 0
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out / 'autotune.db'}")
+    assert len(study.trials) == 3
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_an_interrupted_study_resumes_with_more_trials_and_no_duplicates(write_spec):
+    budget = 4
+    path = write_spec(tiny_spec(study={"n_trials": budget}, train={"max_epochs": 25}))
+    storage = f"sqlite:///{Path(path).parent / 'out' / 'autotune.db'}"
+
+    def states() -> list[TrialState]:
+        try:
+            study = optuna.load_study(study_name="tiny", storage=storage)
+        except Exception:  # not created yet
+            return []
+        return [t.state for t in study.trials]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [*AUTOTUNE, "run", str(path)],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    # interrupt while the second trial trains, after the first completed
+    _wait_for(
+        lambda: states()[:1] == [TrialState.COMPLETE] and len(states()) == 2,
+        120,
+        "a completed trial and a running one",
+    )
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+
+    # the run stops cleanly: exit 130, the running trial failed (not left RUNNING)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr, stderr
+    assert "again to resume" in stderr
+    assert states() == [TrialState.COMPLETE, TrialState.FAIL]
+    first = optuna.load_study(study_name="tiny", storage=storage).trials[0]
+    # the same command resumes: the budget is reached, earlier trials are kept, none repeated
+    subprocess.run([*AUTOTUNE, "run", str(path)], env=env, check=True, capture_output=True)
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    finished = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(finished) == budget
+    assert len(study.trials) == budget + 1
+    assert (study.trials[0].number, study.trials[0].value) == (first.number, first.value)
+    assert study.trials[1].user_attrs["interrupted"] is True
+    # the recommendation counts every trial
+    recommended = yaml.safe_load((Path(path).parent / "out" / "recommended.yaml").read_text())
+    assert recommended["study"]["trials"] == {"COMPLETE": budget, "FAIL": 1}
+    # MLflow: one parent run across both runs; the interrupted trial's run is KILLED
+    client = MlflowClient(f"sqlite:///{Path(path).parent / 'out' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    roles = sorted(r.data.tags["autotune.role"] for r in runs)
+    assert roles == ["parent"] + ["trial"] * (budget + 1)
+    killed = next(r for r in runs if r.data.tags.get("autotune.trial") == "1")
+    assert (killed.info.status, killed.data.tags["autotune.state"]) == ("KILLED", "INTERRUPTED")
