@@ -125,6 +125,9 @@ def open_study(spec: Spec, space: SearchSpace) -> optuna.Study:
         direction=direction,
         load_if_exists=True,
     )
+    # a resumed study must not replay the first run's random draws: offset the seed by the
+    # trials already stored, so each run draws new configurations, reproducibly
+    study.sampler = make_sampler(spec.study.sampler, spec.train.seed + len(study.trials), space)
     if study.direction.name.lower() != direction:
         raise SpecError(
             f"study.direction: stored study {spec.study.name!r} is to "

@@ -113,6 +113,9 @@ def test_a_rerun_resumes_the_same_study_without_repeating_trials(write_spec):
     more = run_study(load_spec(path), n_trials=4)
     assert count_finished(more.study) == 4
     assert [(t.number, t.value) for t in more.study.trials[:2]] == done
+    # the resumed run drew new configurations, not the first run's again
+    configs = [t.params for t in more.study.trials]
+    assert configs[2] not in configs[:2] and configs[3] not in configs[:2]
     # MLflow still has one parent run and one child per trial
     parents, children = _mlflow_runs(load_spec(path))
     assert len(parents) == 1 and len(children) == 4
