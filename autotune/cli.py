@@ -85,11 +85,12 @@ def validate(spec_file: Path) -> None:
     """Check SPEC_FILE, its search space and its data without training anything."""
     from autotune.data import load_data
     from autotune.spec import load_spec
-    from autotune.study import resolve_space
+    from autotune.study import check_runnable, resolve_space
 
     spec = load_spec(spec_file)
     space = resolve_space(spec)
     data = load_data(spec.data, seed=spec.train.seed, base_dir=spec.base_dir)
+    check_runnable(spec, space, data)
     click.echo(
         f"{spec_file}: ok: study {spec.study.name!r}, {spec.study.n_trials} trials, "
         f"{spec.model.template} with {len(space.blocks)} blocks, data {data.name} "  # type: ignore[attr-defined]
@@ -102,18 +103,12 @@ def validate(spec_file: Path) -> None:
 @_friendly
 def export(spec_file: Path) -> None:
     """Write recommended.yaml and best_model.py again from the study in SPEC_FILE's storage."""
-    import optuna
-
     from autotune.export import write_outputs
     from autotune.spec import load_spec
-    from autotune.study import make_storage
+    from autotune.study import load_existing_study
 
     spec = load_spec(spec_file)
-    storage = make_storage(spec.storage_url)
-    try:
-        study = optuna.load_study(study_name=spec.study.name, storage=storage)
-    except KeyError:
-        raise SpecError(f"study.name: no study {spec.study.name!r} in {spec.storage_url}") from None
+    study = load_existing_study(spec)
     try:
         paths = write_outputs(study, spec)
     except RuntimeError as exc:

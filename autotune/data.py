@@ -129,6 +129,7 @@ class TensorDataModule(pl.LightningDataModule):
         seed: int = 0,
         name: str = "tensors",
         n_classes: int | None = None,
+        input_stats: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if x_train.shape[1:] != x_val.shape[1:]:
@@ -143,6 +144,8 @@ class TensorDataModule(pl.LightningDataModule):
         self.name = name
         self.input_shape: tuple[int, ...] = tuple(x_train.shape[1:])
         self.n_classes: int = n_classes if n_classes is not None else _count_classes(y_train, y_val)
+        # how raw inputs become what the model sees: {"mean", "std", "classes"}, for production
+        self.input_stats = input_stats
 
     def train_dataloader(self) -> TensorBatches:
         return TensorBatches(
@@ -198,6 +201,12 @@ def datamodule_from_arrays(
     labels = labels.reshape(-1)
     train_rows, val_rows = split_rows(labels, val_fraction=val_fraction, seed=seed)
     x_train, x_val = standardise(x[train_rows], x[val_rows])
+    mean, std = standardisation(x[train_rows])
+    stats = {
+        "mean": torch.from_numpy(mean),
+        "std": torch.from_numpy(std),
+        "classes": classes.tolist(),
+    }
     return TensorDataModule(
         torch.from_numpy(x_train),
         torch.from_numpy(labels[train_rows].astype(np.int64)),
@@ -207,6 +216,7 @@ def datamodule_from_arrays(
         seed=seed,
         name=name,
         n_classes=len(classes),
+        input_stats=stats,
     )
 
 
@@ -226,12 +236,17 @@ def split_rows(labels: np.ndarray, *, val_fraction: float, seed: int) -> Arrays:
 
 def standardise(train: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Both splits scaled per feature (per pixel for images) by the train split's mean and std."""
-    train = train.astype(np.float64)
-    val = val.astype(np.float64)
-    mean = train.mean(axis=0)
-    std = train.std(axis=0)
-    std = np.where(std < MIN_STD, 1.0, std)
+    mean, std = standardisation(train)
     return ((train - mean) / std).astype(np.float32), ((val - mean) / std).astype(np.float32)
+
+
+def standardisation(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std of the train split; a constant feature's std is 1."""
+    train = train.astype(np.float64)
+    std = train.std(axis=0)
+    return train.mean(axis=0).astype(np.float32), np.where(std < MIN_STD, 1.0, std).astype(
+        np.float32
+    )
 
 
 # --- built-in datasets ---------------------------------------------------------------------------

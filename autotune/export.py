@@ -72,7 +72,8 @@ def render_snippet(model: nn.Module, header: str, input_shape: tuple[int, ...]) 
     return f'''"""{header}
 
 Standalone: imports torch only. Copy build_model() into your code base; the trained weights, when
-autotune saved them, load with model.load_state_dict(torch.load(path)).
+autotune saved them, load with model.load_state_dict(torch.load(path)). The model expects inputs
+standardised as recommended.yaml's `inputs` says.
 """
 
 from collections import OrderedDict
@@ -160,15 +161,15 @@ def write_outputs(study: optuna.Study, spec: Spec) -> tuple[Path, Path]:
             "weights": str(weights) if weights.exists() else None,
         },
         "model": {
-            "template": spec.model.template,
+            **spec.model.model_dump(mode="json"),
             "widths": spec.model.resolved_widths,
-            "activation": spec.model.activation,
             "input_shape": list(attrs["input_shape"]),
             "n_classes": attrs["n_classes"],
             "parameters": sum(p.numel() for p in model.parameters()),
         },
         "blocks": config.to_dicts(),
-        "train": {"seed": spec.train.seed, "max_epochs": spec.train.max_epochs},
+        "train": spec.train.model_dump(mode="json"),
+        "inputs": _inputs(out),
         "versions": library_versions(),
         "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -179,6 +180,18 @@ def write_outputs(study: optuna.Study, spec: Spec) -> tuple[Path, Path]:
         + yaml.safe_dump(recommendation, sort_keys=False)
     )
     return yaml_path, py_path
+
+
+def _inputs(out: Path) -> dict[str, Any]:
+    """Where the input standardisation lives, when autotune standardised the data itself."""
+    stats = out / "input_stats.pt"
+    if not stats.exists():
+        return {"standardised": False}
+    return {
+        "standardised": True,
+        "stats": str(stats),
+        "how": "x = (raw - stats['mean']) / stats['std']; stats['classes'][i] is class i",
+    }
 
 
 def library_versions() -> dict[str, str]:

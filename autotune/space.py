@@ -243,13 +243,35 @@ def _as_entry(value: Any) -> dict[str, Any]:
 
 
 def _merge(entry: dict[str, Any], override: Any) -> dict[str, Any]:
-    """A list replaces the choices, a scalar fixes the value, a mapping merges into the entry."""
-    if isinstance(override, Mapping):
-        if "value" in override or "choices" in override:
-            return {**{k: v for k, v in entry.items() if k == "default"}, **override}
-        kept = {k: v for k, v in entry.items() if k not in ("value", "choices")}
-        return {**kept, **override}
-    return _as_entry(override)
+    """A list replaces the choices, a scalar fixes the value, a mapping merges into the entry.
+
+    An inherited default that no longer fits the new choices or range is dropped, so that the
+    usual rule applies (the first choice, the middle of the range).
+    """
+    if isinstance(override, list):
+        override = {"choices": override}
+    if not isinstance(override, Mapping):
+        return _as_entry(override)
+    if "value" in override:
+        return dict(override)
+    if "choices" in override:
+        inherited = {"default": entry["default"]} if "default" in entry else {}
+        merged = {**inherited, **override}
+    else:  # range keys replace a choice; a lone default keeps whatever the entry is
+        drop = ("value", "choices") if {"low", "high", "log", "step"} & set(override) else ()
+        merged = {**{k: v for k, v in entry.items() if k not in drop}, **override}
+    if "default" in merged and "default" not in override and not _default_fits(merged):
+        del merged["default"]
+    return merged
+
+
+def _default_fits(entry: dict[str, Any]) -> bool:
+    default = entry["default"]
+    if "choices" in entry:
+        return isinstance(entry["choices"], list) and default in entry["choices"]
+    low, high = entry.get("low"), entry.get("high")
+    numbers = all(isinstance(v, (int, float)) for v in (low, high, default))
+    return not numbers or low <= default <= high  # type: ignore[operator]
 
 
 def _build(name: str, entry: dict[str, Any], where: str, template: str) -> Param:
@@ -289,7 +311,9 @@ def _build_choice(name: str, entry: dict[str, Any], where: str, template: str) -
                 f"{where}.choices: none of {entry['choices']} applies to {template} blocks"
             )
     default = entry.get("default", choices[0])
-    if default not in choices:
+    if default not in entry["choices"]:
+        raise SpecError(f"{where}.default: {default!r} is not one of {entry['choices']}")
+    if default not in choices:  # the template left it out
         default = choices[0]
     if len(choices) == 1:
         return Fixed(choices[0])

@@ -29,6 +29,8 @@ from autotune.errors import SpecError
 
 BUILTIN_DATASETS = ("digits", "breast_cancer", "wine", "synthetic_tabular", "synthetic_images")
 METRICS = {"val_acc": "maximize", "val_loss": "minimize", "train_loss": "minimize"}
+# sections that may be written as one string: `pruner: median`, `search_space: dropout_bn`
+_SHORTHAND_KEYS = {"pruner": "name", "search_space": "base"}
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -58,7 +60,8 @@ class PrunerSpec(_Section):
 class StudySpec(_Section):
     # the Optuna study name and the MLflow parent run's name; a rerun with the same name resumes
     name: str = Field("autotune", min_length=1)
-    # what the study optimises, measured on the validation split at the end of every epoch
+    # what the study optimises, measured at the end of every epoch: val_* on the validation split,
+    # train_loss as the mean over the epoch's training batches
     metric: Literal["val_acc", "val_loss", "train_loss"] = "val_acc"
     # maximize or minimize; left out, it follows the metric (accuracy up, loss down)
     direction: Literal["maximize", "minimize"] | None = None
@@ -293,12 +296,18 @@ def describe_error(exc: ValidationError) -> str:
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set raw['a']['b'] = value for 'a.b', expanding a shorthand (`pruner: median`) on the way."""
     node = raw
     *parents, last = dotted.split(".")
     for key in parents:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            node = {}
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        elif isinstance(child, str) and key in _SHORTHAND_KEYS:
+            child = node[key] = {_SHORTHAND_KEYS[key]: child}
+        elif not isinstance(child, dict):
+            raise SpecError(f"{dotted}: {key} is not a section (got {child!r})")
+        node = child
     node[last] = value
 
 

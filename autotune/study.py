@@ -27,6 +27,7 @@ from autotune.spec import PrunerSpec, Spec
 # rely on them knowingly and the notice would greet every user on every run
 warnings.filterwarnings("ignore", category=ExperimentalWarning)
 
+INPUT_STATS = "input_stats.pt"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_FAILURES_IN_A_ROW = 5
 # a worker that has not beaten its heart for grace_period seconds is taken for dead, and its trial
@@ -133,9 +134,18 @@ def open_study(spec: Spec, space: SearchSpace) -> optuna.Study:
             f"study.direction: stored study {spec.study.name!r} is to "
             f"{study.direction.name.lower()}, the spec says {direction}; choose another study.name"
         )
+    for key, value in check_stored(study, spec).items():
+        study.set_user_attr(key, value)
+    return study
+
+
+def check_stored(study: optuna.Study, spec: Spec) -> dict[str, Any]:
+    """Raise SpecError where the spec's model or metric differs from what the study ran with."""
     identity = {
         "template": spec.model.template,
         "widths": spec.model.resolved_widths,
+        "activation": spec.model.activation,
+        "pool": spec.model.pool,
         "metric": spec.study.metric,
     }
     for key, value in identity.items():
@@ -146,8 +156,28 @@ def open_study(spec: Spec, space: SearchSpace) -> optuna.Study:
                 f"{section}.{key}: stored study {spec.study.name!r} was run with {stored!r}, "
                 f"the spec says {value!r}; choose another study.name"
             )
-        study.set_user_attr(key, value)
+    return identity
+
+
+def load_existing_study(spec: Spec) -> optuna.Study:
+    """The spec's stored study, checked against the spec; SpecError when there is none."""
+    url = spec.storage_url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise SpecError(f"study.name: no study {spec.study.name!r}: {url} does not exist")
+    try:
+        study = optuna.load_study(study_name=spec.study.name, storage=make_storage(url))
+    except KeyError:
+        raise SpecError(f"study.name: no study {spec.study.name!r} in {url}") from None
+    check_stored(study, spec)
     return study
+
+
+def check_runnable(spec: Spec, space: SearchSpace, datamodule: Any) -> None:
+    """Fail on input before any training: the template must fit the data, the sampler the space."""
+    from autotune.models import build_model
+
+    make_sampler(spec.study.sampler, spec.train.seed, space)
+    build_model(spec.model, space.defaults(), datamodule.input_shape, datamodule.n_classes)
 
 
 def count_finished(study: optuna.Study) -> int:
@@ -175,7 +205,9 @@ def run_study(
     # 1. everything that can be wrong with the input fails here, before any training
     space = resolve_space(spec)
     datamodule = load_data(spec.data, seed=spec.train.seed, base_dir=spec.base_dir)
+    check_runnable(spec, space, datamodule)
     study = open_study(spec, space)
+    save_input_stats(datamodule, spec.output_dir)
     study.set_user_attr("input_shape", list(datamodule.input_shape))  # type: ignore[attr-defined]
     study.set_user_attr("n_classes", int(datamodule.n_classes))  # type: ignore[attr-defined]
     study.set_user_attr("search_space", space.name)
@@ -224,12 +256,26 @@ def run_study(
     # 4. the recommendation, from whatever has completed so far
     if best_trial(study) is not None:
         outcome.outputs = list(write_outputs(study, spec))
-    if not outcome.interrupted:
-        best = best_trial(study)
-        metrics = {} if best is None else {f"best_{spec.study.metric}": best.value}
-        tags = {} if best is None else {"autotune.best_trial": best.number}
-        tracker.end_study({**metrics, "finished_trials": outcome.finished}, tags, outcome.outputs)
+    best = best_trial(study)
+    metrics = {} if best is None else {f"best_{spec.study.metric}": best.value}
+    tags = {} if best is None else {"autotune.best_trial": best.number}
+    tracker.end_study(
+        {**metrics, "finished_trials": outcome.finished},
+        tags,
+        outcome.outputs,
+        status="KILLED" if outcome.interrupted else "FINISHED",
+    )
     return outcome
+
+
+def save_input_stats(datamodule: Any, output_dir: Path) -> None:
+    """How raw inputs become model inputs ((x - mean) / std, label order), for production use."""
+    import torch
+
+    stats = getattr(datamodule, "input_stats", None)
+    if stats is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(stats, output_dir / INPUT_STATS)
 
 
 def top_trials(study: optuna.Study, k: int = 5) -> list[FrozenTrial]:

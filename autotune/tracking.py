@@ -3,7 +3,8 @@
 The parent run is found again by its tags (autotune.study, autotune.role=parent), so a resumed
 study logs into the run it started. Child runs carry the `mlflow.parentRunId` tag, which is what
 nests them in the MLflow UI, flat params (`block0.placement`, ...), per-epoch metrics with
-step = epoch, and the trial's final state as the tag `autotune.state` (COMPLETE, PRUNED, FAIL).
+step = epoch, and the trial's final state as the tag `autotune.state`: COMPLETE, PRUNED, FAIL, or
+INTERRUPTED for a trial stopped by Ctrl-C or SIGTERM (FAIL in Optuna, KILLED in MLflow).
 
 MlflowClient is used directly: it needs no global active run, so nothing leaks between trials.
 """
@@ -108,16 +109,22 @@ class Tracker:
         self.client.set_terminated(run_id, status=RUN_STATUS[state])
 
     def end_study(
-        self, metrics: Mapping[str, float], tags: Mapping[str, Any], artifacts: list[Path]
+        self,
+        metrics: Mapping[str, float],
+        tags: Mapping[str, Any],
+        artifacts: list[Path],
+        *,
+        status: str = "FINISHED",
     ) -> None:
-        """Best value, recommendation and files on the parent run, which is then FINISHED."""
+        """Best value, recommendation and files on the parent run; then FINISHED (or KILLED when
+        interrupted: a rerun sets it RUNNING again)."""
         if not self.enabled or self.parent_run_id is None:
             return
         self._log(self.parent_run_id, metrics=metrics, tags=tags)
         for path in artifacts:
             if path.exists():
                 self.client.log_artifact(self.parent_run_id, str(path))
-        self.client.set_terminated(self.parent_run_id, status="FINISHED")
+        self.client.set_terminated(self.parent_run_id, status=status)
 
     def _log(
         self,

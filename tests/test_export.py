@@ -1,0 +1,249 @@
+"""autotune.export: the standalone best_model.py snippet, its verification, and URL redaction."""
+
+from __future__ import annotations
+
+import ast
+import re
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from autotune.export import load_snippet, redact, render_module, render_snippet, verify_snippet
+from autotune.models import build_model
+from autotune.space import BlockConfig, TrialConfig
+from autotune.spec import ModelSpec
+
+DIGITS = (1, 8, 8)
+
+
+def case(template: str, placement: str, kind: str, **model) -> tuple:
+    """A (model spec, config, input shape) triple with two differently tuned blocks."""
+    rate = 0.0 if placement == "none" else 0.25
+    kind = "none" if placement == "none" else kind
+    blocks = (BlockConfig(placement, rate, kind, 0.05), BlockConfig(placement, rate, kind, 0.3))
+    spec = ModelSpec(template=template, widths=[6, 4], **model)
+    return spec, TrialConfig(blocks), DIGITS
+
+
+CASES = {
+    **{
+        f"mlp-{p}": case("mlp", p, "dropout")
+        for p in ("none", "before_bn", "after_bn", "after_act")
+    },
+    **{
+        f"cnn-{p}-{k}": case("cnn", p, k)
+        for p in ("before_bn", "after_bn", "after_act")
+        for k in ("dropout", "spatial_dropout")
+    },
+    "cnn-none": case("cnn", "none", "none"),
+    "cnn-silu-no-pool": case("cnn", "after_act", "spatial_dropout", activation="silu", pool=False),
+    "mlp-gelu-mixed": (
+        ModelSpec(template="mlp", widths=[5, 7, 3], activation="gelu"),
+        TrialConfig(
+            (
+                BlockConfig("none", 0.0, "none", 0.1),
+                BlockConfig("before_bn", 0.123456789, "dropout", 0.0123456789),
+                BlockConfig("after_act", 0.4, "dropout", 0.5),
+            )
+        ),
+        (13,),
+    ),
+}
+
+
+def trained(spec: ModelSpec, config: TrialConfig, shape: tuple[int, ...]) -> nn.Module:
+    """The model, with BN running statistics moved off their initial values."""
+    torch.manual_seed(0)
+    model = build_model(spec, config, shape, 10)
+    with torch.no_grad():
+        model.train()(torch.randn(16, *shape) * 3 + 1)
+    return model.eval()
+
+
+def write_snippet(tmp_path: Path, model: nn.Module, shape: tuple[int, ...]) -> Path:
+    path = tmp_path / "best_model.py"
+    path.write_text(render_snippet(model, "A test network.", shape))
+    return path
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --- the snippet rebuilds the network ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_snippet_rebuilds_the_same_network(tmp_path: Path, name: str) -> None:
+    spec, config, shape = CASES[name]
+    model = trained(spec, config, shape)
+    path = write_snippet(tmp_path, model, shape)
+    rebuilt = load_snippet(path)
+    # the same layers, names and hyperparameters
+    assert repr(rebuilt) == repr(model)
+    # the same number of parameters
+    assert n_params(rebuilt) == n_params(model)
+    # verify_snippet agrees
+    verify_snippet(path, model)
+
+    batch = torch.randn(4, *shape)
+    rebuilt.eval()
+    # before the weights are loaded, the fresh snippet computes something else
+    assert not torch.allclose(rebuilt(batch), model(batch))
+    # the tuned weights and BN statistics load with strict=True
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    # and then the two networks agree exactly in eval mode
+    with torch.no_grad():
+        assert torch.equal(rebuilt(batch), model(batch))
+
+
+def test_snippet_keeps_rates_and_momenta_exactly(tmp_path: Path) -> None:
+    spec, config, shape = CASES["mlp-gelu-mixed"]
+    rebuilt = load_snippet(write_snippet(tmp_path, trained(spec, config, shape), shape))
+    # floats survive the round trip through source code bit for bit
+    assert rebuilt.block1.drop.p == 0.123456789
+    assert rebuilt.block1.bn.momentum == 0.0123456789
+    assert rebuilt.block2.drop.p == 0.4
+
+
+def test_snippet_imports_only_torch(tmp_path: Path) -> None:
+    spec, config, shape = CASES["cnn-after_act-spatial_dropout"]
+    source = write_snippet(tmp_path, trained(spec, config, shape), shape).read_text()
+    modules = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            modules |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            modules.add(node.module.split(".")[0])
+    # torch, and OrderedDict from the standard library; nothing from autotune
+    assert modules == {"torch", "collections"}
+
+
+def test_snippet_records_the_input_shape_and_runs_as_a_script(tmp_path: Path, capsys) -> None:
+    spec, config, shape = CASES["mlp-gelu-mixed"]
+    model = trained(spec, config, shape)
+    path = write_snippet(tmp_path, model, shape)
+    namespace = runpy.run_path(str(path), run_name="__main__")
+    # one example's shape, without the batch dimension
+    assert namespace["INPUT_SHAPE"] == (13,)
+    # run as a script it prints the parameter count and the output shape of a batch of 2
+    out = capsys.readouterr().out
+    assert f"{n_params(model)} parameters" in out
+    assert "output of a batch of 2: (2, 10)" in out
+
+
+def test_snippet_header_is_its_docstring(tmp_path: Path) -> None:
+    spec, config, shape = CASES["mlp-none"]
+    source = write_snippet(tmp_path, trained(spec, config, shape), shape).read_text()
+    # the header opens the module docstring
+    assert ast.get_docstring(ast.parse(source)).startswith("A test network.")
+
+
+# --- verify_snippet catches a snippet that drifted -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        # a width
+        ("nn.Linear(13, 5, bias=False)", "nn.Linear(13, 6, bias=False)"),
+        # a drop probability
+        ("nn.Dropout(p=0.4)", "nn.Dropout(p=0.5)"),
+        # a BN momentum
+        ("momentum=0.5)", "momentum=0.1)"),
+        # a head without bias
+        ("nn.Linear(3, 10, bias=True)", "nn.Linear(3, 10, bias=False)"),
+    ],
+)
+def test_verify_snippet_raises_when_the_file_differs(tmp_path: Path, old: str, new: str) -> None:
+    spec, config, shape = CASES["mlp-gelu-mixed"]
+    model = trained(spec, config, shape)
+    path = write_snippet(tmp_path, model, shape)
+    text = path.read_text()
+    # the edit hits the rendered source exactly once
+    assert text.count(old) == 1
+    path.write_text(text.replace(old, new))
+    # the edited network no longer matches the model
+    with pytest.raises(
+        RuntimeError,
+        match=f"^{re.escape(str(path))}: the rendered network differs from the tuned one$",
+    ):
+        verify_snippet(path, model)
+
+
+def test_verify_snippet_raises_for_another_model(tmp_path: Path) -> None:
+    spec, config, shape = CASES["cnn-before_bn-dropout"]
+    path = write_snippet(tmp_path, trained(spec, config, shape), shape)
+    other_spec, other_config, _ = CASES["cnn-after_bn-dropout"]
+    # the same widths with the slot elsewhere is a different network
+    with pytest.raises(
+        RuntimeError, match=f"^{re.escape(str(path))}: the rendered network differs"
+    ):
+        verify_snippet(path, trained(other_spec, other_config, shape))
+
+
+# --- render_module -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        nn.LSTM(4, 4),
+        nn.BatchNorm3d(4),
+        nn.Dropout1d(0.1),
+        nn.Sequential(nn.Linear(2, 2), nn.Softmax(dim=1)),
+    ],
+)
+def test_render_module_refuses_what_it_cannot_write(module: nn.Module) -> None:
+    # a module without a renderer is an error, never silently dropped
+    with pytest.raises(ValueError, match=r"^cannot render \w+ as standalone PyTorch code$"):
+        render_module(module)
+
+
+@pytest.mark.parametrize(
+    ("module", "source"),
+    [
+        (nn.Linear(3, 5), "nn.Linear(3, 5, bias=True)"),
+        (nn.BatchNorm1d(7, momentum=0.05), "nn.BatchNorm1d(7, eps=1e-05, momentum=0.05)"),
+        (nn.Dropout2d(0.2), "nn.Dropout2d(p=0.2)"),
+        (nn.MaxPool2d(2), "nn.MaxPool2d(2)"),
+        (nn.AdaptiveAvgPool2d(1), "nn.AdaptiveAvgPool2d(1)"),
+        (nn.Identity(), "nn.Identity()"),
+    ],
+)
+def test_render_module_leaves(module: nn.Module, source: str) -> None:
+    # each supported leaf is written as the constructor call that rebuilds it
+    assert render_module(module) == source
+    assert repr(eval(source, {"nn": nn})) == repr(module)
+
+
+# --- redact --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        # the password goes, the user, host, port and database stay
+        (
+            "postgresql://optuna:s3cret@db.example.com:5432/studies",
+            "postgresql://optuna:***@db.example.com:5432/studies",
+        ),
+        (
+            "postgresql+psycopg2://me:pa:ss/word@localhost/db",
+            "postgresql+psycopg2://me:***@localhost/db",
+        ),
+        ("mysql://root:hunter2@127.0.0.1/optuna", "mysql://root:***@127.0.0.1/optuna"),
+        # nothing to hide: no password, or no user at all
+        ("postgresql://optuna@db/studies", "postgresql://optuna@db/studies"),
+        ("postgresql://db:5432/studies", "postgresql://db:5432/studies"),
+        # sqlite URLs are paths and are left alone
+        ("sqlite:///runs/quickstart/autotune.db", "sqlite:///runs/quickstart/autotune.db"),
+        ("sqlite:////tmp/user:name/autotune.db", "sqlite:////tmp/user:name/autotune.db"),
+    ],
+)
+def test_redact_hides_passwords_only(url: str, shown: str) -> None:
+    # what recommended.yaml records for the storage URL
+    assert redact(url) == shown

@@ -1,0 +1,403 @@
+"""autotune.spec: a spec file -> frozen sections with documented defaults, or a one-line error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_spec
+
+from autotune.errors import SpecError
+from autotune.spec import DataSpec, load_spec, parse_spec
+
+SIX_LINES = """\
+study:
+  name: six
+  metric: val_loss
+data:
+  name: wine
+model: {template: cnn}
+"""
+
+
+def spec_error(raw: dict) -> str:
+    """The message of the SpecError that parse_spec raises for raw."""
+    with pytest.raises(SpecError) as caught:
+        parse_spec(raw)
+    return str(caught.value)
+
+
+# --- valid specs and their defaults --------------------------------------------------------------
+
+
+def test_six_line_spec_validates_with_defaults_filled_in(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(SIX_LINES)
+    # the fixture really is six lines
+    assert len(SIX_LINES.splitlines()) == 6
+    spec = load_spec(path)
+    # what the six lines say
+    assert (spec.study.name, spec.study.metric, spec.data.name) == ("six", "val_loss", "wine")
+    assert spec.model.template == "cnn"
+    # a loss is minimised when no direction is given
+    assert spec.study.direction is None
+    assert spec.study.resolved_direction == "minimize"
+    # a cnn gets two blocks of 32 and 64 channels
+    assert spec.model.resolved_widths == [32, 64]
+    # outputs go to runs/<study name>, the databases inside it
+    assert spec.output_dir == Path("runs/six")
+    assert spec.storage_url == "sqlite:///runs/six/autotune.db"
+    assert spec.tracking_uri == "sqlite:///runs/six/mlflow.db"
+    # the MLflow experiment is named after the study
+    assert spec.experiment_name == "six"
+    # paths the spec reads resolve against the spec's folder
+    assert spec.base_dir == tmp_path
+
+
+def test_empty_spec_is_all_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    spec = load_spec(path)
+    # study defaults: accuracy, maximised, 20 trials, TPE with the median pruner
+    assert spec.study.name == "autotune"
+    assert spec.study.metric == "val_acc"
+    assert spec.study.resolved_direction == "maximize"
+    assert spec.study.n_trials == 20
+    assert spec.study.timeout is None
+    assert spec.study.sampler == "tpe"
+    assert spec.study.pruner.name == "median"
+    assert (spec.study.pruner.n_startup_trials, spec.study.pruner.n_warmup_epochs) == (5, 3)
+    # no data source means the bundled digits, 20 % held out, batches of 64
+    assert spec.data.name == "digits"
+    assert spec.data.path is None and spec.data.datamodule is None
+    assert (spec.data.val_fraction, spec.data.batch_size) == (0.2, 64)
+    # an mlp of 256, 256 and 128 units with ReLU
+    assert spec.model.template == "mlp"
+    assert spec.model.widths is None
+    assert spec.model.resolved_widths == [256, 256, 128]
+    assert spec.model.activation == "relu"
+    # training defaults
+    assert spec.train.max_epochs == 15
+    assert (spec.train.optimizer, spec.train.lr, spec.train.seed) == ("adamw", 1e-3, 0)
+    # the shipped search space with no overrides
+    assert spec.search_space.base == "dropout_bn"
+    assert spec.search_space.params == {} and spec.search_space.blocks == {}
+    # MLflow on, both databases under runs/autotune
+    assert spec.mlflow.enabled is True
+    assert spec.output_dir == Path("runs/autotune")
+    assert spec.storage_url == "sqlite:///runs/autotune/autotune.db"
+    assert spec.tracking_uri == "sqlite:///runs/autotune/mlflow.db"
+
+
+def test_default_databases_live_under_the_output_folder(write_spec, tmp_path: Path) -> None:
+    spec = load_spec(write_spec(tiny_spec()))
+    # write_spec puts the output under tmp_path/out; both sqlite files go there
+    assert spec.output_dir == tmp_path / "out"
+    assert spec.storage_url == f"sqlite:///{tmp_path / 'out' / 'autotune.db'}"
+    assert spec.tracking_uri == f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+
+
+def test_explicit_storage_and_tracking_uri_win() -> None:
+    spec = parse_spec(
+        {
+            "study": {"storage": "postgresql://u:p@db/optuna"},
+            "mlflow": {"tracking_uri": "http://mlflow:5000", "experiment": "exp"},
+        }
+    )
+    # given URLs are used as they are, not placed under the output folder
+    assert spec.storage_url == "postgresql://u:p@db/optuna"
+    assert spec.tracking_uri == "http://mlflow:5000"
+    # an explicit experiment name beats the study name
+    assert spec.experiment_name == "exp"
+
+
+@pytest.mark.parametrize(
+    ("study", "direction"),
+    [
+        ({"metric": "val_acc"}, "maximize"),
+        ({"metric": "val_loss"}, "minimize"),
+        ({"metric": "train_loss"}, "minimize"),
+        ({"metric": "val_loss", "direction": "maximize"}, "maximize"),
+        ({"metric": "val_acc", "direction": "minimize"}, "minimize"),
+    ],
+)
+def test_direction_follows_the_metric_unless_given(study: dict, direction: str) -> None:
+    # accuracy goes up, losses go down; an explicit direction is kept
+    assert parse_spec({"study": study}).study.resolved_direction == direction
+
+
+@pytest.mark.parametrize(("template", "widths"), [("mlp", [256, 256, 128]), ("cnn", [32, 64])])
+def test_widths_default_per_template(template: str, widths: list[int]) -> None:
+    # each template has its own default widths
+    assert parse_spec({"model": {"template": template}}).model.resolved_widths == widths
+
+
+def test_given_widths_are_kept() -> None:
+    # explicit widths beat the template's default
+    assert parse_spec({"model": {"template": "cnn", "widths": [8]}}).model.resolved_widths == [8]
+
+
+def test_pruner_shorthand() -> None:
+    pruner = parse_spec({"study": {"pruner": "hyperband"}}).study.pruner
+    # `pruner: hyperband` is `pruner: {name: hyperband}` with every other field at its default
+    assert pruner.name == "hyperband"
+    assert (pruner.min_epochs, pruner.reduction_factor) == (1, 3)
+
+
+def test_search_space_shorthand() -> None:
+    search_space = parse_spec({"search_space": "dropout_bn"}).search_space
+    # `search_space: dropout_bn` is `search_space: {base: dropout_bn}` with no overrides
+    assert search_space.base == "dropout_bn"
+    assert search_space.params == {} and search_space.blocks == {}
+
+
+def test_block_override_keys_become_ints() -> None:
+    spec = parse_spec({"search_space": {"blocks": {"1": {"placement": "after_act"}}}})
+    # a block index written as a string is read as the int the search space expects
+    assert spec.search_space.blocks == {1: {"placement": "after_act"}}
+
+
+def test_spec_sections_are_frozen() -> None:
+    spec = parse_spec({})
+    # a validated spec cannot be changed behind the validator's back
+    with pytest.raises(ValueError, match="frozen"):
+        spec.study.n_trials = 3  # type: ignore[misc]
+
+
+# --- data files resolve against the spec's folder ------------------------------------------------
+
+
+def test_relative_data_path_resolves_against_the_spec_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "data.csv").write_text("a,label\n1,0\n2,1\n")
+    (project / "spec.yaml").write_text("data:\n  path: data.csv\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    spec = load_spec(project / "spec.yaml")
+    # the csv is found beside the spec, not in the working directory
+    assert spec.data.path == project / "data.csv"
+    # giving a path leaves the dataset name unset
+    assert spec.data.name is None
+
+
+def test_missing_data_file_is_named_relative_to_the_spec_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "spec.yaml").write_text("data:\n  path: missing.csv\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SpecError) as caught:
+        load_spec(project / "spec.yaml")
+    # the message names the spec, the field and the path it looked at, on one line
+    expected = (
+        f"{project / 'spec.yaml'}: data.path: file not found: {str(project / 'missing.csv')!r}"
+    )
+    assert str(caught.value) == expected
+
+
+def test_wrong_data_file_suffix(tmp_path: Path) -> None:
+    (tmp_path / "data.txt").write_text("a,label\n1,0\n")
+    (tmp_path / "spec.yaml").write_text("data: {path: data.txt}\n")
+    with pytest.raises(SpecError) as caught:
+        load_spec(tmp_path / "spec.yaml")
+    # an existing file with the wrong suffix is refused by its suffix
+    assert str(caught.value).endswith(
+        f"data.path: expected a .csv or .npz file, got {str(tmp_path / 'data.txt')!r}"
+    )
+
+
+def test_data_spec_built_directly_resolves_against_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "rows.npz").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    # without a spec file the base folder is the working directory
+    assert DataSpec(path="rows.npz").path == Path("rows.npz")
+
+
+# --- errors: one line that names the field -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        # unknown keys list the keys the section allows (never the internal base_dir)
+        (
+            {"studdy": {}},
+            "spec: studdy: unknown key; expected one of: "
+            "study, data, model, train, search_space, mlflow, output",
+        ),
+        (
+            {"study": {"trials": 3}},
+            "spec: study.trials: unknown key; expected one of: name, metric, direction, "
+            "n_trials, timeout, sampler, pruner, storage",
+        ),
+        (
+            {"study": {"pruner": {"name": "median", "patience": 2}}},
+            "spec: study.pruner.patience: unknown key; expected one of: name, n_startup_trials, "
+            "n_warmup_epochs, min_epochs, reduction_factor",
+        ),
+        (
+            {"data": {"synthetic": {"rows": 10}}},
+            "spec: data.synthetic.rows: unknown key; expected one of: n_samples, n_features, "
+            "n_informative, n_classes, image_size, channels, flip_y",
+        ),
+        (
+            {"search_space": {"base": "dropout_bn", "param": {}}},
+            "spec: search_space.param: unknown key; expected one of: base, params, blocks",
+        ),
+        # wrong types give the value that was there
+        (
+            {"study": {"n_trials": "many"}},
+            "spec: study.n_trials: Input should be a valid integer, unable to parse string as an "
+            "integer (got 'many')",
+        ),
+        ({"model": {"widths": 3}}, "spec: model.widths: Input should be a valid list (got 3)"),
+        (
+            {"model": {"widths": [8, "wide"]}},
+            "spec: model.widths.1: Input should be a valid integer, unable to parse string as an "
+            "integer (got 'wide')",
+        ),
+        (
+            {"study": {"sampler": "grid"}},
+            "spec: study.sampler: Input should be 'tpe', 'random', 'gp' or 'cmaes' (got 'grid')",
+        ),
+        # out-of-range values give the bound and the value
+        (
+            {"study": {"n_trials": 0}},
+            "spec: study.n_trials: Input should be greater than or equal to 1 (got 0)",
+        ),
+        (
+            {"data": {"val_fraction": 1.0}},
+            "spec: data.val_fraction: Input should be less than 1 (got 1.0)",
+        ),
+        ({"model": {"widths": [16, 0]}}, "spec: model.widths: widths[1] must be at least 1, got 0"),
+        # several errors: the first, and how many more
+        (
+            {"study": {"n_trials": 0, "timeout": -1}},
+            "spec: study.n_trials: Input should be greater than or equal to 1 (got 0) (and 1 more)",
+        ),
+        # data sources
+        (
+            {"data": {"name": "mnist"}},
+            "spec: data.name: unknown dataset 'mnist'; expected one of: digits, breast_cancer, "
+            "wine, synthetic_tabular, synthetic_images",
+        ),
+        (
+            {"data": {"datamodule": "mypackage.data.DigitsModule"}},
+            "spec: data.datamodule: expected 'package.module:Class', "
+            "got 'mypackage.data.DigitsModule'",
+        ),
+        (
+            {"data": {"datamodule": "my package:Module"}},
+            "spec: data.datamodule: expected 'package.module:Class', got 'my package:Module'",
+        ),
+        (
+            {"data": {"name": "wine", "datamodule": "pkg.mod:Data"}},
+            "spec: data: give one of name, path, datamodule; got name, datamodule",
+        ),
+    ],
+)
+def test_invalid_spec_names_the_field_in_one_line(raw: dict, message: str) -> None:
+    text = spec_error(raw)
+    # the exact message: source, dotted field path, what is wrong
+    assert text == message
+    # one line, for the CLI to print without a traceback
+    assert "\n" not in text
+
+
+def test_two_data_sources_with_a_file(tmp_path: Path) -> None:
+    (tmp_path / "data.csv").write_text("a,label\n1,0\n2,1\n")
+    (tmp_path / "spec.yaml").write_text("data: {name: wine, path: data.csv}\n")
+    with pytest.raises(SpecError) as caught:
+        load_spec(tmp_path / "spec.yaml")
+    # a dataset name and a file at once are refused, naming both
+    assert str(caught.value) == (
+        f"{tmp_path / 'spec.yaml'}: data: give one of name, path, datamodule; got name, path"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # a YAML syntax error says which line
+        ("study:\n  name: [unclosed\n", "not valid YAML (line 3)"),
+        # a list is not a mapping of sections
+        ("- study\n- data\n", "expected a mapping of sections, got list"),
+        # a bare scalar neither
+        ("just text\n", "expected a mapping of sections, got str"),
+        # base_dir is set by load_spec, never by the file
+        ("base_dir: /etc\n", "base_dir: unknown key"),
+    ],
+)
+def test_unreadable_spec_file(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    # the file, then what is wrong with it, on one line
+    assert str(caught.value) == f"{path}: {message}"
+
+
+def test_missing_spec_file(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere.yaml"
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    # the path that was not found
+    assert str(caught.value) == f"{path}: spec file not found"
+
+
+def test_errors_from_a_file_start_with_its_path(write_spec) -> None:
+    path = write_spec(tiny_spec(train={"lr": -1}))
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    # the source is the spec file, then the field
+    assert str(caught.value) == f"{path}: train.lr: Input should be greater than 0 (got -1)"
+
+
+# --- overrides -----------------------------------------------------------------------------------
+
+
+def test_dotted_overrides_apply(write_spec) -> None:
+    path = write_spec(tiny_spec())
+    spec = load_spec(path, overrides={"study.n_trials": 7, "train.lr": 0.01})
+    # the override beats the file's value (tiny_spec has 3 trials)
+    assert spec.study.n_trials == 7
+    # a key the file leaves out is added
+    assert spec.train.lr == 0.01
+    # the rest of the file is untouched
+    assert spec.study.name == "tiny" and spec.train.max_epochs == 2
+    # the file itself is not rewritten
+    assert yaml.safe_load(path.read_text())["study"]["n_trials"] == 3
+
+
+def test_override_creates_a_missing_section(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text("data: {name: wine}\n")
+    # a section the file does not have is created for the override
+    assert load_spec(path, overrides={"study.timeout": 30.0}).study.timeout == 30.0
+
+
+def test_overrides_are_validated(write_spec) -> None:
+    path = write_spec(tiny_spec())
+    with pytest.raises(SpecError) as caught:
+        load_spec(path, overrides={"study.n_trials": 0})
+    # an override is checked like the file's own values
+    assert str(caught.value) == (
+        f"{path}: study.n_trials: Input should be greater than or equal to 1 (got 0)"
+    )
+
+
+def test_override_below_a_shorthand_section(write_spec) -> None:
+    # `pruner: median` is the shorthand for {name: median}
+    path = write_spec(tiny_spec(study={"pruner": "median"}))
+    pruner = load_spec(path, overrides={"study.pruner.n_warmup_epochs": 1}).study.pruner
+    # the shorthand's name is kept and the override lands
+    assert pruner.name == "median"
+    assert pruner.n_warmup_epochs == 1
