@@ -1,0 +1,41 @@
+"""The shipped examples stay valid, and each one runs a trial."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from autotune.cli import main
+from autotune.spec import load_spec
+from autotune.study import count_finished, run_study
+
+EXAMPLES = sorted(Path(__file__).resolve().parents[1].glob("examples/**/*.yaml"))
+
+
+def test_there_are_examples():
+    # quickstart, the cnn and the user DataModule
+    assert {p.stem for p in EXAMPLES} >= {"quickstart", "cnn_digits", "spec"}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.parent.name + "/" + p.name)
+def test_every_example_validates(path):
+    result = CliRunner().invoke(main, ["validate", str(path)])
+
+    # the spec, its search space, its data and its model fit together
+    assert result.exit_code == 0, result.output
+    assert "ok" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.parent.name + "/" + p.name)
+def test_every_example_runs_a_short_study(path, tmp_path):
+    spec = load_spec(
+        path, overrides={"output": str(tmp_path), "train.max_epochs": 1, "study.n_trials": 1}
+    )
+
+    # one trial of one epoch finishes and is recommended
+    outcome = run_study(spec)
+    assert count_finished(outcome.study) == 1
+    assert (tmp_path / "best_model.py").is_file()
