@@ -118,6 +118,7 @@ def export(spec_file: Path) -> None:
 
 
 @main.command()
+@_friendly
 def spaces() -> None:
     """List the search spaces in search_spaces/ and what they search."""
     from autotune.space import describe_space, list_spaces, load_space

@@ -230,7 +230,12 @@ def split_rows(labels: np.ndarray, *, val_fraction: float, seed: int) -> Arrays:
         )
     except ValueError:
         # fewer validation (or train) rows than classes: stratifying is impossible, split plainly
-        train, val = train_test_split(rows, test_size=val_fraction, random_state=seed)
+        try:
+            train, val = train_test_split(rows, test_size=val_fraction, random_state=seed)
+        except ValueError:
+            raise SpecError(
+                f"data.val_fraction: {val_fraction} of {len(rows)} rows leaves a split empty"
+            ) from None
     return np.asarray(train), np.asarray(val)
 
 

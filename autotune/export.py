@@ -169,7 +169,7 @@ def write_outputs(study: optuna.Study, spec: Spec) -> tuple[Path, Path]:
         },
         "blocks": config.to_dicts(),
         "train": spec.train.model_dump(mode="json"),
-        "inputs": _inputs(out),
+        "inputs": _inputs(out, bool(attrs.get("standardised", False))),
         "versions": library_versions(),
         "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -182,11 +182,11 @@ def write_outputs(study: optuna.Study, spec: Spec) -> tuple[Path, Path]:
     return yaml_path, py_path
 
 
-def _inputs(out: Path) -> dict[str, Any]:
+def _inputs(out: Path, standardised: bool) -> dict[str, Any]:
     """Where the input standardisation lives, when autotune standardised the data itself."""
-    stats = out / "input_stats.pt"
-    if not stats.exists():
+    if not standardised:
         return {"standardised": False}
+    stats = out / "input_stats.pt"
     return {
         "standardised": True,
         "stats": str(stats),

@@ -191,9 +191,9 @@ def load_space(
     """Read a search space, apply the spec's overrides, and resolve it for n_blocks blocks."""
     path = find_space_file(base, base_dir)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        raise SpecError(f"{path}: not valid YAML") from None
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise SpecError(f"{path}: not valid UTF-8 YAML") from None
     base_params = raw.get("params") if isinstance(raw, dict) else None
     if not isinstance(base_params, dict):
         raise SpecError(f"{path}: params: expected a mapping of {', '.join(PARAM_NAMES)}")
@@ -343,7 +343,10 @@ def _build_range(name: str, entry: dict[str, Any], where: str) -> Param:
     if low == high:
         return Fixed(low)
     mid = math.sqrt(low * high) if log else (low + high) / 2
-    default = float(entry.get("default", mid))
+    default = entry.get("default", mid)
+    if not isinstance(default, (int, float)) or isinstance(default, bool):
+        raise SpecError(f"{where}.default: expected a number, got {default!r}")
+    default = float(default)
     if not low <= default <= high:
         raise SpecError(f"{where}.default: {default} is outside [{low}, {high}]")
     return Range(low, high, default, log, None if step is None else float(step))
@@ -351,6 +354,8 @@ def _build_range(name: str, entry: dict[str, Any], where: str) -> Param:
 
 def _check_value(name: str, value: Any, where: str, template: str, *, fixed: bool) -> Any:
     """Raise SpecError unless value lies in the domain of parameter `name`."""
+    if name in ("placement", "regularizer") and not isinstance(value, str):
+        raise SpecError(f"{where}: expected a name, got {value!r}")
     if name == "placement" and value not in PLACEMENTS:
         raise SpecError(
             f"{where}: unknown placement {value!r}; expected one of: {', '.join(PLACEMENTS)}"

@@ -59,7 +59,8 @@ class PrunerSpec(_Section):
 
 class StudySpec(_Section):
     # the Optuna study name and the MLflow parent run's name; a rerun with the same name resumes
-    name: str = Field("autotune", min_length=1)
+    # letters, digits, '.', '_' and '-': the name goes into storage keys and MLflow filters
+    name: str = Field("autotune", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
     # what the study optimises, measured at the end of every epoch: val_* on the validation split,
     # train_loss as the mean over the epoch's training batches
     metric: Literal["val_acc", "val_loss", "train_loss"] = "val_acc"
@@ -258,7 +259,9 @@ def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None) -> S
     if not path.is_file():
         raise SpecError(f"{path}: spec file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

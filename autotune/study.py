@@ -68,9 +68,9 @@ def resolve_space(spec: Spec) -> SearchSpace:
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:
     """An RDB storage with heartbeats, so that a trial whose worker died is failed and retried."""
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.RDBStorage(
             url,
             heartbeat_interval=HEARTBEAT_INTERVAL,
@@ -115,7 +115,7 @@ def make_pruner(spec: PrunerSpec, max_epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_study(spec: Spec, space: SearchSpace) -> optuna.Study:
+def open_study(spec: Spec, space: SearchSpace, datamodule: Any | None = None) -> optuna.Study:
     """Create the study, or load it when it exists; refuse a spec that no longer fits it."""
     direction = spec.study.resolved_direction
     study = optuna.create_study(
@@ -134,24 +134,31 @@ def open_study(spec: Spec, space: SearchSpace) -> optuna.Study:
             f"study.direction: stored study {spec.study.name!r} is to "
             f"{study.direction.name.lower()}, the spec says {direction}; choose another study.name"
         )
-    for key, value in check_stored(study, spec).items():
+    for key, value in check_stored(study, spec, datamodule).items():
         study.set_user_attr(key, value)
     return study
 
 
-def check_stored(study: optuna.Study, spec: Spec) -> dict[str, Any]:
-    """Raise SpecError where the spec's model or metric differs from what the study ran with."""
-    identity = {
+def check_stored(study: optuna.Study, spec: Spec, datamodule: Any | None = None) -> dict[str, Any]:
+    """Raise SpecError where the spec's model, metric or data differ from what the study ran with.
+
+    A study mixes no datasets: its trials and its exported snippet must fit the same inputs.
+    """
+    identity: dict[str, Any] = {
         "template": spec.model.template,
         "widths": spec.model.resolved_widths,
         "activation": spec.model.activation,
         "pool": spec.model.pool,
         "metric": spec.study.metric,
     }
+    if datamodule is not None:
+        identity["input_shape"] = list(datamodule.input_shape)
+        identity["n_classes"] = int(datamodule.n_classes)
+    sections = {"metric": "study", "input_shape": "data", "n_classes": "data"}
     for key, value in identity.items():
         stored = study.user_attrs.get(key)
         if stored is not None and stored != value:
-            section = "study" if key == "metric" else "model"
+            section = sections.get(key, "model")
             raise SpecError(
                 f"{section}.{key}: stored study {spec.study.name!r} was run with {stored!r}, "
                 f"the spec says {value!r}; choose another study.name"
@@ -174,10 +181,35 @@ def load_existing_study(spec: Spec) -> optuna.Study:
 
 def check_runnable(spec: Spec, space: SearchSpace, datamodule: Any) -> None:
     """Fail on input before any training: the template must fit the data, the sampler the space."""
-    from autotune.models import build_model
+    import lightning.pytorch as pl
 
+    from autotune.models import build_model
+    from autotune.training import quiet_lightning
+
+    quiet_lightning()
     make_sampler(spec.study.sampler, spec.train.seed, space)
     build_model(spec.model, space.defaults(), datamodule.input_shape, datamodule.n_classes)
+    try:
+        pl.Trainer(
+            accelerator=spec.train.accelerator,
+            devices=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+    except Exception as exc:  # MisconfigurationException: no such device here
+        raise SpecError(f"train.accelerator: {spec.train.accelerator!r}: {exc}") from None
+    loader = datamodule.train_dataloader()
+    if hasattr(loader, "__len__") and len(loader) == 0:
+        raise SpecError("data.val_fraction: the training split is too small for one batch")
+
+
+def prepare_output(spec: Spec) -> None:
+    """Create the output folder, or say in one line why it cannot be."""
+    try:
+        spec.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SpecError(f"output: cannot create {str(spec.output_dir)!r}: {exc.strerror}") from None
 
 
 def count_finished(study: optuna.Study) -> int:
@@ -206,17 +238,20 @@ def run_study(
     space = resolve_space(spec)
     datamodule = load_data(spec.data, seed=spec.train.seed, base_dir=spec.base_dir)
     check_runnable(spec, space, datamodule)
-    study = open_study(spec, space)
-    save_input_stats(datamodule, spec.output_dir)
-    study.set_user_attr("input_shape", list(datamodule.input_shape))  # type: ignore[attr-defined]
-    study.set_user_attr("n_classes", int(datamodule.n_classes))  # type: ignore[attr-defined]
+    prepare_output(spec)
+    study = open_study(spec, space, datamodule)
     study.set_user_attr("search_space", space.name)
+    study.set_user_attr("standardised", save_input_stats(datamodule, spec.output_dir))
 
     # 2. MLflow: the study's parent run, found again on resume
-    tracker = Tracker(
-        spec.tracking_uri, spec.experiment_name, spec.study.name, enabled=spec.mlflow.enabled
-    )
-    parent = tracker.start_study(flatten(spec.model_dump(mode="json")))
+    try:
+        tracker = Tracker(
+            spec.tracking_uri, spec.experiment_name, spec.study.name, enabled=spec.mlflow.enabled
+        )
+        parent = tracker.start_study(flatten(spec.model_dump(mode="json")))
+    except Exception as exc:  # MlflowException: a bad URI, a refused store, no server
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SpecError(f"mlflow.tracking_uri: {spec.tracking_uri}: {message}") from None
     if parent is not None:
         study.set_user_attr("mlflow_parent_run_id", parent)
 
@@ -225,33 +260,40 @@ def run_study(
     outcome = StudyOutcome(study, count_finished(study), budget)
     failures: list[int] = []
 
-    def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.state == TrialState.FAIL:
-            failures.append(trial.number)
-        else:
-            failures.clear()
-        outcome.finished = count_finished(study)
-        progress.trial_done(study, trial)
-        if outcome.finished >= budget:
-            study.stop()
-        elif len(failures) >= MAX_FAILURES_IN_A_ROW:
-            outcome.stopped_by_failures = True
-            study.stop()
+    with stop_on_signals() as stop:
 
-    progress.start(study, budget)
-    try:
-        if outcome.finished < budget:
-            with stop_on_signals() as stop:
+        def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+            if trial.state == TrialState.FAIL:
+                failures.append(trial.number)
+            else:
+                failures.clear()
+            outcome.finished = count_finished(study)
+            progress.trial_done(study, trial)
+            if stop.is_set():  # a signal that came after the trial's last batch
+                outcome.interrupted = True
+                study.stop()
+            elif outcome.finished >= budget:
+                study.stop()
+            elif len(failures) >= MAX_FAILURES_IN_A_ROW:
+                outcome.stopped_by_failures = True
+                study.stop()
+
+        progress.start(study, budget)
+        try:
+            if outcome.finished < budget:
                 objective = Objective(
                     spec, space, datamodule, tracker, stop=stop, on_epoch=progress.epoch
                 )
                 study.optimize(
                     objective, timeout=timeout, catch=(Exception,), callbacks=[after_trial]
                 )
-    except KeyboardInterrupt:
-        outcome.interrupted = True
-    finally:
-        progress.close()
+        except KeyboardInterrupt:
+            outcome.interrupted = True
+        except BaseException:
+            tracker.end_study({}, {}, [], status="FAILED")  # never leave the parent RUNNING
+            raise
+        finally:
+            progress.close()
 
     # 4. the recommendation, from whatever has completed so far
     if best_trial(study) is not None:
@@ -268,14 +310,17 @@ def run_study(
     return outcome
 
 
-def save_input_stats(datamodule: Any, output_dir: Path) -> None:
-    """How raw inputs become model inputs ((x - mean) / std, label order), for production use."""
+def save_input_stats(datamodule: Any, output_dir: Path) -> bool:
+    """How raw inputs become model inputs ((x - mean) / std, label order), for production use.
+
+    Returns whether autotune standardised the inputs (a user DataModule prepares its own).
+    """
     import torch
 
     stats = getattr(datamodule, "input_stats", None)
     if stats is not None:
-        output_dir.mkdir(parents=True, exist_ok=True)
         torch.save(stats, output_dir / INPUT_STATS)
+    return stats is not None
 
 
 def top_trials(study: optuna.Study, k: int = 5) -> list[FrozenTrial]:

@@ -20,6 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 import optuna
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.nn import functional as F
 
@@ -175,8 +176,12 @@ def fit(
         num_sanity_val_steps=0,
         callbacks=[reporter],
     )
-    # 3. fit; pruning and failures leave through exceptions
-    trainer.fit(module, datamodule=datamodule)
+    # 3. fit; pruning and failures leave through exceptions. Lightning turns a SIGTERM into
+    #    SIGTERMException (a SystemExit): the same as our own interrupt
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    except SIGTERMException:
+        raise TrialInterrupted("interrupted by SIGTERM") from None
     return TrialResult(history[-1][spec.study.metric], model.cpu(), history)
 
 
@@ -235,6 +240,9 @@ class Objective:
         self.on_epoch = on_epoch
 
     def __call__(self, trial: optuna.Trial) -> float:
+        if self.stop.is_set():  # the signal came between trials: start nothing new
+            trial.set_user_attr("interrupted", True)
+            raise KeyboardInterrupt
         config = self.space.sample(trial)
         trial.set_user_attr("config", config.to_dicts())
         run_id = self.tracker.start_trial(trial.number, config.to_params())
@@ -263,7 +271,8 @@ class Objective:
                 {"autotune.pruned_epoch": epoch, "autotune.pruned_reason": str(exc)},
             )
             raise
-        except TrialInterrupted:
+        except (TrialInterrupted, KeyboardInterrupt, SystemExit):
+            # a second Ctrl-C inside Lightning arrives as its sys.exit(1): still an interrupt
             trial.set_user_attr("interrupted", True)
             self.tracker.end_trial(run_id, "INTERRUPTED")
             raise KeyboardInterrupt from None
@@ -283,7 +292,8 @@ class Objective:
         except ValueError:  # no trial has completed yet
             best = None
         better = best is None or (
-            result.value > best if study.direction.name == "MAXIMIZE" else result.value < best
+            # >=: a trial that ties the best may be the one Optuna names best; keep its weights
+            result.value >= best if study.direction.name == "MAXIMIZE" else result.value <= best
         )
         if better:
             folder = self.spec.output_dir / "weights"

@@ -53,6 +53,20 @@ BAD_SPECS = {
         ["search_space.params.regularizer", "'drpout'", "dropout"],
     ),
     "unknown search space": ({"search_space": "nope"}, ["search_space.base", "'nope'"]),
+    "study name": ({"study": {"name": "o'neil"}}, ["study.name", "pattern"]),
+    "default not a number": (
+        {"search_space": {"params": {"rate": {"default": "abc"}}}},
+        ["search_space.params.rate.default", "'abc'"],
+    ),
+    "nested choice": (
+        {"search_space": {"params": {"regularizer": [["dropout"]]}}},
+        ["search_space.params.regularizer.choices", "expected a name"],
+    ),
+    "absent accelerator": ({"train": {"accelerator": "mps"}}, ["train.accelerator", "'mps'"]),
+    "cnn on tabular data": (
+        {"data": {"name": "wine"}, "model": {"template": "cnn"}},
+        ["model.template", "(13,)"],
+    ),
 }
 
 
@@ -158,7 +172,8 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 
 @pytest.mark.slow
-def test_an_interrupted_study_resumes_with_more_trials_and_no_duplicates(write_spec):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_study_resumes_with_more_trials_and_no_duplicates(write_spec, signum):
     budget = 4
     path = write_spec(tiny_spec(study={"n_trials": budget}, train={"max_epochs": 25}))
     storage = f"sqlite:///{Path(path).parent / 'out' / 'autotune.db'}"
@@ -184,7 +199,7 @@ def test_an_interrupted_study_resumes_with_more_trials_and_no_duplicates(write_s
         120,
         "a completed trial and a running one",
     )
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
 
     # the run stops cleanly: exit 130, the running trial failed (not left RUNNING)

@@ -131,6 +131,15 @@ def test_a_rerun_refuses_a_spec_whose_model_changed(write_spec):
         run_study(load_spec(changed))
 
 
+def test_a_rerun_refuses_other_data(write_spec):
+    run_study(load_spec(write_spec(tiny_spec(study={"n_trials": 1}))))
+    wine = load_spec(write_spec(tiny_spec(study={"n_trials": 1}, data={"name": "wine"}), "w.yaml"))
+
+    # the stored study was fit to (1, 8, 8) digits: wine's 13 features would mix two datasets
+    with pytest.raises(ValueError, match=r"data\.input_shape: stored study 'tiny'"):
+        run_study(wine)
+
+
 def test_a_diverging_trial_fails_and_the_study_goes_on(write_spec, monkeypatch):
     spec = load_spec(write_spec(tiny_spec(study={"n_trials": 3})))
     real_fit, calls = training.fit, []
