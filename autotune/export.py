@@ -22,6 +22,7 @@ from torch import nn
 from autotune.models import build_model
 from autotune.space import TrialConfig
 from autotune.spec import Spec
+from autotune.study import best_trial
 
 _LEAVES: dict[type, tuple[str, ...]] = {
     nn.Flatten: (),
@@ -114,14 +115,6 @@ def verify_snippet(path: Path, reference: nn.Module) -> None:
         raise RuntimeError(f"{path}: {count} parameters, the tuned model has {expected}")
     if set(rebuilt.state_dict()) != set(reference.state_dict()):
         raise RuntimeError(f"{path}: state_dict keys differ from the tuned model's")
-
-
-def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """The best COMPLETE trial, or None when no trial has completed."""
-    try:
-        return study.best_trial
-    except ValueError:
-        return None
 
 
 def write_outputs(study: optuna.Study, spec: Spec) -> tuple[Path, Path]:

@@ -15,9 +15,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from autotune.export import best_trial
 from autotune.spec import Spec
-from autotune.study import FINISHED, MAX_FAILURES_IN_A_ROW, StudyOutcome, top_trials
+from autotune.study import FINISHED, MAX_FAILURES_IN_A_ROW, StudyOutcome, best_trial, top_trials
 from autotune.study import Progress as ProgressBase
 
 

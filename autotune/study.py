@@ -225,7 +225,7 @@ def run_study(
 ) -> StudyOutcome:
     """Run (or resume) the study until its budget is spent; write the recommendation."""
     from autotune.data import load_data
-    from autotune.export import best_trial, write_outputs
+    from autotune.export import write_outputs
     from autotune.tracking import Tracker, flatten
     from autotune.training import Objective, quiet_lightning, stop_on_signals
 
@@ -321,6 +321,14 @@ def save_input_stats(datamodule: Any, output_dir: Path) -> bool:
     if stats is not None:
         torch.save(stats, output_dir / INPUT_STATS)
     return stats is not None
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The best COMPLETE trial, or None when no trial has completed."""
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
 
 
 def top_trials(study: optuna.Study, k: int = 5) -> list[FrozenTrial]:
