@@ -202,6 +202,11 @@ def check_runnable(spec: Spec, space: SearchSpace, datamodule: Any) -> None:
     loader = datamodule.train_dataloader()
     if hasattr(loader, "__len__") and len(loader) == 0:
         raise SpecError("data.val_fraction: the training split is too small for one batch")
+    try:  # the metric needs validation batches; a DataModule without them fails every trial
+        next(iter(datamodule.val_dataloader()))
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SpecError(f"data: no validation batch: {reason}") from None
 
 
 def prepare_output(spec: Spec) -> None:

@@ -80,6 +80,27 @@ def test_bad_input_is_one_line_naming_the_field_and_exit_2(write_spec, verb, cas
     assert_one_line_error(result, *fragments)
 
 
+def test_a_datamodule_without_validation_data_is_bad_input(tmp_path):
+    (tmp_path / "trainonly.py").write_text(
+        "import torch\n"
+        "import lightning.pytorch as pl\n"
+        "class TrainOnly(pl.LightningDataModule):\n"
+        "    n_classes = 2\n"
+        "    def train_dataloader(self):\n"
+        "        x = torch.randn(32, 4)\n"
+        "        return [(x, (x[:, 0] > 0).long())]\n"
+    )
+    path = tmp_path / "spec.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {"data": {"datamodule": "trainonly:TrainOnly"}, "output": str(tmp_path / "out")}
+        )
+    )
+
+    # no val_dataloader: said before any trial runs, not five failed trials later
+    assert_one_line_error(invoke("run", path), "data: no validation batch")
+
+
 def test_a_missing_spec_file_is_named(tmp_path):
     result = invoke("run", tmp_path / "nowhere.yaml")
 
