@@ -241,7 +241,7 @@ def test_render_module_leaves(module: nn.Module, source: str) -> None:
         ("postgresql://db:5432/studies", "postgresql://db:5432/studies"),
         # sqlite URLs are paths and are left alone
         ("sqlite:///runs/quickstart/autotune.db", "sqlite:///runs/quickstart/autotune.db"),
-        ("sqlite:////tmp/user:name/autotune.db", "sqlite:////tmp/user:name/autotune.db"),
+        ("sqlite:///runs/user:name/autotune.db", "sqlite:///runs/user:name/autotune.db"),
     ],
 )
 def test_redact_hides_passwords_only(url: str, shown: str) -> None:
