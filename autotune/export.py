@@ -22,7 +22,7 @@ from torch import nn
 from autotune.models import build_model
 from autotune.space import TrialConfig
 from autotune.spec import Spec
-from autotune.study import best_trial
+from autotune.study import best_trial, state_counts
 
 _LEAVES: dict[type, tuple[str, ...]] = {
     nn.Flatten: (),
@@ -144,7 +144,7 @@ def write_outputs(study: optuna.Study, spec: Spec) -> tuple[Path, Path]:
             "metric": metric,
             "direction": study.direction.name.lower(),
             "storage": redact(spec.storage_url),
-            "trials": _state_counts(study),
+            "trials": state_counts(study),
         },
         "best": {
             "trial": trial.number,
@@ -200,10 +200,3 @@ def library_versions() -> dict[str, str]:
 def redact(url: str) -> str:
     """postgresql://user:secret@host/db -> postgresql://user:***@host/db"""
     return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
-
-
-def _state_counts(study: optuna.Study) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for trial in study.get_trials(deepcopy=False):
-        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
-    return counts

@@ -16,7 +16,14 @@ from rich.progress import (
 from rich.table import Table
 
 from autotune.spec import Spec
-from autotune.study import FINISHED, MAX_FAILURES_IN_A_ROW, StudyOutcome, best_trial, top_trials
+from autotune.study import (
+    FINISHED,
+    MAX_FAILURES_IN_A_ROW,
+    StudyOutcome,
+    best_trial,
+    state_counts,
+    top_trials,
+)
 from autotune.study import Progress as ProgressBase
 
 
@@ -99,10 +106,8 @@ def print_summary(console: Console, spec: Spec, outcome: StudyOutcome, k: int = 
         blocks = [_block_cell(block) for block in trial.user_attrs.get("config", [])]
         table.add_row(str(trial.number), f"{trial.value:.4f}", *blocks)
     console.print(table)
-    counts = {s.name: 0 for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
-    for trial in study.get_trials(deepcopy=False):
-        if trial.state.name in counts:
-            counts[trial.state.name] += 1
+    stored = state_counts(study)
+    counts = {name: stored.get(name, 0) for name in ("COMPLETE", "PRUNED", "FAIL")}
     console.print(
         "trials: "
         + ", ".join(

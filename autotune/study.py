@@ -301,9 +301,9 @@ def run_study(
             progress.close()
 
     # 4. the recommendation, from whatever has completed so far
-    if best_trial(study) is not None:
-        outcome.outputs = list(write_outputs(study, spec))
     best = best_trial(study)
+    if best is not None:
+        outcome.outputs = list(write_outputs(study, spec))
     metrics = {} if best is None else {f"best_{spec.study.metric}": best.value}
     tags = {} if best is None else {"autotune.best_trial": best.number}
     tracker.end_study(
@@ -334,6 +334,14 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
         return study.best_trial
     except ValueError:
         return None
+
+
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    """How many trials are in each state, by state name."""
+    counts: dict[str, int] = {}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    return counts
 
 
 def top_trials(study: optuna.Study, k: int = 5) -> list[FrozenTrial]:
