@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +22,28 @@ import yaml
 
 from autotune.errors import SpecError
 
-PLACEMENTS = ("none", "before_bn", "after_bn", "after_act")
+PLACEMENTS = ("none", "before_bn", "after_bn", "after_act", "in_branch", "residual")
+# placements only a residual block has: in_branch (between its two convolutions, the Wide-ResNet
+# placement) and residual (the whole branch, dropped by stochastic depth)
+RESIDUAL_PLACEMENTS = frozenset({"in_branch", "residual"})
 # regularizer name -> the block kinds it applies to: "dense" (mlp: (N, F) features) and
-# "spatial" (cnn: (N, C, H, W) maps). spatial_dropout drops whole channels, which a dense block
-# does not have. The modules themselves live in autotune.regularizers.
+# "spatial" (cnn, resnet: (N, C, H, W) maps). spatial_dropout and dropblock drop whole channels
+# or squares, which a dense block does not have. stochastic_depth drops a residual branch: it is
+# not a choice of `regularizer` but what `placement: residual` means. The modules themselves live
+# in autotune.regularizers.
 REGULARIZERS: dict[str, frozenset[str]] = {
     "dropout": frozenset({"dense", "spatial"}),
     "spatial_dropout": frozenset({"spatial"}),
+    "gaussian": frozenset({"dense", "spatial"}),
+    "uout": frozenset({"dense", "spatial"}),
+    "alpha_dropout": frozenset({"dense", "spatial"}),
+    "dropblock": frozenset({"spatial"}),
+    "stochastic_depth": frozenset({"residual"}),
 }
-TEMPLATE_KINDS = {"mlp": "dense", "cnn": "spatial"}
+TEMPLATE_KINDS = {"mlp": "dense", "cnn": "spatial", "resnet": "spatial"}
 PARAM_NAMES = ("placement", "rate", "regularizer", "bn_momentum")
+# parameters drawn once for the whole network, not per block
+NETWORK_PARAMS = ("recalibrate_bn",)
 
 
 @dataclass(frozen=True)
@@ -73,24 +85,30 @@ class BlockConfig:
 
 @dataclass(frozen=True)
 class TrialConfig:
-    """The whole network's configuration: one BlockConfig per block."""
+    """The whole network's configuration: one BlockConfig per block, and whether BN's statistics
+    are re-estimated with dropout off after training (autotune.shift.recalibrate_bn)."""
 
     blocks: tuple[BlockConfig, ...]
+    recalibrate_bn: bool = False
 
     def to_params(self) -> dict[str, Any]:
         """Flat `block0.placement`-style names, as Optuna and MLflow see them."""
-        return {
+        params: dict[str, Any] = {
             f"block{i}.{key}": value
             for i, block in enumerate(self.blocks)
             for key, value in asdict(block).items()
         }
+        params["recalibrate_bn"] = self.recalibrate_bn
+        return params
 
     def to_dicts(self) -> list[dict[str, Any]]:
         return [asdict(block) for block in self.blocks]
 
     @classmethod
-    def from_dicts(cls, blocks: Sequence[Mapping[str, Any]]) -> TrialConfig:
-        return cls(tuple(BlockConfig(**block) for block in blocks))
+    def from_dicts(
+        cls, blocks: Sequence[Mapping[str, Any]], *, recalibrate_bn: bool = False
+    ) -> TrialConfig:
+        return cls(tuple(BlockConfig(**block) for block in blocks), bool(recalibrate_bn))
 
 
 @dataclass(frozen=True)
@@ -100,10 +118,13 @@ class SearchSpace:
     name: str
     description: str
     blocks: tuple[dict[str, Param], ...]
+    network: dict[str, Param] = field(default_factory=lambda: {"recalibrate_bn": Fixed(False)})
 
     def sample(self, trial: Any) -> TrialConfig:
         """Ask an Optuna trial for every block's parameters (rate and kind only when placed)."""
-        return TrialConfig(tuple(self._sample_block(trial, i) for i in range(len(self.blocks))))
+        blocks = tuple(self._sample_block(trial, i) for i in range(len(self.blocks)))
+        recalibrate = _suggest(trial, "recalibrate_bn", self.network["recalibrate_bn"])
+        return TrialConfig(blocks, bool(recalibrate))
 
     def _sample_block(self, trial: Any, i: int) -> BlockConfig:
         params = self.blocks[i]
@@ -112,6 +133,8 @@ class SearchSpace:
         if placement == "none":
             return BlockConfig(placement="none", bn_momentum=momentum)
         rate = _suggest(trial, f"block{i}.rate", params["rate"])
+        if placement == "residual":  # the placement names the regulariser
+            return BlockConfig(placement, rate, "stochastic_depth", momentum)
         regularizer = _suggest(trial, f"block{i}.regularizer", params["regularizer"])
         return BlockConfig(placement, rate, regularizer, momentum)
 
@@ -122,8 +145,10 @@ class SearchSpace:
             values = {name: _default(param) for name, param in params.items()}
             if values["placement"] == "none":
                 values.update(rate=0.0, regularizer="none")
+            elif values["placement"] == "residual":
+                values.update(regularizer="stochastic_depth")
             blocks.append(BlockConfig(**values))
-        return TrialConfig(tuple(blocks))
+        return TrialConfig(tuple(blocks), bool(_default(self.network["recalibrate_bn"])))
 
     def has_numeric(self) -> bool:
         """Whether any parameter is a range (what CMA-ES and GP can model)."""
@@ -197,14 +222,21 @@ def load_space(
     base_params = raw.get("params") if isinstance(raw, dict) else None
     if not isinstance(base_params, dict):
         raise SpecError(f"{path}: params: expected a mapping of {', '.join(PARAM_NAMES)}")
-    _check_names(base_params, f"{path}: params")
-    _check_names(params or {}, "search_space.params")
+    _check_names(base_params, f"{path}: params", NETWORK_PARAMS)
+    _check_names(params or {}, "search_space.params", NETWORK_PARAMS)
     for index in blocks or {}:
         if not 0 <= index < n_blocks:
             raise SpecError(
                 f"search_space.blocks.{index}: the model has {n_blocks} blocks (0..{n_blocks - 1})"
             )
-        _check_names(blocks[index], f"search_space.blocks.{index}")  # type: ignore[index]
+        where = f"search_space.blocks.{index}"
+        for name in NETWORK_PARAMS:
+            if name in blocks[index]:  # type: ignore[index]
+                raise SpecError(
+                    f"{where}.{name}: set for the whole network (search_space.params), "
+                    "not per block"
+                )
+        _check_names(blocks[index], where)  # type: ignore[index]
 
     resolved = []
     for i in range(n_blocks):
@@ -214,23 +246,30 @@ def load_space(
                 raise SpecError(f"{path}: params.{name}: missing")
             entry = _as_entry(base_params[name])
             where = f"{path}: params.{name}"
-            for layer, field in (
+            for layer, section in (
                 ((params or {}), "search_space.params"),
                 (((blocks or {}).get(i) or {}), f"search_space.blocks.{i}"),
             ):
                 if name in layer:
                     entry = _merge(entry, layer[name])
-                    where = f"{field}.{name}"
+                    where = f"{section}.{name}"
             block[name] = _build(name, entry, where, template)
         resolved.append(block)
-    return SearchSpace(path.stem, str(raw.get("description", "")), tuple(resolved))
+    network: dict[str, Param] = {}
+    for name in NETWORK_PARAMS:  # optional in a file: absent means off
+        entry, where = _as_entry(base_params.get(name, False)), f"{path}: params.{name}"
+        if name in (params or {}):
+            entry, where = _merge(entry, params[name]), f"search_space.params.{name}"  # type: ignore[index]
+        network[name] = _build(name, entry, where, template)
+    return SearchSpace(path.stem, str(raw.get("description", "")), tuple(resolved), network)
 
 
-def _check_names(mapping: Mapping[str, Any], where: str) -> None:
+def _check_names(mapping: Mapping[str, Any], where: str, extra: Sequence[str] = ()) -> None:
+    known = (*PARAM_NAMES, *extra)
     for name in mapping:
-        if name not in PARAM_NAMES:
+        if name not in known:
             raise SpecError(
-                f"{where}.{name}: unknown parameter; expected one of: {', '.join(PARAM_NAMES)}"
+                f"{where}.{name}: unknown parameter; expected one of: {', '.join(known)}"
             )
 
 
@@ -303,9 +342,8 @@ def _build_choice(name: str, entry: dict[str, Any], where: str, template: str) -
         raise SpecError(f"{where}.choices: expected a non-empty list, got {choices!r}")
     for value in choices:
         _check_value(name, value, f"{where}.choices", template, fixed=False)
-    if name == "regularizer":  # leave out what the template's blocks cannot use
-        kind = TEMPLATE_KINDS[template]
-        choices = [c for c in choices if kind in REGULARIZERS[c]]
+    if name in ("regularizer", "placement"):  # leave out what the template's blocks cannot use
+        choices = [c for c in choices if _applies(name, c, template)]
         if not choices:
             raise SpecError(
                 f"{where}.choices: none of {entry['choices']} applies to {template} blocks"
@@ -352,22 +390,37 @@ def _build_range(name: str, entry: dict[str, Any], where: str) -> Param:
     return Range(low, high, default, log, None if step is None else float(step))
 
 
+def _applies(name: str, value: str, template: str) -> bool:
+    """Whether a placement or regularizer fits the template's blocks."""
+    if name == "placement":
+        return template == "resnet" or value not in RESIDUAL_PLACEMENTS
+    return TEMPLATE_KINDS[template] in REGULARIZERS[value]
+
+
 def _check_value(name: str, value: Any, where: str, template: str, *, fixed: bool) -> Any:
     """Raise SpecError unless value lies in the domain of parameter `name`."""
     if name in ("placement", "regularizer") and not isinstance(value, str):
         raise SpecError(f"{where}: expected a name, got {value!r}")
+    if name == "recalibrate_bn" and not isinstance(value, bool):
+        raise SpecError(f"{where}: expected true or false, got {value!r}")
     if name == "placement" and value not in PLACEMENTS:
         raise SpecError(
             f"{where}: unknown placement {value!r}; expected one of: {', '.join(PLACEMENTS)}"
         )
     if name == "regularizer":
+        choosable = [r for r in REGULARIZERS if r != "stochastic_depth"]
+        if value == "stochastic_depth":
+            raise SpecError(
+                f"{where}: stochastic_depth drops a whole residual branch; "
+                "choose it with placement: residual (resnet template)"
+            )
         if value not in REGULARIZERS:
             raise SpecError(
-                f"{where}: unknown regularizer {value!r}; "
-                f"expected one of: {', '.join(REGULARIZERS)}"
+                f"{where}: unknown regularizer {value!r}; expected one of: {', '.join(choosable)}"
             )
-        if fixed and template and TEMPLATE_KINDS[template] not in REGULARIZERS[value]:
-            raise SpecError(f"{where}: {value} does not apply to {template} blocks")
+    placed = name in ("placement", "regularizer") and fixed and template
+    if placed and not _applies(name, value, template):
+        raise SpecError(f"{where}: {value} does not apply to {template} blocks")
     if name in ("rate", "bn_momentum"):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise SpecError(f"{where}: expected a number, got {value!r}")
@@ -383,10 +436,46 @@ def describe_space(space: SearchSpace) -> Iterator[tuple[str, str, str]]:
     """(block, parameter, what is searched) rows, for `autotune spaces` and the README."""
     for i, block in enumerate(space.blocks):
         for name, param in block.items():
-            if isinstance(param, Fixed):
-                text = f"fixed at {param.value}"
-            elif isinstance(param, Choice):
-                text = " | ".join(str(c) for c in param.choices)
-            else:
-                text = f"[{param.low}, {param.high}]" + (" log" if param.log else "")
-            yield f"block{i}", name, text
+            yield f"block{i}", name, _describe(param)
+    for name, param in space.network.items():
+        yield "network", name, _describe(param)
+
+
+def _describe(param: Param) -> str:
+    if isinstance(param, Fixed):
+        return f"fixed at {param.value}"
+    if isinstance(param, Choice):
+        return " | ".join(str(c) for c in param.choices)
+    return f"[{param.low}, {param.high}]" + (" log" if param.log else "")
+
+
+def config_from_mapping(
+    raw: Any, *, n_blocks: int, template: str, source: str = "config"
+) -> TrialConfig:
+    """A configuration written by hand or by `export` (recommended.yaml): `blocks`, a list of
+    {placement, rate, regularizer, bn_momentum} per block, and optionally `recalibrate_bn`."""
+    blocks = raw.get("blocks") if isinstance(raw, Mapping) else None
+    if not isinstance(blocks, list):
+        raise SpecError(f"{source}: blocks: expected a list with one mapping per block")
+    if len(blocks) != n_blocks:
+        raise SpecError(f"{source}: blocks: the model has {n_blocks} blocks, got {len(blocks)}")
+    parsed = []
+    for i, block in enumerate(blocks):
+        where = f"{source}: blocks[{i}]"
+        if not isinstance(block, Mapping):
+            raise SpecError(f"{where}: expected a mapping, got {block!r}")
+        _check_names(block, where)
+        # what a block leaves out: plain dropout at PyTorch's BN momentum
+        values = {**asdict(BlockConfig()), "regularizer": "dropout", **block}
+        for name in PARAM_NAMES:
+            if name == "regularizer" and values["placement"] in ("none", "residual"):
+                continue  # none has no regulariser; residual means stochastic_depth
+            values[name] = _check_value(name, values[name], f"{where}.{name}", template, fixed=True)
+        if values["placement"] == "none":
+            values.update(rate=0.0, regularizer="none")
+        elif values["placement"] == "residual":
+            values["regularizer"] = "stochastic_depth"
+        parsed.append(BlockConfig(**values))
+    recalibrate = raw.get("recalibrate_bn", False)
+    _check_value("recalibrate_bn", recalibrate, f"{source}: recalibrate_bn", template, fixed=True)
+    return TrialConfig(tuple(parsed), recalibrate)

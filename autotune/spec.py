@@ -160,13 +160,15 @@ class DataSpec(_Section):
 
 
 class ModelSpec(_Section):
-    # mlp: Linear blocks on flattened input; cnn: 3x3 Conv2d blocks on (C, H, W) images
-    template: Literal["mlp", "cnn"] = "mlp"
-    # one block per entry: hidden units (mlp) or channels (cnn); none: [256, 256, 128] for mlp,
-    # [32, 64] for cnn
+    # mlp: Linear blocks on flattened input; cnn: 3x3 Conv2d blocks on (C, H, W) images;
+    # resnet: residual blocks of two 3x3 convolutions on images (where stochastic depth applies)
+    template: Literal["mlp", "cnn", "resnet"] = "mlp"
+    # one block per entry: hidden units (mlp) or channels (cnn, resnet); none: [256, 256, 128]
+    # for mlp, [32, 64] for cnn, [16, 32, 64] for resnet
     widths: list[int] | None = Field(None, min_length=1)
     activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
-    # cnn: halve the image with 2x2 max pooling after every block (while it is at least 2 wide)
+    # cnn: halve the image with 2x2 max pooling after every block (while it is at least 2 wide);
+    # resnet: halve it with stride 2 in every block after the first
     pool: bool = True
 
     @field_validator("widths")
@@ -181,7 +183,7 @@ class ModelSpec(_Section):
     def resolved_widths(self) -> list[int]:
         if self.widths is not None:
             return list(self.widths)
-        return [256, 256, 128] if self.template == "mlp" else [32, 64]
+        return {"mlp": [256, 256, 128], "cnn": [32, 64], "resnet": [16, 32, 64]}[self.template]
 
 
 class TrainSpec(_Section):
@@ -256,16 +258,7 @@ class Spec(_Section):
 def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None) -> Spec:
     """Read and validate a spec file. Raises SpecError with one line naming the field or file."""
     path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: spec file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError:
-        raise SpecError(f"{path}: not UTF-8 text") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise SpecError(f"{path}: not valid YAML{where}") from None
+    raw = read_yaml(path, what="spec file")
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     if "base_dir" in raw:
@@ -273,6 +266,20 @@ def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None) -> S
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
     return parse_spec(raw, base_dir=path.parent, source=str(path))
+
+
+def read_yaml(path: Path, *, what: str = "file") -> Any:
+    """A YAML file's content ({} when empty); SpecError naming the file when it cannot be read."""
+    if not path.is_file():
+        raise SpecError(f"{path}: {what} not found")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise SpecError(f"{path}: not valid YAML{where}") from None
 
 
 def parse_spec(raw: dict[str, Any], *, base_dir: Path = Path("."), source: str = "spec") -> Spec:

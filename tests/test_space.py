@@ -23,7 +23,12 @@ from autotune.space import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+# the placements of mlp and cnn blocks, and every placement there is (dropout_bn.yaml lists all)
 PLACEMENTS = ("none", "before_bn", "after_bn", "after_act")
+ALL_PLACEMENTS = (*PLACEMENTS, "in_branch", "residual")
+# the regularizers an mlp block can use, and those a cnn or resnet block can
+DENSE = ("dropout", "gaussian", "uout", "alpha_dropout")
+SPATIAL = ("dropout", "spatial_dropout", "gaussian", "uout", "alpha_dropout", "dropblock")
 
 # dropout_bn.yaml, resolved for one block of each template
 PLACEMENT = Choice(PLACEMENTS, "after_act")
@@ -32,10 +37,13 @@ MOMENTUM = Range(0.01, 0.5, 0.1, log=True)
 MLP_BLOCK = {
     "placement": PLACEMENT,
     "rate": RATE,
-    "regularizer": Fixed("dropout"),
+    "regularizer": Choice(DENSE, "dropout"),
     "bn_momentum": MOMENTUM,
 }
-CNN_BLOCK = {**MLP_BLOCK, "regularizer": Choice(("dropout", "spatial_dropout"), "dropout")}
+CNN_BLOCK = {**MLP_BLOCK, "regularizer": Choice(SPATIAL, "dropout")}
+# a resnet block also has room for in_branch and residual
+RESNET_BLOCK = {**CNN_BLOCK, "placement": Choice(ALL_PLACEMENTS, "after_act")}
+NETWORK = {"recalibrate_bn": Choice((False, True), False)}
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -56,7 +64,9 @@ def ask(n: int, seed: int = 0) -> list[optuna.Trial]:
 # --- resolving the shipped space -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("template", "block"), [("mlp", MLP_BLOCK), ("cnn", CNN_BLOCK)])
+@pytest.mark.parametrize(
+    ("template", "block"), [("mlp", MLP_BLOCK), ("cnn", CNN_BLOCK), ("resnet", RESNET_BLOCK)]
+)
 def test_dropout_bn_resolves_one_copy_per_block(template: str, block: dict) -> None:
     resolved = resolve(n_blocks=3, template=template)
     # named after the file, with its description
@@ -64,15 +74,23 @@ def test_dropout_bn_resolves_one_copy_per_block(template: str, block: dict) -> N
     assert resolved.description == "dropout placement, rate, kind and BN momentum, per block"
     # one mapping per block, each the file's entries
     assert resolved.blocks == (block, block, block)
+    # and one recalibrate_bn choice for the whole network, off by default
+    assert resolved.network == NETWORK
 
 
-def test_spatial_dropout_is_left_out_for_mlp_and_kept_for_cnn() -> None:
-    # an mlp block has no channels: dropout is the only regularizer left, so it is fixed
-    assert resolve(template="mlp").blocks[0]["regularizer"] == Fixed("dropout")
-    # a cnn block searches both
-    assert resolve(template="cnn").blocks[0]["regularizer"] == Choice(
-        ("dropout", "spatial_dropout"), "dropout"
-    )
+def test_channel_regularizers_are_left_out_for_mlp_and_kept_for_cnn() -> None:
+    # an mlp block has no channels or squares: spatial_dropout and dropblock are left out
+    assert resolve(template="mlp").blocks[0]["regularizer"] == Choice(DENSE, "dropout")
+    # cnn and resnet blocks search all six
+    for template in ("cnn", "resnet"):
+        assert resolve(template=template).blocks[0]["regularizer"] == Choice(SPATIAL, "dropout")
+
+
+def test_a_single_dense_regularizer_left_for_an_mlp_is_fixed() -> None:
+    # of dropout and spatial_dropout only dropout fits an mlp block, so nothing is searched
+    assert resolve({"regularizer": ["spatial_dropout", "dropout"]}).blocks[0][
+        "regularizer"
+    ] == Fixed("dropout")
 
 
 def test_fixing_spatial_dropout_on_a_cnn() -> None:
@@ -105,6 +123,102 @@ def test_spatial_dropout_on_an_mlp_is_an_error(override, message: str) -> None:
     assert str(caught.value) == message
 
 
+@pytest.mark.parametrize("template", ["mlp", "cnn"])
+def test_residual_placements_are_left_out_for_mlp_and_cnn(template: str) -> None:
+    resolved = resolve({"placement": list(ALL_PLACEMENTS)}, template=template)
+    # in_branch and residual need a residual block: the other four remain, after_act the default
+    assert resolved.blocks[0]["placement"] == Choice(PLACEMENTS, "after_act")
+
+
+def test_resnet_keeps_every_placement() -> None:
+    resolved = resolve({"placement": list(ALL_PLACEMENTS)}, template="resnet")
+    # all six placements are searched in a residual block
+    assert resolved.blocks[0]["placement"] == Choice(ALL_PLACEMENTS, "after_act")
+
+
+def test_a_residual_default_left_out_falls_back_to_the_first_choice() -> None:
+    override = {"choices": ["before_bn", "residual"], "default": "residual"}
+    # residual is valid but left out for a cnn: the first remaining choice is the default
+    assert resolve({"placement": override}, template="cnn").blocks[0]["placement"] == Fixed(
+        "before_bn"
+    )
+    # a resnet keeps the default
+    assert resolve({"placement": override}, template="resnet").blocks[0]["placement"] == Choice(
+        ("before_bn", "residual"), "residual"
+    )
+
+
+@pytest.mark.parametrize(
+    ("template", "params", "blocks", "message"),
+    [
+        # a fixed residual placement outside a resnet, for all blocks and for one
+        (
+            "mlp",
+            {"placement": "residual"},
+            None,
+            "search_space.params.placement: residual does not apply to mlp blocks",
+        ),
+        (
+            "cnn",
+            None,
+            {1: {"placement": "in_branch"}},
+            "search_space.blocks.1.placement: in_branch does not apply to cnn blocks",
+        ),
+        # choices of which none is left
+        (
+            "mlp",
+            {"placement": ["in_branch", "residual"]},
+            None,
+            "search_space.params.placement.choices: none of ['in_branch', 'residual'] applies "
+            "to mlp blocks",
+        ),
+        # dropblock needs maps, like spatial_dropout
+        (
+            "mlp",
+            {"regularizer": "dropblock"},
+            None,
+            "search_space.params.regularizer: dropblock does not apply to mlp blocks",
+        ),
+    ],
+)
+def test_what_a_template_cannot_use_is_an_error(template, params, blocks, message: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        resolve(params, blocks, template=template)
+    # the field, the value and the template
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("template", ["mlp", "cnn", "resnet"])
+@pytest.mark.parametrize(
+    ("params", "blocks", "message"),
+    [
+        (
+            {"regularizer": "stochastic_depth"},
+            None,
+            "search_space.params.regularizer: stochastic_depth drops a whole residual branch; "
+            "choose it with placement: residual (resnet template)",
+        ),
+        (
+            {"regularizer": ["dropout", "stochastic_depth"]},
+            None,
+            "search_space.params.regularizer.choices: stochastic_depth drops a whole residual "
+            "branch; choose it with placement: residual (resnet template)",
+        ),
+        (
+            None,
+            {0: {"regularizer": "stochastic_depth"}},
+            "search_space.blocks.0.regularizer: stochastic_depth drops a whole residual branch; "
+            "choose it with placement: residual (resnet template)",
+        ),
+    ],
+)
+def test_stochastic_depth_is_not_a_regularizer_choice(template, params, blocks, message) -> None:
+    with pytest.raises(SpecError) as caught:
+        resolve(params, blocks, template=template)
+    # even for a resnet: the message points to placement: residual
+    assert str(caught.value) == message
+
+
 def test_has_numeric() -> None:
     # rate and bn_momentum are ranges in the file
     assert resolve().has_numeric() is True
@@ -125,7 +239,7 @@ def test_has_numeric() -> None:
         ({"rate": {"high": 0.3, "default": 0.2}}, "rate", Range(0.05, 0.3, 0.2)),
         # both bounds at once, with a default inside them
         ({"rate": {"low": 0.1, "high": 0.3, "default": 0.1}}, "rate", Range(0.1, 0.3, 0.1)),
-        # a list replaces the whole entry: the choices, and the default becomes the first choice
+        # a list replaces the choices; the default stays while it is one, else the first choice
         (
             {"placement": ["none", "after_act"]},
             "placement",
@@ -244,6 +358,94 @@ def test_narrowing_choices_past_the_inherited_default() -> None:
     ] == Choice(("none", "before_bn"), "none")
 
 
+# --- recalibrate_bn: one choice for the whole network ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        # a scalar fixes it
+        (True, Fixed(True)),
+        (False, Fixed(False)),
+        # a single-choice list is a fixed value
+        ([True], Fixed(True)),
+        # a list replaces the choices; the file's default false is kept while it is a choice
+        ([True, False], Choice((True, False), False)),
+        # a mapping with a default keeps the choices
+        ({"default": True}, Choice((False, True), True)),
+        ({"value": True}, Fixed(True)),
+    ],
+)
+def test_recalibrate_bn_override(override, expected) -> None:
+    resolved = resolve({"recalibrate_bn": override}, n_blocks=3)
+    # the network's entry is the overridden one
+    assert resolved.network == {"recalibrate_bn": expected}
+    # it is not a block parameter
+    assert all("recalibrate_bn" not in block for block in resolved.blocks)
+    # and the blocks keep the file's entries
+    assert resolved.blocks == (MLP_BLOCK,) * 3
+
+
+def test_recalibrate_bn_is_off_when_a_file_does_not_mention_it(tmp_path: Path) -> None:
+    path = tmp_path / "plain.yaml"
+    path.write_text(
+        "params: {placement: after_bn, rate: 0.2, regularizer: dropout, bn_momentum: 0.1}\n"
+    )
+    resolved = load_space(str(path), n_blocks=1, template="mlp")
+    # absent means off, and nothing to search
+    assert resolved.network == {"recalibrate_bn": Fixed(False)}
+    # a spec can still turn it on
+    on = load_space(str(path), params={"recalibrate_bn": True}, n_blocks=1, template="mlp")
+    assert on.network == {"recalibrate_bn": Fixed(True)}
+
+
+@pytest.mark.parametrize(
+    ("params", "blocks", "message"),
+    [
+        # per block: the whole network shares one BN recalibration
+        (
+            None,
+            {1: {"recalibrate_bn": True}},
+            "search_space.blocks.1.recalibrate_bn: set for the whole network "
+            "(search_space.params), not per block",
+        ),
+        # not a bool: fixed, among choices, as a default
+        (
+            {"recalibrate_bn": "yes"},
+            None,
+            "search_space.params.recalibrate_bn: expected true or false, got 'yes'",
+        ),
+        (
+            {"recalibrate_bn": 1},
+            None,
+            "search_space.params.recalibrate_bn: expected true or false, got 1",
+        ),
+        (
+            {"recalibrate_bn": [False, 1]},
+            None,
+            "search_space.params.recalibrate_bn.choices: expected true or false, got 1",
+        ),
+        (
+            {"recalibrate_bn": {"default": "on"}},
+            None,
+            "search_space.params.recalibrate_bn.default: 'on' is not one of [False, True]",
+        ),
+        # not a range
+        (
+            {"recalibrate_bn": {"low": 0, "high": 1}},
+            None,
+            "search_space.params.recalibrate_bn: recalibrate_bn takes choices or a value, "
+            "not a range",
+        ),
+    ],
+)
+def test_invalid_recalibrate_bn_names_the_field(params, blocks, message: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        resolve(params, blocks)
+    # the exact message, naming where it was set
+    assert str(caught.value) == message
+
+
 # --- errors name the field -----------------------------------------------------------------------
 
 
@@ -251,11 +453,12 @@ def test_narrowing_choices_past_the_inherited_default() -> None:
     ("params", "blocks", "message"),
     [
         # unknown parameters, for all blocks and for one
+        # (the whole network's recalibrate_bn is a parameter for all blocks, not for one)
         (
             {"dropout_rate": 0.1},
             None,
             "search_space.params.dropout_rate: unknown parameter; "
-            "expected one of: placement, rate, regularizer, bn_momentum",
+            "expected one of: placement, rate, regularizer, bn_momentum, recalibrate_bn",
         ),
         (
             None,
@@ -268,32 +471,32 @@ def test_narrowing_choices_past_the_inherited_default() -> None:
             {"placement": "middle"},
             None,
             "search_space.params.placement: unknown placement 'middle'; "
-            "expected one of: none, before_bn, after_bn, after_act",
+            "expected one of: none, before_bn, after_bn, after_act, in_branch, residual",
         ),
         (
             {"placement": ["none", "middle"]},
             None,
             "search_space.params.placement.choices: unknown placement 'middle'; "
-            "expected one of: none, before_bn, after_bn, after_act",
+            "expected one of: none, before_bn, after_bn, after_act, in_branch, residual",
         ),
         (
             None,
             {0: {"placement": "middle"}},
             "search_space.blocks.0.placement: unknown placement 'middle'; "
-            "expected one of: none, before_bn, after_bn, after_act",
+            "expected one of: none, before_bn, after_bn, after_act, in_branch, residual",
         ),
-        # unknown regularizer
+        # unknown regularizer: the choosable names, without stochastic_depth
         (
-            {"regularizer": "alpha_dropout"},
+            {"regularizer": "drpout"},
             None,
-            "search_space.params.regularizer: unknown regularizer 'alpha_dropout'; "
-            "expected one of: dropout, spatial_dropout",
+            "search_space.params.regularizer: unknown regularizer 'drpout'; "
+            "expected one of: dropout, spatial_dropout, gaussian, uout, alpha_dropout, dropblock",
         ),
         (
-            {"regularizer": ["dropout", "gaussian"]},
+            {"regularizer": ["dropout", "gausian"]},
             None,
-            "search_space.params.regularizer.choices: unknown regularizer 'gaussian'; "
-            "expected one of: dropout, spatial_dropout",
+            "search_space.params.regularizer.choices: unknown regularizer 'gausian'; "
+            "expected one of: dropout, spatial_dropout, gaussian, uout, alpha_dropout, dropblock",
         ),
         # a drop rate of 1 or more
         ({"rate": 1.0}, None, "search_space.params.rate: a drop rate must lie in [0, 1), got 1.0"),
@@ -414,7 +617,7 @@ def test_space_file_without_a_parameter(tmp_path: Path) -> None:
 @pytest.mark.parametrize("template", ["mlp", "cnn"])
 def test_sampled_values_lie_in_their_ranges(template: str) -> None:
     resolved = resolve(n_blocks=2, template=template)
-    placements, regularizers_seen = set(), set()
+    placements, regularizers_seen, recalibrations = set(), set(), set()
     for trial in ask(40):
         config = resolved.sample(trial)
         # one BlockConfig per block
@@ -430,13 +633,17 @@ def test_sampled_values_lie_in_their_ranges(template: str) -> None:
                 # a placed block drops between 5 % and 50 %
                 assert 0.05 <= block.rate <= 0.5
                 regularizers_seen.add(block.regularizer)
+        # recalibrate_bn is drawn once for the network, as a bool
+        assert type(config.recalibrate_bn) is bool
+        recalibrations.add(config.recalibrate_bn)
         # what the trial recorded is what the config holds
         assert {k: config.to_params()[k] for k in trial.params} == trial.params
     # 80 draws reach every placement, so both branches were checked
     assert placements == set(PLACEMENTS)
-    # an mlp only ever gets element-wise dropout; a cnn gets both kinds
-    expected = {"dropout"} if template == "mlp" else {"dropout", "spatial_dropout"}
-    assert regularizers_seen == expected
+    # an mlp gets the four element-wise kinds; a cnn gets the channel and square ones too
+    assert regularizers_seen == set(DENSE if template == "mlp" else SPATIAL)
+    # 40 trials recalibrate and not
+    assert recalibrations == {False, True}
 
 
 @pytest.mark.parametrize("template", ["mlp", "cnn"])
@@ -446,21 +653,14 @@ def test_unplaced_blocks_suggest_no_rate_or_regularizer(template: str) -> None:
         config = resolved.sample(trial)
         for i, block in enumerate(config.blocks):
             keys = {key for key in trial.params if key.startswith(f"block{i}.")}
-            if block.placement == "none":
-                # only placement and momentum are asked for
-                expected = {f"block{i}.placement", f"block{i}.bn_momentum"}
-            elif template == "mlp":
-                # the rate too; the regularizer is fixed for an mlp
-                expected = {f"block{i}.placement", f"block{i}.bn_momentum", f"block{i}.rate"}
-            else:
-                # the rate and the kind
-                expected = {
-                    f"block{i}.placement",
-                    f"block{i}.bn_momentum",
-                    f"block{i}.rate",
-                    f"block{i}.regularizer",
-                }
+            expected = {f"block{i}.placement", f"block{i}.bn_momentum"}
+            if block.placement != "none":
+                expected |= {f"block{i}.rate", f"block{i}.regularizer"}
+            # an unplaced block asks only for placement and momentum, a placed one the rate
+            # and the kind too
             assert keys == expected
+        # the network's parameter is asked for once, without a block prefix
+        assert "recalibrate_bn" in trial.params
 
 
 def test_fixed_parameters_never_reach_the_trial() -> None:
@@ -471,21 +671,87 @@ def test_fixed_parameters_never_reach_the_trial() -> None:
     )
     trial = ask(1)[0]
     config = resolved.sample(trial)
-    # only what is still searched: block 0's momentum, and each block's kind
-    assert set(trial.params) == {"block0.bn_momentum", "block0.regularizer", "block1.regularizer"}
+    # only what is still searched: block 0's momentum, each block's kind, and recalibrate_bn
+    assert set(trial.params) == {
+        "block0.bn_momentum",
+        "block0.regularizer",
+        "block1.regularizer",
+        "recalibrate_bn",
+    }
     # the fixed values are in the config all the same
     assert [(b.placement, b.rate) for b in config.blocks] == [("after_bn", 0.2)] * 2
     assert config.blocks[1].bn_momentum == 0.3
 
 
 def test_a_fully_fixed_space_asks_nothing() -> None:
-    resolved = resolve({"placement": "after_act", "rate": 0.3, "bn_momentum": 0.05})
+    resolved = resolve(
+        {
+            "placement": "after_act",
+            "rate": 0.3,
+            "regularizer": "uout",
+            "bn_momentum": 0.05,
+            "recalibrate_bn": True,
+        }
+    )
     trial = ask(1)[0]
     # nothing is searched, so the trial has no parameters
     assert resolved.sample(trial) == TrialConfig(
-        (BlockConfig("after_act", 0.3, "dropout", 0.05),) * 2
+        (BlockConfig("after_act", 0.3, "uout", 0.05),) * 2, recalibrate_bn=True
     )
     assert trial.params == {}
+
+
+def test_residual_placement_samples_stochastic_depth_without_a_regularizer_param() -> None:
+    resolved = resolve({"placement": list(ALL_PLACEMENTS)}, n_blocks=3, template="resnet")
+    placements = set()
+    for trial in ask(40, seed=2):
+        config = resolved.sample(trial)
+        for i, block in enumerate(config.blocks):
+            placements.add(block.placement)
+            asked = f"block{i}.regularizer" in trial.params
+            if block.placement == "residual":
+                # the placement names the regulariser: stochastic depth, and Optuna is not asked
+                assert block.regularizer == "stochastic_depth" and not asked
+                # the drop rate is still searched
+                assert 0.05 <= trial.params[f"block{i}.rate"] <= 0.5
+            elif block.placement != "none":
+                # any other placement draws one of the six spatial kinds
+                assert block.regularizer in SPATIAL and asked
+    # 120 draws reach every placement, in_branch and residual included
+    assert placements == set(ALL_PLACEMENTS)
+
+
+def test_fixed_residual_placement_asks_only_rate_and_momentum() -> None:
+    resolved = resolve({"placement": "residual", "recalibrate_bn": False}, template="resnet")
+    trial = ask(1)[0]
+    config = resolved.sample(trial)
+    # no placement, no regularizer, no recalibrate_bn: all fixed or implied
+    assert set(trial.params) == {
+        "block0.rate",
+        "block0.bn_momentum",
+        "block1.rate",
+        "block1.bn_momentum",
+    }
+    # every block drops its residual branch at the sampled rate
+    assert config.blocks == tuple(
+        BlockConfig(
+            "residual",
+            trial.params[f"block{i}.rate"],
+            "stochastic_depth",
+            trial.params[f"block{i}.bn_momentum"],
+        )
+        for i in range(2)
+    )
+
+
+@pytest.mark.parametrize("value", [False, True])
+def test_fixed_recalibrate_bn_is_not_asked(value: bool) -> None:
+    trial = ask(1)[0]
+    config = resolve({"recalibrate_bn": value}).sample(trial)
+    # the config carries the fixed value
+    assert config.recalibrate_bn is value
+    # and Optuna never saw the parameter
+    assert "recalibrate_bn" not in trial.params
 
 
 def test_step_ranges_sample_on_the_grid() -> None:
@@ -499,11 +765,35 @@ def test_step_ranges_sample_on_the_grid() -> None:
 # --- defaults ------------------------------------------------------------------------------------
 
 
-def test_defaults_are_the_files_defaults() -> None:
-    # after_act, drop 10 %, element-wise dropout, PyTorch's momentum, in every block
-    assert resolve(n_blocks=3).defaults() == TrialConfig(
-        (BlockConfig("after_act", 0.1, "dropout", 0.1),) * 3
+@pytest.mark.parametrize("template", ["mlp", "cnn", "resnet"])
+def test_defaults_are_the_files_defaults(template: str) -> None:
+    # after_act, drop 10 %, element-wise dropout, PyTorch's momentum, in every block; no
+    # recalibration
+    assert resolve(n_blocks=3, template=template).defaults() == TrialConfig(
+        (BlockConfig("after_act", 0.1, "dropout", 0.1),) * 3, recalibrate_bn=False
     )
+
+
+def test_defaults_of_a_resnet_space() -> None:
+    config = resolve(
+        {
+            "placement": {"choices": list(ALL_PLACEMENTS), "default": "residual"},
+            "recalibrate_bn": {"default": True},
+        },
+        {1: {"placement": {"default": "in_branch"}, "regularizer": {"default": "dropblock"}}},
+        n_blocks=3,
+        template="resnet",
+    ).defaults()
+    # a residual default implies stochastic depth at the default rate
+    assert (
+        config.blocks[0]
+        == config.blocks[2]
+        == BlockConfig("residual", 0.1, "stochastic_depth", 0.1)
+    )
+    # block 1's own default placement and kind
+    assert config.blocks[1] == BlockConfig("in_branch", 0.1, "dropblock", 0.1)
+    # the network's default
+    assert config.recalibrate_bn is True
 
 
 def test_defaults_follow_overrides() -> None:
@@ -522,7 +812,8 @@ CONFIG = TrialConfig(
     (
         BlockConfig("before_bn", 0.25, "spatial_dropout", 0.05),
         BlockConfig("none", 0.0, "none", 0.2),
-    )
+    ),
+    recalibrate_bn=True,
 )
 
 
@@ -538,8 +829,10 @@ def test_trial_config_to_dicts_and_back() -> None:
         },
         {"placement": "none", "rate": 0.0, "regularizer": "none", "bn_momentum": 0.2},
     ]
-    # from_dicts rebuilds an equal config
-    assert TrialConfig.from_dicts(dicts) == CONFIG
+    # from_dicts rebuilds an equal config, given the network's setting
+    assert TrialConfig.from_dicts(dicts, recalibrate_bn=True) == CONFIG
+    # which is off when not given
+    assert TrialConfig.from_dicts(dicts).recalibrate_bn is False
 
 
 def test_trial_config_to_params_names() -> None:
@@ -553,6 +846,8 @@ def test_trial_config_to_params_names() -> None:
         "block1.rate": 0.0,
         "block1.regularizer": "none",
         "block1.bn_momentum": 0.2,
+        # and the network's parameter, without a block prefix
+        "recalibrate_bn": True,
     }
 
 
@@ -630,9 +925,20 @@ def test_space_and_regularizers_name_the_same_regularizers() -> None:
     assert set(space.REGULARIZERS) == set(regularizers.FACTORIES)
 
 
-def test_every_regularizer_applies_to_some_template() -> None:
-    # no regularizer is dead weight: each fits dense or spatial blocks
-    assert all(kinds & set(space.TEMPLATE_KINDS.values()) for kinds in space.REGULARIZERS.values())
+def test_every_regularizer_but_stochastic_depth_applies_to_some_template() -> None:
+    template_kinds = set(space.TEMPLATE_KINDS.values())
+    # no choosable regularizer is dead weight: each fits dense or spatial blocks; stochastic
+    # depth fits none, since placement: residual picks it
+    assert {name for name, kinds in space.REGULARIZERS.items() if not kinds & template_kinds} == {
+        "stochastic_depth"
+    }
+
+
+def test_placements_cover_every_template() -> None:
+    # the vocabulary, in the order messages list it
+    assert space.PLACEMENTS == ALL_PLACEMENTS
+    # the residual-only ones are placements
+    assert space.RESIDUAL_PLACEMENTS == {"in_branch", "residual"} <= set(space.PLACEMENTS)
 
 
 def test_space_does_not_import_torch() -> None:

@@ -127,7 +127,10 @@ def test_direction_follows_the_metric_unless_given(study: dict, direction: str) 
     assert parse_spec({"study": study}).study.resolved_direction == direction
 
 
-@pytest.mark.parametrize(("template", "widths"), [("mlp", [256, 256, 128]), ("cnn", [32, 64])])
+@pytest.mark.parametrize(
+    ("template", "widths"),
+    [("mlp", [256, 256, 128]), ("cnn", [32, 64]), ("resnet", [16, 32, 64])],
+)
 def test_widths_default_per_template(template: str, widths: list[int]) -> None:
     # each template has its own default widths
     assert parse_spec({"model": {"template": template}}).model.resolved_widths == widths
@@ -267,6 +270,10 @@ def test_data_spec_built_directly_resolves_against_the_working_directory(
         (
             {"study": {"sampler": "grid"}},
             "spec: study.sampler: Input should be 'tpe', 'random', 'gp' or 'cmaes' (got 'grid')",
+        ),
+        (
+            {"model": {"template": "vgg"}},
+            "spec: model.template: Input should be 'mlp', 'cnn' or 'resnet' (got 'vgg')",
         ),
         # out-of-range values give the bound and the value
         (
