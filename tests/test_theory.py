@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 
 from autotune.theory import (
+    ALPHA_PRIME,
+    alpha_dropout_variance_shift,
     correlation_gain,
     cos2_theta,
     gaussian_dropout_noise_var,
     keep_ratio,
     noise_variance_shift,
+    summarize_shift,
     uout_noise_var,
     variance_shift,
 )
@@ -78,6 +81,77 @@ def test_uout_matches_monte_carlo_and_the_papers_3_over_3_plus_beta2(beta):
     predicted = noise_variance_shift(uout_noise_var(beta), 0.0, 1.0)
     assert predicted == pytest.approx(simulated, rel=0.02)
     assert predicted == pytest.approx(3 / (3 + beta**2), rel=1e-12)
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.5])
+def test_noise_through_a_linear_unit_matches_monte_carlo(rho):
+    rng, d, beta = np.random.default_rng(4), 16, 0.8
+    weight = rng.normal(0.3, 1.0, d)
+    x = correlated_inputs(rng, SAMPLES // 4, d, mean=0.5, var=2.0, rho=rho)
+    noise = 1 + rng.uniform(-beta, beta, x.shape)
+    simulated = (x @ weight).var() / ((x * noise) @ weight).var()
+
+    # form 3 carried through a unit the way form 2 is: only the diagonal inflates
+    predicted = noise_variance_shift(uout_noise_var(beta), 0.5, 2.0, weight=weight, rho=rho)
+    assert predicted == pytest.approx(simulated, rel=0.02), f"{rho=}"
+
+
+def alpha_dropout(rng, x: np.ndarray, rate: float) -> np.ndarray:
+    """Alpha dropout as torch computes it: dropped inputs set to α', then an affine rescale."""
+    keep = rng.random(x.shape) >= rate
+    a = 1 / np.sqrt((ALPHA_PRIME**2 * rate + 1) * (1 - rate))
+    b = -a * ALPHA_PRIME * rate
+    return a * np.where(keep, x, ALPHA_PRIME) + b
+
+
+def test_alpha_dropout_simulation_is_torchs():
+    import torch
+
+    x = torch.randn(200_000, dtype=torch.float64) * 1.5 + 0.4
+    torch.manual_seed(0)
+    ours = alpha_dropout(np.random.default_rng(0), x.numpy(), 0.3)
+    theirs = torch.nn.functional.alpha_dropout(x, 0.3, training=True).numpy()
+    # the same moments as torch's own alpha dropout (the masks differ, the law does not)
+    assert ours.mean() == pytest.approx(theirs.mean(), abs=0.01)
+    assert ours.var() == pytest.approx(theirs.var(), rel=0.01)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.4])
+@pytest.mark.parametrize(("mean", "var"), [(0.0, 1.0), (0.6, 0.5)])
+def test_alpha_dropout_matches_monte_carlo(rate, mean, var):
+    rng = np.random.default_rng(5)
+    x = mean + np.sqrt(var) * rng.standard_normal(SAMPLES)
+    simulated = x.var() / alpha_dropout(rng, x, rate).var()
+
+    # form 4 directly before BN
+    assert alpha_dropout_variance_shift(rate, mean, var) == pytest.approx(simulated, rel=0.02)
+
+    d = 12
+    weight = rng.normal(0.2, 1.0, d)
+    xs = correlated_inputs(rng, SAMPLES // 4, d, mean=mean, var=var, rho=0.3)
+    through = (xs @ weight).var() / (alpha_dropout(rng, xs, rate) @ weight).var()
+    # and through a linear unit
+    predicted = alpha_dropout_variance_shift(rate, mean, var, weight=weight, rho=0.3)
+    assert predicted == pytest.approx(through, rel=0.02)
+
+
+def test_alpha_dropout_keeps_a_standard_normal_input():
+    # SELU's fixed point: mean 0, variance 1 fed straight to BN is not shifted
+    assert alpha_dropout_variance_shift(0.3, 0.0, 1.0) == pytest.approx(1.0)
+
+
+def test_summary_is_the_worst_layer_and_the_product():
+    deltas = {"a": 0.9, "b": 0.5, "c": 1.5}
+    summary = summarize_shift(deltas)
+    # |log 0.5| > |log 1.5| > |log 0.9|: b is the worst; the product multiplies all three
+    assert (summary.worst_layer, summary.worst_delta) == ("b", 0.5)
+    assert summary.product == pytest.approx(0.9 * 0.5 * 1.5)
+    # nothing shifted, or nothing to shift: no worst layer
+    assert summarize_shift({"a": 1.0}).worst_layer is None
+    assert summarize_shift({}) == summarize_shift({"a": 1.0, "b": 1.0})
+    # a zero or infinite Δ is a bug upstream, said plainly
+    with pytest.raises(ValueError, match="positive and finite"):
+        summarize_shift({"a": 0.0})
 
 
 def test_rate_is_the_drop_probability():
