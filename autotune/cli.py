@@ -33,10 +33,10 @@ def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _console() -> Any:
+def _console(*, stderr: bool = True) -> Any:
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=stderr)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -118,6 +118,47 @@ def export(spec_file: Path) -> None:
 
 
 @main.command()
+@click.argument("spec_file", type=click.Path(path_type=Path))
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path),
+    help="A configuration (blocks, recalibrate_bn), e.g. a recommended.yaml; "
+    "default: the search space's defaults.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the prediction as JSON.")
+@_friendly
+def predict(spec_file: Path, config_file: Path | None, as_json: bool) -> None:
+    """Predict each BN layer's variance shift Δ for a configuration, without training."""
+    import json
+
+    from autotune.data import load_data
+    from autotune.progress import print_prediction
+    from autotune.space import config_from_mapping
+    from autotune.spec import load_spec, read_yaml
+    from autotune.study import check_runnable, resolve_space
+    from autotune.training import predict as predict_config
+
+    spec = load_spec(spec_file)
+    space = resolve_space(spec)
+    data = load_data(spec.data, seed=spec.train.seed, base_dir=spec.base_dir)
+    check_runnable(spec, space, data)
+    config = space.defaults()
+    if config_file is not None:
+        config = config_from_mapping(
+            read_yaml(config_file, what="config file"),
+            n_blocks=len(space.blocks),
+            template=spec.model.template,
+            source=str(config_file),
+        )
+    prediction = predict_config(spec, config, data)
+    if as_json:
+        click.echo(json.dumps({"config": config.to_params(), **prediction.to_dict()}, indent=2))
+    else:
+        print_prediction(_console(stderr=False), config, prediction)
+
+
+@main.command()
 @_friendly
 def spaces() -> None:
     """List the search spaces in search_spaces/ and what they search."""
@@ -125,9 +166,9 @@ def spaces() -> None:
 
     for name, path, description in list_spaces():
         click.echo(f"{name} ({path.name}): {description}")
-        space = load_space(name, n_blocks=1, template="cnn")
+        space = load_space(name, n_blocks=1, template="resnet")  # resnet: every choice applies
         for _, param, text in describe_space(space):
-            click.echo(f"  {param:<12} {text}")
+            click.echo(f"  {param:<14} {text}")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@
 best_model.py is rendered from the network autotune itself builds for the best configuration,
 module by module, so the snippet and the tuned model have the same layers, the same names and
 the same parameter count; `write_outputs` checks that before it returns. The snippet imports
-torch only.
+torch only: the code of any module torch does not have (Uout, DropBlock2d, ResidualBlock, ...)
+is copied into it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 import platform
 import re
 from importlib import metadata
@@ -19,7 +21,8 @@ import optuna
 import yaml
 from torch import nn
 
-from autotune.models import build_model
+from autotune.models import ResidualBlock, build_model
+from autotune.regularizers import CUSTOM_MODULES
 from autotune.space import TrialConfig
 from autotune.spec import Spec
 from autotune.study import best_trial, state_counts
@@ -59,8 +62,19 @@ def render_module(module: nn.Module, indent: int = 1) -> str:
             f"nn.{type(module).__name__}({module.num_features}, eps={module.eps!r}, "
             f"momentum={module.momentum!r})"
         )
-    if isinstance(module, (nn.Dropout, nn.Dropout2d)):
+    if isinstance(module, (nn.Dropout, nn.Dropout2d, nn.AlphaDropout)):
         return f"nn.{type(module).__name__}(p={module.p!r})"
+    if type(module) in CUSTOM_MODULES:
+        # each keeps its constructor's arguments as attributes of the same names
+        names = list(inspect.signature(type(module)).parameters)
+        args = ", ".join(f"{name}={getattr(module, name)!r}" for name in names)
+        return f"{type(module).__name__}({args})"
+    if isinstance(module, ResidualBlock):
+        parts = ",".join(
+            f"\n{pad}    {name}={render_module(child, indent + 1)}"
+            for name, child in module.named_children()
+        )
+        return f"ResidualBlock({parts},\n{pad})"
     if isinstance(module, nn.MaxPool2d):
         return f"nn.MaxPool2d({module.kernel_size!r})"
     if isinstance(module, nn.AdaptiveAvgPool2d):
@@ -68,8 +82,17 @@ def render_module(module: nn.Module, indent: int = 1) -> str:
     raise ValueError(f"cannot render {type(module).__name__} as standalone PyTorch code")
 
 
+def custom_classes(model: nn.Module) -> list[type]:
+    """autotune's own module classes in `model`, in a fixed order: what the snippet must carry."""
+    used = {type(m) for m in model.modules()}
+    return [cls for cls in (*CUSTOM_MODULES, ResidualBlock) if cls in used]
+
+
 def render_snippet(model: nn.Module, header: str, input_shape: tuple[int, ...]) -> str:
     """A standalone module whose build_model() returns a fresh copy of `model`'s architecture."""
+    classes = custom_classes(model)
+    carried = "".join(f"\n\n\n{inspect.getsource(cls).rstrip()}" for cls in classes)
+    functional = "import torch.nn.functional as F\n" if classes else ""
     return f'''"""{header}
 
 Standalone: imports torch only. Copy build_model() into your code base; the trained weights, when
@@ -80,9 +103,9 @@ standardised as recommended.yaml's `inputs` says.
 from collections import OrderedDict
 
 import torch
-from torch import nn
+{functional}from torch import nn
 
-INPUT_SHAPE = {tuple(input_shape)!r}  # one example, without the batch dimension
+INPUT_SHAPE = {tuple(input_shape)!r}  # one example, without the batch dimension{carried}
 
 
 def build_model() -> nn.Module:
@@ -123,7 +146,9 @@ def write_outputs(study: optuna.Study, spec: Spec) -> tuple[Path, Path]:
     if trial is None:
         raise RuntimeError(f"study {study.study_name!r} has no completed trial to recommend")
     attrs = study.user_attrs
-    config = TrialConfig.from_dicts(trial.user_attrs["config"])
+    config = TrialConfig.from_dicts(
+        trial.user_attrs["config"], recalibrate_bn=trial.user_attrs.get("recalibrate_bn", False)
+    )
     model = build_model(spec.model, config, attrs["input_shape"], attrs["n_classes"])
     out = spec.output_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -161,6 +186,13 @@ def write_outputs(study: optuna.Study, spec: Spec) -> tuple[Path, Path]:
             "parameters": sum(p.numel() for p in model.parameters()),
         },
         "blocks": config.to_dicts(),
+        # true: BN's statistics were re-estimated with dropout off after training; the saved
+        # weights hold them, so a production model loads them as they are
+        "recalibrate_bn": config.recalibrate_bn,
+        "shift": {
+            "predicted": trial.user_attrs.get("predicted_shift"),
+            "measured": trial.user_attrs.get("measured_shift"),
+        },
         "train": spec.train.model_dump(mode="json"),
         "inputs": _inputs(out, bool(attrs.get("standardised", False))),
         "versions": library_versions(),

@@ -3,6 +3,8 @@ running trial's epochs. Where stderr is not a terminal (CI, a log file), one lin
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
@@ -25,6 +27,10 @@ from autotune.study import (
     top_trials,
 )
 from autotune.study import Progress as ProgressBase
+
+if TYPE_CHECKING:  # no torch at import time: the CLI's start-up stays fast
+    from autotune.prediction import NetworkPrediction
+    from autotune.space import TrialConfig
 
 
 class RichProgress(ProgressBase):
@@ -102,9 +108,14 @@ def print_summary(console: Console, spec: Spec, outcome: StudyOutcome, k: int = 
     table.add_column(spec.study.metric, justify="right")
     for i in range(len(spec.model.resolved_widths)):
         table.add_column(f"block{i}")
+    table.add_column("worst Δ\npredicted", justify="right")
+    table.add_column("worst Δ\nmeasured", justify="right")
     for trial in top_trials(study, k):
         blocks = [_block_cell(block) for block in trial.user_attrs.get("config", [])]
-        table.add_row(str(trial.number), f"{trial.value:.4f}", *blocks)
+        shifts = [
+            _delta_cell(trial.user_attrs.get(key)) for key in ("predicted_shift", "measured_shift")
+        ]
+        table.add_row(str(trial.number), f"{trial.value:.4f}", *blocks, *shifts)
     console.print(table)
     stored = state_counts(study)
     counts = {name: stored.get(name, 0) for name in ("COMPLETE", "PRUNED", "FAIL")}
@@ -125,6 +136,34 @@ def print_summary(console: Console, spec: Spec, outcome: StudyOutcome, k: int = 
         console.print(
             f"compare trials: mlflow ui --backend-store-uri {spec.tracking_uri}", soft_wrap=True
         )
+
+
+def print_prediction(console: Console, config: TrialConfig, prediction: NetworkPrediction) -> None:
+    """`autotune predict`: the configuration, then Δ per BN layer and the network's summary."""
+    for i, block in enumerate(config.to_dicts()):
+        console.print(f"block{i}: {_block_cell(block)}")
+    console.print(f"recalibrate_bn: {str(config.recalibrate_bn).lower()}")
+    table = Table(title="predicted variance shift Δ = Var_test / Var_train of each BN input")
+    for column in ("BN layer", "fed by", "Δ", "method", "paper's form"):
+        table.add_column(column, justify="right" if column in ("Δ", "paper's form") else "left")
+    for layer in prediction.layers:
+        paper = "-" if layer.paper is None else f"{layer.paper:.3f}"
+        sources = ", ".join(layer.sources) or "-"
+        table.add_row(layer.name, sources, f"{layer.exact:.3f}", layer.method, paper)
+    console.print(table)
+    summary = prediction.summary
+    worst = "none" if summary.worst_layer is None else f"{summary.worst_layer}"
+    console.print(
+        f"worst layer: {worst} (Δ = {summary.worst_delta:.3f}); "
+        f"product along the path: {summary.product:.3f}"
+    )
+
+
+def _delta_cell(shift: dict | None) -> str:
+    """A trial's worst Δ from its predicted_shift or measured_shift attribute."""
+    if not shift:
+        return "-"
+    return f"{shift['summary']['worst_delta']:.3f}"
 
 
 def _block_cell(block: dict) -> str:

@@ -3,6 +3,12 @@
 The LightningModule keeps its running sums on the device and the metrics reach the host once per
 epoch (one sync), where `EpochReporter` hands them to Optuna (report / should_prune) and MLflow.
 Lightning's own logger, progress bar, checkpoints and model summary are off inside trials.
+
+Around the fit, the variance shift: before training, each BN layer's Δ is predicted from the
+freshly built network and a probe batch (autotune.prediction); after training, BN is recalibrated
+with dropout off when the configuration asks for it, the validation metrics are taken again, Δ is
+measured the paper's way (autotune.shift) and the accuracy of train mode and eval mode compared on
+training data.
 """
 
 from __future__ import annotations
@@ -25,10 +31,17 @@ from torch import nn
 from torch.nn import functional as F
 
 from autotune.models import build_model
+from autotune.prediction import NetworkPrediction, predict_shift, probe_batch
+from autotune.shift import LayerShift, measure_shift, mode_accuracy, recalibrate_bn, summarize
 from autotune.space import TrialConfig
 from autotune.spec import Spec, TrainSpec
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+# batches of the training data BN recalibration sees: enough for exact population statistics of
+# small sets, bounded for big ones (fvcore's precise BN uses 200)
+RECALIBRATION_BATCHES = 200
+# batches for measuring Δ (validation data) and the train/eval-mode accuracy (training data)
+MEASURE_BATCHES = 50
 
 
 class NonFiniteLossError(RuntimeError):
@@ -131,11 +144,15 @@ class EpochReporter(pl.Callback):
 
 @dataclass
 class TrialResult:
-    """What a finished trial hands back."""
+    """What a finished trial hands back: the metric after the last epoch (and after BN
+    recalibration when the configuration asks for it), the trained model on the CPU, the
+    per-epoch metrics, and what was measured after training."""
 
     value: float
     model: nn.Module
     history: list[dict[str, float]] = field(default_factory=list)
+    final: dict[str, float] = field(default_factory=dict)
+    measured: dict[str, LayerShift] = field(default_factory=dict)
 
 
 def fit(
@@ -153,8 +170,7 @@ def fit(
     diverges and TrialInterrupted when `stop` is set.
     """
     # 1. the same seed for every trial: trials differ by their configuration, not their luck
-    pl.seed_everything(spec.train.seed, workers=False, verbose=False)
-    model = build_model(spec.model, config, datamodule.input_shape, datamodule.n_classes)  # type: ignore[attr-defined]
+    model = build_seeded(spec, config, datamodule)
     module = Classifier(model, spec.train)
     history: list[dict[str, float]] = []
 
@@ -182,7 +198,73 @@ def fit(
         trainer.fit(module, datamodule=datamodule)
     except SIGTERMException:
         raise TrialInterrupted("interrupted by SIGTERM") from None
-    return TrialResult(history[-1][spec.study.metric], model.cpu(), history)
+    # 4. after training, on the device it trained on: recalibrate, validate again, measure
+    final = after_training(model, config, datamodule, history[-1])
+    measured = measure_shift(model, _first(datamodule.val_dataloader(), MEASURE_BATCHES))
+    train_mode, eval_mode = mode_accuracy(
+        model, _first(datamodule.train_dataloader(), MEASURE_BATCHES)
+    )
+    final.update(train_mode_acc=train_mode, eval_mode_acc=eval_mode)
+    final["mode_acc_gap"] = eval_mode - train_mode
+    return TrialResult(final[spec.study.metric], model.cpu(), history, final, measured)
+
+
+def build_seeded(spec: Spec, config: TrialConfig, datamodule: pl.LightningDataModule) -> nn.Module:
+    """The configuration's network, initialised from the spec's seed: the same weights each time."""
+    pl.seed_everything(spec.train.seed, workers=False, verbose=False)
+    return build_model(spec.model, config, datamodule.input_shape, datamodule.n_classes)  # type: ignore[attr-defined]
+
+
+def predict(
+    spec: Spec, config: TrialConfig, datamodule: pl.LightningDataModule
+) -> NetworkPrediction:
+    """Each BN layer's Δ, predicted before training from the network the trial will train."""
+    model = build_seeded(spec, config, datamodule)
+    cuda = spec.train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"  # the probe runs where training will
+    return predict_shift(model, probe_batch(datamodule.train_dataloader()), device=device)
+
+
+def after_training(
+    model: nn.Module,
+    config: TrialConfig,
+    datamodule: pl.LightningDataModule,
+    last_epoch: dict[str, float],
+) -> dict[str, float]:
+    """The metrics the trial ends with: the last epoch's, or, when the configuration recalibrates
+    BN, the validation metrics taken again after recalibration (train_loss stays the epoch's)."""
+    final = {k: v for k, v in last_epoch.items() if k != "epoch"}
+    if config.recalibrate_bn:
+        final["val_acc_before_recalibration"] = final["val_acc"]
+        recalibrate_bn(model, _first(datamodule.train_dataloader(), RECALIBRATION_BATCHES))
+        final.update(evaluate(model, datamodule.val_dataloader()))
+    return final
+
+
+def evaluate(model: nn.Module, batches: Any) -> dict[str, float]:
+    """val_loss and val_acc of `model` in eval mode over `batches`, one host sync at the end."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss = correct = count = torch.zeros((), device=device)
+    with torch.no_grad():
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            loss = loss + F.cross_entropy(logits, y, reduction="sum")
+            correct = correct + (logits.argmax(dim=1) == y).sum()
+            count = count + len(y)
+    model.train(was_training)
+    total_loss, total_correct, n = torch.stack([loss, correct, count]).tolist()
+    return {"val_loss": total_loss / n, "val_acc": total_correct / n}
+
+
+def _first(batches: Any, limit: int) -> Iterator[Any]:
+    """At most `limit` batches of an iterable."""
+    for i, batch in enumerate(batches):
+        if i >= limit:
+            return
+        yield batch
 
 
 def quiet_lightning() -> None:
@@ -217,6 +299,14 @@ def stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(sig, handler)
 
 
+def predicted_metrics(prediction: NetworkPrediction) -> dict[str, float]:
+    """MLflow metric names for a prediction: `predicted_delta.<bn layer>`, `.worst`, `.product`."""
+    metrics = {f"predicted_delta.{name}": delta for name, delta in prediction.deltas().items()}
+    metrics["predicted_delta.worst"] = prediction.summary.worst_delta
+    metrics["predicted_delta.product"] = prediction.summary.product
+    return metrics
+
+
 class Objective:
     """The Optuna objective: sample a configuration, fit it, log it, hand back the metric.
 
@@ -245,9 +335,17 @@ class Objective:
             raise KeyboardInterrupt
         config = self.space.sample(trial)
         trial.set_user_attr("config", config.to_dicts())
+        trial.set_user_attr("recalibrate_bn", config.recalibrate_bn)
         run_id = self.tracker.start_trial(trial.number, config.to_params())
         if run_id is not None:
             trial.set_user_attr("mlflow_run_id", run_id)
+        try:  # before any training: what the theory expects of this configuration
+            prediction = predict(self.spec, config, self.datamodule)
+        except Exception as exc:
+            self._fail(trial, run_id, exc)
+            raise
+        trial.set_user_attr("predicted_shift", prediction.to_dict())
+        self.tracker.log_metrics(run_id, predicted_metrics(prediction), step=0)
 
         epochs: list[int] = []
 
@@ -277,13 +375,38 @@ class Objective:
             self.tracker.end_trial(run_id, "INTERRUPTED")
             raise KeyboardInterrupt from None
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            trial.set_user_attr("fail_reason", reason)
-            self.tracker.end_trial(run_id, "FAIL", {"autotune.fail_reason": reason})
+            self._fail(trial, run_id, exc)
             raise
+        self._record_measurements(trial, run_id, result)
         self._save_if_best(trial, result)
         self.tracker.end_trial(run_id, "COMPLETE")
         return result.value
+
+    def _fail(self, trial: optuna.Trial, run_id: str | None, exc: Exception) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        trial.set_user_attr("fail_reason", reason)
+        self.tracker.end_trial(run_id, "FAIL", {"autotune.fail_reason": reason})
+
+    def _record_measurements(
+        self, trial: optuna.Trial, run_id: str | None, result: TrialResult
+    ) -> None:
+        """Measured Δ per BN layer, its summary, and the final metrics: Optuna and MLflow."""
+        summary = summarize(result.measured)
+        measured = {
+            "layers": {name: layer.delta for name, layer in result.measured.items()},
+            "summary": {
+                "worst_layer": summary.worst_layer,
+                "worst_delta": summary.worst_delta,
+                "product": summary.product,
+            },
+        }
+        trial.set_user_attr("measured_shift", measured)
+        trial.set_user_attr("final", result.final)
+        metrics = {f"measured_delta.{name}": delta for name, delta in measured["layers"].items()}
+        metrics["measured_delta.worst"] = summary.worst_delta
+        metrics["measured_delta.product"] = summary.product
+        metrics.update({f"final.{name}": value for name, value in result.final.items()})
+        self.tracker.log_metrics(run_id, metrics, step=self.spec.train.max_epochs)
 
     def _save_if_best(self, trial: optuna.Trial, result: TrialResult) -> None:
         study = trial.study

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +19,8 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from autotune.cli import main
+from autotune.spec import load_spec
+from autotune.study import run_study
 
 AUTOTUNE = [sys.executable, "-m", "autotune.cli"]
 
@@ -66,6 +69,26 @@ BAD_SPECS = {
     "cnn on tabular data": (
         {"data": {"name": "wine"}, "model": {"template": "cnn"}},
         ["model.template", "(13,)"],
+    ),
+    "resnet on tabular data": (
+        {"data": {"name": "wine"}, "model": {"template": "resnet"}},
+        ["model.template", "resnet", "(13,)"],
+    ),
+    "residual placement on an mlp": (
+        {"search_space": {"params": {"placement": "residual"}}},
+        ["search_space.params.placement", "residual does not apply to mlp blocks"],
+    ),
+    "stochastic depth as a regularizer": (
+        {"search_space": {"params": {"regularizer": "stochastic_depth"}}},
+        ["search_space.params.regularizer", "placement: residual"],
+    ),
+    "recalibrate_bn not a bool": (
+        {"search_space": {"params": {"recalibrate_bn": "maybe"}}},
+        ["search_space.params.recalibrate_bn", "true or false", "'maybe'"],
+    ),
+    "recalibrate_bn per block": (
+        {"search_space": {"blocks": {0: {"recalibrate_bn": True}}}},
+        ["search_space.blocks.0.recalibrate_bn", "whole network"],
     ),
 }
 
@@ -157,12 +180,162 @@ def test_run_then_export_rewrites_the_outputs(write_spec):
     assert result.exit_code == 0, result.output
     assert "2 complete" in result.stderr
     assert f"wrote {out / 'recommended.yaml'}" in result.stderr
+    # the table shows the best trial's worst predicted and measured Δ
+    recommended = yaml.safe_load((out / "recommended.yaml").read_text())
+    assert "worst Δ" in result.stderr
+    for kind in ("predicted", "measured"):
+        assert kind in result.stderr
+        assert f"{recommended['shift'][kind]['summary']['worst_delta']:.3f}" in result.stderr
     for name in ("recommended.yaml", "best_model.py"):
         (out / name).unlink()
     # export writes them again from the stored study alone
     result = invoke("export", path)
     assert result.exit_code == 0, result.output
     assert (out / "recommended.yaml").is_file() and (out / "best_model.py").is_file()
+
+
+# --- predict ---------------------------------------------------------------------------------
+
+# the tiny spec's two mlp blocks, dropout at 0.5 straight before each BN
+BEFORE_BN = {"placement": "before_bn", "rate": 0.5, "regularizer": "dropout", "bn_momentum": 0.1}
+
+
+def predict_json(*args: str) -> dict:
+    result = invoke("predict", *args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_predict_prints_each_bn_layer_and_the_worst(write_spec):
+    path = write_spec(tiny_spec())
+    result = invoke("predict", path)
+    prediction = predict_json(path)
+
+    # the search space's defaults: dropout after each activation at 0.1, no recalibration
+    assert result.exit_code == 0, result.output
+    assert "block0: dropout@after_act 0.10, m=0.1" in result.output
+    assert "recalibrate_bn: false" in result.output
+    # one row per BN layer with its Δ: block0's BN sees the raw input, block1's block0's dropout
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if "│" in line}
+    assert list(rows) == list(prediction["layers"]) == ["block0.bn", "block1.bn"]
+    for name, layer in prediction["layers"].items():
+        assert f"{layer['exact']:.3f}" in rows[name]
+    assert "block0.drop" in rows["block1.bn"]
+    # and the worst layer, as the JSON summary names it
+    summary = prediction["summary"]
+    assert summary["worst_layer"] == "block1.bn"
+    assert f"worst layer: block1.bn (Δ = {summary['worst_delta']:.3f})" in result.output
+
+
+def test_predict_json_has_the_config_layers_and_summary(write_spec):
+    prediction = predict_json(write_spec(tiny_spec()))
+
+    # the configuration as flat parameters, the layers and the summary
+    assert set(prediction) == {"config", "layers", "summary"}
+    assert prediction["config"]["block1.placement"] == "after_act"
+    assert prediction["config"]["recalibrate_bn"] is False
+    # block0's BN has no regulariser before it: no shift
+    assert prediction["layers"]["block0.bn"]["exact"] == 1.0
+    assert prediction["layers"]["block0.bn"]["sources"] == []
+    # block1's BN gets block0's dropout through a Linear layer: shifted, but less than at the BN
+    block1 = prediction["layers"]["block1.bn"]
+    assert block1["sources"] == ["block0.drop"]
+    assert 0.5 < block1["exact"] < 1
+    # the summary: the furthest from 1, the product along the path
+    assert prediction["summary"]["worst_delta"] == block1["exact"]
+    assert prediction["summary"]["product"] == pytest.approx(block1["exact"])
+
+
+def test_predict_takes_a_config_file(write_spec, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"blocks": [BEFORE_BN, BEFORE_BN], "recalibrate_bn": True}))
+    prediction = predict_json(write_spec(tiny_spec()), "--config", config)
+
+    # the file's configuration is the one predicted
+    assert prediction["config"]["block0.placement"] == "before_bn"
+    assert prediction["config"]["recalibrate_bn"] is True
+    # dropout at 0.5 straight before BN: Δ = v / (c² + 2v) <= 1/2 at every BN
+    for name, layer in prediction["layers"].items():
+        assert 0 < layer["exact"] <= 0.5 + 1e-9, (name, layer)
+        assert layer["sources"] == [name.replace(".bn", ".drop")]
+
+
+@pytest.mark.slow
+def test_predict_a_recommendation_repeats_the_trials_prediction(write_spec):
+    path = write_spec(tiny_spec(study={"n_trials": 1}))
+    run_study(load_spec(path))
+    recommended_file = Path(path).parent / "out" / "recommended.yaml"
+    recommended = yaml.safe_load(recommended_file.read_text())
+    prediction = predict_json(path, "--config", recommended_file)
+
+    # recommended.yaml is a configuration: its blocks and its recalibrate_bn are read
+    blocks = [
+        {key: prediction["config"][f"block{i}.{key}"] for key in block}
+        for i, block in enumerate(recommended["blocks"])
+    ]
+    assert blocks == recommended["blocks"]
+    assert prediction["config"]["recalibrate_bn"] == recommended["recalibrate_bn"]
+    # the same network from the same seed: what the trial predicted before training
+    stored = recommended["shift"]["predicted"]
+    assert list(prediction["layers"]) == list(stored["layers"])
+    for name, layer in prediction["layers"].items():
+        assert layer["exact"] == pytest.approx(stored["layers"][name]["exact"]), name
+    assert prediction["summary"]["worst_layer"] == stored["summary"]["worst_layer"]
+
+
+def _blocks(second: dict) -> dict:
+    return {"blocks": [BEFORE_BN, {**BEFORE_BN, **second}]}
+
+
+BAD_CONFIGS = {
+    "wrong block count": (
+        {"blocks": [BEFORE_BN]},
+        "blocks: the model has 2 blocks, got 1",
+    ),
+    "not a list": ({"blocks": 2}, "blocks: expected a list"),
+    "bad rate": (_blocks({"rate": 1.5}), "blocks[1].rate: a drop rate must lie in [0, 1), got 1.5"),
+    "rate not a number": (_blocks({"rate": "half"}), "blocks[1].rate: expected a number"),
+    "unknown placement": (
+        _blocks({"placement": "sideways"}),
+        "blocks[1].placement: unknown placement 'sideways'; expected one of: none, before_bn",
+    ),
+    "placement of another template": (
+        _blocks({"placement": "in_branch"}),
+        "blocks[1].placement: in_branch does not apply to mlp blocks",
+    ),
+    "stochastic depth as a regularizer": (
+        _blocks({"regularizer": "stochastic_depth"}),
+        "blocks[1].regularizer: stochastic_depth drops a whole residual branch; "
+        "choose it with placement: residual",
+    ),
+    "unknown key": (_blocks({"colour": "red"}), "blocks[1].colour: unknown parameter"),
+    "recalibrate_bn not a bool": (
+        {**_blocks({}), "recalibrate_bn": "yes"},
+        "recalibrate_bn: expected true or false, got 'yes'",
+    ),
+    "recalibrate_bn a number": (
+        {**_blocks({}), "recalibrate_bn": 1},
+        "recalibrate_bn: expected true or false, got 1",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_a_bad_config_is_one_line_naming_the_file_and_field(write_spec, tmp_path, case):
+    raw, message = BAD_CONFIGS[case]
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    result = invoke("predict", write_spec(tiny_spec()), "--config", config)
+
+    # exit 2, one line: the file, the field, what is wrong
+    assert_one_line_error(result, f"error: {config}: {message}")
+
+
+def test_a_missing_config_file_is_named(write_spec, tmp_path):
+    result = invoke("predict", write_spec(tiny_spec()), "--config", tmp_path / "nowhere.yaml")
+
+    # the missing file is named, in one line
+    assert_one_line_error(result, f"{tmp_path / 'nowhere.yaml'}: ", "not found")
 
 
 def test_export_without_a_study_is_a_one_line_error(write_spec):

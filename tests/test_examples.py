@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,19 @@ def test_every_example_validates(path):
     # the spec, its search space, its data and its model fit together
     assert result.exit_code == 0, result.output
     assert "ok" in result.stdout
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.parent.name + "/" + p.name)
+def test_every_example_predicts_its_variance_shift(path):
+    result = CliRunner().invoke(main, ["predict", str(path), "--json"])
+
+    # the search space's defaults, one finite positive Δ per BN layer, without training
+    assert result.exit_code == 0, result.output
+    prediction = json.loads(result.stdout)
+    assert prediction["layers"]
+    for name, layer in prediction["layers"].items():
+        assert layer["exact"] > 0 and math.isfinite(layer["exact"]), (name, layer)
+    assert prediction["summary"]["worst_layer"] in prediction["layers"]
 
 
 @pytest.mark.slow

@@ -39,6 +39,17 @@ CASES = {
         for k in ("dropout", "spatial_dropout")
     },
     "cnn-none": case("cnn", "none", "none"),
+    # the regularizers torch lacks: their source travels inside the snippet
+    **{f"mlp-before_bn-{k}": case("mlp", "before_bn", k) for k in ("gaussian", "uout")},
+    "mlp-after_act-alpha_dropout": case("mlp", "after_act", "alpha_dropout"),
+    "cnn-before_bn-dropblock": case("cnn", "before_bn", "dropblock"),
+    # residual blocks: a projection shortcut, stochastic depth, dropout inside the branch
+    "resnet-none": case("resnet", "none", "none"),
+    "resnet-residual": case("resnet", "residual", "stochastic_depth"),
+    **{f"resnet-in_branch-{k}": case("resnet", "in_branch", k) for k in ("dropout", "dropblock")},
+    "resnet-after_act-gaussian": case("resnet", "after_act", "gaussian"),
+    "resnet-before_bn-uout": case("resnet", "before_bn", "uout"),
+    "resnet-after_bn-spatial_dropout": case("resnet", "after_bn", "spatial_dropout"),
     "cnn-silu-no-pool": case("cnn", "after_act", "spatial_dropout", activation="silu", pool=False),
     "mlp-gelu-mixed": (
         ModelSpec(template="mlp", widths=[5, 7, 3], activation="gelu"),
@@ -109,8 +120,11 @@ def test_snippet_keeps_rates_and_momenta_exactly(tmp_path: Path) -> None:
     assert rebuilt.block2.drop.p == 0.4
 
 
-def test_snippet_imports_only_torch(tmp_path: Path) -> None:
-    spec, config, shape = CASES["cnn-after_act-spatial_dropout"]
+@pytest.mark.parametrize(
+    "name", ["cnn-after_act-spatial_dropout", "resnet-residual", "resnet-before_bn-uout"]
+)
+def test_snippet_imports_only_torch(tmp_path: Path, name: str) -> None:
+    spec, config, shape = CASES[name]
     source = write_snippet(tmp_path, trained(spec, config, shape), shape).read_text()
     modules = set()
     for node in ast.walk(ast.parse(source)):
@@ -133,6 +147,53 @@ def test_snippet_records_the_input_shape_and_runs_as_a_script(tmp_path: Path, ca
     out = capsys.readouterr().out
     assert f"{n_params(model)} parameters" in out
     assert "output of a batch of 2: (2, 10)" in out
+
+
+@pytest.mark.parametrize(
+    ("name", "classes"),
+    [
+        ("mlp-none", []),
+        ("resnet-none", ["ResidualBlock"]),
+        ("resnet-residual", ["StochasticDepth", "ResidualBlock"]),
+        ("cnn-before_bn-dropblock", ["DropBlock2d"]),
+        ("mlp-before_bn-gaussian", ["GaussianDropout"]),
+    ],
+)
+def test_snippet_carries_the_classes_torch_lacks(tmp_path: Path, name: str, classes: list) -> None:
+    spec, config, shape = CASES[name]
+    source = write_snippet(tmp_path, trained(spec, config, shape), shape).read_text()
+    defined = [node.name for node in ast.parse(source).body if isinstance(node, ast.ClassDef)]
+    # each class the network uses, defined once, and no other
+    assert defined == classes
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mlp-before_bn-gaussian",
+        "mlp-before_bn-uout",
+        "cnn-before_bn-dropblock",
+        "resnet-residual",
+        "resnet-in_branch-dropblock",
+    ],
+)
+def test_snippet_regularizers_draw_the_same_noise_in_training(tmp_path: Path, name: str) -> None:
+    spec, config, shape = CASES[name]
+    model = trained(spec, config, shape)
+    rebuilt = load_snippet(write_snippet(tmp_path, model, shape))
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    batch = torch.randn(8, *shape)
+    outputs = []
+    for network in (model, rebuilt):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            outputs.append(network.train()(batch))
+    # the copied classes are the same code: the same seed, the same masks, the same output
+    assert torch.equal(outputs[0], outputs[1])
+    # and the noise is real: another seed, another output
+    torch.manual_seed(2)
+    with torch.no_grad():
+        assert not torch.allclose(rebuilt.train()(batch), outputs[1])
 
 
 def test_snippet_header_is_its_docstring(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import math
 from pathlib import Path
 
 import optuna
@@ -11,12 +12,15 @@ import torch
 import yaml
 from conftest import tiny_spec
 from mlflow.tracking import MlflowClient
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
+from torch import nn
 
 from autotune import training
 from autotune.data import load_data
 from autotune.export import load_snippet
-from autotune.spec import load_spec
+from autotune.models import build_model
+from autotune.space import TrialConfig
+from autotune.spec import Spec, load_spec
 from autotune.study import count_finished, open_study, resolve_space, run_study
 from autotune.tracking import Tracker
 
@@ -30,6 +34,20 @@ def _mlflow_runs(spec) -> tuple[list, list]:
     parents = [r for r in runs if r.data.tags.get("autotune.role") == "parent"]
     children = [r for r in runs if r.data.tags.get("autotune.role") == "trial"]
     return parents, children
+
+
+def _bn_names(spec: Spec, study: optuna.Study, trial: FrozenTrial) -> list[str]:
+    """The BN modules of the network the trial trained, in model order."""
+    config = TrialConfig.from_dicts(trial.user_attrs["config"])
+    shape, n_classes = study.user_attrs["input_shape"], study.user_attrs["n_classes"]
+    model = build_model(spec.model, config, shape, n_classes)
+    return [
+        name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+
+
+# every block: dropout at 0.5 directly before BN, the placement the paper warns about
+BEFORE_BN = {"placement": "before_bn", "rate": 0.5, "regularizer": "dropout"}
 
 
 def test_a_study_runs_its_budget_and_writes_its_outputs(write_spec):
@@ -48,6 +66,12 @@ def test_a_study_runs_its_budget_and_writes_its_outputs(write_spec):
     assert recommended["best"]["value"] == pytest.approx(best.value)
     assert recommended["blocks"] == best.user_attrs["config"]
     assert {"torch", "optuna", "lightning", "mlflow"} <= set(recommended["versions"])
+    # and whether BN was recalibrated, with the best trial's predicted and measured shift
+    assert recommended["recalibrate_bn"] is best.user_attrs["recalibrate_bn"]
+    assert recommended["shift"] == {
+        "predicted": best.user_attrs["predicted_shift"],
+        "measured": best.user_attrs["measured_shift"],
+    }
 
 
 def test_best_model_snippet_is_standalone_and_loads_the_best_weights(write_spec):
@@ -77,6 +101,7 @@ def test_mlflow_holds_one_parent_and_a_nested_child_per_trial(write_spec):
     spec = load_spec(write_spec(tiny_spec(study={"n_trials": 3})))
     outcome = run_study(spec)
     parents, children = _mlflow_runs(spec)
+    client = MlflowClient(spec.tracking_uri)
 
     # one parent run for the study
     assert len(parents) == 1
@@ -89,16 +114,175 @@ def test_mlflow_holds_one_parent_and_a_nested_child_per_trial(write_spec):
         # flat per-block params
         assert child.data.params["block0.placement"] == trial.user_attrs["config"][0]["placement"]
         assert {"block1.rate", "block1.regularizer", "block1.bn_momentum"} <= set(child.data.params)
+        # and whether BN is recalibrated after training, drawn once for the network
+        assert child.data.params["recalibrate_bn"] == str(trial.user_attrs["recalibrate_bn"])
         # the trial's final state as a tag
         assert child.data.tags["autotune.state"] == trial.state.name
-        # per-epoch metrics, step = epoch
-        history = MlflowClient(spec.tracking_uri).get_metric_history(child.info.run_id, "val_acc")
+        # per-epoch metrics, step = epoch; the last epoch's val_acc is the trial's value unless
+        # recalibration changed it afterwards
+        history = client.get_metric_history(child.info.run_id, "val_acc")
         assert [m.step for m in history] == [1, 2]
-        assert history[-1].value == pytest.approx(trial.value)
+        final = trial.user_attrs["final"]
+        before = final.get("val_acc_before_recalibration", trial.value)
+        assert history[-1].value == pytest.approx(before)
+        # the final metrics at step max_epochs: final.val_acc is the trial's value
+        metrics = child.data.metrics
+        assert {f"final.{name}" for name in final} <= set(metrics)
+        assert metrics["final.val_acc"] == pytest.approx(trial.value)
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "final.val_acc")]
+        assert steps == [2]
+        # Δ per BN layer and its summary: predicted at step 0, measured at step max_epochs
+        bns = _bn_names(spec, outcome.study, trial)
+        for kind in ("predicted", "measured"):
+            shift = trial.user_attrs[f"{kind}_shift"]
+            expected = {f"{kind}_delta.{name}" for name in [*bns, "worst", "product"]}
+            assert expected <= set(metrics), sorted(metrics)
+            for name in bns:
+                layer = shift["layers"][name]
+                delta = layer["exact"] if kind == "predicted" else layer
+                assert metrics[f"{kind}_delta.{name}"] == pytest.approx(delta)
+            assert metrics[f"{kind}_delta.worst"] == pytest.approx(shift["summary"]["worst_delta"])
+            assert metrics[f"{kind}_delta.product"] == pytest.approx(shift["summary"]["product"])
+        predicted = client.get_metric_history(child.info.run_id, "predicted_delta.worst")
+        measured = client.get_metric_history(child.info.run_id, "measured_delta.worst")
+        assert ([m.step for m in predicted], [m.step for m in measured]) == ([0], [2])
     # the spec as the parent's params, the best value as its metric
     assert parent.data.params["model.template"] == "mlp"
     best = outcome.study.best_value
     assert parent.data.metrics["best_val_acc"] == pytest.approx(best)
+
+
+def test_every_trial_records_its_predicted_and_measured_shift(write_spec):
+    spec = load_spec(
+        write_spec(
+            tiny_spec(
+                study={"n_trials": 2},
+                search_space={"params": {**BEFORE_BN, "recalibrate_bn": False}},
+            )
+        )
+    )
+    study = run_study(spec).study
+
+    for trial in study.trials:
+        attrs = trial.user_attrs
+        bns = _bn_names(spec, study, trial)
+        predicted, measured = attrs["predicted_shift"], attrs["measured_shift"]
+        # the configuration says it was not recalibrated
+        assert attrs["recalibrate_bn"] is False
+        # one Δ per BN module of the network, predicted and measured, named as in the model
+        assert list(predicted["layers"]) == list(measured["layers"]) == bns
+        # dropout straight before BN: Δ = v / (c² + 2v) at keep ratio 1/2, so 0 < Δ <= 1/2
+        for name in bns:
+            assert 0 < predicted["layers"][name]["exact"] <= 0.5 + 1e-9, (name, predicted)
+            # fed by its own block's dropout only: the previous BN normalised the earlier noise
+            assert predicted["layers"][name]["sources"] == [name.replace(".bn", ".drop")]
+        # the summary names the layer furthest from Δ = 1 and the product along the path
+        summary = predicted["summary"]
+        deltas = {name: layer["exact"] for name, layer in predicted["layers"].items()}
+        assert summary["worst_layer"] == min(deltas, key=deltas.get)
+        assert summary["worst_delta"] == pytest.approx(min(deltas.values()))
+        assert summary["product"] == pytest.approx(math.prod(deltas.values()))
+        # measured Δ: positive and finite; without recalibration, below 1 as predicted
+        for name, delta in measured["layers"].items():
+            assert 0 < delta < 1, (name, measured)
+        assert measured["summary"]["worst_delta"] == pytest.approx(min(measured["layers"].values()))
+        # the final metrics: the last epoch's, and accuracy in train and eval mode
+        final = attrs["final"]
+        assert set(final) == {
+            "train_loss",
+            "val_loss",
+            "val_acc",
+            "train_mode_acc",
+            "eval_mode_acc",
+            "mode_acc_gap",
+        }
+        assert 0 <= final["train_mode_acc"] <= 1 and 0 <= final["eval_mode_acc"] <= 1
+        assert final["mode_acc_gap"] == pytest.approx(
+            final["eval_mode_acc"] - final["train_mode_acc"]
+        )
+        assert all(math.isfinite(value) for value in final.values())
+
+
+def test_recalibration_changes_only_what_follows_the_same_training(write_spec):
+    trials = {}
+    for flag in (False, True):
+        spec = write_spec(
+            tiny_spec(
+                study={"name": f"recalibrate-{str(flag).lower()}", "n_trials": 1},
+                search_space={"params": {**BEFORE_BN, "recalibrate_bn": flag}},
+            ),
+            f"{flag}.yaml",
+        )
+        trials[flag] = run_study(load_spec(spec)).study.trials[0]
+    off, on = trials[False], trials[True]
+
+    # the same seed draws the same configuration; only recalibrate_bn differs
+    assert off.user_attrs["config"] == on.user_attrs["config"]
+    assert (off.user_attrs["recalibrate_bn"], on.user_attrs["recalibrate_bn"]) == (False, True)
+    # without recalibration the value is the last epoch's val_acc
+    assert off.value == pytest.approx(off.intermediate_values[2])
+    assert off.value == pytest.approx(off.user_attrs["final"]["val_acc"])
+    assert "val_acc_before_recalibration" not in off.user_attrs["final"]
+    # with it, the value is val_acc taken again afterwards; the epoch's is kept beside it
+    final = on.user_attrs["final"]
+    assert on.value == pytest.approx(final["val_acc"])
+    assert final["val_acc_before_recalibration"] == pytest.approx(on.intermediate_values[2])
+    # the training itself was the same: before recalibration both trials scored alike
+    assert on.intermediate_values == pytest.approx(off.intermediate_values)
+    # dropout at 0.5 before every BN shifts the variance badly; recalibration repairs it
+    assert on.value > off.value
+    # recalibrated on training data, BN's statistics move towards the eval-mode variance
+    for name, delta in on.user_attrs["measured_shift"]["layers"].items():
+        assert abs(math.log(delta)) < abs(
+            math.log(off.user_attrs["measured_shift"]["layers"][name])
+        )
+
+
+def test_a_resnet_study_with_stochastic_depth_exports_its_recalibrated_weights(write_spec):
+    spec = load_spec(
+        write_spec(
+            tiny_spec(
+                study={"n_trials": 2},
+                model={"template": "resnet", "widths": [4, 8]},
+                search_space={"params": {"placement": "residual", "recalibrate_bn": True}},
+            )
+        )
+    )
+    outcome = run_study(spec)
+    recommended = yaml.safe_load((spec.output_dir / "recommended.yaml").read_text())
+
+    # both trials trained residual blocks whose branch stochastic depth drops
+    assert count_finished(outcome.study) == 2
+    for block in recommended["blocks"]:
+        assert (block["placement"], block["regularizer"]) == ("residual", "stochastic_depth")
+    assert recommended["recalibrate_bn"] is True
+    # the snippet carries the classes torch lacks and still imports nothing but torch
+    snippet = (spec.output_dir / "best_model.py").read_text()
+    assert "class StochasticDepth(nn.Module)" in snippet
+    assert "class ResidualBlock(nn.Module)" in snippet
+    imported = {
+        (node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
+        for node in ast.walk(ast.parse(snippet))
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
+    assert imported <= {"torch", "collections"}
+    # the rebuilt network loads the saved weights strictly and computes what autotune's does
+    weights = torch.load(recommended["best"]["weights"])
+    rebuilt = load_snippet(spec.output_dir / "best_model.py").eval()
+    rebuilt.load_state_dict(weights, strict=True)
+    best = outcome.study.best_trial
+    config = TrialConfig.from_dicts(best.user_attrs["config"], recalibrate_bn=True)
+    model = build_model(spec.model, config, (1, 8, 8), 10).eval()
+    model.load_state_dict(weights, strict=True)
+    data = load_data(spec.data, seed=spec.train.seed)
+    x = torch.cat([x for x, _ in data.val_dataloader()])
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))
+        correct = (rebuilt(x).argmax(1) == torch.as_tensor(data.y_val)).sum().item()
+    # and scores the trial's value: the weights hold the recalibrated BN statistics
+    assert correct / len(data.y_val) == pytest.approx(best.value)
+    assert best.value == pytest.approx(best.user_attrs["final"]["val_acc"])
 
 
 def test_a_rerun_resumes_the_same_study_without_repeating_trials(write_spec):
