@@ -304,6 +304,7 @@ def _mean_var(runs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 def _channel_mean(signal: torch.Tensor, delta: torch.Tensor) -> float:
     """Mean Δ over the channels that carry signal (a dead channel has no variance to shift)."""
+    signal, delta = signal.cpu(), delta.cpu()
     alive = signal > 1e-12 * max(float(signal.max()), 1e-30)
     return float(delta[alive].mean()) if bool(alive.any()) else 1.0
 

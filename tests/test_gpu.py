@@ -1,0 +1,52 @@
+"""The GPU path, where there is a GPU: skipped on machines without CUDA (CI has none)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from autotune.models import build_model
+from autotune.prediction import predict_shift, probe_batch
+from autotune.shift import measure_shift, mode_accuracy, recalibrate_bn
+from autotune.space import BlockConfig, TrialConfig
+from autotune.spec import ModelSpec
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def resnet(placement: str, regularizer: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    block = BlockConfig(placement, 0.3, regularizer)
+    spec = ModelSpec(template="resnet", widths=[16, 32])
+    return build_model(spec, TrialConfig((block, block)), (3, 16, 16), 10)
+
+
+@pytest.mark.parametrize(
+    ("placement", "regularizer"),
+    [("in_branch", "spatial_dropout"), ("after_act", "dropout"), ("before_bn", "uout")],
+)
+def test_the_probe_on_the_gpu_agrees_with_the_cpu(placement: str, regularizer: str) -> None:
+    net = resnet(placement, regularizer)
+    x = probe_batch([torch.randn(256, 3, 16, 16, generator=torch.Generator().manual_seed(1))])
+    cpu = predict_shift(net, x, device="cpu").deltas()
+    gpu = predict_shift(net, x, device="cuda").deltas()
+    for name, delta in cpu.items():
+        # the covariance estimate agrees to float32 rounding, Monte Carlo within its own noise
+        assert gpu[name] == pytest.approx(delta, rel=0.05), name
+
+
+def test_measurement_and_recalibration_run_on_the_device() -> None:
+    net = resnet("before_bn", "dropout").cuda().train()
+    batches = [(torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))) for _ in range(8)]
+    with torch.no_grad():
+        for x, _ in batches:  # BN learns its statistics with dropout on
+            net(x.cuda())
+    before = measure_shift(net, batches)["block0.branch.bn1"].delta
+    recalibrate_bn(net, batches)
+    after = measure_shift(net, batches)["block0.branch.bn1"].delta
+    # dropout before BN shrinks Δ; recalibration on the same data brings it back to 1
+    assert before < 0.85 and after == pytest.approx(1.0, abs=0.02)
+    train_acc, eval_acc = mode_accuracy(net, batches)
+    # both accuracies are proportions, and the model stayed on the GPU
+    assert 0 <= train_acc <= 1 and 0 <= eval_acc <= 1
+    assert next(net.parameters()).is_cuda
