@@ -164,7 +164,8 @@ def fit(
     on_epoch: EpochCallback | None = None,
     stop: threading.Event | None = None,
 ) -> TrialResult:
-    """Train one configuration; return the metric after the last epoch and the trained model.
+    """Train one configuration; return its final metric (after BN recalibration when the
+    configuration asks for it), the trained model and what was measured after training.
 
     Raises optuna.TrialPruned when the trial's pruner says so, NonFiniteLossError when the loss
     diverges and TrialInterrupted when `stop` is set.

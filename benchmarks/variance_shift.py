@@ -1,0 +1,254 @@
+"""Does the theory predict what training measures? The validation study of the variance shift.
+
+Three questions, each answered with autotune's own code path (training.predict before training,
+training.fit after it, which measures Δ the paper's way and recalibrates BN when asked):
+
+1. Over randomly sampled configurations, how well does the Δ predicted before training rank the
+   Δ measured after it? Spearman's ρ over every BN layer that a regulariser reaches, and over the
+   networks' worst layers. Twice: over the whole dropout_bn space (six regularisers), and over
+   plain dropout alone (the paper's setting). Beside it, the same prediction made from the
+   trained weights: the theory checked on the very network that is measured, which separates
+   "the theory is wrong" from "training changes the network".
+2. How much accuracy does dropout before BN cost against dropout after the activation, at drop
+   rates 0.1, 0.3, 0.5 and 0.7 (every block the same), over several seeds?
+3. How much of that does BN recalibration (dropout off, statistics re-estimated) win back?
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/variance_shift.py              # the numbers in docs/benchmarks.md
+    .venv/bin/python benchmarks/variance_shift.py --quick      # a smoke run in about a minute
+
+It prints markdown tables and writes the raw rows to benchmarks/results/variance_shift.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import optuna
+import torch
+from scipy.stats import spearmanr
+
+from autotune.data import load_data
+from autotune.prediction import predict_shift, probe_batch
+from autotune.space import BlockConfig, TrialConfig
+from autotune.spec import parse_spec
+from autotune.study import resolve_space
+from autotune.training import fit, predict, quiet_lightning
+
+TEMPLATES = {
+    # the quickstart's mlp and the cnn template's defaults, both on scikit-learn's digits
+    "mlp": {"template": "mlp", "widths": [256, 256, 128]},
+    "cnn": {"template": "cnn", "widths": [32, 64]},
+}
+RATES = (0.1, 0.3, 0.5, 0.7)
+# the search spaces of question 1: the shipped one, and plain dropout alone
+SPACES = {"dropout_bn": {}, "dropout only": {"regularizer": "dropout"}}
+RESULTS = Path(__file__).parent / "results" / "variance_shift.json"
+
+
+def make_spec(model: dict, epochs: int, seed: int, recalibrate: bool, params: dict | None = None):
+    return parse_spec(
+        {
+            "study": {"name": "variance-shift", "pruner": "none"},
+            "data": {"name": "digits", "batch_size": 64},
+            "model": model,
+            "train": {"max_epochs": epochs, "seed": seed, "accelerator": "auto"},
+            "search_space": {"params": {"recalibrate_bn": recalibrate, **(params or {})}},
+            "mlflow": {"enabled": False},
+        }
+    )
+
+
+def correlation_rows(template: str, space_name: str, n_configs: int, epochs: int) -> list[dict]:
+    """Predicted (at initialisation and from the trained weights) and measured Δ of every BN
+    layer, for n_configs sampled configurations."""
+    spec = make_spec(TEMPLATES[template], epochs, 0, False, SPACES[space_name])
+    space = resolve_space(spec)
+    data = load_data(spec.data, seed=0)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    rows = []
+    for i in range(n_configs):
+        trial = study.ask()
+        config = space.sample(trial)
+        predicted = predict(spec, config, data)
+        result = fit(spec, config, data)
+        trained = predict_shift(result.model, probe_batch(data.train_dataloader())).deltas()
+        for layer in predicted.layers:
+            rows.append(
+                {
+                    "template": template,
+                    "space": space_name,
+                    "config": i,
+                    "blocks": config.to_dicts(),
+                    "layer": layer.name,
+                    "reached": bool(layer.sources),
+                    "method": layer.method,
+                    "predicted": layer.exact,
+                    "paper": layer.paper,
+                    "predicted_trained": trained[layer.name],
+                    "measured": result.measured[layer.name].delta,
+                    "val_acc": result.value,
+                }
+            )
+        study.tell(trial, result.value)
+        print(
+            f"  {template} / {space_name} config {i + 1}/{n_configs}: val_acc {result.value:.3f}",
+            flush=True,
+        )
+    return rows
+
+
+def placement_rows(template: str, seeds: int, epochs: int) -> list[dict]:
+    """before_bn against after_act at each rate, plain dropout in every block, BN recalibrated."""
+    rows = []
+    n_blocks = len(TEMPLATES[template]["widths"])
+    for seed in range(seeds):
+        spec = make_spec(TEMPLATES[template], epochs, seed=seed, recalibrate=True)
+        data = load_data(spec.data, seed=seed)
+        for rate in RATES:
+            for placement in ("before_bn", "after_act"):
+                block = BlockConfig(placement, rate, "dropout", 0.1)
+                config = TrialConfig((block,) * n_blocks, recalibrate_bn=True)
+                predicted = predict(spec, config, data)
+                result = fit(spec, config, data)
+                rows.append(
+                    {
+                        "template": template,
+                        "seed": seed,
+                        "rate": rate,
+                        "placement": placement,
+                        "predicted_worst": predicted.summary.worst_delta,
+                        "val_acc": result.final["val_acc_before_recalibration"],
+                        "val_acc_recalibrated": result.final["val_acc"],
+                    }
+                )
+                print(
+                    f"  {template} seed {seed} rate {rate} {placement}: "
+                    f"{rows[-1]['val_acc']:.3f} -> {rows[-1]['val_acc_recalibrated']:.3f}",
+                    flush=True,
+                )
+    return rows
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    return float(spearmanr(xs, ys).statistic) if len(xs) > 2 else math.nan
+
+
+def correlation_table(rows: list[dict]) -> str:
+    lines = [
+        "| template | space | BN layers reached | predicted at init vs measured "
+        "| paper's form at init vs measured | predicted from trained weights vs measured "
+        "| worst layer of each network, init vs measured |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for template in TEMPLATES:
+        for space in SPACES:
+            mine = [r for r in rows if r["template"] == template and r["space"] == space]
+            reached = [r for r in mine if r["reached"]]
+            if not reached:
+                continue
+            measured = [r["measured"] for r in reached]
+            exact = spearman([r["predicted"] for r in reached], measured)
+            trained = spearman([r["predicted_trained"] for r in reached], measured)
+            with_paper = [r for r in reached if r["paper"] is not None]
+            paper = spearman([r["paper"] for r in with_paper], [r["measured"] for r in with_paper])
+            worst_pred, worst_meas = [], []
+            for i in sorted({r["config"] for r in mine}):
+                layers = [r for r in mine if r["config"] == i]
+                worst_pred.append(min(r["predicted"] for r in layers))
+                worst_meas.append(min(r["measured"] for r in layers))
+            networks = spearman(worst_pred, worst_meas)
+            lines.append(
+                f"| {template} | {space} | {len(reached)} | {exact:.2f} | {paper:.2f} "
+                f"({len(with_paper)} layers) | {trained:.2f} | {networks:.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def placement_table(rows: list[dict]) -> str:
+    lines = [
+        "| template | rate | predicted worst Δ, before_bn | val_acc before_bn | "
+        "val_acc after_act | lost by before_bn | before_bn after recalibration | recovered |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for template in TEMPLATES:
+        for rate in RATES:
+            pick = [r for r in rows if r["template"] == template and r["rate"] == rate]
+            before = [r for r in pick if r["placement"] == "before_bn"]
+            after = [r for r in pick if r["placement"] == "after_act"]
+            if not before or not after:
+                continue
+            lost = [a["val_acc"] - b["val_acc"] for a, b in zip(after, before, strict=True)]
+            gain = [b["val_acc_recalibrated"] - b["val_acc"] for b in before]
+            predicted = statistics.mean(r["predicted_worst"] for r in before)
+            lines.append(
+                f"| {template} | {rate} | {predicted:.3f}"
+                f" | {_spread([r['val_acc'] for r in before])}"
+                f" | {_spread([r['val_acc'] for r in after])}"
+                f" | {_spread(lost)} "
+                f"| {_spread([r['val_acc_recalibrated'] for r in before])} | {_spread(gain)} |"
+            )
+    return "\n".join(lines)
+
+
+def _spread(values: list[float]) -> str:
+    """mean ± standard deviation over seeds, as percentages."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.1f} ± {100 * sd:.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", type=int, default=30, help="sampled configs per template")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of the placement study")
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="3 configs, 1 seed, 3 epochs")
+    args = parser.parse_args()
+    if args.quick:
+        args.configs, args.seeds, args.epochs = 3, 1, 3
+    torch.set_num_threads(1)
+    quiet_lightning()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    start = time.time()
+    correlation = [
+        row
+        for template in TEMPLATES
+        for space in SPACES
+        for row in correlation_rows(template, space, args.configs, args.epochs)
+    ]
+    placements = [r for t in TEMPLATES for r in placement_rows(t, args.seeds, args.epochs)]
+    elapsed = time.time() - start
+
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps({"correlation": correlation, "placements": placements}, indent=1))
+    print()
+    print(
+        f"Command: `.venv/bin/python benchmarks/variance_shift.py"
+        f"{' --quick' if args.quick else ''}` ({args.configs} configurations per template, "
+        f"{args.seeds} seed(s), {args.epochs} epochs; {elapsed:.0f} s)"
+    )
+    print(
+        f"Machine: {os.cpu_count()} CPU cores, "
+        f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; "
+        f"torch {torch.__version__}, Python {platform.python_version()}. "
+        f"Date: {time.strftime('%Y-%m-%d')}."
+    )
+    print()
+    print(correlation_table(correlation))
+    print()
+    print(placement_table(placements))
+
+
+if __name__ == "__main__":
+    main()
