@@ -44,16 +44,42 @@ def _shorthand(value: Any, key: str = "name") -> Any:
 
 
 class PrunerSpec(_Section):
-    # none: every trial trains to the end; median: Optuna's MedianPruner; hyperband: Optuna's
-    # HyperbandPruner with epochs as the resource. The variance-shift pruner joins in a later issue.
-    name: Literal["none", "median", "hyperband"] = "median"
-    # median: trials that always run to the end before any is pruned; 5 gives a median to compare to
+    # variance_shift: autotune's pruner (autotune.pruners.VarianceShiftPruner): a gate on the
+    # predicted Δ before training, then `base` during training, stricter far from Δ = 1 and more
+    # patient near it. none: every trial trains to the end; median, percentile, hyperband,
+    # successive_halving: Optuna's pruners of those names, with epochs as the steps
+    name: Literal[
+        "variance_shift", "none", "median", "percentile", "hyperband", "successive_halving"
+    ] = "variance_shift"
+    # variance_shift: the pruner that decides during training
+    base: Literal["median", "percentile", "hyperband", "successive_halving", "none"] = "median"
+    # variance_shift: the worst predicted Δ past which a trial stops before it trains; 0.5 is
+    # dropout at rate 0.5 straight before BN on zero-mean inputs. null: no gate
+    threshold: float | None = Field(0.5, gt=0, lt=1)
+    # variance_shift: the share of gated trials that train anyway, so the data can overrule the
+    # theory; a tenth costs little and shows whether the gate is right
+    exploration: float = Field(0.1, ge=0, le=1)
+    # variance_shift: learn the threshold from completed trials (no trial more shifted than the
+    # best quarter's widest, with 25 % slack) once `learn_after` have completed
+    learn_threshold: bool = False
+    learn_after: int = Field(10, ge=1)
+    # variance_shift: a median or percentile base keeps only the top quarter instead of the top
+    # half for trials at the threshold (strictness 0.5)
+    strictness: float = Field(0.5, ge=0, lt=1)
+    # variance_shift: extra epochs before the base may stop a trial predicted at Δ = 1
+    patience: int = Field(2, ge=0)
+    # variance_shift: enqueue this many first trials, the least shifted of 10 times as many
+    # random candidates (predicted, not trained); 0: the sampler starts as it likes
+    seed_trials: int = Field(0, ge=0)
+    # median, percentile: trials that always run to the end before any is pruned
     n_startup_trials: int = Field(5, ge=0)
-    # median: epochs a trial always gets; the first epochs of a small net are noisy
+    # median, percentile: epochs a trial always gets; the first epochs of a small net are noisy
     n_warmup_epochs: int = Field(3, ge=0)
-    # hyperband: the fewest epochs a trial gets before it can be stopped
+    # percentile: keep trials in the top `percentile` % at each epoch (50 is the median)
+    percentile: float = Field(50.0, gt=0, lt=100)
+    # hyperband, successive_halving: the fewest epochs a trial gets before it can be stopped
     min_epochs: int = Field(1, ge=1)
-    # hyperband: keep 1/reduction_factor of the trials at each rung; 3 is Hyperband's own default
+    # hyperband, successive_halving: keep 1/reduction_factor of the trials at each rung
     reduction_factor: int = Field(3, ge=2)
 
 

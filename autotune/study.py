@@ -101,16 +101,44 @@ def make_sampler(name: str, seed: int, space: SearchSpace) -> optuna.samplers.Ba
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
 
 
-def make_pruner(spec: PrunerSpec, max_epochs: int) -> optuna.pruners.BasePruner:
-    if spec.name == "median":
+def make_pruner(spec: PrunerSpec, max_epochs: int, seed: int = 0) -> optuna.pruners.BasePruner:
+    """The spec's pruner; variance_shift wraps the pruner named by `base`."""
+    if spec.name != "variance_shift":
+        return _optuna_pruner(spec.name, spec, max_epochs)
+    from autotune.pruners import VarianceShiftPruner
+
+    return VarianceShiftPruner(
+        _optuna_pruner(spec.base, spec, max_epochs),
+        threshold=spec.threshold,
+        exploration=spec.exploration,
+        strictness=spec.strictness,
+        patience=spec.patience,
+        learn_threshold=spec.learn_threshold,
+        learn_after=spec.learn_after,
+        seed=seed,
+    )
+
+
+def _optuna_pruner(name: str, spec: PrunerSpec, max_epochs: int) -> optuna.pruners.BasePruner:
+    if name == "median":
         return optuna.pruners.MedianPruner(
             n_startup_trials=spec.n_startup_trials, n_warmup_steps=spec.n_warmup_epochs
         )
-    if spec.name == "hyperband":
+    if name == "percentile":
+        return optuna.pruners.PercentilePruner(
+            spec.percentile,
+            n_startup_trials=spec.n_startup_trials,
+            n_warmup_steps=spec.n_warmup_epochs,
+        )
+    if name == "hyperband":
         return optuna.pruners.HyperbandPruner(
             min_resource=min(spec.min_epochs, max_epochs),
             max_resource=max_epochs,
             reduction_factor=spec.reduction_factor,
+        )
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=min(spec.min_epochs, max_epochs), reduction_factor=spec.reduction_factor
         )
     return optuna.pruners.NopPruner()
 
@@ -122,7 +150,7 @@ def open_study(spec: Spec, space: SearchSpace, datamodule: Any | None = None) ->
         study_name=spec.study.name,
         storage=make_storage(spec.storage_url),
         sampler=make_sampler(spec.study.sampler, spec.train.seed, space),
-        pruner=make_pruner(spec.study.pruner, spec.train.max_epochs),
+        pruner=make_pruner(spec.study.pruner, spec.train.max_epochs, spec.train.seed),
         direction=direction,
         load_if_exists=True,
     )
@@ -209,6 +237,27 @@ def check_runnable(spec: Spec, space: SearchSpace, datamodule: Any) -> None:
         raise SpecError(f"data: no validation batch: {reason}") from None
 
 
+def enqueue_low_shift(
+    study: optuna.Study, spec: Spec, space: SearchSpace, datamodule: Any, n: int
+) -> list[dict[str, Any]]:
+    """Enqueue the first n trials: the least shifted of 10·n random configurations, predicted
+    (not trained). Returns the enqueued parameters, least shifted first."""
+    from autotune.pruners import shift_distance
+    from autotune.training import predict
+
+    candidates = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=spec.train.seed))
+    scored = []
+    for _ in range(10 * n):
+        trial = candidates.ask()
+        config = space.sample(trial)
+        worst = predict(spec, config, datamodule).summary.worst_delta
+        scored.append((shift_distance(worst), trial.number, trial.params))
+    chosen = [params for _, _, params in sorted(scored, key=lambda row: row[:2])[:n]]
+    for params in chosen:
+        study.enqueue_trial(params, skip_if_exists=True)
+    return chosen
+
+
 def prepare_output(spec: Spec) -> None:
     """Create the output folder, or say in one line why it cannot be."""
     try:
@@ -246,6 +295,9 @@ def run_study(
     prepare_output(spec)
     study = open_study(spec, space, datamodule)
     study.set_user_attr("search_space", space.name)
+    pruner = spec.study.pruner
+    if pruner.name == "variance_shift" and pruner.seed_trials and not study.trials:
+        enqueue_low_shift(study, spec, space, datamodule, pruner.seed_trials)
     study.set_user_attr("standardised", save_input_stats(datamodule, spec.output_dir))
 
     # 2. MLflow: the study's parent run, found again on resume

@@ -99,6 +99,10 @@ class Tracker:
         if self.enabled and run_id is not None:
             self._log(run_id, metrics=metrics, step=step)
 
+    def log_tags(self, run_id: str | None, tags: Mapping[str, Any]) -> None:
+        if self.enabled and run_id is not None:
+            self._log(run_id, tags=tags)
+
     def end_trial(
         self, run_id: str | None, state: str, tags: Mapping[str, Any] | None = None
     ) -> None:

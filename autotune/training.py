@@ -32,6 +32,7 @@ from torch.nn import functional as F
 
 from autotune.models import build_model
 from autotune.prediction import NetworkPrediction, predict_shift, probe_batch
+from autotune.pruners import DELTA_KEY, VarianceShiftPruner
 from autotune.shift import LayerShift, measure_shift, mode_accuracy, recalibrate_bn, summarize
 from autotune.space import TrialConfig
 from autotune.spec import Spec, TrainSpec
@@ -300,6 +301,25 @@ def stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(sig, handler)
 
 
+def _explores(trial: optuna.Trial, prediction: NetworkPrediction) -> bool:
+    """Whether the gate let this trial through only because it is one that explores."""
+    pruner = trial.study.pruner
+    if not isinstance(pruner, VarianceShiftPruner):
+        return False
+    return pruner.past_gate(trial.study, prediction.summary.worst_delta)
+
+
+def gate_reason(study: optuna.Study, prediction: NetworkPrediction) -> str:
+    """Why a trial stopped before training: its worst predicted Δ and the line it crossed."""
+    summary = prediction.summary
+    text = f"pruned before training: predicted Δ {summary.worst_delta:.3f} at {summary.worst_layer}"
+    pruner = study.pruner
+    limit = pruner.gate_distance(study) if isinstance(pruner, VarianceShiftPruner) else None
+    if limit is None:
+        return text
+    return f"{text}, outside the gate's [{math.exp(-limit):.3f}, {math.exp(limit):.3f}]"
+
+
 def predicted_metrics(prediction: NetworkPrediction) -> dict[str, float]:
     """MLflow metric names for a prediction: `predicted_delta.<bn layer>`, `.worst`, `.product`."""
     metrics = {f"predicted_delta.{name}": delta for name, delta in prediction.deltas().items()}
@@ -346,7 +366,15 @@ class Objective:
             self._fail(trial, run_id, exc)
             raise
         trial.set_user_attr("predicted_shift", prediction.to_dict())
+        trial.set_user_attr(DELTA_KEY, prediction.summary.worst_delta)
         self.tracker.log_metrics(run_id, predicted_metrics(prediction), step=0)
+        if trial.should_prune():  # the pruner's gate, before any training
+            reason = gate_reason(trial.study, prediction)
+            self._pruned(trial, run_id, 0, reason)
+            raise optuna.TrialPruned(reason)
+        if _explores(trial, prediction):  # past the line, trained anyway: mark it
+            trial.set_user_attr("explored", True)
+            self.tracker.log_tags(run_id, {"autotune.explored": True})
 
         epochs: list[int] = []
 
@@ -361,14 +389,7 @@ class Objective:
                 self.spec, config, self.datamodule, trial=trial, on_epoch=report, stop=self.stop
             )
         except optuna.TrialPruned as exc:
-            epoch = epochs[-1] if epochs else 0
-            trial.set_user_attr("pruned_epoch", epoch)
-            trial.set_user_attr("pruned_reason", str(exc))
-            self.tracker.end_trial(
-                run_id,
-                "PRUNED",
-                {"autotune.pruned_epoch": epoch, "autotune.pruned_reason": str(exc)},
-            )
+            self._pruned(trial, run_id, epochs[-1] if epochs else 0, str(exc))
             raise
         except (TrialInterrupted, KeyboardInterrupt, SystemExit):
             # a second Ctrl-C inside Lightning arrives as its sys.exit(1): still an interrupt
@@ -382,6 +403,13 @@ class Objective:
         self._save_if_best(trial, result)
         self.tracker.end_trial(run_id, "COMPLETE")
         return result.value
+
+    def _pruned(self, trial: optuna.Trial, run_id: str | None, epoch: int, reason: str) -> None:
+        """The epoch a trial was stopped after (0: before training) and why, in both stores."""
+        trial.set_user_attr("pruned_epoch", epoch)
+        trial.set_user_attr("pruned_reason", reason)
+        tags = {"autotune.pruned_epoch": epoch, "autotune.pruned_reason": reason}
+        self.tracker.end_trial(run_id, "PRUNED", tags)
 
     def _fail(self, trial: optuna.Trial, run_id: str | None, exc: Exception) -> None:
         reason = f"{type(exc).__name__}: {exc}"

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 from conftest import tiny_spec
 
 from autotune.errors import SpecError
+from autotune.pruners import VarianceShiftPruner
 from autotune.spec import DataSpec, load_spec, parse_spec
+from autotune.study import make_pruner
 
 SIX_LINES = """\
 study:
@@ -59,15 +62,21 @@ def test_empty_spec_is_all_defaults(tmp_path: Path) -> None:
     path = tmp_path / "empty.yaml"
     path.write_text("")
     spec = load_spec(path)
-    # study defaults: accuracy, maximised, 20 trials, TPE with the median pruner
+    # study defaults: accuracy, maximised, 20 trials, TPE with the variance-shift pruner
     assert spec.study.name == "autotune"
     assert spec.study.metric == "val_acc"
     assert spec.study.resolved_direction == "maximize"
     assert spec.study.n_trials == 20
     assert spec.study.timeout is None
     assert spec.study.sampler == "tpe"
-    assert spec.study.pruner.name == "median"
-    assert (spec.study.pruner.n_startup_trials, spec.study.pruner.n_warmup_epochs) == (5, 3)
+    pruner = spec.study.pruner
+    assert pruner.name == "variance_shift"
+    # its gate at Δ = 0.5 lets a tenth of the gated trials explore; a median decides in training
+    assert (pruner.base, pruner.threshold, pruner.exploration) == ("median", 0.5, 0.1)
+    assert (pruner.strictness, pruner.patience, pruner.seed_trials) == (0.5, 2, 0)
+    assert (pruner.learn_threshold, pruner.learn_after) == (False, 10)
+    # the median's own settings, and the percentile base's 50 (the median)
+    assert (pruner.n_startup_trials, pruner.n_warmup_epochs, pruner.percentile) == (5, 3, 50.0)
     # no data source means the bundled digits, 20 % held out, batches of 64
     assert spec.data.name == "digits"
     assert spec.data.path is None and spec.data.datamodule is None
@@ -146,6 +155,112 @@ def test_pruner_shorthand() -> None:
     # `pruner: hyperband` is `pruner: {name: hyperband}` with every other field at its default
     assert pruner.name == "hyperband"
     assert (pruner.min_epochs, pruner.reduction_factor) == (1, 3)
+
+
+def test_the_gate_can_be_turned_off() -> None:
+    pruner = parse_spec({"study": {"pruner": {"threshold": None}}}).study.pruner
+    # threshold null: the variance-shift pruner without its gate
+    assert (pruner.name, pruner.threshold) == ("variance_shift", None)
+
+
+@pytest.mark.parametrize(
+    ("pruner", "message"),
+    [
+        # the threshold is a Δ strictly between 0 and 1
+        ({"threshold": 1.0}, "study.pruner.threshold: Input should be less than 1 (got 1.0)"),
+        ({"threshold": 0}, "study.pruner.threshold: Input should be greater than 0 (got 0)"),
+        # a share
+        (
+            {"exploration": 1.5},
+            "study.pruner.exploration: Input should be less than or equal to 1 (got 1.5)",
+        ),
+        (
+            {"exploration": -0.1},
+            "study.pruner.exploration: Input should be greater than or equal to 0 (got -0.1)",
+        ),
+        # strictness 1 would give a percentile of 0 at the threshold: nothing kept
+        ({"strictness": 1}, "study.pruner.strictness: Input should be less than 1 (got 1)"),
+        (
+            {"patience": -1},
+            "study.pruner.patience: Input should be greater than or equal to 0 (got -1)",
+        ),
+        (
+            {"learn_after": 0},
+            "study.pruner.learn_after: Input should be greater than or equal to 1 (got 0)",
+        ),
+        (
+            {"seed_trials": -2},
+            "study.pruner.seed_trials: Input should be greater than or equal to 0 (got -2)",
+        ),
+        ({"percentile": 100}, "study.pruner.percentile: Input should be less than 100 (got 100)"),
+        (
+            {"base": "variance_shift"},
+            "study.pruner.base: Input should be 'median', 'percentile', 'hyperband', "
+            "'successive_halving' or 'none' (got 'variance_shift')",
+        ),
+        (
+            {"name": "asha"},
+            "study.pruner.name: Input should be 'variance_shift', 'none', 'median', 'percentile', "
+            "'hyperband' or 'successive_halving' (got 'asha')",
+        ),
+    ],
+)
+def test_invalid_pruner_fields_name_the_field_in_one_line(pruner: dict, message: str) -> None:
+    text = spec_error({"study": {"pruner": pruner}})
+    # the dotted field, the rule and the value
+    assert text == f"spec: {message}"
+    # one line
+    assert "\n" not in text
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("none", optuna.pruners.NopPruner),
+        ("median", optuna.pruners.MedianPruner),
+        ("percentile", optuna.pruners.PercentilePruner),
+        ("hyperband", optuna.pruners.HyperbandPruner),
+        ("successive_halving", optuna.pruners.SuccessiveHalvingPruner),
+    ],
+)
+def test_make_pruner_builds_each_named_pruner(name: str, expected: type) -> None:
+    plain = make_pruner(parse_spec({"study": {"pruner": name}}).study.pruner, max_epochs=5)
+    wrapped = make_pruner(
+        parse_spec({"study": {"pruner": {"base": name, "threshold": 0.4}}}).study.pruner,
+        max_epochs=5,
+        seed=7,
+    )
+    # the name alone gives Optuna's pruner of that name
+    assert type(plain) is expected
+    # variance_shift wraps the pruner named by base, with the spec's gate and the study's seed
+    assert isinstance(wrapped, VarianceShiftPruner)
+    assert type(wrapped.base) is expected
+    assert (wrapped.threshold, wrapped.exploration, wrapped.seed) == (0.4, 0.1, 7)
+
+
+def test_make_pruner_passes_the_spec_settings_on() -> None:
+    spec = parse_spec(
+        {
+            "study": {
+                "pruner": {
+                    "base": "percentile",
+                    "percentile": 30,
+                    "n_warmup_epochs": 1,
+                    "exploration": 0.0,
+                    "strictness": 0.25,
+                    "patience": 4,
+                    "learn_threshold": True,
+                    "learn_after": 6,
+                }
+            }
+        }
+    )
+    pruner = make_pruner(spec.study.pruner, max_epochs=5)
+    # every variance-shift field reaches the pruner
+    assert (pruner.exploration, pruner.strictness, pruner.patience) == (0.0, 0.25, 4)
+    assert (pruner.learn_threshold, pruner.learn_after) == (True, 6)
+    # and the base gets the percentile settings (Optuna keeps them private)
+    assert (pruner.base._percentile, pruner.base._n_warmup_steps) == (30.0, 1)
 
 
 def test_search_space_shorthand() -> None:
@@ -242,9 +357,10 @@ def test_data_spec_built_directly_resolves_against_the_working_directory(
             "n_trials, timeout, sampler, pruner, storage",
         ),
         (
-            {"study": {"pruner": {"name": "median", "patience": 2}}},
-            "spec: study.pruner.patience: unknown key; expected one of: name, n_startup_trials, "
-            "n_warmup_epochs, min_epochs, reduction_factor",
+            {"study": {"pruner": {"name": "median", "warmup": 2}}},
+            "spec: study.pruner.warmup: unknown key; expected one of: name, base, threshold, "
+            "exploration, learn_threshold, learn_after, strictness, patience, seed_trials, "
+            "n_startup_trials, n_warmup_epochs, percentile, min_epochs, reduction_factor",
         ),
         (
             {"data": {"synthetic": {"rows": 10}}},

@@ -21,7 +21,13 @@ from autotune.export import load_snippet
 from autotune.models import build_model
 from autotune.space import TrialConfig
 from autotune.spec import Spec, load_spec
-from autotune.study import count_finished, open_study, resolve_space, run_study
+from autotune.study import (
+    count_finished,
+    enqueue_low_shift,
+    open_study,
+    resolve_space,
+    run_study,
+)
 from autotune.tracking import Tracker
 
 pytestmark = pytest.mark.slow
@@ -367,8 +373,10 @@ def test_failures_in_a_row_stop_the_run_without_an_exception(write_spec):
 
 
 class _AlwaysPrune(optuna.pruners.BasePruner):
+    """Prunes at every report; like Optuna's own pruners, never before the first."""
+
     def prune(self, study, trial) -> bool:
-        return True
+        return trial.last_step is not None
 
 
 def test_pruning_is_honoured_after_the_first_epoch_and_recorded(write_spec):
@@ -421,7 +429,16 @@ def test_every_sampler_runs_a_study(write_spec, sampler):
     assert count_finished(run_study(spec).study) == 2
 
 
-@pytest.mark.parametrize("pruner", ["median", "hyperband"])
+@pytest.mark.parametrize(
+    "pruner",
+    [
+        "median",
+        "percentile",
+        "hyperband",
+        "successive_halving",
+        {"name": "variance_shift", "base": "hyperband"},
+    ],
+)
 def test_every_pruner_runs_a_study(write_spec, pruner):
     spec = load_spec(
         write_spec(tiny_spec(study={"n_trials": 3, "pruner": pruner}, train={"max_epochs": 3}))
@@ -429,6 +446,98 @@ def test_every_pruner_runs_a_study(write_spec, pruner):
 
     # each pruner lets a short study reach its budget of finished trials
     assert count_finished(run_study(spec).study) == 3
+
+
+# dropout at 0.7 straight before every BN: the predicted worst Δ is about 0.2, far past 0.5
+HOPELESS = {"placement": "before_bn", "rate": 0.7, "regularizer": "dropout"}
+
+
+def _gated_spec(write_spec, threshold: float | None, n_trials: int) -> Spec:
+    pruner = {"name": "variance_shift", "threshold": threshold, "exploration": 0.0}
+    raw = tiny_spec(
+        study={"n_trials": n_trials, "pruner": pruner}, search_space={"params": HOPELESS}
+    )
+    return load_spec(write_spec(raw))
+
+
+def test_the_gate_prunes_a_hopeless_configuration_before_training(write_spec, monkeypatch):
+    spec = _gated_spec(write_spec, threshold=0.5, n_trials=2)
+    fits = []
+    monkeypatch.setattr(training, "fit", lambda *args, **kwargs: fits.append(1))
+    study = run_study(spec).study
+    _, children = _mlflow_runs(spec)
+
+    # both trials spent the budget as PRUNED, and none of them trained
+    assert [t.state for t in study.trials] == [TrialState.PRUNED] * 2
+    assert fits == []
+    for trial in study.trials:
+        summary = trial.user_attrs["predicted_shift"]["summary"]
+        worst, layer = summary["worst_delta"], summary["worst_layer"]
+        # the pruner saw the predicted worst Δ, and it is past the gate
+        assert trial.user_attrs["predicted_delta"] == worst < 0.5
+        # stopped at epoch 0 with no value and no epoch reported
+        assert trial.user_attrs["pruned_epoch"] == 0
+        assert trial.values is None and trial.intermediate_values == {}
+        # the reason names the predicted Δ, its layer and the gate's Δ
+        reason = trial.user_attrs["pruned_reason"]
+        assert reason == (
+            f"pruned before training: predicted Δ {worst:.3f} at {layer}, "
+            "outside the gate's [0.500, 2.000]"
+        )
+        # its MLflow run is PRUNED with the same reason and holds the prediction, not a curve
+        (child,) = [c for c in children if c.data.tags["autotune.trial"] == str(trial.number)]
+        assert child.data.tags["autotune.state"] == "PRUNED"
+        assert child.data.tags["autotune.pruned_epoch"] == "0"
+        assert child.data.tags["autotune.pruned_reason"] == reason
+        metrics = child.data.metrics
+        bns = _bn_names(spec, study, trial)
+        assert {f"predicted_delta.{name}" for name in [*bns, "worst", "product"]} <= set(metrics)
+        assert metrics["predicted_delta.worst"] == pytest.approx(worst)
+        assert "val_acc" not in metrics
+    # nothing completed: no recommendation
+    assert not (spec.output_dir / "recommended.yaml").exists()
+
+
+def test_without_the_gate_the_same_configuration_trains(write_spec):
+    spec = _gated_spec(write_spec, threshold=None, n_trials=1)
+    trial = run_study(spec).study.trials[0]
+
+    # threshold null: the trial with Δ about 0.2 trains both epochs and completes
+    assert trial.user_attrs["predicted_delta"] < 0.5
+    assert trial.state == TrialState.COMPLETE
+    assert sorted(trial.intermediate_values) == [1, 2]
+
+
+def test_seed_trials_start_the_study_with_the_least_shifted_candidates(write_spec):
+    pruner = {"name": "variance_shift", "threshold": None, "seed_trials": 2}
+    before_bn = {"placement": "before_bn", "regularizer": "dropout", "recalibrate_bn": False}
+    raw = tiny_spec(
+        study={"n_trials": 2, "pruner": pruner},
+        search_space={"params": before_bn},  # rate free in [0.05, 0.5]: Δ varies with it
+        train={"max_epochs": 1},
+    )
+    spec = load_spec(write_spec(raw))
+    space = resolve_space(spec)
+    data = load_data(spec.data, seed=spec.train.seed)
+    # the reference: the 10 · 2 random candidates, predicted one by one
+    candidates = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=spec.train.seed))
+    distances = []
+    for _ in range(20):
+        config = space.sample(candidates.ask())
+        distances.append(abs(math.log(training.predict(spec, config, data).summary.worst_delta)))
+    queue = optuna.create_study()
+    chosen = enqueue_low_shift(queue, spec, space, data, 2)
+
+    # two configurations are enqueued, as waiting trials carrying their parameters
+    assert len(chosen) == 2
+    assert [t.state for t in queue.trials] == [TrialState.WAITING] * 2
+    assert [t.system_attrs["fixed_params"] for t in queue.trials] == chosen
+    study = run_study(spec).study
+    # the study's first trials ran exactly those configurations
+    assert [t.params for t in study.trials[:2]] == chosen
+    # and their predicted Δ are the two least shifted of the twenty candidates
+    seeded = [abs(math.log(t.user_attrs["predicted_delta"])) for t in study.trials[:2]]
+    assert seeded == pytest.approx(sorted(distances)[:2])
 
 
 def test_data_path_output_is_relative_to_the_working_directory(tmp_path, monkeypatch):
