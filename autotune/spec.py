@@ -60,14 +60,17 @@ class PrunerSpec(_Section):
     # theory; a tenth costs little and shows whether the gate is right
     exploration: float = Field(0.1, ge=0, le=1)
     # variance_shift: learn the threshold from completed trials (no trial more shifted than the
-    # best quarter's widest, with 25 % slack) once `learn_after` have completed
-    learn_threshold: bool = False
+    # best quarter's widest, with 25 % slack) once `learn_after` have completed; on by default:
+    # with it the pruner met its benchmark (docs/benchmarks.md, "What the pruner saves")
+    learn_threshold: bool = True
     learn_after: int = Field(10, ge=1)
     # variance_shift: a median or percentile base keeps only the top quarter instead of the top
     # half for trials at the threshold (strictness 0.5)
     strictness: float = Field(0.5, ge=0, lt=1)
-    # variance_shift: extra epochs before the base may stop a trial predicted at Δ = 1
-    patience: int = Field(2, ge=0)
+    # variance_shift: extra warm-up epochs before the base may stop a trial predicted at Δ = 1.
+    # 0: near Δ = 1 the base acts as it is, which the benchmark found 20 points cheaper than 2
+    # for the same best metric; far from 1 it is stricter either way
+    patience: int = Field(0, ge=0)
     # variance_shift: enqueue this many first trials, the least shifted of 10 times as many
     # random candidates (predicted, not trained); 0: the sampler starts as it likes
     seed_trials: int = Field(0, ge=0)

@@ -87,7 +87,11 @@ def _first_pruned_step(study: optuna.Study, delta: float, value: float, steps: i
     ],
 )
 def test_the_gate_prunes_a_shifted_trial_before_any_report(delta: float, gated: bool) -> None:
-    study = _study(VarianceShiftPruner(MedianPruner(), threshold=0.5, exploration=0.0))
+    study = _study(
+        VarianceShiftPruner(
+            MedianPruner(), threshold=0.5, exploration=0.0, learn_threshold=False, patience=2
+        )
+    )
     trial = _ask(study, delta)
 
     # nothing reported yet: the gate alone decides, on |log Δ| against |log 0.5|
@@ -97,7 +101,9 @@ def test_the_gate_prunes_a_shifted_trial_before_any_report(delta: float, gated: 
 
 
 def test_a_gated_trial_ends_pruned_without_values_and_a_passing_one_trains_on() -> None:
-    study = _study(VarianceShiftPruner(threshold=0.5, exploration=0.0))
+    study = _study(
+        VarianceShiftPruner(threshold=0.5, exploration=0.0, learn_threshold=False, patience=2)
+    )
     shifted, fine = _ask(study, 0.3), _ask(study, 0.9)
 
     # Δ = 0.3 is stopped before it reports; Δ = 0.9 is not
@@ -117,7 +123,9 @@ def test_a_gated_trial_ends_pruned_without_values_and_a_passing_one_trains_on() 
 
 @pytest.mark.parametrize("exploration", [0.1, 0.25, 0.5])
 def test_the_share_of_gated_trials_that_explore_is_the_exploration(exploration: float) -> None:
-    pruner = VarianceShiftPruner(threshold=0.5, exploration=exploration, seed=3)
+    pruner = VarianceShiftPruner(
+        threshold=0.5, exploration=exploration, seed=3, learn_threshold=False, patience=2
+    )
     share = sum(pruner.explores(number) for number in range(2000)) / 2000
 
     # a Bernoulli(exploration) draw per trial number: within 0.03 (more than 4 sd at 2000 draws)
@@ -125,7 +133,9 @@ def test_the_share_of_gated_trials_that_explore_is_the_exploration(exploration: 
 
 
 def test_which_trials_explore_is_fixed_by_trial_number_and_seed() -> None:
-    pruner = VarianceShiftPruner(threshold=0.5, exploration=0.3, seed=3)
+    pruner = VarianceShiftPruner(
+        threshold=0.5, exploration=0.3, seed=3, learn_threshold=False, patience=2
+    )
     study = _study(pruner)
     trials = [_ask(study, 0.2) for _ in range(60)]
     first = [t.should_prune() for t in trials]
@@ -137,8 +147,12 @@ def test_which_trials_explore_is_fixed_by_trial_number_and_seed() -> None:
     # asking again gives the same answer
     assert [t.should_prune() for t in trials] == first
     # a new pruner with the same seed picks the same trials; another seed picks others
-    same = VarianceShiftPruner(threshold=0.5, exploration=0.3, seed=3)
-    other = VarianceShiftPruner(threshold=0.5, exploration=0.3, seed=4)
+    same = VarianceShiftPruner(
+        threshold=0.5, exploration=0.3, seed=3, learn_threshold=False, patience=2
+    )
+    other = VarianceShiftPruner(
+        threshold=0.5, exploration=0.3, seed=4, learn_threshold=False, patience=2
+    )
     assert [same.explores(n) for n in range(60)] == [pruner.explores(n) for n in range(60)]
     assert [other.explores(n) for n in range(60)] != [pruner.explores(n) for n in range(60)]
 
@@ -147,7 +161,11 @@ def test_which_trials_explore_is_fixed_by_trial_number_and_seed() -> None:
 def test_exploration_one_gates_nothing_and_zero_gates_every_shifted_trial(
     exploration: float, gated: bool
 ) -> None:
-    study = _study(VarianceShiftPruner(threshold=0.5, exploration=exploration))
+    study = _study(
+        VarianceShiftPruner(
+            threshold=0.5, exploration=exploration, learn_threshold=False, patience=2
+        )
+    )
     answers = {_ask(study, delta).should_prune() for delta in (0.1, 0.3, 3.0, 20.0) * 25}
 
     # 100 trials past the line: all train at 1, none at 0
@@ -164,7 +182,9 @@ def _median_study() -> optuna.Study:
     is 0.65. The base's n_warmup_steps=1 lets it prune from step 1, the first epoch.
     """
     base = MedianPruner(n_startup_trials=4, n_warmup_steps=1)
-    pruner = VarianceShiftPruner(base, threshold=0.5, exploration=0.0, strictness=0.5, patience=2)
+    pruner = VarianceShiftPruner(
+        base, threshold=0.5, exploration=0.0, strictness=0.5, patience=2, learn_threshold=False
+    )
     study = _study(pruner)
     for score in (0.2, 0.4, 0.6, 0.8):
         _complete(study, {step: score for step in range(1, 5)}, value=score)
@@ -214,7 +234,9 @@ def test_the_effective_percentile_follows_the_closeness(
         base: BasePruner = MedianPruner(n_startup_trials=0, n_warmup_steps=0)
     else:
         base = PercentilePruner(base_percentile, n_startup_trials=0, n_warmup_steps=0)
-    pruner = VarianceShiftPruner(base, threshold=0.5, exploration=1.0, patience=2)
+    pruner = VarianceShiftPruner(
+        base, threshold=0.5, exploration=1.0, patience=2, learn_threshold=False
+    )
     study = _study(pruner, direction)
     for i in range(101):  # scores 0.00, 0.01, ..., 1.00 at step 3: numpy's q-th percentile is q/100
         _complete(study, {3: i / 100}, value=i / 100)
@@ -241,7 +263,11 @@ def test_the_effective_percentile_follows_the_closeness(
 def test_without_a_gate_a_trial_that_reported_nothing_is_never_pruned(
     delta: float, base: BasePruner | None
 ) -> None:
-    study = _study(VarianceShiftPruner(base, threshold=None, exploration=0.0))
+    study = _study(
+        VarianceShiftPruner(
+            base, threshold=None, exploration=0.0, learn_threshold=False, patience=2
+        )
+    )
     _complete(study, {1: 0.9}, value=0.9)
     trial = _ask(study, delta)
 
@@ -252,7 +278,7 @@ def test_without_a_gate_a_trial_that_reported_nothing_is_never_pruned(
 
 
 def test_without_a_gate_and_before_learning_nothing_is_gated() -> None:
-    pruner = VarianceShiftPruner(threshold=None, learn_threshold=True, learn_after=3)
+    pruner = VarianceShiftPruner(threshold=None, learn_threshold=True, learn_after=3, patience=2)
     study = _study(pruner)
     _complete(study, {1: 0.9}, delta=1.0, value=0.9)
 
@@ -266,7 +292,9 @@ def test_without_a_gate_and_before_learning_nothing_is_gated() -> None:
 @pytest.mark.parametrize("direction", ["maximize", "minimize"])
 def test_a_trial_without_a_predicted_delta_gets_the_base_pruners_answer(direction: str) -> None:
     base = MedianPruner(n_startup_trials=2, n_warmup_steps=1)
-    wrapped = VarianceShiftPruner(base, threshold=0.5, exploration=0.0, patience=3)
+    wrapped = VarianceShiftPruner(
+        base, threshold=0.5, exploration=0.0, patience=3, learn_threshold=False
+    )
     study = _study(wrapped, direction)
     for score in (0.2, 0.4, 0.6, 0.8):
         _complete(study, {step: score for step in range(4)}, delta=0.3, value=score)
@@ -285,7 +313,11 @@ def test_a_trial_without_a_predicted_delta_gets_the_base_pruners_answer(directio
 
 
 def test_a_trial_without_a_predicted_delta_is_not_gated() -> None:
-    study = _study(VarianceShiftPruner(NopPruner(), threshold=0.5, exploration=0.0))
+    study = _study(
+        VarianceShiftPruner(
+            NopPruner(), threshold=0.5, exploration=0.0, learn_threshold=False, patience=2
+        )
+    )
 
     # no predicted Δ, nothing reported: the base (which never prunes) decides, not the gate
     assert not _ask(study, None).should_prune()
@@ -309,7 +341,9 @@ def test_a_trial_without_a_predicted_delta_is_not_gated() -> None:
 def test_another_base_is_honoured_after_patience_times_closeness_epochs(
     delta: float, pruned_at: int
 ) -> None:
-    pruner = VarianceShiftPruner(_PruneOnceReported(), threshold=0.5, exploration=1.0, patience=2)
+    pruner = VarianceShiftPruner(
+        _PruneOnceReported(), threshold=0.5, exploration=1.0, patience=2, learn_threshold=False
+    )
     closeness = max(0.0, 1.0 - abs(math.log(delta)) / LOG2)
 
     # the hand-computed step is the rule's: round(patience · closeness) epochs past the first
@@ -320,7 +354,9 @@ def test_another_base_is_honoured_after_patience_times_closeness_epochs(
 
 def test_a_successive_halving_base_is_delayed_near_delta_one() -> None:
     base = SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
-    study = _study(VarianceShiftPruner(base, threshold=0.5, exploration=0.0, patience=2))
+    study = _study(
+        VarianceShiftPruner(base, threshold=0.5, exploration=0.0, patience=2, learn_threshold=False)
+    )
 
     # the first trial at rung 0 (step 1) is promoted: it is the best so far
     assert _first_pruned_step(study, 0.5, 0.9, 1) is None
@@ -340,7 +376,9 @@ def test_a_successive_halving_base_is_delayed_near_delta_one() -> None:
 
 def test_a_hyperband_base_runs_inside_the_wrapper() -> None:
     base = HyperbandPruner(min_resource=1, max_resource=4, reduction_factor=2)
-    study = _study(VarianceShiftPruner(base, threshold=0.5, exploration=0.0, patience=0))
+    study = _study(
+        VarianceShiftPruner(base, threshold=0.5, exploration=0.0, patience=0, learn_threshold=False)
+    )
     for score in (0.9, 0.8, 0.7, 0.6):
         _first_pruned_step(study, 0.9, score, 4)
     stopped = [_first_pruned_step(study, 0.9, 0.01, 4) for _ in range(6)]
@@ -357,7 +395,7 @@ RANKED = [(0, 0.8), (1, 1.1), (2, 0.6), (3, 0.4), (4, 1.0), (5, 0.3), (6, 3.0), 
 
 def _learning_study(direction: str, ranked: list[tuple[int, float]]) -> optuna.Study:
     pruner = VarianceShiftPruner(
-        threshold=0.5, exploration=0.0, learn_threshold=True, learn_after=8, margin=1.25
+        threshold=0.5, exploration=0.0, learn_threshold=True, learn_after=8, margin=1.25, patience=2
     )
     study = _study(pruner, direction)
     for rank, delta in ranked:
@@ -462,7 +500,9 @@ def test_shift_distance_is_symmetric_in_delta_and_its_inverse(delta: float) -> N
     ],
 )
 def test_it_drives_study_optimize(base: BasePruner) -> None:
-    pruner = VarianceShiftPruner(base, threshold=0.5, exploration=0.2, seed=1)
+    pruner = VarianceShiftPruner(
+        base, threshold=0.5, exploration=0.2, seed=1, learn_threshold=False, patience=2
+    )
     study = optuna.create_study(
         direction="maximize", pruner=pruner, sampler=optuna.samplers.RandomSampler(seed=0)
     )
@@ -496,3 +536,12 @@ def test_it_drives_study_optimize(base: BasePruner) -> None:
     for trial in study.trials:
         if trial not in gated:
             assert trial.intermediate_values, trial.number
+
+
+def test_the_defaults_are_the_benchmarked_ones() -> None:
+    pruner = VarianceShiftPruner()
+    # the learned gate and no extra warm-up: the variant that met the benchmark's claim
+    assert pruner.learn_threshold is True and pruner.patience == 0
+    # over no base, a gate at Δ 0.5 with a tenth exploring
+    assert isinstance(pruner.base, NopPruner)
+    assert (pruner.threshold, pruner.exploration) == (0.5, 0.1)

@@ -73,8 +73,9 @@ def test_empty_spec_is_all_defaults(tmp_path: Path) -> None:
     assert pruner.name == "variance_shift"
     # its gate at Δ = 0.5 lets a tenth of the gated trials explore; a median decides in training
     assert (pruner.base, pruner.threshold, pruner.exploration) == ("median", 0.5, 0.1)
-    assert (pruner.strictness, pruner.patience, pruner.seed_trials) == (0.5, 2, 0)
-    assert (pruner.learn_threshold, pruner.learn_after) == (False, 10)
+    # stricter far from Δ = 1, no extra warm-up near it, the gate learned once 10 trials completed
+    assert (pruner.strictness, pruner.patience, pruner.seed_trials) == (0.5, 0, 0)
+    assert (pruner.learn_threshold, pruner.learn_after) == (True, 10)
     # the median's own settings, and the percentile base's 50 (the median)
     assert (pruner.n_startup_trials, pruner.n_warmup_epochs, pruner.percentile) == (5, 3, 50.0)
     # no data source means the bundled digits, 20 % held out, batches of 64
