@@ -6,6 +6,7 @@ and resumes when the same command runs again.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -17,6 +18,20 @@ import click
 from autotune.errors import SpecError
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
+# the storage URL can come from the environment, so that a password never has to be in a spec
+STORAGE_ENV = "AUTOTUNE_STORAGE"
+
+storage_option = click.option(
+    "--storage",
+    help=f"Optuna storage URL (overrides study.storage and ${STORAGE_ENV}): sqlite:///, "
+    "postgresql://, journal:///path, redis://.",
+)
+
+
+def _overrides(storage: str | None) -> dict[str, Any]:
+    """--storage, else $AUTOTUNE_STORAGE, else what the spec says."""
+    url = storage or os.environ.get(STORAGE_ENV)
+    return {"study.storage": url} if url else {}
 
 
 def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -57,14 +72,15 @@ def main() -> None:
     type=click.FloatRange(min=0, min_open=True),
     help="Seconds after which no new trial starts (overrides study.timeout).",
 )
+@storage_option
 @_friendly
-def run(spec_file: Path, n_trials: int | None, timeout: float | None) -> None:
+def run(spec_file: Path, n_trials: int | None, timeout: float | None, storage: str | None) -> None:
     """Run the study in SPEC_FILE, or resume it where it stopped."""
     from autotune.progress import RichProgress, print_summary
     from autotune.spec import load_spec
     from autotune.study import run_study
 
-    spec = load_spec(spec_file)
+    spec = load_spec(spec_file, overrides=_overrides(storage))
     console = _console()
     progress = RichProgress(console, spec.study.metric, spec.train.max_epochs)
     outcome = run_study(spec, n_trials=n_trials, timeout=timeout, progress=progress)
@@ -100,14 +116,15 @@ def validate(spec_file: Path) -> None:
 
 @main.command()
 @click.argument("spec_file", type=click.Path(path_type=Path))
+@storage_option
 @_friendly
-def export(spec_file: Path) -> None:
+def export(spec_file: Path, storage: str | None) -> None:
     """Write recommended.yaml and best_model.py again from the study in SPEC_FILE's storage."""
     from autotune.export import write_outputs
     from autotune.spec import load_spec
     from autotune.study import load_existing_study
 
-    spec = load_spec(spec_file)
+    spec = load_spec(spec_file, overrides=_overrides(storage))
     study = load_existing_study(spec)
     try:
         paths = write_outputs(study, spec)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import inspect
 import platform
-import re
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from autotune.models import ResidualBlock, build_model
 from autotune.regularizers import CUSTOM_MODULES
 from autotune.space import TrialConfig
 from autotune.spec import Spec
-from autotune.study import best_trial, state_counts
+from autotune.study import best_trial, redact, state_counts
 
 _LEAVES: dict[type, tuple[str, ...]] = {
     nn.Flatten: (),
@@ -227,8 +226,3 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
-
-
-def redact(url: str) -> str:
-    """postgresql://user:secret@host/db -> postgresql://user:***@host/db"""
-    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)

@@ -9,6 +9,7 @@ the run, since something is wrong with more than one configuration.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 
 import optuna
 from optuna.exceptions import ExperimentalWarning
+from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from autotune.errors import SpecError
@@ -66,9 +68,26 @@ def resolve_space(spec: Spec) -> SearchSpace:
     )
 
 
+JOURNAL = "journal:///"  # journal:///runs/x.journal is relative, journal:////abs/x.journal absolute
+
+
 def make_storage(url: str) -> optuna.storages.BaseStorage:
-    """An RDB storage with heartbeats, so that a trial whose worker died is failed and retried."""
+    """The Optuna storage a URL names.
+
+    - sqlite:///, postgresql://, mysql://: an RDB storage with heartbeats, so that a trial whose
+      worker died is failed and run again (RetryHeartbeatStaleTrialCallback);
+    - journal:///path: a journal file, for workers that share a filesystem but no database;
+    - redis://host:port/db: a journal in Redis.
+    Optuna keeps heartbeats for RDB storages only: with a journal, a dead worker's trial stays
+    RUNNING and is not retried.
+    """
     try:
+        if url.startswith(JOURNAL):
+            path = Path(url.removeprefix(JOURNAL))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        if url.startswith(("redis://", "rediss://")):
+            return optuna.storages.JournalStorage(_redis_backend(url))
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.RDBStorage(
@@ -77,10 +96,30 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
             grace_period=HEARTBEAT_GRACE,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
         )
+    except SpecError:
+        raise
     except Exception as exc:  # bad URL, missing driver, unreachable server
+        reason = str(exc).splitlines()[0] if str(exc) else ""
         raise SpecError(
-            f"study.storage: cannot open {url!r}: {type(exc).__name__}: {exc}"
+            f"study.storage: cannot open {redact(url)!r}: {type(exc).__name__}: {reason}"
         ) from None
+
+
+def _redis_backend(url: str) -> JournalRedisBackend:
+    try:
+        import redis
+    except ImportError:
+        raise SpecError(
+            "study.storage: a redis:// storage needs the redis package: "
+            "pip install 'autotune[redis]'"
+        ) from None
+    redis.Redis.from_url(url, socket_connect_timeout=5).ping()  # unreachable: said here, once
+    return JournalRedisBackend(url)
+
+
+def redact(url: str) -> str:
+    """postgresql://user:secret@host/db -> postgresql://user:***@host/db"""
+    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
 
 
 def make_sampler(name: str, seed: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
@@ -197,12 +236,13 @@ def check_stored(study: optuna.Study, spec: Spec, datamodule: Any | None = None)
 def load_existing_study(spec: Spec) -> optuna.Study:
     """The spec's stored study, checked against the spec; SpecError when there is none."""
     url = spec.storage_url
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        raise SpecError(f"study.name: no study {spec.study.name!r}: {url} does not exist")
+    for prefix in ("sqlite:///", JOURNAL):
+        if url.startswith(prefix) and not Path(url.removeprefix(prefix)).is_file():
+            raise SpecError(f"study.name: no study {spec.study.name!r}: {url} does not exist")
     try:
         study = optuna.load_study(study_name=spec.study.name, storage=make_storage(url))
     except KeyError:
-        raise SpecError(f"study.name: no study {spec.study.name!r} in {url}") from None
+        raise SpecError(f"study.name: no study {spec.study.name!r} in {redact(url)}") from None
     check_stored(study, spec)
     return study
 
