@@ -281,7 +281,10 @@ def enqueue_low_shift(
     study: optuna.Study, spec: Spec, space: SearchSpace, datamodule: Any, n: int
 ) -> list[dict[str, Any]]:
     """Enqueue the first n trials: the least shifted of 10·n random configurations, predicted
-    (not trained). Returns the enqueued parameters, least shifted first."""
+    (not trained). Returns the enqueued parameters, least shifted first.
+
+    Meant for the one process that starts a study: workers that start an empty study at the same
+    moment may each enqueue them."""
     from autotune.pruners import shift_distance
     from autotune.training import predict
 
@@ -290,7 +293,10 @@ def enqueue_low_shift(
     for _ in range(10 * n):
         trial = candidates.ask()
         config = space.sample(trial)
-        worst = predict(spec, config, datamodule).summary.worst_delta
+        try:
+            worst = predict(spec, config, datamodule).summary.worst_delta
+        except Exception:  # a candidate that cannot be predicted is simply not chosen
+            continue
         scored.append((shift_distance(worst), trial.number, trial.params))
     chosen = [params for _, _, params in sorted(scored, key=lambda row: row[:2])[:n]]
     for params in chosen:

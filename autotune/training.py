@@ -200,7 +200,9 @@ def fit(
         trainer.fit(module, datamodule=datamodule)
     except SIGTERMException:
         raise TrialInterrupted("interrupted by SIGTERM") from None
-    # 4. after training, on the device it trained on: recalibrate, validate again, measure
+    # 4. after training, on the device it trained on (Lightning's teardown moved the model to
+    #    the CPU): recalibrate, validate again, measure
+    model.to(trainer.strategy.root_device)
     final = after_training(model, config, datamodule, history[-1])
     measured = measure_shift(model, _first(datamodule.val_dataloader(), MEASURE_BATCHES))
     train_mode, eval_mode = mode_accuracy(
@@ -360,34 +362,9 @@ class Objective:
         run_id = self.tracker.start_trial(trial.number, config.to_params())
         if run_id is not None:
             trial.set_user_attr("mlflow_run_id", run_id)
-        try:  # before any training: what the theory expects of this configuration
-            prediction = predict(self.spec, config, self.datamodule)
-        except Exception as exc:
-            self._fail(trial, run_id, exc)
-            raise
-        trial.set_user_attr("predicted_shift", prediction.to_dict())
-        trial.set_user_attr(DELTA_KEY, prediction.summary.worst_delta)
-        self.tracker.log_metrics(run_id, predicted_metrics(prediction), step=0)
-        if trial.should_prune():  # the pruner's gate, before any training
-            reason = gate_reason(trial.study, prediction)
-            self._pruned(trial, run_id, 0, reason)
-            raise optuna.TrialPruned(reason)
-        if _explores(trial, prediction):  # past the line, trained anyway: mark it
-            trial.set_user_attr("explored", True)
-            self.tracker.log_tags(run_id, {"autotune.explored": True})
-
-        epochs: list[int] = []
-
-        def report(epoch: int, metrics: dict[str, float]) -> None:
-            epochs.append(epoch)
-            self.tracker.log_metrics(run_id, metrics, step=epoch)
-            if self.on_epoch is not None:
-                self.on_epoch(trial, epoch, metrics)
-
+        epochs: list[int] = []  # the epochs reported so far, for a pruned trial's record
         try:
-            result = fit(
-                self.spec, config, self.datamodule, trial=trial, on_epoch=report, stop=self.stop
-            )
+            return self._trial(trial, config, run_id, epochs)
         except optuna.TrialPruned as exc:
             self._pruned(trial, run_id, epochs[-1] if epochs else 0, str(exc))
             raise
@@ -396,9 +373,36 @@ class Objective:
             trial.set_user_attr("interrupted", True)
             self.tracker.end_trial(run_id, "INTERRUPTED")
             raise KeyboardInterrupt from None
-        except Exception as exc:
+        except Exception as exc:  # whatever raised, the trial's run is not left RUNNING
             self._fail(trial, run_id, exc)
             raise
+
+    def _trial(
+        self, trial: optuna.Trial, config: TrialConfig, run_id: str | None, epochs: list[int]
+    ) -> float:
+        """Predict, gate, train, measure, record. __call__ records how it ended if it raises."""
+        # 1. before any training: what the theory expects of this configuration
+        prediction = predict(self.spec, config, self.datamodule)
+        trial.set_user_attr("predicted_shift", prediction.to_dict())
+        trial.set_user_attr(DELTA_KEY, prediction.summary.worst_delta)
+        self.tracker.log_metrics(run_id, predicted_metrics(prediction), step=0)
+        # 2. the pruner's gate, before the first epoch
+        if trial.should_prune():
+            raise optuna.TrialPruned(gate_reason(trial.study, prediction))
+        if _explores(trial, prediction):  # past the line, trained anyway: mark it
+            trial.set_user_attr("explored", True)
+            self.tracker.log_tags(run_id, {"autotune.explored": True})
+
+        def report(epoch: int, metrics: dict[str, float]) -> None:
+            epochs.append(epoch)
+            self.tracker.log_metrics(run_id, metrics, step=epoch)
+            if self.on_epoch is not None:
+                self.on_epoch(trial, epoch, metrics)
+
+        # 3. train, then what was measured after training
+        result = fit(
+            self.spec, config, self.datamodule, trial=trial, on_epoch=report, stop=self.stop
+        )
         self._record_measurements(trial, run_id, result)
         self._save_if_best(trial, result)
         self.tracker.end_trial(run_id, "COMPLETE")

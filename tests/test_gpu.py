@@ -50,3 +50,31 @@ def test_measurement_and_recalibration_run_on_the_device() -> None:
     # both accuracies are proportions, and the model stayed on the GPU
     assert 0 <= train_acc <= 1 and 0 <= eval_acc <= 1
     assert next(net.parameters()).is_cuda
+
+
+def test_after_training_runs_on_the_gpu(monkeypatch) -> None:
+    from autotune import training
+    from autotune.data import load_data
+    from autotune.spec import parse_spec
+
+    spec = parse_spec(
+        {
+            "data": {"name": "digits", "batch_size": 128},
+            "model": {"template": "mlp", "widths": [32]},
+            "train": {"max_epochs": 1, "accelerator": "gpu"},
+            "mlflow": {"enabled": False},
+        }
+    )
+    seen = []
+    after = training.after_training
+    monkeypatch.setattr(
+        training,
+        "after_training",
+        lambda model, *args: seen.append(next(model.parameters()).device) or after(model, *args),
+    )
+    config = TrialConfig((BlockConfig("before_bn", 0.3, "dropout"),), recalibrate_bn=True)
+    result = training.fit(spec, config, load_data(spec.data, seed=0))
+    # recalibration and measurement ran where the model trained, though Lightning's teardown
+    # moves a module to the CPU; the trained model comes back on the CPU
+    assert seen and seen[0].type == "cuda"
+    assert next(result.model.parameters()).device.type == "cpu"

@@ -550,3 +550,21 @@ def test_data_path_output_is_relative_to_the_working_directory(tmp_path, monkeyp
     # outputs land under the working directory, not the spec's folder
     assert (Path("out") / "recommended.yaml").is_file()
     assert not (spec_path.parent / "out").exists()
+
+
+def test_a_failure_after_training_fails_the_trial_and_ends_its_run(write_spec, monkeypatch):
+    spec = load_spec(write_spec(tiny_spec(study={"n_trials": 1})))
+
+    def full_disk(self, trial, result):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(training.Objective, "_save_if_best", full_disk)
+    outcome = run_study(spec)
+    trial = outcome.study.trials[0]
+    # the trial fails with the reason, and the run stops after five such failures in a row
+    assert trial.state == TrialState.FAIL
+    assert trial.user_attrs["fail_reason"] == "OSError: No space left on device"
+    assert outcome.stopped_by_failures
+    # its MLflow run is FAILED, not left RUNNING
+    run = MlflowClient(spec.tracking_uri).get_run(trial.user_attrs["mlflow_run_id"])
+    assert (run.info.status, run.data.tags["autotune.state"]) == ("FAILED", "FAIL")
