@@ -23,7 +23,7 @@ Run from the repository root:
     .venv/bin/python benchmarks/pruners.py --quick    # a smoke run in about a minute
 
 It prints markdown tables, writes the raw rows to benchmarks/results/pruners.json and the plot to
-docs/pruners.png.
+docs/pruners.png (--quick: pruners_quick.json, no plot).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -42,6 +41,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import optuna
 import torch
+from _report import machine, spread
 from optuna.trial import TrialState
 
 from autotune.spec import parse_spec
@@ -169,9 +169,9 @@ def summary_table(runs: list[dict]) -> str:
                 1 for r in rows for t in r["trials"] if t["state"] == "PRUNED" and t["epochs"] == 0
             )
             lines.append(
-                f"| {task} | {pruner} | {_spread(spent, 0)} "
-                f"| {_spread([r['seconds'] for r in rows], 0)} "
-                f"| {_spread([100 * best(r) for r in rows], 1)} | {reach} "
+                f"| {task} | {pruner} | {spread(spent, 0)} "
+                f"| {spread([r['seconds'] for r in rows], 0)} "
+                f"| {spread([100 * best(r) for r in rows], 1)} | {reach} "
                 f"| {gated / len(rows):.1f} | {ratio} |"
             )
     return "\n".join(lines)
@@ -296,11 +296,6 @@ def plot(runs: list[dict]) -> None:
     fig.savefig(PLOT, dpi=120)
 
 
-def _spread(values: list[float], digits: int) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=30, help="trial budget of every study")
@@ -331,8 +326,10 @@ def main() -> None:
         parser.error(
             f"--reuse: unknown pruner {sorted(unknown)[0]!r}; expected: {', '.join(PRUNERS)}"
         )
-    if args.quick:
+    if args.quick:  # a smoke run: its rows go beside the documented ones, and no plot
         args.trials, args.epochs, args.seeds = 8, 3, 1
+        if args.results == RESULTS:
+            args.results = RESULTS.with_name("pruners_quick.json")
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -379,12 +376,7 @@ def main() -> None:
         f"({args.trials} trials of up to {args.epochs} epochs per study, {args.seeds} seed(s); "
         f"{elapsed:.0f} s)"
     )
-    print(
-        f"Machine: {os.cpu_count()} CPU cores, "
-        f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; "
-        f"torch {torch.__version__}, Python {platform.python_version()}. "
-        f"Date: {time.strftime('%Y-%m-%d')}."
-    )
+    print(machine())
     print()
     print(summary_table(runs))
     print()

@@ -18,7 +18,8 @@ Run from the repository root:
     .venv/bin/python benchmarks/variance_shift.py              # the numbers in docs/benchmarks.md
     .venv/bin/python benchmarks/variance_shift.py --quick      # a smoke run in about a minute
 
-It prints markdown tables and writes the raw rows to benchmarks/results/variance_shift.json.
+It prints markdown tables and writes the raw rows to benchmarks/results/variance_shift.json
+(variance_shift_quick.json for --quick).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -36,6 +36,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import optuna
 import torch
+from _report import machine, spread
 from scipy.stats import spearmanr
 
 from autotune.data import load_data
@@ -193,18 +194,13 @@ def placement_table(rows: list[dict]) -> str:
             predicted = statistics.mean(r["predicted_worst"] for r in before)
             lines.append(
                 f"| {template} | {rate} | {predicted:.3f}"
-                f" | {_spread([r['val_acc'] for r in before])}"
-                f" | {_spread([r['val_acc'] for r in after])}"
-                f" | {_spread(lost)} "
-                f"| {_spread([r['val_acc_recalibrated'] for r in before])} | {_spread(gain)} |"
+                f" | {spread([r['val_acc'] for r in before], scale=100)}"
+                f" | {spread([r['val_acc'] for r in after], scale=100)}"
+                f" | {spread(lost, scale=100)} "
+                f"| {spread([r['val_acc_recalibrated'] for r in before], scale=100)}"
+                f" | {spread(gain, scale=100)} |"
             )
     return "\n".join(lines)
-
-
-def _spread(values: list[float]) -> str:
-    """mean ± standard deviation over seeds, as percentages."""
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.1f} ± {100 * sd:.1f}"
 
 
 def main() -> None:
@@ -230,20 +226,17 @@ def main() -> None:
     placements = [r for t in TEMPLATES for r in placement_rows(t, args.seeds, args.epochs)]
     elapsed = time.time() - start
 
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"correlation": correlation, "placements": placements}, indent=1))
+    # a smoke run leaves the documented results alone
+    results = RESULTS.with_name("variance_shift_quick.json") if args.quick else RESULTS
+    results.parent.mkdir(exist_ok=True)
+    results.write_text(json.dumps({"correlation": correlation, "placements": placements}, indent=1))
     print()
     print(
         f"Command: `.venv/bin/python benchmarks/variance_shift.py"
         f"{' --quick' if args.quick else ''}` ({args.configs} configurations per template, "
         f"{args.seeds} seed(s), {args.epochs} epochs; {elapsed:.0f} s)"
     )
-    print(
-        f"Machine: {os.cpu_count()} CPU cores, "
-        f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; "
-        f"torch {torch.__version__}, Python {platform.python_version()}. "
-        f"Date: {time.strftime('%Y-%m-%d')}."
-    )
+    print(machine())
     print()
     print(correlation_table(correlation))
     print()
