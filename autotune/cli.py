@@ -17,21 +17,40 @@ import click
 
 from autotune.errors import SpecError
 
-EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
-# the storage URL can come from the environment, so that a password never has to be in a spec
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+# the storage URL and the tracking URI can come from the environment, so that a password never
+# has to be in a spec, and every node of a cluster can run the same spec
 STORAGE_ENV = "AUTOTUNE_STORAGE"
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
 
 storage_option = click.option(
     "--storage",
-    help=f"Optuna storage URL (overrides study.storage and ${STORAGE_ENV}): sqlite:///, "
+    help=f"Optuna storage URL (overrides ${STORAGE_ENV} and study.storage): sqlite:///, "
     "postgresql://, journal:///path, redis://.",
+)
+tracking_option = click.option(
+    "--tracking-uri",
+    help=f"MLflow tracking URI (overrides ${TRACKING_ENV} and mlflow.tracking_uri), "
+    "e.g. http://mlflow-host:5000.",
 )
 
 
-def _overrides(storage: str | None) -> dict[str, Any]:
-    """--storage, else $AUTOTUNE_STORAGE, else what the spec says."""
-    url = storage or os.environ.get(STORAGE_ENV)
-    return {"study.storage": url} if url else {}
+def _overrides(storage: str | None, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Each URL from its flag, else its environment variable, else what the spec says."""
+    chosen = {
+        "study.storage": storage or os.environ.get(STORAGE_ENV),
+        "mlflow.tracking_uri": tracking_uri or os.environ.get(TRACKING_ENV),
+    }
+    return {key: url for key, url in chosen.items() if url}
+
+
+def _devices(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    devices = [d.strip() for d in value.split(",")]
+    if not all(d.isdigit() for d in devices):
+        raise click.BadParameter(f"{value!r}: expected CUDA device numbers, e.g. 0,1,2,3")
+    return devices
 
 
 def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -65,33 +84,76 @@ def main() -> None:
 @click.option(
     "--n-trials",
     type=click.IntRange(min=1),
-    help="The study's trial budget (overrides study.n_trials).",
+    help="The study's trial budget (overrides study.n_trials), shared by all its workers.",
 )
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0, min_open=True),
     help="Seconds after which no new trial starts (overrides study.timeout).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Local worker processes that share the study, one trial each at a time.",
+)
+@click.option(
+    "--devices",
+    callback=_devices,
+    help="CUDA devices for the workers, round-robin, e.g. 0,1,2,3 (default: every visible GPU).",
+)
 @storage_option
+@tracking_option
+@click.option("--worker", "as_worker", is_flag=True, hidden=True)  # one of --workers' processes
 @_friendly
-def run(spec_file: Path, n_trials: int | None, timeout: float | None, storage: str | None) -> None:
-    """Run the study in SPEC_FILE, or resume it where it stopped."""
+def run(
+    spec_file: Path,
+    n_trials: int | None,
+    timeout: float | None,
+    workers: int,
+    devices: list[str] | None,
+    storage: str | None,
+    tracking_uri: str | None,
+    as_worker: bool,
+) -> None:
+    """Run the study in SPEC_FILE, or resume it where it stopped, or join it: the same command
+    on another node works on the same study when its storage is shared."""
     from autotune.progress import RichProgress, print_summary
     from autotune.spec import load_spec
     from autotune.study import run_study
 
-    spec = load_spec(spec_file, overrides=_overrides(storage))
+    spec = load_spec(spec_file, overrides=_overrides(storage, tracking_uri))
     console = _console()
     progress = RichProgress(console, spec.study.metric, spec.train.max_epochs)
-    outcome = run_study(spec, n_trials=n_trials, timeout=timeout, progress=progress)
-    print_summary(console, spec, outcome)
+    troubles: list[str] = []
+    if workers > 1:
+        from autotune.workers import launch
+
+        outcome, troubles = launch(
+            spec_file, spec, workers, devices, n_trials=n_trials, timeout=timeout, progress=progress
+        )
+    else:
+        if devices:  # before anything initialises CUDA
+            from autotune.workers import plan_devices
+
+            [device] = plan_devices(1, devices, spec.train.accelerator)
+            if device is not None:
+                os.environ["CUDA_VISIBLE_DEVICES"] = device
+        outcome = run_study(
+            spec, n_trials=n_trials, timeout=timeout, progress=progress, finish=not as_worker
+        )
+    if not as_worker:
+        print_summary(console, spec, outcome)
+    for trouble in troubles:
+        console.print(f"[yellow]{trouble}[/]", soft_wrap=True)
     if outcome.interrupted:
         console.print(
             f"interrupted: run `autotune run {spec_file}` again to resume", soft_wrap=True
         )
         sys.exit(EXIT_INTERRUPTED)
-    if outcome.stopped_by_failures:
-        sys.exit(1)
+    if outcome.stopped_by_failures or (troubles and outcome.finished < outcome.budget):
+        sys.exit(EXIT_FAILED)
 
 
 @main.command()
@@ -173,6 +235,42 @@ def predict(spec_file: Path, config_file: Path | None, as_json: bool) -> None:
         click.echo(json.dumps({"config": config.to_params(), **prediction.to_dict()}, indent=2))
     else:
         print_prediction(_console(stderr=False), config, prediction)
+
+
+@main.command()
+@click.argument("spec_file", type=click.Path(path_type=Path))
+@storage_option
+@tracking_option
+@_friendly
+def sync(spec_file: Path, storage: str | None, tracking_uri: str | None) -> None:
+    """Log to MLflow what it misses of the study in SPEC_FILE, from the Optuna storage: trials
+    finished while the tracking server was away, or whose worker died."""
+    from autotune.spec import load_spec
+    from autotune.study import load_existing_study
+    from autotune.tracking import Tracker, sync_study
+
+    spec = load_spec(spec_file, overrides=_overrides(storage, tracking_uri))
+    if not spec.mlflow.enabled:
+        raise SpecError("mlflow.enabled: false: this study logs nothing to MLflow")
+    study = load_existing_study(spec)
+    where = f"mlflow.tracking_uri: {spec.tracking_uri}"
+    try:
+        tracker = Tracker(
+            spec.tracking_uri, spec.experiment_name, spec.study.name, notify=lambda _: None
+        )
+        if not tracker.online:
+            raise SpecError(f"{where}: does not answer ({tracker.last_error})")
+        logged = sync_study(tracker, study, spec.study.metric)
+    except SpecError:
+        raise
+    except Exception as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SpecError(f"{where}: {message}") from None
+    finished = sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
+    click.echo(
+        f"{spec.tracking_uri}: logged {logged} trials it was missing; "
+        f"it now holds all {finished} finished trials of study {spec.study.name!r}"
+    )
 
 
 @main.command()

@@ -45,9 +45,11 @@ class RichProgress(ProgressBase):
             console=console,
         )
         self.trials = self.bar.add_task("trials", total=1, note="", visible=False)
+        self.total = 1
         self.epochs = self.bar.add_task("", total=max_epochs, note="", visible=False)
 
     def start(self, study: optuna.Study, total: int) -> None:
+        self.total = total
         done = len(study.get_trials(deepcopy=False, states=FINISHED))
         self.bar.update(
             self.trials,
@@ -72,9 +74,9 @@ class RichProgress(ProgressBase):
         )
 
     def trial_done(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.state in FINISHED:
-            self.bar.advance(self.trials)
-        self.bar.update(self.trials, note=self._best(study))
+        # the whole study's count: other workers finish trials too
+        done = len(study.get_trials(deepcopy=False, states=FINISHED))
+        self.bar.update(self.trials, completed=min(done, self.total), note=self._best(study))
         self.bar.update(self.epochs, visible=False, completed=0)
         if not self.console.is_terminal:
             value = "" if trial.value is None else f" {self.metric}={trial.value:.4f}"
@@ -83,6 +85,13 @@ class RichProgress(ProgressBase):
                 f"trial {trial.number} {trial.state.name}{value} {reason}".rstrip()
                 + f" | {self._best(study)}"
             )
+
+    def waiting(self, study: optuna.Study, running: int) -> None:
+        note = f"{self._best(study)} | waiting: {running} trials running take the rest"
+        self.bar.update(self.trials, note=note)
+
+    def note(self, message: str) -> None:
+        self.console.print(message, soft_wrap=True)
 
     def close(self) -> None:
         self.bar.stop()
@@ -132,7 +141,9 @@ def print_summary(console: Console, spec: Spec, outcome: StudyOutcome, k: int = 
         )
     for path in outcome.outputs:
         console.print(f"wrote {path}", soft_wrap=True)
-    if spec.mlflow.enabled:
+    if spec.mlflow.enabled and spec.tracking_uri.startswith(("http://", "https://")):
+        console.print(f"compare trials: {spec.tracking_uri}", soft_wrap=True)
+    elif spec.mlflow.enabled:
         console.print(
             f"compare trials: mlflow ui --backend-store-uri {spec.tracking_uri}", soft_wrap=True
         )

@@ -105,8 +105,21 @@ class StudySpec(_Section):
     pruner: PrunerSpec = PrunerSpec()
     # an Optuna storage URL; none: sqlite in the output folder, so a rerun resumes the study
     storage: str | None = None
+    # RDB storages: seconds between a running trial's heartbeats, and the silence after which
+    # its worker is taken for dead and the trial is failed and run again
+    heartbeat_interval: int = Field(30, ge=1)
+    heartbeat_grace: int = Field(120, ge=2)
 
     _pruner_shorthand = field_validator("pruner", mode="before")(_shorthand)
+
+    @model_validator(mode="after")
+    def _grace_outlasts_a_beat(self) -> StudySpec:
+        if self.heartbeat_grace <= self.heartbeat_interval:
+            raise ValueError(
+                f"heartbeat_grace ({self.heartbeat_grace}) must be longer than "
+                f"heartbeat_interval ({self.heartbeat_interval})"
+            )
+        return self
 
     @property
     def resolved_direction(self) -> Literal["maximize", "minimize"]:

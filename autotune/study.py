@@ -1,15 +1,24 @@
 """The study: storage, sampler, pruner, the trial loop, resume and the budget.
 
 `n_trials` is the budget of the whole study: the number of trials that finished (COMPLETE or
-PRUNED), across reruns. Running the same spec again loads the same study from its storage and
-runs only what is missing; a failed trial does not use the budget, but five failures in a row stop
-the run, since something is wrong with more than one configuration.
+PRUNED), across reruns and across every worker that shares the study. Running the same spec again
+loads the same study from its storage and runs only what is missing; a failed trial does not use
+the budget, but five failures in a row stop the run, since something is wrong with more than one
+configuration.
+
+Several workers (processes, nodes) share a study through its storage. A worker starts a trial
+only while the finished and running trials leave room in the budget; when they do not, it waits:
+a running trial may still fail, or its worker die, and then its slot is free again. Two workers
+that take the last slot at the same moment are told apart by trial number: the later trial ends
+FAIL before anything runs, marked `surplus`.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import secrets
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 from autotune.errors import SpecError
 from autotune.space import SearchSpace, load_space
 from autotune.spec import PrunerSpec, Spec
+from autotune.tracking import PARENT_ATTR
 
 # heartbeats, RetryHeartbeatStaleTrialCallback and TPE's `group` are marked experimental; we
 # rely on them knowingly and the notice would greet every user on every run
@@ -33,8 +43,12 @@ INPUT_STATS = "input_stats.pt"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_FAILURES_IN_A_ROW = 5
 # a worker that has not beaten its heart for grace_period seconds is taken for dead, and its trial
-# is failed and run again (RetryHeartbeatStaleTrialCallback)
+# is failed and run again (RetryHeartbeatStaleTrialCallback); the spec may set both
 HEARTBEAT_INTERVAL, HEARTBEAT_GRACE = 30, 120
+# how often a worker waiting for room in the budget looks at the storage again
+POLL_SECONDS = 1.0
+# how long a worker that joins a new study waits for its creator to name the MLflow parent run
+PARENT_WAIT_SECONDS = 30.0
 
 
 class Progress:
@@ -43,6 +57,8 @@ class Progress:
     def start(self, study: optuna.Study, total: int) -> None: ...
     def epoch(self, trial: optuna.Trial, epoch: int, metrics: dict[str, float]) -> None: ...
     def trial_done(self, study: optuna.Study, trial: FrozenTrial) -> None: ...
+    def waiting(self, study: optuna.Study, running: int) -> None: ...
+    def note(self, message: str) -> None: ...
     def close(self) -> None: ...
 
 
@@ -71,7 +87,21 @@ def resolve_space(spec: Spec) -> SearchSpace:
 JOURNAL = "journal:///"  # journal:///runs/x.journal is relative, journal:////abs/x.journal absolute
 
 
-def make_storage(url: str) -> optuna.storages.BaseStorage:
+def spec_storage(spec: Spec) -> optuna.storages.BaseStorage:
+    """The spec's storage, with its heartbeat settings."""
+    return make_storage(
+        spec.storage_url,
+        heartbeat_interval=spec.study.heartbeat_interval,
+        heartbeat_grace=spec.study.heartbeat_grace,
+    )
+
+
+def make_storage(
+    url: str,
+    *,
+    heartbeat_interval: int = HEARTBEAT_INTERVAL,
+    heartbeat_grace: int = HEARTBEAT_GRACE,
+) -> optuna.storages.BaseStorage:
     """The Optuna storage a URL names.
 
     - sqlite:///, postgresql://, mysql://: an RDB storage with heartbeats, so that a trial whose
@@ -90,12 +120,7 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
             return optuna.storages.JournalStorage(_redis_backend(url))
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=HEARTBEAT_INTERVAL,
-            grace_period=HEARTBEAT_GRACE,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
-        )
+        return _rdb_storage(url, heartbeat_interval, heartbeat_grace)
     except SpecError:
         raise
     except Exception as exc:  # bad URL, missing driver, unreachable server
@@ -103,6 +128,27 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
         raise SpecError(
             f"study.storage: cannot open {redact(url)!r}: {type(exc).__name__}: {reason}"
         ) from None
+
+
+def _rdb_storage(url: str, interval: int, grace: int) -> optuna.storages.RDBStorage:
+    def open_() -> optuna.storages.RDBStorage:
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=interval,
+            grace_period=grace,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+        )
+
+    for _ in range(2):
+        try:
+            return open_()
+        except Exception as exc:
+            # workers that open a fresh database at once race to create its tables: the loser
+            # finds them made on a second look. A server that is not there is not worth one.
+            if "connect" in str(exc).lower():
+                raise
+            time.sleep(0.1 + secrets.randbelow(500) / 1000)
+    return open_()
 
 
 def _redis_backend(url: str) -> JournalRedisBackend:
@@ -182,28 +228,41 @@ def _optuna_pruner(name: str, spec: PrunerSpec, max_epochs: int) -> optuna.prune
     return optuna.pruners.NopPruner()
 
 
-def open_study(spec: Spec, space: SearchSpace, datamodule: Any | None = None) -> optuna.Study:
-    """Create the study, or load it when it exists; refuse a spec that no longer fits it."""
+def open_study(
+    spec: Spec, space: SearchSpace, datamodule: Any | None = None
+) -> tuple[optuna.Study, bool]:
+    """Create the study, or load it when it exists; refuse a spec that no longer fits it.
+
+    Returns the study and whether this process created it. Of many workers starting at once
+    exactly one does (the storage keeps study names unique); only it seeds trials and creates
+    the MLflow parent run.
+    """
     direction = spec.study.resolved_direction
-    study = optuna.create_study(
+    settings: dict[str, Any] = dict(
         study_name=spec.study.name,
-        storage=make_storage(spec.storage_url),
+        storage=spec_storage(spec),
         sampler=make_sampler(spec.study.sampler, spec.train.seed, space),
         pruner=make_pruner(spec.study.pruner, spec.train.max_epochs, spec.train.seed),
         direction=direction,
-        load_if_exists=True,
     )
-    # a resumed study must not replay the first run's random draws: offset the seed by the
-    # trials already stored, so each run draws new configurations, reproducibly
-    study.sampler = make_sampler(spec.study.sampler, spec.train.seed + len(study.trials), space)
+    try:
+        study, created = optuna.create_study(**settings), True
+    except optuna.exceptions.DuplicatedStudyError:
+        study, created = optuna.create_study(**settings, load_if_exists=True), False
+    if not created:
+        # the creator draws from the spec's seed, reproducibly. Any other process, a resumed
+        # run or one of several workers, draws from its own: workers that joined at the same
+        # moment would otherwise try the same configurations side by side
+        study.sampler = make_sampler(spec.study.sampler, secrets.randbits(31), space)
     if study.direction.name.lower() != direction:
         raise SpecError(
             f"study.direction: stored study {spec.study.name!r} is to "
             f"{study.direction.name.lower()}, the spec says {direction}; choose another study.name"
         )
     for key, value in check_stored(study, spec, datamodule).items():
-        study.set_user_attr(key, value)
-    return study
+        if study.user_attrs.get(key) != value:
+            study.set_user_attr(key, value)
+    return study, created
 
 
 def check_stored(study: optuna.Study, spec: Spec, datamodule: Any | None = None) -> dict[str, Any]:
@@ -240,7 +299,7 @@ def load_existing_study(spec: Spec) -> optuna.Study:
         if url.startswith(prefix) and not Path(url.removeprefix(prefix)).is_file():
             raise SpecError(f"study.name: no study {spec.study.name!r}: {url} does not exist")
     try:
-        study = optuna.load_study(study_name=spec.study.name, storage=make_storage(url))
+        study = optuna.load_study(study_name=spec.study.name, storage=spec_storage(spec))
     except KeyError:
         raise SpecError(f"study.name: no study {spec.study.name!r} in {redact(url)}") from None
     check_stored(study, spec)
@@ -316,92 +375,226 @@ def count_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
+@dataclass
+class Session:
+    """A process's hold on a study: the checked input, the opened study and its tracker."""
+
+    spec: Spec
+    space: SearchSpace
+    datamodule: Any
+    study: optuna.Study
+    tracker: Any
+    budget: int
+    created: bool
+
+
+def open_session(
+    spec: Spec, *, n_trials: int | None = None, notify: Callable[[str], None] | None = None
+) -> Session:
+    """Check the input, open (or create) the study and find (or create) its MLflow parent run.
+
+    Everything that can be wrong with the input fails here, before any training."""
+    from autotune.data import load_data
+    from autotune.tracking import Tracker, flatten
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    space = resolve_space(spec)
+    datamodule = load_data(spec.data, seed=spec.train.seed, base_dir=spec.base_dir)
+    check_runnable(spec, space, datamodule)
+    prepare_output(spec)
+    study, created = open_study(spec, space, datamodule)
+    if study.user_attrs.get("search_space") != space.name:
+        study.set_user_attr("search_space", space.name)
+    pruner = spec.study.pruner
+    if created and pruner.name == "variance_shift" and pruner.seed_trials:
+        enqueue_low_shift(study, spec, space, datamodule, pruner.seed_trials)
+    study.set_user_attr("standardised", save_input_stats(datamodule, spec.output_dir))
+
+    try:
+        tracker = Tracker(
+            spec.tracking_uri,
+            spec.experiment_name,
+            spec.study.name,
+            enabled=spec.mlflow.enabled,
+            notify=notify,
+        )
+    except Exception as exc:  # MlflowException: a bad URI, a refused local store
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SpecError(f"mlflow.tracking_uri: {spec.tracking_uri}: {message}") from None
+    known = None if created else _parent_run_id(study)
+    parent = tracker.start_study(flatten(spec.model_dump(mode="json")), known=known)
+    if parent is not None and parent != known:
+        study.set_user_attr(PARENT_ATTR, parent)
+    budget = n_trials if n_trials is not None else spec.study.n_trials
+    return Session(spec, space, datamodule, study, tracker, budget, created)
+
+
+def _parent_run_id(study: optuna.Study) -> str | None:
+    """The MLflow parent run id the study's creator stored. A worker that joins a study created a
+    moment ago waits for it, so that all workers log under one parent."""
+    deadline = time.monotonic() + PARENT_WAIT_SECONDS
+    while PARENT_ATTR not in study.user_attrs:
+        if study.get_trials(deepcopy=False) or time.monotonic() > deadline:
+            return None  # an older study run without MLflow, or a creator that gave up
+        time.sleep(POLL_SECONDS / 4)
+        study = optuna.load_study(study_name=study.study_name, storage=study._storage)
+    return study.user_attrs[PARENT_ATTR]
+
+
+class Budget:
+    """The study's budget shared by every worker: who may start a trial, who must wait."""
+
+    def __init__(self, study: optuna.Study, total: int, stop: Any, progress: Progress) -> None:
+        self.study, self.total, self.stop, self.progress = study, total, stop, progress
+        # without heartbeats (journal storages) a dead worker's trial looks alive forever
+        self.heartbeats = optuna.storages._heartbeat.is_heartbeat_enabled(study._storage)
+
+    def counts(self) -> tuple[int, int]:
+        """Trials finished (COMPLETE, PRUNED) and running, in the whole study."""
+        trials = self.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+        running = sum(1 for t in trials if t.state == TrialState.RUNNING)
+        return len(trials) - running, running
+
+    def wait_for_room(self) -> bool:
+        """True when a trial may start; False when the budget is spent, a signal came, or the
+        running trials take the rest of it on a storage that cannot tell a dead worker's trial.
+
+        While the running trials take the rest, wait: one may fail, or its worker may die and
+        its trial be failed by the heartbeat check (and queued again) after the grace period."""
+        while not self.stop.is_set():
+            finished, running = self.counts()
+            if finished >= self.total:
+                return False
+            if finished + running < self.total:
+                return True
+            if not self.heartbeats:
+                return False
+            self.progress.waiting(self.study, running)
+            self.stop.wait(POLL_SECONDS)
+            optuna.storages.fail_stale_trials(self.study)
+        return False
+
+    def admits(self, trial: optuna.Trial) -> bool:
+        """Whether `trial` fits the budget: fewer than `total` unfailed trials come before it."""
+        before = self.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+        return sum(1 for t in before if t.number < trial.number) < self.total
+
+
 def run_study(
     spec: Spec,
     *,
     n_trials: int | None = None,
     timeout: float | None = None,
     progress: Progress | None = None,
+    finish: bool = True,
 ) -> StudyOutcome:
-    """Run (or resume) the study until its budget is spent; write the recommendation."""
-    from autotune.data import load_data
-    from autotune.export import write_outputs
-    from autotune.tracking import Tracker, flatten
+    """Run (or resume, or join) the study until its budget is spent; write the recommendation.
+
+    finish=False: a worker among several, whose launcher writes the recommendation."""
+    progress = progress or Progress()
+    session = open_session(spec, n_trials=n_trials, notify=progress.note)
+    try:
+        outcome = work(session, timeout=timeout, progress=progress)
+    except BaseException:
+        if finish:
+            session.tracker.end_study({}, {}, [], status="FAILED")  # never leave it RUNNING
+        raise
+    if finish:
+        finish_study(session, outcome)
+    return outcome
+
+
+def work(
+    session: Session, *, timeout: float | None = None, progress: Progress | None = None
+) -> StudyOutcome:
+    """The trial loop: stop at the budget, on repeated failure, on timeout or on a signal."""
     from autotune.training import Objective, quiet_lightning, stop_on_signals
 
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    spec, study, tracker = session.spec, session.study, session.tracker
     progress = progress or Progress()
-    budget = n_trials if n_trials is not None else spec.study.n_trials
     timeout = timeout if timeout is not None else spec.study.timeout
-
-    # 1. everything that can be wrong with the input fails here, before any training
-    space = resolve_space(spec)
-    datamodule = load_data(spec.data, seed=spec.train.seed, base_dir=spec.base_dir)
-    check_runnable(spec, space, datamodule)
-    prepare_output(spec)
-    study = open_study(spec, space, datamodule)
-    study.set_user_attr("search_space", space.name)
-    pruner = spec.study.pruner
-    if pruner.name == "variance_shift" and pruner.seed_trials and not study.trials:
-        enqueue_low_shift(study, spec, space, datamodule, pruner.seed_trials)
-    study.set_user_attr("standardised", save_input_stats(datamodule, spec.output_dir))
-
-    # 2. MLflow: the study's parent run, found again on resume
-    try:
-        tracker = Tracker(
-            spec.tracking_uri, spec.experiment_name, spec.study.name, enabled=spec.mlflow.enabled
-        )
-        parent = tracker.start_study(flatten(spec.model_dump(mode="json")))
-    except Exception as exc:  # MlflowException: a bad URI, a refused store, no server
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SpecError(f"mlflow.tracking_uri: {spec.tracking_uri}: {message}") from None
-    if parent is not None:
-        study.set_user_attr("mlflow_parent_run_id", parent)
-
-    # 3. the loop: stop at the budget, on repeated failure, on timeout or on a signal
     quiet_lightning()
-    outcome = StudyOutcome(study, count_finished(study), budget)
+    outcome = StudyOutcome(study, count_finished(study), session.budget)
     failures: list[int] = []
+    tracker.on_return = lambda: _log_missed(tracker, study, spec.study.metric, progress)
 
     with stop_on_signals() as stop:
+        budget = Budget(study, session.budget, stop, progress)
 
         def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-            if trial.state == TrialState.FAIL:
+            if trial.user_attrs.get("surplus"):
+                pass  # not a failure of the configuration: it never ran
+            elif trial.state == TrialState.FAIL:
                 failures.append(trial.number)
             else:
                 failures.clear()
             outcome.finished = count_finished(study)
             progress.trial_done(study, trial)
-            if stop.is_set():  # a signal that came after the trial's last batch
-                outcome.interrupted = True
-                study.stop()
-            elif outcome.finished >= budget:
-                study.stop()
-            elif len(failures) >= MAX_FAILURES_IN_A_ROW:
+            if len(failures) >= MAX_FAILURES_IN_A_ROW and not stop.is_set():
                 outcome.stopped_by_failures = True
                 study.stop()
+            elif not budget.wait_for_room():
+                outcome.interrupted = stop.is_set()  # a signal after the trial's last batch
+                outcome.finished = count_finished(study)
+                study.stop()
 
-        progress.start(study, budget)
+        progress.start(study, session.budget)
         try:
-            if outcome.finished < budget:
+            if budget.wait_for_room():
                 objective = Objective(
-                    spec, space, datamodule, tracker, stop=stop, on_epoch=progress.epoch
+                    spec,
+                    session.space,
+                    session.datamodule,
+                    tracker,
+                    stop=stop,
+                    on_epoch=progress.epoch,
+                    admit=budget.admits,
                 )
                 study.optimize(
                     objective, timeout=timeout, catch=(Exception,), callbacks=[after_trial]
                 )
+            outcome.interrupted = outcome.interrupted or stop.is_set()
         except KeyboardInterrupt:
             outcome.interrupted = True
-        except BaseException:
-            tracker.end_study({}, {}, [], status="FAILED")  # never leave the parent RUNNING
-            raise
         finally:
             progress.close()
+    if tracker.missed:
+        _log_missed(tracker, study, spec.study.metric, progress)
+    return outcome
 
-    # 4. the recommendation, from whatever has completed so far
+
+def _log_missed(tracker: Any, study: optuna.Study, metric: str, progress: Progress) -> None:
+    """The trials this process could not log while MLflow was away, logged whole now."""
+    from autotune.tracking import sync_study
+
+    missed = sorted(tracker.missed)
+    try:
+        logged = sync_study(tracker, study, metric, only=missed)
+        tracker.answered()
+    except Exception as exc:
+        tracker.went_down(exc)
+        return
+    if logged:
+        progress.note(f"MLflow answers again: logged {logged} trials it had missed")
+
+
+def finish_study(session: Session, outcome: StudyOutcome) -> None:
+    """The recommendation, from whatever has completed so far, written and logged on the parent
+    run. The last worker standing also makes MLflow whole: a dead worker's trial, a trial that
+    another worker could not log."""
+    from autotune.export import write_outputs
+    from autotune.tracking import sync_study
+
+    study, spec, tracker = session.study, session.spec, session.tracker
     best = best_trial(study)
     if best is not None:
         outcome.outputs = list(write_outputs(study, spec))
+    if tracker.enabled and not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        try:
+            sync_study(tracker, study, spec.study.metric)
+            tracker.answered()
+        except Exception as exc:
+            tracker.went_down(exc)
     metrics = {} if best is None else {f"best_{spec.study.metric}": best.value}
     tags = {} if best is None else {"autotune.best_trial": best.number}
     tracker.end_study(
@@ -410,7 +603,11 @@ def run_study(
         outcome.outputs,
         status="KILLED" if outcome.interrupted else "FINISHED",
     )
-    return outcome
+    if tracker.down_since is not None:
+        tracker.notify(
+            f"MLflow at {tracker.tracking_uri} still does not answer: when it does, "
+            "`autotune sync` with this spec logs what it missed"
+        )
 
 
 def save_input_stats(datamodule: Any, output_dir: Path) -> bool:

@@ -1,10 +1,16 @@
 """MLflow: one parent run per study, one child run per trial nested under it.
 
-The parent run is found again by its tags (autotune.study, autotune.role=parent), so a resumed
-study logs into the run it started. Child runs carry the `mlflow.parentRunId` tag, which is what
-nests them in the MLflow UI, flat params (`block0.placement`, ...), per-epoch metrics with
-step = epoch, and the trial's final state as the tag `autotune.state`: COMPLETE, PRUNED, FAIL, or
-INTERRUPTED for a trial stopped by Ctrl-C or SIGTERM (FAIL in Optuna, KILLED in MLflow).
+The parent run's id is kept in the Optuna study (user attr `mlflow_parent_run_id`). The process
+that creates the study creates the parent run; every other worker waits for the id and logs under
+it, so N workers starting at once make one parent. Child runs carry the `mlflow.parentRunId` tag,
+which is what nests them in the MLflow UI, flat params (`block0.placement`, ...), per-epoch metrics
+with step = epoch, and the trial's final state as the tag `autotune.state`: COMPLETE, PRUNED, FAIL,
+or INTERRUPTED for a trial stopped by Ctrl-C or SIGTERM (FAIL in Optuna, KILLED in MLflow).
+
+MLflow is a record, not the source of truth: the Optuna storage is. When the tracking server does
+not answer, trials go on, the user is told once, and calls are dropped; one is tried again every
+RETRY_SECONDS. The trials whose logging was cut short are logged whole from the Optuna storage when
+the server answers again, at the end of the run, or by `autotune sync` (`sync_study`).
 
 MlflowClient is used directly: it needs no global active run, so nothing leaks between trials.
 """
@@ -12,105 +18,150 @@ MlflowClient is used directly: it needs no global active run, so nothing leaks b
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 PARENT_ROLE = "parent"
+PARENT_ATTR = "mlflow_parent_run_id"
 RUN_STATUS = {
     "COMPLETE": "FINISHED",
     "PRUNED": "FINISHED",
     "FAIL": "FAILED",
     "INTERRUPTED": "KILLED",
 }
+# while the server does not answer, one call in this many seconds tries again
+RETRY_SECONDS = 30.0
+# MLflow's HTTP client retries a refused request 7 times over about four minutes by default; a
+# trial should not wait that long for its record. The user's own settings win.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+T = TypeVar("T")
 
 
 class Tracker:
-    """Logs a study to MLflow. With enabled=False every method is a no-op returning None."""
+    """Logs a study to MLflow. With enabled=False every method is a no-op returning None.
+
+    A local store (sqlite) that cannot be opened raises at once: that is bad input. A server that
+    does not answer only takes the tracker offline (see the module's docstring).
+    """
 
     def __init__(
-        self, tracking_uri: str, experiment: str, study_name: str, *, enabled: bool = True
+        self,
+        tracking_uri: str,
+        experiment: str,
+        study_name: str,
+        *,
+        enabled: bool = True,
+        notify: Callable[[str], None] | None = None,
     ):
         self.enabled = enabled
         self.study_name = study_name
         self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.notify = notify or logging.getLogger("autotune").warning
         self.parent_run_id: str | None = None
+        self.experiment_id: str | None = None
+        self.down_since: float | None = None  # monotonic time the server stopped answering
+        self.last_error: str | None = None
+        self.last_try = 0.0
+        self.missed: set[int] = set()  # trials whose logging was cut short in this process
+        self.run_trial: dict[str, int] = {}  # child run id -> trial number
+        self.on_return: Callable[[], None] | None = None
         if not enabled:
             return
         _make_sqlite_folder(tracking_uri)
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
         from mlflow.tracking import MlflowClient  # heavy: imported only when tracking
 
         for name in ("mlflow", "alembic"):  # after the import, which sets mlflow's own levels
             logging.getLogger(name).setLevel(logging.WARNING)
 
         self.client = MlflowClient(tracking_uri=tracking_uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = (
-            found.experiment_id
-            if found
-            else self.client.create_experiment(
-                experiment, artifact_location=_artifact_location(tracking_uri)
-            )
-        )
+        if self.remote:
+            self._send(self._experiment)
+        else:
+            self._experiment()
 
-    def start_study(self, params: Mapping[str, Any]) -> str | None:
-        """Find or create the study's parent run; log the spec as its params."""
+    @property
+    def remote(self) -> bool:
+        return self.tracking_uri.startswith(("http://", "https://"))
+
+    @property
+    def online(self) -> bool:
+        return self.enabled and self.down_since is None and self.experiment_id is not None
+
+    def _experiment(self) -> str:
+        """Find or create the experiment; of two workers creating it at once, one finds the
+        other's."""
+        if self.experiment_id is not None:
+            return self.experiment_id
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is None:
+            try:
+                self.client.create_experiment(
+                    self.experiment, artifact_location=_artifact_location(self.tracking_uri)
+                )
+            except Exception:
+                if self.client.get_experiment_by_name(self.experiment) is None:
+                    raise  # not another worker that was first: a real failure
+            found = self.client.get_experiment_by_name(self.experiment)
+        self.experiment_id = found.experiment_id
+        return self.experiment_id
+
+    # --- the parent run -------------------------------------------------------------------------
+
+    def start_study(self, params: Mapping[str, Any], *, known: str | None = None) -> str | None:
+        """The study's parent run: `known` (the id the study stored) while MLflow still has it,
+        else the oldest run tagged as this study's parent, else a new one with the spec as its
+        params. Set RUNNING again on resume."""
         if not self.enabled:
             return None
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`autotune.study` = '{self.study_name}' "
-            f"and tags.`autotune.role` = '{PARENT_ROLE}'",
-            order_by=["attributes.start_time ASC"],
-            max_results=1,
-        )
-        if runs:
-            self.parent_run_id = runs[0].info.run_id
-            self.client.update_run(self.parent_run_id, status="RUNNING")
-        else:
+        self.parent_run_id = self._send(lambda: self.find_parent(params, known))
+        return self.parent_run_id
+
+    def find_parent(
+        self, params: Mapping[str, Any], known: str | None, *, resume: bool = True
+    ) -> str:
+        """The parent run's id (see start_study); resume=False leaves its status alone."""
+        experiment_id = self._experiment()
+        run_id = known if known is not None and self._is_live(known) else None
+        if run_id is None:
+            runs = self.client.search_runs(
+                [experiment_id],
+                filter_string=f"tags.`autotune.study` = '{self.study_name}' "
+                f"and tags.`autotune.role` = '{PARENT_ROLE}'",
+                order_by=["attributes.start_time ASC"],
+                max_results=1,
+            )
+            run_id = runs[0].info.run_id if runs else None
+        if run_id is None:
             run = self.client.create_run(
-                self.experiment_id,
+                experiment_id,
                 run_name=self.study_name,
                 tags={"autotune.study": self.study_name, "autotune.role": PARENT_ROLE},
             )
-            self.parent_run_id = run.info.run_id
-            self._log(self.parent_run_id, params=params)
-        return self.parent_run_id
+            self._log(run.info.run_id, params=params)
+            return run.info.run_id
+        if resume:
+            self.client.update_run(run_id, status="RUNNING")
+        return run_id
 
-    def start_trial(self, number: int, params: Mapping[str, Any]) -> str | None:
-        """A child run for trial `number`, nested under the parent run."""
-        if not self.enabled:
-            return None
-        tags = {
-            "autotune.study": self.study_name,
-            "autotune.role": "trial",
-            "autotune.trial": str(number),
-            "autotune.state": "RUNNING",
-        }
-        if self.parent_run_id is not None:
-            tags["mlflow.parentRunId"] = self.parent_run_id
-        run = self.client.create_run(self.experiment_id, run_name=f"trial-{number}", tags=tags)
-        self._log(run.info.run_id, params={"trial": number, **params})
-        return run.info.run_id
-
-    def log_metrics(self, run_id: str | None, metrics: Mapping[str, float], step: int) -> None:
-        """One batch per call: all of an epoch's metrics in one request."""
-        if self.enabled and run_id is not None:
-            self._log(run_id, metrics=metrics, step=step)
-
-    def log_tags(self, run_id: str | None, tags: Mapping[str, Any]) -> None:
-        if self.enabled and run_id is not None:
-            self._log(run_id, tags=tags)
-
-    def end_trial(
-        self, run_id: str | None, state: str, tags: Mapping[str, Any] | None = None
-    ) -> None:
-        """Mark the child run with the trial's final state (COMPLETE, PRUNED, FAIL, INTERRUPTED)."""
-        if not self.enabled or run_id is None:
-            return
-        self._log(run_id, tags={"autotune.state": state, **(tags or {})})
-        self.client.set_terminated(run_id, status=RUN_STATUS[state])
+    def _is_live(self, run_id: str) -> bool:
+        """Whether this server has the run in this experiment, not deleted."""
+        try:
+            run = self.client.get_run(run_id)
+        except Exception as exc:  # no such run here; anything else is the server's trouble
+            if getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+        return run.info.experiment_id == self.experiment_id and run.info.lifecycle_stage == "active"
 
     def end_study(
         self,
@@ -122,13 +173,150 @@ class Tracker:
     ) -> None:
         """Best value, recommendation and files on the parent run; then FINISHED (or KILLED when
         interrupted: a rerun sets it RUNNING again)."""
-        if not self.enabled or self.parent_run_id is None:
+        if self.parent_run_id is None:
             return
-        self._log(self.parent_run_id, metrics=metrics, tags=tags)
-        for path in artifacts:
-            if path.exists():
-                self.client.log_artifact(self.parent_run_id, str(path))
-        self.client.set_terminated(self.parent_run_id, status=status)
+        parent = self.parent_run_id
+
+        def end() -> None:
+            self._log(parent, metrics=metrics, tags=tags)
+            for path in artifacts:
+                if path.exists():
+                    self.client.log_artifact(parent, str(path))
+            self.client.set_terminated(parent, status=status)
+
+        self._send(end)
+
+    # --- one trial ------------------------------------------------------------------------------
+
+    def start_trial(
+        self, number: int, params: Mapping[str, Any], tags: Mapping[str, Any] | None = None
+    ) -> str | None:
+        """A child run for trial `number`, nested under the parent run."""
+        if not self.enabled:
+            return None
+        run_id = self._send(lambda: self._create_trial_run(number, params, tags))
+        if run_id is None:
+            self.missed.add(number)
+        else:
+            self.run_trial[run_id] = number
+        return run_id
+
+    def _create_trial_run(
+        self,
+        number: int,
+        params: Mapping[str, Any],
+        extra_tags: Mapping[str, Any] | None = None,
+        start_time: int | None = None,
+    ) -> str:
+        if self.parent_run_id is None:  # the server was down when the study started
+            self.parent_run_id = self.find_parent({}, None)
+        tags = {
+            "autotune.study": self.study_name,
+            "autotune.role": "trial",
+            "autotune.trial": str(number),
+            "autotune.state": "RUNNING",
+            "mlflow.parentRunId": self.parent_run_id,
+            **{key: str(value) for key, value in (extra_tags or {}).items()},
+        }
+        run = self.client.create_run(
+            self._experiment(), run_name=f"trial-{number}", tags=tags, start_time=start_time
+        )
+        self._log(run.info.run_id, params={"trial": number, **params})
+        return run.info.run_id
+
+    def log_metrics(self, run_id: str | None, metrics: Mapping[str, float], step: int) -> None:
+        """One batch per call: all of an epoch's metrics in one request."""
+        self._trial_call(run_id, lambda run: self._log(run, metrics=metrics, step=step))
+
+    def log_tags(self, run_id: str | None, tags: Mapping[str, Any]) -> None:
+        self._trial_call(run_id, lambda run: self._log(run, tags=tags))
+
+    def end_trial(
+        self, run_id: str | None, state: str, tags: Mapping[str, Any] | None = None
+    ) -> None:
+        """Mark the child run with the trial's final state (COMPLETE, PRUNED, FAIL, INTERRUPTED)."""
+
+        def end(run: str) -> None:
+            self._log(run, tags={"autotune.state": state, **(tags or {})})
+            self.client.set_terminated(run, status=RUN_STATUS[state])
+
+        self._trial_call(run_id, end)
+
+    def _trial_call(self, run_id: str | None, call: Callable[[str], None]) -> None:
+        if not self.enabled or run_id is None:
+            return
+        if self._send(lambda: call(run_id) or True) is None and run_id in self.run_trial:
+            self.missed.add(self.run_trial[run_id])
+
+    # --- when the server does not answer ---------------------------------------------------------
+
+    def _send(self, call: Callable[[], T]) -> T | None:
+        """One MLflow call. A failure takes the tracker offline, told once, instead of failing
+        the trial; offline, calls are dropped and one is tried every RETRY_SECONDS. The first
+        that gets through runs `on_return`, which logs the trials that were missed."""
+        if not self.enabled:
+            return None
+        now = time.monotonic()
+        if self.down_since is not None and now - self.last_try < RETRY_SECONDS:
+            return None
+        self.last_try = now
+        try:
+            result = call()
+        except Exception as exc:
+            self.went_down(exc)
+            return None
+        if self.down_since is not None:
+            self.down_since = None
+            if self.on_return is not None:
+                self.on_return()
+        return result
+
+    def answered(self) -> None:
+        """A call made outside `_send` got through: the server is back."""
+        self.down_since = None
+
+    def went_down(self, exc: BaseException) -> None:
+        self.last_error = _first_line(exc)
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            self.notify(
+                f"MLflow at {self.tracking_uri} did not answer ({self.last_error}); the study "
+                "goes on, and what MLflow misses is logged when it answers again, or by "
+                "`autotune sync` with this spec"
+            )
+
+    # --- a whole trial from the Optuna storage ----------------------------------------------------
+
+    def trial_runs(self) -> dict[int, list[Any]]:
+        """The study's child runs by trial number, oldest first (deleted runs left out)."""
+        runs: dict[int, list[Any]] = {}
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [self._experiment()],
+                filter_string=f"tags.`autotune.study` = '{self.study_name}' "
+                "and tags.`autotune.role` = 'trial'",
+                order_by=["attributes.start_time ASC"],
+                max_results=1000,
+                page_token=token,
+            )
+            for run in page:
+                runs.setdefault(int(run.data.tags["autotune.trial"]), []).append(run)
+            token = page.token
+            if not token:
+                return runs
+
+    def log_trial(self, record: TrialRecord) -> str:
+        """A child run holding all of a finished trial, as the trial itself would have logged
+        it, with the trial's own start and end times."""
+        run_id = self._create_trial_run(
+            record.number, record.params, {"autotune.worker": record.worker}, record.start_ms
+        )
+        for step, metrics in record.metrics:
+            self._log(run_id, metrics=metrics, step=step, timestamp=record.end_ms)
+        self._log(run_id, tags={"autotune.state": record.state, **record.tags})
+        self.client.set_terminated(run_id, status=RUN_STATUS[record.state], end_time=record.end_ms)
+        return run_id
 
     def _log(
         self,
@@ -138,16 +326,117 @@ class Tracker:
         metrics: Mapping[str, float] | None = None,
         tags: Mapping[str, Any] | None = None,
         step: int = 0,
+        timestamp: int | None = None,
     ) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
-        now = int(time.time() * 1000)
+        now = timestamp or int(time.time() * 1000)
         self.client.log_batch(
             run_id,
             metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
             params=[Param(k, str(v)) for k, v in (params or {}).items()],
             tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
         )
+
+
+class TrialRecord:
+    """What a finished Optuna trial holds, in the names a live trial logs to MLflow."""
+
+    def __init__(self, trial: Any, metric: str) -> None:
+        from autotune.space import TrialConfig
+
+        attrs = trial.user_attrs
+        self.number = trial.number
+        self.state = "INTERRUPTED" if attrs.get("interrupted") else trial.state.name
+        self.worker = attrs.get("worker", "")
+        config = attrs.get("config")
+        self.params = (
+            {}
+            if config is None
+            else TrialConfig.from_dicts(
+                config, recalibrate_bn=attrs.get("recalibrate_bn", False)
+            ).to_params()
+        )
+        self.start_ms = _ms(trial.datetime_start)
+        self.end_ms = _ms(trial.datetime_complete) or self.start_ms
+        self.metrics: list[tuple[int, dict[str, float]]] = []
+        if "predicted_shift" in attrs:
+            self.metrics.append((0, predicted_metrics(attrs["predicted_shift"])))
+        history = attrs.get("history") or [
+            {"epoch": step, metric: value} for step, value in trial.intermediate_values.items()
+        ]
+        for row in history:
+            self.metrics.append((int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"}))
+        if "measured_shift" in attrs:
+            last = max((step for step, _ in self.metrics), default=0)
+            self.metrics.append((last, measured_metrics(attrs["measured_shift"], attrs["final"])))
+        self.tags: dict[str, Any] = {}
+        if self.state == "PRUNED":
+            self.tags["autotune.pruned_epoch"] = attrs.get("pruned_epoch", 0)
+            self.tags["autotune.pruned_reason"] = attrs.get("pruned_reason", "")
+        if self.state == "FAIL":
+            # a trial with no reason was failed by the storage: its worker stopped beating
+            self.tags["autotune.fail_reason"] = attrs.get(
+                "fail_reason", "its worker stopped (no heartbeat); the trial was run again"
+            )
+        if attrs.get("explored"):
+            self.tags["autotune.explored"] = True
+
+
+def predicted_metrics(prediction: Mapping[str, Any]) -> dict[str, float]:
+    """`predicted_delta.<bn layer>`, `.worst`, `.product`, from a prediction's dict form."""
+    metrics = {
+        f"predicted_delta.{name}": layer["exact"] for name, layer in prediction["layers"].items()
+    }
+    metrics["predicted_delta.worst"] = prediction["summary"]["worst_delta"]
+    metrics["predicted_delta.product"] = prediction["summary"]["product"]
+    return metrics
+
+
+def measured_metrics(measured: Mapping[str, Any], final: Mapping[str, float]) -> dict[str, float]:
+    """`measured_delta.<bn layer>`, `.worst`, `.product` and `final.<name>`."""
+    metrics = {f"measured_delta.{name}": delta for name, delta in measured["layers"].items()}
+    metrics["measured_delta.worst"] = measured["summary"]["worst_delta"]
+    metrics["measured_delta.product"] = measured["summary"]["product"]
+    metrics.update({f"final.{name}": value for name, value in final.items()})
+    return metrics
+
+
+def sync_study(tracker: Tracker, study: Any, metric: str, only: Iterable[int] | None = None) -> int:
+    """Log to MLflow what it misses of the study, from the Optuna storage: a child run for each
+    finished trial that has none whole (its run missing, or cut short because the server went
+    away or its worker died: that run is deleted and the trial logged again), and no second
+    run of any trial. `only`: these trial numbers. Returns how many trials were logged.
+
+    Raises when MLflow does not answer."""
+    if not tracker.enabled:
+        return 0
+    known = study.user_attrs.get(PARENT_ATTR)
+    tracker.parent_run_id = tracker.find_parent({}, known, resume=False)
+    if known != tracker.parent_run_id:
+        study.set_user_attr(PARENT_ATTR, tracker.parent_run_id)
+    wanted = None if only is None else set(only)
+    runs = tracker.trial_runs()
+    logged = 0
+    for trial in study.get_trials(deepcopy=False):
+        if wanted is not None and trial.number not in wanted:
+            continue
+        if not trial.state.is_finished() or trial.user_attrs.get("surplus"):
+            continue  # still running, or never started: nothing to log
+        record = TrialRecord(trial, metric)
+        whole = [run for run in runs.get(trial.number, []) if _is_whole(run, record.state)]
+        for run in runs.get(trial.number, []):  # cut short, or a second copy: not the record
+            if not whole or run is not whole[0]:
+                tracker.client.delete_run(run.info.run_id)
+        if not whole:
+            tracker.log_trial(record)
+            logged += 1
+        tracker.missed.discard(trial.number)
+    return logged
+
+
+def _is_whole(run: Any, state: str) -> bool:
+    return run.data.tags.get("autotune.state") == state and run.info.status == RUN_STATUS[state]
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -160,6 +449,15 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def _ms(moment: Any) -> int | None:
+    return None if moment is None else int(moment.timestamp() * 1000)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _artifact_location(uri: str) -> str | None:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
+import socket
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -36,6 +38,7 @@ from autotune.pruners import DELTA_KEY, VarianceShiftPruner
 from autotune.shift import LayerShift, measure_shift, mode_accuracy, recalibrate_bn, summarize
 from autotune.space import TrialConfig
 from autotune.spec import Spec, TrainSpec
+from autotune.tracking import measured_metrics, predicted_metrics
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 # batches of the training data BN recalibration sees: enough for exact population statistics of
@@ -43,6 +46,8 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 RECALIBRATION_BATCHES = 200
 # batches for measuring Δ (validation data) and the train/eval-mode accuracy (training data)
 MEASURE_BATCHES = 50
+# which process ran a trial, when several share a study: host and process id
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -51,6 +56,10 @@ class NonFiniteLossError(RuntimeError):
 
 class TrialInterrupted(Exception):
     """Ctrl-C or SIGTERM arrived during a trial; raised at the next batch boundary."""
+
+
+class SurplusTrial(RuntimeError):
+    """Two workers asked for the study's last slot at once: the later trial does not start."""
 
 
 class Classifier(pl.LightningModule):
@@ -322,14 +331,6 @@ def gate_reason(study: optuna.Study, prediction: NetworkPrediction) -> str:
     return f"{text}, outside the gate's [{math.exp(-limit):.3f}, {math.exp(limit):.3f}]"
 
 
-def predicted_metrics(prediction: NetworkPrediction) -> dict[str, float]:
-    """MLflow metric names for a prediction: `predicted_delta.<bn layer>`, `.worst`, `.product`."""
-    metrics = {f"predicted_delta.{name}": delta for name, delta in prediction.deltas().items()}
-    metrics["predicted_delta.worst"] = prediction.summary.worst_delta
-    metrics["predicted_delta.product"] = prediction.summary.product
-    return metrics
-
-
 class Objective:
     """The Optuna objective: sample a configuration, fit it, log it, hand back the metric.
 
@@ -347,26 +348,39 @@ class Objective:
         *,
         stop: threading.Event | None = None,
         on_epoch: Callable[[optuna.Trial, int, dict[str, float]], None] | None = None,
+        admit: Callable[[optuna.Trial], bool] | None = None,
     ):
+        """`admit(trial)`: whether the study's budget has room for this trial (several workers
+        share it); a trial it refuses ends FAIL before anything runs, marked `surplus`."""
         self.spec, self.space, self.datamodule, self.tracker = spec, space, datamodule, tracker
         self.stop = stop or threading.Event()
         self.on_epoch = on_epoch
+        self.admit = admit
 
     def __call__(self, trial: optuna.Trial) -> float:
         if self.stop.is_set():  # the signal came between trials: start nothing new
             trial.set_user_attr("interrupted", True)
             raise KeyboardInterrupt
+        if self.admit is not None and not self.admit(trial):
+            reason = "not started: other workers took the study's last trials at the same time"
+            trial.set_user_attr("surplus", True)
+            trial.set_user_attr("fail_reason", reason)
+            raise SurplusTrial(reason)
         config = self.space.sample(trial)
         trial.set_user_attr("config", config.to_dicts())
         trial.set_user_attr("recalibrate_bn", config.recalibrate_bn)
-        run_id = self.tracker.start_trial(trial.number, config.to_params())
+        trial.set_user_attr("worker", WORKER)
+        run_id = self.tracker.start_trial(
+            trial.number, config.to_params(), {"autotune.worker": WORKER}
+        )
         if run_id is not None:
             trial.set_user_attr("mlflow_run_id", run_id)
-        epochs: list[int] = []  # the epochs reported so far, for a pruned trial's record
+        # the epochs reported so far: a pruned trial's record, and what `autotune sync` logs
+        history: list[dict[str, float]] = []
         try:
-            return self._trial(trial, config, run_id, epochs)
+            return self._trial(trial, config, run_id, history)
         except optuna.TrialPruned as exc:
-            self._pruned(trial, run_id, epochs[-1] if epochs else 0, str(exc))
+            self._pruned(trial, run_id, int(history[-1]["epoch"]) if history else 0, str(exc))
             raise
         except (TrialInterrupted, KeyboardInterrupt, SystemExit):
             # a second Ctrl-C inside Lightning arrives as its sys.exit(1): still an interrupt
@@ -376,16 +390,22 @@ class Objective:
         except Exception as exc:  # whatever raised, the trial's run is not left RUNNING
             self._fail(trial, run_id, exc)
             raise
+        finally:
+            trial.set_user_attr("history", history)
 
     def _trial(
-        self, trial: optuna.Trial, config: TrialConfig, run_id: str | None, epochs: list[int]
+        self,
+        trial: optuna.Trial,
+        config: TrialConfig,
+        run_id: str | None,
+        history: list[dict[str, float]],
     ) -> float:
         """Predict, gate, train, measure, record. __call__ records how it ended if it raises."""
         # 1. before any training: what the theory expects of this configuration
         prediction = predict(self.spec, config, self.datamodule)
         trial.set_user_attr("predicted_shift", prediction.to_dict())
         trial.set_user_attr(DELTA_KEY, prediction.summary.worst_delta)
-        self.tracker.log_metrics(run_id, predicted_metrics(prediction), step=0)
+        self.tracker.log_metrics(run_id, predicted_metrics(prediction.to_dict()), step=0)
         # 2. the pruner's gate, before the first epoch
         if trial.should_prune():
             raise optuna.TrialPruned(gate_reason(trial.study, prediction))
@@ -394,7 +414,7 @@ class Objective:
             self.tracker.log_tags(run_id, {"autotune.explored": True})
 
         def report(epoch: int, metrics: dict[str, float]) -> None:
-            epochs.append(epoch)
+            history.append({"epoch": epoch, **metrics})
             self.tracker.log_metrics(run_id, metrics, step=epoch)
             if self.on_epoch is not None:
                 self.on_epoch(trial, epoch, metrics)
@@ -435,10 +455,7 @@ class Objective:
         }
         trial.set_user_attr("measured_shift", measured)
         trial.set_user_attr("final", result.final)
-        metrics = {f"measured_delta.{name}": delta for name, delta in measured["layers"].items()}
-        metrics["measured_delta.worst"] = summary.worst_delta
-        metrics["measured_delta.product"] = summary.product
-        metrics.update({f"final.{name}": value for name, value in result.final.items()})
+        metrics = measured_metrics(measured, result.final)
         self.tracker.log_metrics(run_id, metrics, step=self.spec.train.max_epochs)
 
     def _save_if_best(self, trial: optuna.Trial, result: TrialResult) -> None:

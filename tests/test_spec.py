@@ -355,7 +355,7 @@ def test_data_spec_built_directly_resolves_against_the_working_directory(
         (
             {"study": {"trials": 3}},
             "spec: study.trials: unknown key; expected one of: name, metric, direction, "
-            "n_trials, timeout, sampler, pruner, storage",
+            "n_trials, timeout, sampler, pruner, storage, heartbeat_interval, heartbeat_grace",
         ),
         (
             {"study": {"pruner": {"name": "median", "warmup": 2}}},

@@ -1,0 +1,174 @@
+"""`autotune run spec.yaml --workers N`: N local processes share one study.
+
+The launcher checks the input and opens the study and its MLflow parent run once. It then starts N
+copies of `autotune run` on the same spec, storage and tracking server, each pinned to a device
+through CUDA_VISIBLE_DEVICES (round-robin over --devices); on the CPU they are plain processes
+that share the cores. Storage and tracking URLs reach the workers through the environment, so a
+password never shows in the process list. The launcher shows the study's progress as the storage
+records it, forwards the first Ctrl-C or SIGTERM to every worker, and, when all have stopped,
+writes the recommendation. Each worker logs to <output>/workers/worker-<i>.log.
+
+The same command on other nodes joins the same study: the budget is the whole study's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from autotune.cli import EXIT_FAILED, EXIT_INTERRUPTED, STORAGE_ENV, TRACKING_ENV
+from autotune.spec import Spec
+from autotune.study import (
+    POLL_SECONDS,
+    Progress,
+    StudyOutcome,
+    count_finished,
+    finish_study,
+    open_session,
+)
+
+WORKER_ENV = "AUTOTUNE_WORKER"  # the worker's index, for its log lines
+
+
+@dataclass
+class Worker:
+    index: int
+    device: str | None
+    process: subprocess.Popen
+    log: Path
+
+    @property
+    def trouble(self) -> str | None:
+        """Why this worker stopped other than by the study's own end, or None."""
+        code = self.process.returncode
+        if code in (0, EXIT_FAILED, EXIT_INTERRUPTED):
+            return None
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
+        return f"worker {self.index} {how}; its log: {self.log}"
+
+
+def plan_devices(n: int, devices: list[str] | None, accelerator: str) -> list[str | None]:
+    """The CUDA_VISIBLE_DEVICES of each of n workers, round-robin over `devices` (default: every
+    visible GPU); None for every worker when training runs on the CPU.
+
+    Device numbers count the GPUs this process sees: under a scheduler that already set
+    CUDA_VISIBLE_DEVICES=4,5,6,7, device 0 is GPU 4."""
+    if accelerator == "cpu":
+        return [None] * n
+    if devices is None:
+        import torch
+
+        devices = [str(i) for i in range(torch.cuda.device_count())]
+    if not devices:
+        return [None] * n
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        seen = [d.strip() for d in visible.split(",") if d.strip()]
+        devices = [seen[int(d)] if int(d) < len(seen) else d for d in devices]
+    return [devices[i % len(devices)] for i in range(n)]
+
+
+def launch(
+    spec_file: Path,
+    spec: Spec,
+    n_workers: int,
+    devices: list[str] | None = None,
+    *,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    progress: Progress | None = None,
+) -> tuple[StudyOutcome, list[str]]:
+    """Run the study with n_workers processes; returns the outcome and what went wrong with
+    any worker (a worker killed while the others finished the study is not a failed study)."""
+    from autotune.training import stop_on_signals
+
+    progress = progress or Progress()
+    session = open_session(spec, n_trials=n_trials, notify=progress.note)
+    study = session.study
+    workers = start_workers(spec_file, spec, session.budget, n_workers, devices, timeout)
+
+    outcome = StudyOutcome(study, count_finished(study), session.budget)
+    seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+    progress.start(study, session.budget)
+    with stop_on_signals() as stop:
+        forwarded = False
+        try:
+            while any(w.process.poll() is None for w in workers):
+                if stop.is_set() and not forwarded:
+                    _signal(workers)  # each ends its running trial cleanly
+                    forwarded = outcome.interrupted = True
+                _report_new(study, seen, progress)
+                time.sleep(POLL_SECONDS)
+        except KeyboardInterrupt:  # a second Ctrl-C: the workers stop at once
+            outcome.interrupted = True
+            _signal(workers)
+            for worker in workers:
+                worker.process.wait()
+        finally:
+            _report_new(study, seen, progress)
+            progress.close()
+    codes = [w.process.returncode for w in workers]
+    outcome.interrupted = outcome.interrupted or EXIT_INTERRUPTED in codes
+    outcome.stopped_by_failures = EXIT_FAILED in codes
+    outcome.finished = count_finished(study)
+    finish_study(session, outcome)
+    return outcome, [t for t in (w.trouble for w in workers) if t is not None]
+
+
+def start_workers(
+    spec_file: Path,
+    spec: Spec,
+    budget: int,
+    n_workers: int,
+    devices: list[str] | None,
+    timeout: float | None,
+) -> list[Worker]:
+    logs = spec.output_dir / "workers"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, STORAGE_ENV: spec.storage_url, TRACKING_ENV: spec.tracking_uri}
+    threads = max(1, (os.cpu_count() or 1) // n_workers)
+    command = [sys.executable, "-m", "autotune.cli", "run", str(spec_file), "--worker"]
+    command += ["--n-trials", str(budget)]
+    if timeout is not None:
+        command += ["--timeout", str(timeout)]
+    workers = []
+    for index, device in enumerate(plan_devices(n_workers, devices, spec.train.accelerator)):
+        worker_env = {**env, WORKER_ENV: str(index)}
+        if device is not None:
+            worker_env["CUDA_VISIBLE_DEVICES"] = device
+        else:  # CPU workers share the cores instead of each spinning a pool over all of them
+            worker_env.setdefault("OMP_NUM_THREADS", str(threads))
+        log = logs / f"worker-{index}.log"
+        with log.open("a") as out:
+            process = subprocess.Popen(
+                command,
+                env=worker_env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                # signals from the terminal reach the launcher only, which forwards exactly one
+                start_new_session=True,
+            )
+        workers.append(Worker(index, device, process, log))
+    return workers
+
+
+def _signal(workers: list[Worker]) -> None:
+    for worker in workers:
+        if worker.process.poll() is None:
+            worker.process.send_signal(signal.SIGTERM)
+
+
+def _report_new(study: optuna.Study, seen: set[int], progress: Progress) -> None:
+    """Tell `progress` of each trial that finished since the last look, and add it to `seen`."""
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state.is_finished() and trial.number not in seen:
+            progress.trial_done(study, trial)
+            seen.add(trial.number)

@@ -1,0 +1,337 @@
+"""Cluster mode against real servers: this machine's PostgreSQL, and an `mlflow server` of each
+test's own on a free loopback port. Workers are real processes, killed for real."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+from click.testing import CliRunner
+from conftest import tiny_spec
+from mlflow.tracking import MlflowClient
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from autotune import tracking
+from autotune.cli import main
+from autotune.spec import load_spec
+from autotune.study import FINISHED, Progress, make_storage, run_study
+
+POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+SERVER_START_SECONDS = 90
+
+
+class MlflowServer:
+    """`mlflow server` on a free loopback port, its store in a folder; killed and started again
+    on the same port and store, as a tracking server that went away and came back."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"]
+        command += ["--port", str(self.port), "--workers", "1"]
+        command += ["--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}"]
+        command += ["--artifacts-destination", str(self.folder / "artifacts")]
+        # no background job runners: seven more processes that a test has no use for
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        with (self.folder / "server.log").open("a") as log:
+            self.process = subprocess.Popen(
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + SERVER_START_SECONDS
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2),
+            ):
+                return
+            assert self.process.poll() is None, (self.folder / "server.log").read_text()[-2000:]
+            time.sleep(0.3)
+        raise TimeoutError(f"mlflow server on {self.uri} did not start")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    folder = tmp_path / "mlflow-server"
+    folder.mkdir()
+    server = MlflowServer(folder)
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def study_name():
+    """A study name no other test run uses; deleted from PostgreSQL afterwards."""
+    name = f"cluster-{uuid.uuid4().hex[:12]}"
+    yield name
+    with contextlib.suppress(KeyError):
+        optuna.delete_study(study_name=name, storage=make_storage(POSTGRES))
+
+
+def autotune(*args: str | Path, wait: bool = True, **kwargs):
+    """The `autotune` command in a process of its own, as a user or a cluster would start it."""
+    command = [sys.executable, "-m", "autotune.cli", *map(str, args)]
+    if not wait:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def mlflow_runs(uri: str, study: str) -> tuple[list, dict[int, list]]:
+    """The study's parent runs, and its child runs by trial number (deleted runs left out)."""
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(study)
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`autotune.study` = '{study}'"
+    )
+    parents = [r for r in runs if r.data.tags["autotune.role"] == "parent"]
+    children: dict[int, list] = {}
+    for run in runs:
+        if run.data.tags["autotune.role"] == "trial":
+            children.setdefault(int(run.data.tags["autotune.trial"]), []).append(run)
+    return parents, children
+
+
+def assert_mlflow_holds_the_study(uri: str, study: optuna.Study) -> None:
+    """One parent; for every trial that ran, one child under it, ended as Optuna ended it."""
+    parents, children = mlflow_runs(uri, study.study_name)
+    assert len(parents) == 1
+    ran = [t for t in study.trials if not t.user_attrs.get("surplus")]
+    assert sorted(children) == [t.number for t in ran]
+    for trial in ran:
+        [run] = children[trial.number]
+        state = "INTERRUPTED" if trial.user_attrs.get("interrupted") else trial.state.name
+        assert run.data.tags["autotune.state"] == state
+        assert run.info.status == tracking.RUN_STATUS[state]
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        if trial.state == TrialState.COMPLETE:  # the whole record, not only the end state
+            assert run.data.metrics["final.val_acc"] == pytest.approx(trial.value)
+
+
+def cluster_spec(write_spec, name: str, uri: str, **study) -> Path:
+    return write_spec(
+        tiny_spec(
+            study={"name": name, "storage": POSTGRES, **study},
+            mlflow={"tracking_uri": uri},
+        )
+    )
+
+
+def test_two_nodes_starting_at_once_share_one_budget_and_one_parent_run(
+    write_spec, study_name: str, mlflow_server: MlflowServer
+):
+    spec = cluster_spec(write_spec, study_name, mlflow_server.uri, n_trials=8)
+    # two `autotune run` on a study that does not exist yet, at the same moment: two nodes
+    nodes = [autotune("run", spec, wait=False) for _ in range(2)]
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err
+    study = optuna.load_study(study_name=study_name, storage=make_storage(POSTGRES))
+
+    # the budget is the study's: exactly 8 trials finished, none left running or waiting
+    finished = [t for t in study.trials if t.state in FINISHED]
+    assert len(finished) == 8
+    assert not [t for t in study.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    # both nodes worked on it, and no configuration was tried twice
+    assert len({t.user_attrs["worker"] for t in finished}) == 2
+    assert len({tuple(sorted(t.params.items())) for t in finished}) == 8
+    # MLflow: one parent run although both started at once, and every trial under it
+    assert_mlflow_holds_the_study(mlflow_server.uri, study)
+
+
+def test_a_worker_killed_mid_trial_has_its_trial_run_again(
+    write_spec, study_name: str, mlflow_server: MlflowServer
+):
+    # heartbeats every second, a worker silent for 3 seconds is dead; trials of a few seconds
+    spec = cluster_spec(
+        write_spec,
+        study_name,
+        mlflow_server.uri,
+        n_trials=6,
+        heartbeat_interval=1,
+        heartbeat_grace=3,
+    )
+    Path(spec).write_text(Path(spec).read_text().replace("max_epochs: 2", "max_epochs: 8"))
+    launcher = autotune("run", spec, "--workers", "2", wait=False)
+    storage = make_storage(POSTGRES)
+
+    # kill the worker of the first trial that is well into its training, with SIGKILL
+    victim = None
+    deadline = time.monotonic() + 180
+    while victim is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        with contextlib.suppress(KeyError):
+            study = optuna.load_study(study_name=study_name, storage=storage)
+            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if "worker" in trial.user_attrs and len(trial.intermediate_values) >= 2:
+                    victim = trial
+                    break
+    assert victim is not None, "no trial got two epochs in"
+    os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    _, err = launcher.communicate(timeout=300)
+
+    # the other worker finished the study: the launcher says which worker died, and succeeds
+    assert launcher.returncode == 0, err
+    assert "was killed by signal 9" in err
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    by_number = {t.number: t for t in study.trials}
+    # the killed trial was failed by the heartbeat check and its configuration run again
+    assert by_number[victim.number].state == TrialState.FAIL
+    [retry] = [
+        t
+        for t in study.trials
+        if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == victim.number
+    ]
+    assert retry.state in FINISHED and retry.params == victim.params
+    # still exactly the budget, and nothing left RUNNING
+    assert len([t for t in study.trials if t.state in FINISHED]) == 6
+    assert not [t for t in study.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    # MLflow: the dead worker's run was closed as FAIL from the Optuna storage
+    assert_mlflow_holds_the_study(mlflow_server.uri, study)
+
+
+class KillsTheServer(Progress):
+    """Kills the tracking server after `kill_after` trials, starts it again after `back_after`."""
+
+    def __init__(self, server: MlflowServer, kill_after: int, back_after: int | None = None):
+        self.server, self.kill_after, self.back_after = server, kill_after, back_after
+        self.done = 0
+        self.notes: list[str] = []
+
+    def trial_done(self, study, trial) -> None:
+        self.done += 1
+        if self.done == self.kill_after:
+            self.server.kill()
+        if self.done == self.back_after:
+            self.server.start()
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+
+
+def test_the_tracking_server_killed_mid_study_then_sync_fills_it_in(
+    tmp_path: Path, write_spec, mlflow_server: MlflowServer
+):
+    spec_file = write_spec(
+        tiny_spec(
+            study={"name": "outage", "n_trials": 5}, mlflow={"tracking_uri": mlflow_server.uri}
+        )
+    )
+    progress = KillsTheServer(mlflow_server, kill_after=2)
+    outcome = run_study(load_spec(spec_file), progress=progress)
+
+    # the study finished without the server; the user was told once, then reminded at the end
+    assert outcome.finished == 5 and not outcome.interrupted
+    assert sum("did not answer" in note for note in progress.notes) == 1
+    assert "autotune sync" in progress.notes[-1]
+
+    # the server is back: `autotune sync` logs what it missed, from the Optuna storage
+    mlflow_server.start()
+    result = CliRunner().invoke(main, ["sync", str(spec_file)])
+    assert result.exit_code == 0, result.output
+    assert "logged 3 trials" in result.output
+    assert_mlflow_holds_the_study(mlflow_server.uri, outcome.study)
+    # a second sync finds nothing missing, and logs nothing twice
+    result = CliRunner().invoke(main, ["sync", str(spec_file)])
+    assert "logged 0 trials" in result.output
+    assert_mlflow_holds_the_study(mlflow_server.uri, outcome.study)
+
+
+def test_what_mlflow_missed_is_logged_when_it_answers_again(
+    write_spec, mlflow_server: MlflowServer, monkeypatch
+):
+    monkeypatch.setattr(tracking, "RETRY_SECONDS", 0.5)
+    spec_file = write_spec(
+        tiny_spec(study={"name": "blip", "n_trials": 6}, mlflow={"tracking_uri": mlflow_server.uri})
+    )
+    progress = KillsTheServer(mlflow_server, kill_after=1, back_after=3)
+    outcome = run_study(load_spec(spec_file), progress=progress)
+
+    # told once that it went away, and that the missed trials were logged on its return
+    assert outcome.finished == 6
+    assert sum("did not answer" in note for note in progress.notes) == 1
+    assert any("answers again" in note for note in progress.notes)
+    # with no `autotune sync`, MLflow holds every trial whole
+    assert_mlflow_holds_the_study(mlflow_server.uri, outcome.study)
+
+
+def test_an_unreachable_tracking_server_fails_sync_in_one_line(write_spec, tmp_path: Path):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    spec = write_spec(tiny_spec(study={"n_trials": 1}))
+    assert CliRunner().invoke(main, ["run", str(spec)]).exit_code == 0
+    result = CliRunner().invoke(
+        main, ["sync", str(spec), "--tracking-uri", f"http://127.0.0.1:{port}"]
+    )
+    # bad input: one line naming the field, exit 2
+    assert result.exit_code == 2
+    assert result.output.startswith(f"error: mlflow.tracking_uri: http://127.0.0.1:{port}: ")
+    assert result.output.count("\n") == 1
+
+
+def test_sigterm_to_the_launcher_ends_every_worker_s_trial_cleanly_and_a_rerun_resumes(
+    write_spec, tmp_path: Path
+):
+    spec = write_spec(tiny_spec(study={"name": "stop", "n_trials": 6}, train={"max_epochs": 50}))
+    launcher = autotune("run", spec, "--workers", "2", wait=False)
+    storage = make_storage(f"sqlite:///{tmp_path / 'out' / 'autotune.db'}")
+    deadline = time.monotonic() + 180
+    running: list = []
+    while len(running) < 2 and time.monotonic() < deadline:  # both workers mid-trial
+        time.sleep(0.3)
+        with contextlib.suppress(KeyError):
+            study = optuna.load_study(study_name="stop", storage=storage)
+            running = [
+                t
+                for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if t.intermediate_values
+            ]
+    assert len(running) == 2, "the workers did not both start a trial"
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=120)
+
+    # exit 130; the trials running then ended FAIL in Optuna (marked interrupted), KILLED in
+    # MLflow; none is left RUNNING
+    assert launcher.returncode == 130, err
+    study = optuna.load_study(study_name="stop", storage=storage)
+    stopped = [t for t in study.trials if t.user_attrs.get("interrupted")]
+    assert 1 <= len(stopped) <= 2
+    assert all(t.state == TrialState.FAIL for t in stopped)
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("stop")
+    for trial in stopped:
+        [run] = client.search_runs(
+            [experiment.experiment_id], filter_string=f"tags.`autotune.trial` = '{trial.number}'"
+        )
+        assert run.info.status == "KILLED"
+    # the same command resumes and spends the rest of the budget
+    result = autotune("run", spec, "--workers", "2", "--n-trials", "3")
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name="stop", storage=storage)
+    assert len([t for t in study.trials if t.state in FINISHED]) == 3
