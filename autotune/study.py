@@ -15,6 +15,7 @@ FAIL before anything runs, marked `surplus`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import secrets
@@ -22,6 +23,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +46,14 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_FAILURES_IN_A_ROW = 5
 # a worker that has not beaten its heart for grace_period seconds is taken for dead, and its trial
 # is failed and run again (RetryHeartbeatStaleTrialCallback); the spec may set both
-HEARTBEAT_INTERVAL, HEARTBEAT_GRACE = 30, 120
+HEARTBEAT_INTERVAL, HEARTBEAT_GRACE, MAX_RETRIES = 30, 120, 2
 # how often a worker waiting for room in the budget looks at the storage again
 POLL_SECONDS = 1.0
 # how long a worker that joins a new study waits for its creator to name the MLflow parent run
 PARENT_WAIT_SECONDS = 30.0
+# the user attr the objective sets first, to its trial's number (a retried trial inherits the
+# attrs of the one it retries, so the number tells whether this trial itself got that far)
+STARTED = "started"
 
 
 class Progress:
@@ -136,7 +141,10 @@ def _rdb_storage(url: str, interval: int, grace: int) -> optuna.storages.RDBStor
             url,
             heartbeat_interval=interval,
             grace_period=grace,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+            # a configuration whose worker dies twice is not tried a third time
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=MAX_RETRIES
+            ),
         )
 
     for _ in range(2):
@@ -405,11 +413,10 @@ def open_session(
     study, created = open_study(spec, space, datamodule)
     if study.user_attrs.get("search_space") != space.name:
         study.set_user_attr("search_space", space.name)
-    pruner = spec.study.pruner
-    if created and pruner.name == "variance_shift" and pruner.seed_trials:
-        enqueue_low_shift(study, spec, space, datamodule, pruner.seed_trials)
     study.set_user_attr("standardised", save_input_stats(datamodule, spec.output_dir))
 
+    # the parent run before any trial exists: a joining worker that finds trials takes the
+    # study for an older one and does not wait for the creator's parent run id
     try:
         tracker = Tracker(
             spec.tracking_uri,
@@ -421,10 +428,13 @@ def open_session(
     except Exception as exc:  # MlflowException: a bad URI, a refused local store
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SpecError(f"mlflow.tracking_uri: {spec.tracking_uri}: {message}") from None
-    known = None if created else _parent_run_id(study)
+    known = None if created or not tracker.enabled else _parent_run_id(study)
     parent = tracker.start_study(flatten(spec.model_dump(mode="json")), known=known)
     if parent is not None and parent != known:
         study.set_user_attr(PARENT_ATTR, parent)
+    pruner = spec.study.pruner
+    if created and pruner.name == "variance_shift" and pruner.seed_trials:
+        enqueue_low_shift(study, spec, space, datamodule, pruner.seed_trials)
     budget = n_trials if n_trials is not None else spec.study.n_trials
     return Session(spec, space, datamodule, study, tracker, budget, created)
 
@@ -444,39 +454,71 @@ def _parent_run_id(study: optuna.Study) -> str | None:
 class Budget:
     """The study's budget shared by every worker: who may start a trial, who must wait."""
 
-    def __init__(self, study: optuna.Study, total: int, stop: Any, progress: Progress) -> None:
+    def __init__(
+        self,
+        study: optuna.Study,
+        total: int,
+        stop: Any,
+        progress: Progress,
+        *,
+        timeout: float | None = None,
+        grace: float = HEARTBEAT_GRACE,
+    ) -> None:
         self.study, self.total, self.stop, self.progress = study, total, stop, progress
-        # without heartbeats (journal storages) a dead worker's trial looks alive forever
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.grace = grace
+        # without heartbeats (journal storages) a dead worker's trial looks alive forever, so a
+        # running trial holds no slot there: workers may overshoot by a trial each, never hang
         self.heartbeats = optuna.storages._heartbeat.is_heartbeat_enabled(study._storage)
 
     def counts(self) -> tuple[int, int]:
-        """Trials finished (COMPLETE, PRUNED) and running, in the whole study."""
+        """Trials finished (COMPLETE, PRUNED), and running trials that hold a slot."""
         trials = self.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
         running = sum(1 for t in trials if t.state == TrialState.RUNNING)
-        return len(trials) - running, running
+        return len(trials) - running, running if self.heartbeats else 0
 
     def wait_for_room(self) -> bool:
         """True when a trial may start; False when the budget is spent, a signal came, or the
-        running trials take the rest of it on a storage that cannot tell a dead worker's trial.
+        run's timeout has passed.
 
         While the running trials take the rest, wait: one may fail, or its worker may die and
         its trial be failed by the heartbeat check (and queued again) after the grace period."""
         while not self.stop.is_set():
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                return False
             finished, running = self.counts()
             if finished >= self.total:
                 return False
             if finished + running < self.total:
                 return True
-            if not self.heartbeats:
-                return False
             self.progress.waiting(self.study, running)
             self.stop.wait(POLL_SECONDS)
             optuna.storages.fail_stale_trials(self.study)
+            self._fail_unstarted()
         return False
 
+    def _fail_unstarted(self) -> None:
+        """Fail a RUNNING trial whose worker died after Optuna's ask but before the trial's
+        first heartbeat: the heartbeat check cannot see it. Such a trial never reached the
+        objective (which records `started`) though it began longer than the grace period ago.
+        """
+        storage, now = self.study._storage, datetime.now()
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            begun = trial.datetime_start
+            if trial.user_attrs.get(STARTED) == trial.number or begun is None:
+                continue
+            if (now - begun).total_seconds() > self.grace:
+                with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                    storage.set_trial_user_attr(
+                        trial._trial_id, "fail_reason", "its worker stopped before it started"
+                    )
+                    storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+
     def admits(self, trial: optuna.Trial) -> bool:
-        """Whether `trial` fits the budget: fewer than `total` unfailed trials come before it."""
-        before = self.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+        """Whether `trial` fits the budget: fewer than `total` trials that hold a slot (see
+        `counts`) come before it."""
+        states = (*FINISHED, TrialState.RUNNING) if self.heartbeats else FINISHED
+        before = self.study.get_trials(deepcopy=False, states=states)
         return sum(1 for t in before if t.number < trial.number) < self.total
 
 
@@ -519,7 +561,14 @@ def work(
     tracker.on_return = lambda: _log_missed(tracker, study, spec.study.metric, progress)
 
     with stop_on_signals() as stop:
-        budget = Budget(study, session.budget, stop, progress)
+        budget = Budget(
+            study,
+            session.budget,
+            stop,
+            progress,
+            timeout=timeout,
+            grace=spec.study.heartbeat_grace,
+        )
 
         def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
             if trial.user_attrs.get("surplus"):

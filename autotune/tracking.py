@@ -24,8 +24,11 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from optuna.trial import TrialState
+
 PARENT_ROLE = "parent"
 PARENT_ATTR = "mlflow_parent_run_id"
+PARTIAL = "autotune.partial"  # the tag of a run that missed some of its trial's calls
 RUN_STATUS = {
     "COMPLETE": "FINISHED",
     "PRUNED": "FINISHED",
@@ -42,6 +45,7 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 }
 T = TypeVar("T")
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 class Tracker:
@@ -173,18 +177,20 @@ class Tracker:
     ) -> None:
         """Best value, recommendation and files on the parent run; then FINISHED (or KILLED when
         interrupted: a rerun sets it RUNNING again)."""
-        if self.parent_run_id is None:
+        if not self.enabled:
             return
-        parent = self.parent_run_id
 
         def end() -> None:
+            if self.parent_run_id is None:  # the server was away when the study started
+                self.parent_run_id = self.find_parent({}, None, resume=False)
+            parent = self.parent_run_id
             self._log(parent, metrics=metrics, tags=tags)
             for path in artifacts:
                 if path.exists():
                     self.client.log_artifact(parent, str(path))
             self.client.set_terminated(parent, status=status)
 
-        self._send(end)
+        self._send(end, now=True)
 
     # --- one trial ------------------------------------------------------------------------------
 
@@ -237,7 +243,9 @@ class Tracker:
         """Mark the child run with the trial's final state (COMPLETE, PRUNED, FAIL, INTERRUPTED)."""
 
         def end(run: str) -> None:
-            self._log(run, tags={"autotune.state": state, **(tags or {})})
+            # a run that missed some of its calls is not the trial's record: sync replaces it
+            partial = {PARTIAL: "true"} if self.run_trial.get(run) in self.missed else {}
+            self._log(run, tags={"autotune.state": state, **(tags or {}), **partial})
             self.client.set_terminated(run, status=RUN_STATUS[state])
 
         self._trial_call(run_id, end)
@@ -250,19 +258,20 @@ class Tracker:
 
     # --- when the server does not answer ---------------------------------------------------------
 
-    def _send(self, call: Callable[[], T]) -> T | None:
+    def _send(self, call: Callable[[], T], *, now: bool = False) -> T | None:
         """One MLflow call. A failure takes the tracker offline, told once, instead of failing
-        the trial; offline, calls are dropped and one is tried every RETRY_SECONDS. The first
-        that gets through runs `on_return`, which logs the trials that were missed."""
+        the trial; offline, calls are dropped and one is tried RETRY_SECONDS after the last
+        failure (`now`: this one is tried in any case). The first that gets through runs
+        `on_return`, which logs the trials that were missed."""
         if not self.enabled:
             return None
-        now = time.monotonic()
-        if self.down_since is not None and now - self.last_try < RETRY_SECONDS:
+        waited = time.monotonic() - self.last_try
+        if self.down_since is not None and waited < RETRY_SECONDS and not now:
             return None
-        self.last_try = now
         try:
             result = call()
         except Exception as exc:
+            self.last_try = time.monotonic()  # a server that times out takes long to fail
             self.went_down(exc)
             return None
         if self.down_since is not None:
@@ -287,15 +296,17 @@ class Tracker:
 
     # --- a whole trial from the Optuna storage ----------------------------------------------------
 
-    def trial_runs(self) -> dict[int, list[Any]]:
-        """The study's child runs by trial number, oldest first (deleted runs left out)."""
+    def trial_runs(self, number: int | None = None) -> dict[int, list[Any]]:
+        """The study's child runs (or trial `number`'s) by trial number, oldest first; deleted
+        runs left out."""
         runs: dict[int, list[Any]] = {}
         token = None
+        one = "" if number is None else f" and tags.`autotune.trial` = '{number}'"
         while True:
             page = self.client.search_runs(
                 [self._experiment()],
                 filter_string=f"tags.`autotune.study` = '{self.study_name}' "
-                "and tags.`autotune.role` = 'trial'",
+                f"and tags.`autotune.role` = 'trial'{one}",
                 order_by=["attributes.start_time ASC"],
                 max_results=1000,
                 page_token=token,
@@ -375,9 +386,9 @@ class TrialRecord:
             self.tags["autotune.pruned_epoch"] = attrs.get("pruned_epoch", 0)
             self.tags["autotune.pruned_reason"] = attrs.get("pruned_reason", "")
         if self.state == "FAIL":
-            # a trial with no reason was failed by the storage: its worker stopped beating
+            # the objective records every failure it sees: without a reason, the worker died
             self.tags["autotune.fail_reason"] = attrs.get(
-                "fail_reason", "its worker stopped (no heartbeat); the trial was run again"
+                "fail_reason", "its worker stopped without a word (killed, or its node lost)"
             )
         if attrs.get("explored"):
             self.tags["autotune.explored"] = True
@@ -406,7 +417,8 @@ def sync_study(tracker: Tracker, study: Any, metric: str, only: Iterable[int] | 
     """Log to MLflow what it misses of the study, from the Optuna storage: a child run for each
     finished trial that has none whole (its run missing, or cut short because the server went
     away or its worker died: that run is deleted and the trial logged again), and no second
-    run of any trial. `only`: these trial numbers. Returns how many trials were logged.
+    run of any trial. `only`: these trial numbers. When no trial is running, a parent run still
+    RUNNING is ended with the study's best. Returns how many trials were logged.
 
     Raises when MLflow does not answer."""
     if not tracker.enabled:
@@ -418,25 +430,60 @@ def sync_study(tracker: Tracker, study: Any, metric: str, only: Iterable[int] | 
     wanted = None if only is None else set(only)
     runs = tracker.trial_runs()
     logged = 0
-    for trial in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    for trial in trials:
         if wanted is not None and trial.number not in wanted:
             continue
-        if not trial.state.is_finished() or trial.user_attrs.get("surplus"):
-            continue  # still running, or never started: nothing to log
+        if not trial.state.is_finished() or "config" not in trial.user_attrs:
+            continue  # still running, or ended before it had a configuration: nothing to log
         record = TrialRecord(trial, metric)
-        whole = [run for run in runs.get(trial.number, []) if _is_whole(run, record.state)]
-        for run in runs.get(trial.number, []):  # cut short, or a second copy: not the record
-            if not whole or run is not whole[0]:
-                tracker.client.delete_run(run.info.run_id)
-        if not whole:
+        if not any(_is_whole(run, record.state) for run in runs.get(trial.number, [])):
             tracker.log_trial(record)
             logged += 1
+            runs[trial.number] = tracker.trial_runs(trial.number).get(trial.number, [])
+        _keep_one(tracker, runs.get(trial.number, []), record.state)
         tracker.missed.discard(trial.number)
+    if not any(t.state == TrialState.RUNNING for t in trials):
+        _end_parent(tracker, study, metric)
     return logged
 
 
+def _keep_one(tracker: Tracker, runs: list[Any], state: str) -> None:
+    """Delete every run of a trial but one whole run. Two processes that log the same trial at
+    once each keep the same one: the oldest, then the smallest id."""
+    whole = sorted(
+        (run for run in runs if _is_whole(run, state)),
+        key=lambda run: (run.info.start_time, run.info.run_id),
+    )
+    for run in runs:
+        if not whole or run is not whole[0]:
+            tracker.client.delete_run(run.info.run_id)
+
+
 def _is_whole(run: Any, state: str) -> bool:
-    return run.data.tags.get("autotune.state") == state and run.info.status == RUN_STATUS[state]
+    tags = run.data.tags
+    return (
+        tags.get("autotune.state") == state
+        and PARTIAL not in tags
+        and run.info.status == RUN_STATUS[state]
+    )
+
+
+def _end_parent(tracker: Tracker, study: Any, metric: str) -> None:
+    """A parent left RUNNING by a run that could not reach MLflow at its end: end it now."""
+    parent = tracker.client.get_run(tracker.parent_run_id)
+    if parent.info.status != "RUNNING":
+        return
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state in _FINISHED]
+    complete = [t for t in finished if t.state == TrialState.COMPLETE and t.value is not None]
+    metrics: dict[str, float] = {"finished_trials": len(finished)}
+    tags: dict[str, Any] = {}
+    if complete:
+        best = study.best_trial
+        metrics[f"best_{metric}"] = best.value
+        tags["autotune.best_trial"] = best.number
+    tracker._log(parent.info.run_id, metrics=metrics, tags=tags)
+    tracker.client.set_terminated(parent.info.run_id, status="FINISHED")
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -38,6 +38,7 @@ from autotune.pruners import DELTA_KEY, VarianceShiftPruner
 from autotune.shift import LayerShift, measure_shift, mode_accuracy, recalibrate_bn, summarize
 from autotune.space import TrialConfig
 from autotune.spec import Spec, TrainSpec
+from autotune.study import STARTED
 from autotune.tracking import measured_metrics, predicted_metrics
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -291,8 +292,9 @@ def quiet_lightning() -> None:
 def stop_on_signals() -> Iterator[threading.Event]:
     """Turn the first Ctrl-C or SIGTERM into an event the running trial checks between batches.
 
-    A second Ctrl-C interrupts at once. Outside the main thread signals cannot be caught, and the
-    event is never set.
+    A second Ctrl-C interrupts at once; a second SIGTERM changes nothing (a scheduler such as
+    SLURM signals every process of a job, so a worker hears its launcher's SIGTERM and its own).
+    Outside the main thread signals cannot be caught, and the event is never set.
     """
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
@@ -300,7 +302,7 @@ def stop_on_signals() -> Iterator[threading.Event]:
         return
 
     def handle(signum: int, frame: Any) -> None:
-        if stop.is_set():
+        if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
         stop.set()
 
@@ -358,6 +360,7 @@ class Objective:
         self.admit = admit
 
     def __call__(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr(STARTED, trial.number)
         if self.stop.is_set():  # the signal came between trials: start nothing new
             trial.set_user_attr("interrupted", True)
             raise KeyboardInterrupt
@@ -373,8 +376,11 @@ class Objective:
         run_id = self.tracker.start_trial(
             trial.number, config.to_params(), {"autotune.worker": WORKER}
         )
-        if run_id is not None:
-            trial.set_user_attr("mlflow_run_id", run_id)
+        # a trial run again after its worker died inherits that trial's attrs: renew them
+        if run_id is not None or "mlflow_run_id" in trial.user_attrs:
+            trial.set_user_attr("mlflow_run_id", run_id or "")
+        if trial.user_attrs.get("explored"):
+            trial.set_user_attr("explored", False)
         # the epochs reported so far: a pruned trial's record, and what `autotune sync` logs
         history: list[dict[str, float]] = []
         try:

@@ -46,9 +46,10 @@ class Worker:
 
     @property
     def trouble(self) -> str | None:
-        """Why this worker stopped other than by the study's own end, or None."""
+        """What the user should hear of how this worker stopped, or None when it stopped with
+        the study (the budget spent, or interrupted)."""
         code = self.process.returncode
-        if code in (0, EXIT_FAILED, EXIT_INTERRUPTED):
+        if code in (0, EXIT_INTERRUPTED):
             return None
         how = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
         return f"worker {self.index} {how}; its log: {self.log}"
@@ -92,28 +93,34 @@ def launch(
     progress = progress or Progress()
     session = open_session(spec, n_trials=n_trials, notify=progress.note)
     study = session.study
-    workers = start_workers(spec_file, spec, session.budget, n_workers, devices, timeout)
-
     outcome = StudyOutcome(study, count_finished(study), session.budget)
     seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
-    progress.start(study, session.budget)
+    workers: list[Worker] = []
     with stop_on_signals() as stop:
         forwarded = False
         try:
+            workers = start_workers(spec_file, spec, session.budget, n_workers, devices, timeout)
+            progress.start(study, session.budget)
             while any(w.process.poll() is None for w in workers):
                 if stop.is_set() and not forwarded:
-                    _signal(workers)  # each ends its running trial cleanly
+                    _signal(workers, signal.SIGTERM)  # each ends its running trial cleanly
                     forwarded = outcome.interrupted = True
                 _report_new(study, seen, progress)
                 time.sleep(POLL_SECONDS)
-        except KeyboardInterrupt:  # a second Ctrl-C: the workers stop at once
+        except BaseException as exc:
+            # a second Ctrl-C, or the launcher's own failure: no worker goes on alone. A
+            # SIGTERM lets a worker end its trial cleanly; the SIGINT after it, at once
             outcome.interrupted = True
-            _signal(workers)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                _signal(workers, sig)
             for worker in workers:
                 worker.process.wait()
+            if not isinstance(exc, KeyboardInterrupt):
+                session.tracker.end_study({}, {}, [], status="FAILED")  # not left RUNNING
+                raise
         finally:
-            _report_new(study, seen, progress)
             progress.close()
+    _report_new(study, seen, progress)
     codes = [w.process.returncode for w in workers]
     outcome.interrupted = outcome.interrupted or EXIT_INTERRUPTED in codes
     outcome.stopped_by_failures = EXIT_FAILED in codes
@@ -160,10 +167,10 @@ def start_workers(
     return workers
 
 
-def _signal(workers: list[Worker]) -> None:
+def _signal(workers: list[Worker], sig: signal.Signals) -> None:
     for worker in workers:
         if worker.process.poll() is None:
-            worker.process.send_signal(signal.SIGTERM)
+            worker.process.send_signal(sig)
 
 
 def _report_new(study: optuna.Study, seen: set[int], progress: Progress) -> None:

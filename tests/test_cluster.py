@@ -335,3 +335,86 @@ def test_sigterm_to_the_launcher_ends_every_worker_s_trial_cleanly_and_a_rerun_r
     assert result.returncode == 0, result.stderr
     study = optuna.load_study(study_name="stop", storage=storage)
     assert len([t for t in study.trials if t.state in FINISHED]) == 3
+
+
+# --- the pieces, without servers --------------------------------------------------------------
+
+
+def test_devices_go_round_robin_through_what_the_scheduler_gave(monkeypatch):
+    from autotune.workers import plan_devices
+
+    # on the CPU: plain processes, no device
+    assert plan_devices(3, ["0", "1"], "cpu") == [None, None, None]
+    # device numbers count the GPUs this process sees: 0 is the scheduler's GPU 4
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert plan_devices(3, ["0", "1"], "auto") == ["4", "5", "4"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert plan_devices(2, ["2", "3"], "gpu") == ["2", "3"]
+
+
+def test_a_second_sigterm_changes_nothing_a_second_ctrl_c_interrupts():
+    from autotune.training import stop_on_signals
+
+    with stop_on_signals() as stop:
+        # a scheduler's SIGTERM and the launcher's forwarded one: still a clean stop
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.is_set()
+        # Ctrl-C after that: at once
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_crashed_run_on_a_journal_does_not_hold_the_budget(tmp_path: Path, write_spec):
+    url = f"journal:///{tmp_path / 'study.journal'}"
+    spec = load_spec(write_spec(tiny_spec(study={"n_trials": 2, "storage": url})))
+    # a run killed mid-trial: its trial stays RUNNING, and a journal has no heartbeat to tell
+    study = optuna.create_study(study_name="tiny", storage=make_storage(url), direction="maximize")
+    study.ask()
+    outcome = run_study(spec)
+    # the rerun does not wait for it: it finishes the budget
+    assert outcome.finished == 2
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the orphan's ask, on purpose
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed(tmp_path: Path, write_spec):
+    spec = load_spec(
+        write_spec(tiny_spec(study={"n_trials": 1, "heartbeat_interval": 1, "heartbeat_grace": 2}))
+    )
+    # Optuna's ask made the trial RUNNING; its worker died before the objective began, so no
+    # heartbeat was ever recorded for it
+    storage = make_storage(spec.storage_url, heartbeat_interval=1, heartbeat_grace=2)
+    orphan = optuna.create_study(study_name="tiny", storage=storage, direction="maximize").ask()
+    outcome = run_study(spec)
+    # the waiting worker failed it after the grace period, then spent the budget itself
+    assert outcome.finished == 1
+    failed = outcome.study.trials[orphan.number]
+    assert failed.state == TrialState.FAIL
+    assert failed.user_attrs["fail_reason"] == "its worker stopped before it started"
+
+
+def test_sync_replaces_a_cut_short_run_and_removes_a_second_copy(tmp_path: Path, write_spec):
+    spec = load_spec(write_spec(tiny_spec(study={"n_trials": 3})))
+    study = run_study(spec).study
+    tracker = tracking.Tracker(spec.tracking_uri, spec.experiment_name, "tiny")
+    runs = tracker.trial_runs()
+    # trial 0's run missed some calls (it is tagged so); trial 1 was logged twice
+    tracker.client.set_tag(runs[0][0].info.run_id, tracking.PARTIAL, "true")
+    tracker.parent_run_id = study.user_attrs[tracking.PARENT_ATTR]
+    tracker.log_trial(tracking.TrialRecord(study.trials[1], "val_acc"))
+    assert len(tracker.trial_runs()[1]) == 2
+
+    logged = tracking.sync_study(tracker, study, "val_acc")
+    # trial 0 logged again whole; of trial 1's two runs one is left; trial 2 untouched
+    assert logged == 1
+    after = tracker.trial_runs()
+    assert [len(after[n]) for n in (0, 1, 2)] == [1, 1, 1]
+    assert tracking.PARTIAL not in after[0][0].data.tags
+    assert after[2][0].info.run_id == runs[2][0].info.run_id
+    # the record is the trial's: its params, per-epoch metrics and final value
+    history = tracker.client.get_metric_history(after[0][0].info.run_id, "val_acc")
+    assert [m.step for m in history] == [1, 2]
+    assert after[0][0].data.metrics["final.val_acc"] == pytest.approx(study.trials[0].value)
+    assert after[0][0].data.params["block0.placement"] == str(
+        study.trials[0].user_attrs["config"][0]["placement"]
+    )
