@@ -111,7 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 repeat of 6 short trials")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--trials", type=int, default=24)
+    parser.add_argument("--trials", type=int, default=60)
     parser.add_argument("--epochs", type=int, default=8)
     args = parser.parse_args()
     repeats, n_trials, epochs = (
