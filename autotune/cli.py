@@ -123,6 +123,11 @@ def run(
     from autotune.spec import load_spec
     from autotune.study import run_study
 
+    if as_worker:
+        from autotune.workers import await_launcher
+
+        if not await_launcher():
+            sys.exit(EXIT_BAD_INPUT)
     spec = load_spec(spec_file, overrides=_overrides(storage, tracking_uri))
     console = _console()
     progress = RichProgress(console, spec.study.metric, spec.train.max_epochs)

@@ -13,12 +13,14 @@ The same command on other nodes joins the same study: the budget is the whole st
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -91,22 +93,35 @@ def launch(
     from autotune.training import stop_on_signals
 
     progress = progress or Progress()
-    session = open_session(spec, n_trials=n_trials, notify=progress.note)
+    budget = n_trials if n_trials is not None else spec.study.n_trials
+    began = datetime.now()
+    # the workers start first and import torch, Lightning and MLflow while the launcher checks
+    # the spec and opens the study; they touch nothing until it says go (`await_launcher`)
+    workers = start_workers(spec_file, spec, budget, n_workers, devices, timeout)
+    try:
+        session = open_session(spec, n_trials=n_trials, notify=progress.note)
+    except BaseException:
+        _release(workers, go=False)  # bad input is said once, here; the workers just leave
+        raise
     study = session.study
     outcome = StudyOutcome(study, count_finished(study), session.budget)
-    seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
-    workers: list[Worker] = []
+    # trials of earlier runs are not news; the workers' are, however quick
+    seen = {
+        t.number
+        for t in study.get_trials(deepcopy=False)
+        if t.datetime_complete is not None and t.datetime_complete < began
+    }
     with stop_on_signals() as stop:
         forwarded = False
         try:
-            workers = start_workers(spec_file, spec, session.budget, n_workers, devices, timeout)
+            _release(workers, go=True)
             progress.start(study, session.budget)
             while any(w.process.poll() is None for w in workers):
                 if stop.is_set() and not forwarded:
                     _signal(workers, signal.SIGTERM)  # each ends its running trial cleanly
                     forwarded = outcome.interrupted = True
                 _report_new(study, seen, progress)
-                time.sleep(POLL_SECONDS)
+                _wait_any(workers, POLL_SECONDS)
         except BaseException as exc:
             # a second Ctrl-C, or the launcher's own failure: no worker goes on alone. A
             # SIGTERM lets a worker end its trial cleanly; the SIGINT after it, at once
@@ -127,6 +142,39 @@ def launch(
     outcome.finished = count_finished(study)
     finish_study(session, outcome)
     return outcome, [t for t in (w.trouble for w in workers) if t is not None]
+
+
+def await_launcher() -> bool:
+    """In a worker: import what a trial needs, then wait for the launcher's word. True: go;
+    False: the launcher found the input bad, or is gone."""
+    import lightning.pytorch  # noqa: F401 - the slow imports, while the launcher checks
+    import mlflow  # noqa: F401
+
+    return sys.stdin.readline().strip() == "go"
+
+
+def _release(workers: list[Worker], *, go: bool) -> None:
+    """Tell each waiting worker to go, or to leave; then wait for those told to leave."""
+    for worker in workers:
+        stdin = worker.process.stdin
+        if stdin is None:
+            continue
+        with contextlib.suppress(OSError):  # a worker that died already
+            if go:
+                stdin.write("go\n")
+            stdin.close()
+    if not go:
+        for worker in workers:
+            worker.process.wait()
+
+
+def _wait_any(workers: list[Worker], seconds: float) -> None:
+    """Sleep up to `seconds`, less when a worker exits first."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if any(w.process.poll() is not None for w in workers):
+            return
+        time.sleep(0.05)
 
 
 def start_workers(
@@ -159,7 +207,8 @@ def start_workers(
                 env=worker_env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,  # the launcher's go (see await_launcher)
+                text=True,
                 # signals from the terminal reach the launcher only, which forwards exactly one
                 start_new_session=True,
             )

@@ -10,6 +10,8 @@ Two rates per run:
     end to end   finished trials per minute of the whole command, start-up included
     steady       trials per minute between the first trial's start and the last trial's end,
                  from the Optuna storage's timestamps
+and where the rest of the wall time goes: from the command's start to the first trial's, and
+from the last trial's end to the command's.
 
 Run from the repository root:
 
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -54,11 +57,11 @@ def one_run(workers: int, n_trials: int, epochs: int, folder: Path) -> dict:
     spec_file = folder / f"{name}.yaml"
     spec_file.write_text(yaml.safe_dump(spec(name, output, n_trials, epochs)))
     command = [sys.executable, "-m", "autotune.cli", "run", str(spec_file)]
-    start = time.perf_counter()
+    start, began = time.perf_counter(), datetime.now()
     done = subprocess.run(
         [*command, "--workers", str(workers)], capture_output=True, text=True, cwd=ROOT
     )
-    wall = time.perf_counter() - start
+    wall, ended = time.perf_counter() - start, datetime.now()
     if done.returncode != 0:
         raise SystemExit(f"{workers} workers failed:\n{done.stderr[-3000:]}")
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{output / 'autotune.db'}")
@@ -71,6 +74,8 @@ def one_run(workers: int, n_trials: int, epochs: int, folder: Path) -> dict:
         "trials": len(trials),
         "wall_s": wall,
         "steady_s": steady,
+        "start_up_s": (first - began).total_seconds(),
+        "wind_down_s": (ended - last).total_seconds(),
         "end_to_end_per_min": 60 * len(trials) / wall,
         "steady_per_min": 60 * len(trials) / steady,
         "processes": len({t.user_attrs["worker"] for t in trials}),
@@ -79,15 +84,18 @@ def one_run(workers: int, n_trials: int, epochs: int, folder: Path) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| workers | end to end, trials/min | steady, trials/min | wall time, s |",
-        "| --- | --- | --- | --- |",
+        "| workers | end to end, trials/min | steady, trials/min | wall time, s "
+        "| to the first trial, s | after the last trial, s |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for n in (1, 2):
         mine = [r for r in rows if r["workers"] == n]
         lines.append(
             f"| {n} | {spread([r['end_to_end_per_min'] for r in mine])} "
             f"| {spread([r['steady_per_min'] for r in mine])} "
-            f"| {spread([r['wall_s'] for r in mine], 0)} |"
+            f"| {spread([r['wall_s'] for r in mine], 0)} "
+            f"| {spread([r['start_up_s'] for r in mine])} "
+            f"| {spread([r['wind_down_s'] for r in mine])} |"
         )
     ratios = {
         key: [
@@ -102,7 +110,7 @@ def table(rows: list[dict]) -> str:
     }
     lines.append(
         f"| 2 ÷ 1, pair by pair | {spread(ratios['end_to_end_per_min'], 2)} "
-        f"| {spread(ratios['steady_per_min'], 2)} | |"
+        f"| {spread(ratios['steady_per_min'], 2)} | | | |"
     )
     return "\n".join(lines)
 

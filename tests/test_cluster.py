@@ -418,3 +418,15 @@ def test_sync_replaces_a_cut_short_run_and_removes_a_second_copy(tmp_path: Path,
     assert after[0][0].data.params["block0.placement"] == str(
         study.trials[0].user_attrs["config"][0]["placement"]
     )
+
+
+def test_bad_input_with_workers_is_one_line_and_no_worker_trains(write_spec, tmp_path: Path):
+    spec = write_spec(tiny_spec())
+    # a storage that cannot be opened: found by the launcher after its workers started
+    result = autotune("run", spec, "--workers", "2", "--storage", "redis://127.0.0.1:1/0")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: study.storage: cannot open 'redis://127.0.0.1:1/0'")
+    assert result.stderr.count("\n") == 1
+    # the workers were told to leave before they touched anything
+    logs = sorted((tmp_path / "out" / "workers").glob("worker-*.log"))
+    assert len(logs) == 2 and all(log.read_text() == "" for log in logs)
