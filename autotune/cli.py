@@ -183,18 +183,27 @@ def validate(spec_file: Path) -> None:
 
 @main.command()
 @click.argument("spec_file", type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "formats",
+    type=click.Choice(["py", "yaml", "json"]),
+    multiple=True,
+    help="What to write, once per format: py (best_model.py), yaml (recommended.yaml), "
+    "json (recommended.json). Default: yaml and py.",
+)
 @storage_option
 @_friendly
-def export(spec_file: Path, storage: str | None) -> None:
-    """Write recommended.yaml and best_model.py again from the study in SPEC_FILE's storage."""
-    from autotune.export import write_outputs
+def export(spec_file: Path, formats: tuple[str, ...], storage: str | None) -> None:
+    """Write the study's recommendation again from SPEC_FILE's storage, each file verified
+    against the tuned network and its saved weights."""
+    from autotune.export import DEFAULT_FORMATS, write_outputs
     from autotune.spec import load_spec
     from autotune.study import load_existing_study
 
     spec = load_spec(spec_file, overrides=_overrides(storage))
     study = load_existing_study(spec)
     try:
-        paths = write_outputs(study, spec)
+        paths = write_outputs(study, spec, formats or DEFAULT_FORMATS)
     except RuntimeError as exc:
         raise SpecError(f"study.name: {exc}") from None
     for path in paths:

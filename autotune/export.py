@@ -1,30 +1,42 @@
-"""What a study hands back: recommended.yaml and a standalone best_model.py.
+"""What a study hands back: the recommendation as recommended.yaml (or .json), and a standalone
+best_model.py.
 
 best_model.py is rendered from the network autotune itself builds for the best configuration,
-module by module, so the snippet and the tuned model have the same layers, the same names and
-the same parameter count; `write_outputs` checks that before it returns. The snippet imports
-torch only: the code of any module torch does not have (Uout, DropBlock2d, ResidualBlock, ...)
-is copied into it.
+module by module. The snippet imports torch only: the code of any module torch does not have
+(Uout, DropBlock2d, ResidualBlock, ...) is copied into it. Every file is verified as it is
+written: the network rebuilt from it (the snippet run, or the recommendation's blocks built
+again) must have the tuned network's layers, names and parameter count, load the trained best
+model's saved state_dict, and then give the same outputs. Each file carries its provenance:
+study, trial, MLflow run ids, seed and library versions.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import inspect
+import json
 import platform
+import textwrap
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 import yaml
 from torch import nn
 
 from autotune.models import ResidualBlock, build_model
 from autotune.regularizers import CUSTOM_MODULES
-from autotune.space import TrialConfig
-from autotune.spec import Spec
+from autotune.space import TrialConfig, config_from_mapping
+from autotune.spec import ModelSpec, Spec
 from autotune.study import best_trial, redact, state_counts
+
+# what `export --format` writes, and the files' names
+FORMATS = {"yaml": "recommended.yaml", "json": "recommended.json", "py": "best_model.py"}
+DEFAULT_FORMATS = ("yaml", "py")
+# how close the rebuilt network's outputs must be to the tuned one's, in float32
+OUTPUT_TOLERANCE = 1e-5
 
 _LEAVES: dict[type, tuple[str, ...]] = {
     nn.Flatten: (),
@@ -128,19 +140,57 @@ def load_snippet(path: Path) -> nn.Module:
 
 def verify_snippet(path: Path, reference: nn.Module) -> None:
     """Raise if the snippet's network differs from `reference` in layers or parameter count."""
-    rebuilt = load_snippet(path)
-    if repr(rebuilt) != repr(reference):
-        raise RuntimeError(f"{path}: the rendered network differs from the tuned one")
-    count = sum(p.numel() for p in rebuilt.parameters())
-    expected = sum(p.numel() for p in reference.parameters())
-    if count != expected:
-        raise RuntimeError(f"{path}: {count} parameters, the tuned model has {expected}")
-    if set(rebuilt.state_dict()) != set(reference.state_dict()):
-        raise RuntimeError(f"{path}: state_dict keys differ from the tuned model's")
+    verify_network(load_snippet(path), reference, path)
 
 
-def write_outputs(study: optuna.Study, spec: Spec) -> tuple[Path, Path]:
-    """Write recommended.yaml and best_model.py for the study's best trial; return their paths."""
+def verify_weights(
+    rebuilt: nn.Module,
+    reference: nn.Module,
+    weights: Path,
+    input_shape: tuple[int, ...],
+    source: Path,
+) -> float:
+    """Load the saved state_dict into both networks and compare their eval-mode outputs on a
+    seeded batch; return the largest difference. Raise when a key does not load or the outputs
+    differ: then the file does not describe the trained network."""
+    state = torch.load(weights, map_location="cpu")
+    try:
+        rebuilt.load_state_dict(state)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{source}: the trained weights do not load: {exc}") from None
+    reference.load_state_dict(state)
+    x = torch.randn(4, *input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = reference.eval()(x), rebuilt.eval()(x)
+    diff = float((ours - theirs).abs().max())
+    if not torch.allclose(ours, theirs, atol=OUTPUT_TOLERANCE, rtol=OUTPUT_TOLERANCE):
+        raise RuntimeError(
+            f"{source}: with the trained weights its outputs differ from the tuned network's "
+            f"by up to {diff:.3g}"
+        )
+    return diff
+
+
+def rebuild_recommendation(document: dict[str, Any], source: str) -> nn.Module:
+    """The network a recommended.yaml/.json describes: its `model` and its `blocks`."""
+    described = document["model"]
+    model_spec = ModelSpec(
+        **{key: described[key] for key in ("template", "widths", "activation", "pool")}
+    )
+    config = config_from_mapping(
+        document,
+        n_blocks=len(model_spec.resolved_widths),
+        template=model_spec.template,
+        source=source,
+    )
+    return build_model(model_spec, config, described["input_shape"], described["n_classes"])
+
+
+def write_outputs(
+    study: optuna.Study, spec: Spec, formats: tuple[str, ...] = DEFAULT_FORMATS
+) -> list[Path]:
+    """Write the study's best trial in each of `formats` (yaml, json, py), each file verified
+    against the tuned network; return the paths."""
     trial = best_trial(study)
     if trial is None:
         raise RuntimeError(f"study {study.study_name!r} has no completed trial to recommend")
@@ -148,19 +198,50 @@ def write_outputs(study: optuna.Study, spec: Spec) -> tuple[Path, Path]:
     config = TrialConfig.from_dicts(
         trial.user_attrs["config"], recalibrate_bn=trial.user_attrs.get("recalibrate_bn", False)
     )
-    model = build_model(spec.model, config, attrs["input_shape"], attrs["n_classes"])
+    shape, n_classes = tuple(attrs["input_shape"]), attrs["n_classes"]
+
+    def tuned() -> nn.Module:  # a fresh copy each time: verification loads weights into it
+        return build_model(spec.model, config, shape, n_classes)
+
+    model = tuned()
     out = spec.output_dir
     out.mkdir(parents=True, exist_ok=True)
-
-    weights = out / "weights" / f"trial_{trial.number}.pt"
+    weights_file = out / "weights" / f"trial_{trial.number}.pt"
+    weights = weights_file if weights_file.exists() else None
     metric = attrs.get("metric", spec.study.metric)
-    header = (
-        f"The network autotune recommends for study {study.study_name!r}: trial "
-        f"{trial.number}, {metric} = {trial.value:.4f}."
-    )
-    py_path = out / "best_model.py"
-    py_path.write_text(render_snippet(model, header, tuple(attrs["input_shape"])))
-    verify_snippet(py_path, model)
+    provenance = {
+        "study": study.study_name,
+        "trial": trial.number,
+        "mlflow_run_id": trial.user_attrs.get("mlflow_run_id"),
+        "seed": spec.train.seed,
+        "versions": library_versions(),
+    }
+
+    def check(rebuilt: nn.Module, source: Path) -> str:
+        """What verifying `rebuilt` against the tuned network showed, in words."""
+        verify_network(rebuilt, model, source)
+        if weights is None:  # another node trained it, or the weights were removed
+            return "same layers and parameter count; no saved weights here to load"
+        diff = verify_weights(rebuilt, tuned(), weights, shape, source)
+        return (
+            f"same layers and parameter count; loads {weights.name} and then gives the tuned "
+            f"network's outputs (largest difference {diff:.2g})"
+        )
+
+    written: list[Path] = []
+    verified: dict[str, str] = {}
+    if "py" in formats:
+        py_path = out / FORMATS["py"]
+        where = [f"{k} {v}" for k, v in provenance.items() if k != "versions" and v is not None]
+        made_with = [f"{k} {v}" for k, v in provenance["versions"].items()]
+        header = (
+            f"The network autotune recommends for study {study.study_name!r}: trial "
+            f"{trial.number}, {metric} = {trial.value:.4f}.\n\n"
+            + textwrap.fill(f"Provenance: {', '.join(where)}; {', '.join(made_with)}.", 99)
+        )
+        py_path.write_text(render_snippet(model, header, shape))
+        verified["best_model.py"] = check(load_snippet(py_path), py_path)
+        written.append(py_path)
 
     recommendation = {
         "study": {
@@ -175,13 +256,13 @@ def write_outputs(study: optuna.Study, spec: Spec) -> tuple[Path, Path]:
             "value": float(trial.value),
             "mlflow_run_id": trial.user_attrs.get("mlflow_run_id"),
             "mlflow_parent_run_id": attrs.get("mlflow_parent_run_id"),
-            "weights": str(weights) if weights.exists() else None,
+            "weights": str(weights) if weights is not None else None,
         },
         "model": {
             **spec.model.model_dump(mode="json"),
             "widths": spec.model.resolved_widths,
-            "input_shape": list(attrs["input_shape"]),
-            "n_classes": attrs["n_classes"],
+            "input_shape": list(shape),
+            "n_classes": n_classes,
             "parameters": sum(p.numel() for p in model.parameters()),
         },
         "blocks": config.to_dicts(),
@@ -194,16 +275,37 @@ def write_outputs(study: optuna.Study, spec: Spec) -> tuple[Path, Path]:
         },
         "train": spec.train.model_dump(mode="json"),
         "inputs": _inputs(out, bool(attrs.get("standardised", False))),
-        "versions": library_versions(),
+        "versions": provenance["versions"],
+        "verified": verified,
         "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    yaml_path = out / "recommended.yaml"
-    yaml_path.write_text(
-        "# autotune's recommendation: the best trial's per-block configuration.\n"
-        "# rate is the drop probability; bn_momentum follows PyTorch's convention.\n"
-        + yaml.safe_dump(recommendation, sort_keys=False)
-    )
-    return yaml_path, py_path
+    for kind in ("yaml", "json"):
+        if kind not in formats:
+            continue
+        path = out / FORMATS[kind]
+        path.write_text(
+            "# autotune's recommendation: the best trial's per-block configuration.\n"
+            "# rate is the drop probability; bn_momentum follows PyTorch's convention.\n"
+            + yaml.safe_dump(recommendation, sort_keys=False)
+            if kind == "yaml"
+            else json.dumps(recommendation, indent=2) + "\n"
+        )
+        document = yaml.safe_load(path.read_text())  # JSON is YAML: one reader for both
+        check(rebuild_recommendation(document, str(path)), path)
+        written.insert(0, path)
+    return written
+
+
+def verify_network(rebuilt: nn.Module, reference: nn.Module, source: Path) -> None:
+    """Raise if `rebuilt` differs from `reference` in layers, names or parameter count."""
+    if repr(rebuilt) != repr(reference):
+        raise RuntimeError(f"{source}: the rendered network differs from the tuned one")
+    count = sum(p.numel() for p in rebuilt.parameters())
+    expected = sum(p.numel() for p in reference.parameters())
+    if count != expected:
+        raise RuntimeError(f"{source}: {count} parameters, the tuned model has {expected}")
+    if set(rebuilt.state_dict()) != set(reference.state_dict()):
+        raise RuntimeError(f"{source}: state_dict keys differ from the tuned model's")
 
 
 def _inputs(out: Path, standardised: bool) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 from conftest import tiny_spec
@@ -192,6 +193,45 @@ def test_run_then_export_rewrites_the_outputs(write_spec):
     result = invoke("export", path)
     assert result.exit_code == 0, result.output
     assert (out / "recommended.yaml").is_file() and (out / "best_model.py").is_file()
+
+
+@pytest.mark.slow
+def test_export_writes_each_format_asked_for_verified_with_its_provenance(write_spec):
+    path = write_spec(
+        tiny_spec(
+            study={"n_trials": 2},
+            model={"template": "resnet", "widths": [4, 8]},
+            # Uout is no torch module: its code must travel inside the snippet
+            search_space={"params": {"placement": "in_branch", "regularizer": "uout"}},
+        )
+    )
+    assert invoke("run", path).exit_code == 0
+    out = Path(path).parent / "out"
+    for name in ("recommended.yaml", "best_model.py"):
+        (out / name).unlink()
+
+    result = invoke("export", path, "--format", "json", "--format", "py")
+    # the formats asked for, and no other
+    assert result.exit_code == 0, result.output
+    assert not (out / "recommended.yaml").exists()
+    document = json.loads((out / "recommended.json").read_text())
+    trial = document["best"]["trial"]
+    # the snippet was rebuilt, loaded the trained weights and gave the tuned network's outputs
+    assert document["verified"]["best_model.py"].startswith(
+        f"same layers and parameter count; loads trial_{trial}.pt and then gives"
+    )
+    # provenance: study, trial, MLflow run, seed and versions, in the snippet and the document
+    header = (out / "best_model.py").read_text().split('"""')[1]
+    run_id = document["best"]["mlflow_run_id"]
+    assert f"study tiny, trial {trial}, mlflow_run_id {run_id}, seed 0;" in " ".join(header.split())
+    assert "torch 2" in header and document["versions"]["torch"].startswith("2")
+    assert run_id and document["best"]["mlflow_parent_run_id"]
+    # the snippet imports torch only, and builds the network that loads the weights
+    namespace: dict = {"__name__": "snippet"}
+    exec((out / "best_model.py").read_text(), namespace)
+    model = namespace["build_model"]()
+    model.load_state_dict(torch.load(document["best"]["weights"]))
+    assert "class Uout" in (out / "best_model.py").read_text()
 
 
 # --- predict ---------------------------------------------------------------------------------

@@ -11,7 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from autotune.export import load_snippet, redact, render_module, render_snippet, verify_snippet
+from autotune.export import (
+    load_snippet,
+    redact,
+    render_module,
+    render_snippet,
+    verify_snippet,
+    verify_weights,
+)
 from autotune.models import build_model
 from autotune.space import BlockConfig, TrialConfig
 from autotune.spec import ModelSpec
@@ -308,3 +315,49 @@ def test_render_module_leaves(module: nn.Module, source: str) -> None:
 def test_redact_hides_passwords_only(url: str, shown: str) -> None:
     # what recommended.yaml records for the storage URL
     assert redact(url) == shown
+
+
+# --- verify_weights: the rebuilt network, with the trained weights, computes the same -------------
+
+
+def test_verify_weights_passes_the_same_network_and_says_how_close(tmp_path: Path) -> None:
+    spec, config, shape = CASES["resnet-in_branch-dropout"]
+    model = trained(spec, config, shape)
+    weights = tmp_path / "w.pt"
+    torch.save(model.state_dict(), weights)
+    path = write_snippet(tmp_path, model, shape)
+    # the snippet's network with the saved weights gives the tuned network's outputs
+    diff = verify_weights(
+        load_snippet(path), build_model(spec, config, shape, 10), weights, shape, path
+    )
+    assert diff <= 1e-5
+
+
+def test_verify_weights_catches_a_network_that_computes_something_else(tmp_path: Path) -> None:
+    spec, config, shape = CASES["resnet-in_branch-dropout"]
+    model = trained(spec, config, shape)
+    weights = tmp_path / "w.pt"
+    torch.save(model.state_dict(), weights)
+    path = write_snippet(tmp_path, model, shape)
+    # the same layers (equal repr), but a residual block that forgets its shortcut
+    rebuilt = load_snippet(path)
+    block = next(m for m in rebuilt.modules() if type(m).__name__ == "ResidualBlock")
+    block.forward = lambda x: block.drop(block.act(block.branch(x)))
+    with pytest.raises(RuntimeError, match=r"outputs differ from the tuned network's by up to"):
+        verify_weights(rebuilt, build_model(spec, config, shape, 10), weights, shape, path)
+
+
+def test_verify_weights_names_weights_that_do_not_load(tmp_path: Path) -> None:
+    spec, config, shape = CASES["mlp-gelu-mixed"]
+    model = trained(spec, config, shape)
+    weights = tmp_path / "w.pt"
+    state = model.state_dict()
+    state.pop(next(iter(state)))  # a parameter the file lacks
+    torch.save(state, weights)
+    path = write_snippet(tmp_path, model, shape)
+    with pytest.raises(
+        RuntimeError, match=rf"^{re.escape(str(path))}: the trained weights do not load"
+    ):
+        verify_weights(
+            load_snippet(path), build_model(spec, config, shape, 10), weights, shape, path
+        )
