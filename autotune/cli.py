@@ -288,6 +288,22 @@ def sync(spec_file: Path, storage: str | None, tracking_uri: str | None) -> None
 
 
 @main.command()
+@click.argument("spec_file", type=click.Path(path_type=Path))
+@storage_option
+@_friendly
+def report(spec_file: Path, storage: str | None) -> None:
+    """Write the study in SPEC_FILE's storage as one self-contained HTML page, its pictures
+    embedded, and the pictures as PNG beside it."""
+    from autotune.report import write_report
+    from autotune.spec import load_spec
+    from autotune.study import load_existing_study
+
+    spec = load_spec(spec_file, overrides=_overrides(storage))
+    study = load_existing_study(spec)
+    click.echo(f"wrote {write_report(study, spec)}")
+
+
+@main.command()
 @_friendly
 def spaces() -> None:
     """List the search spaces in search_spaces/ and what they search."""

@@ -632,12 +632,14 @@ def finish_study(session: Session, outcome: StudyOutcome) -> None:
     run. The last worker standing also makes MLflow whole: a dead worker's trial, a trial that
     another worker could not log."""
     from autotune.export import write_outputs
+    from autotune.report import write_figures
     from autotune.tracking import sync_study
 
     study, spec, tracker = session.study, session.spec, session.tracker
     best = best_trial(study)
     if best is not None:
         outcome.outputs = list(write_outputs(study, spec))
+    figures = write_figures(study, spec.output_dir / "figures", spec.study.metric)
     if tracker.enabled and not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         try:
             sync_study(tracker, study, spec.study.metric)
@@ -651,6 +653,7 @@ def finish_study(session: Session, outcome: StudyOutcome) -> None:
         tags,
         outcome.outputs,
         status="KILLED" if outcome.interrupted else "FINISHED",
+        figures=figures,
     )
     if tracker.down_since is not None:
         tracker.notify(

@@ -174,9 +174,10 @@ class Tracker:
         artifacts: list[Path],
         *,
         status: str = "FINISHED",
+        figures: Iterable[Path] = (),
     ) -> None:
-        """Best value, recommendation and files on the parent run; then FINISHED (or KILLED when
-        interrupted: a rerun sets it RUNNING again)."""
+        """Best value, recommendation, files and pictures (under figures/) on the parent run;
+        then FINISHED (or KILLED when interrupted: a rerun sets it RUNNING again)."""
         if not self.enabled:
             return
 
@@ -188,6 +189,8 @@ class Tracker:
             for path in artifacts:
                 if path.exists():
                     self.client.log_artifact(parent, str(path))
+            for path in figures:
+                self.client.log_artifact(parent, str(path), artifact_path="figures")
             self.client.set_terminated(parent, status=status)
 
         self._send(end, now=True)
