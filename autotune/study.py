@@ -647,7 +647,7 @@ def finish_study(session: Session, outcome: StudyOutcome) -> None:
         except Exception as exc:
             tracker.went_down(exc)
     metrics = {} if best is None else {f"best_{spec.study.metric}": best.value}
-    tags = {} if best is None else {"autotune.best_trial": best.number}
+    tags = {} if best is None else recommendation_tags(best)
     tracker.end_study(
         {**metrics, "finished_trials": outcome.finished},
         tags,
@@ -660,6 +660,20 @@ def finish_study(session: Session, outcome: StudyOutcome) -> None:
             f"MLflow at {tracker.tracking_uri} still does not answer: when it does, "
             "`autotune sync` with this spec logs what it missed"
         )
+
+
+def recommendation_tags(best: FrozenTrial) -> dict[str, Any]:
+    """The recommendation on the parent run, under the names the child runs use for their
+    params (`autotune.recommended.block0.placement`, ...): tags, since a resumed study may come
+    to recommend another configuration and MLflow params cannot change."""
+    from autotune.space import TrialConfig
+
+    config = TrialConfig.from_dicts(
+        best.user_attrs["config"], recalibrate_bn=best.user_attrs.get("recalibrate_bn", False)
+    )
+    tags: dict[str, Any] = {"autotune.best_trial": best.number}
+    tags.update({f"autotune.recommended.{k}": v for k, v in config.to_params().items()})
+    return tags
 
 
 def save_input_stats(datamodule: Any, output_dir: Path) -> bool:

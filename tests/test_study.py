@@ -156,6 +156,16 @@ def test_mlflow_holds_one_parent_and_a_nested_child_per_trial(write_spec):
     assert parent.data.params["model.template"] == "mlp"
     best = outcome.study.best_value
     assert parent.data.metrics["best_val_acc"] == pytest.approx(best)
+    # the recommendation, under the names the children use for their params
+    best_child = next(
+        c for c in children if c.data.tags["autotune.trial"] == str(outcome.study.best_trial.number)
+    )
+    recommended = {
+        key.removeprefix("autotune.recommended."): value
+        for key, value in parent.data.tags.items()
+        if key.startswith("autotune.recommended.")
+    }
+    assert recommended == {k: v for k, v in best_child.data.params.items() if k != "trial"}
 
 
 def test_every_trial_records_its_predicted_and_measured_shift(write_spec):
