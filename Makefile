@@ -22,10 +22,11 @@ demo: install
 	$(BIN)/autotune run examples/quickstart.yaml
 
 # the report's test opens it in Debian's Chromium: installed here where missing and possible
+APT := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
 browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
-		&& { apt-get install -y -q chromium >/dev/null 2>&1 \
-		     || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; } \
+		&& echo "installing Debian's chromium for the report's browser test" \
+		&& { $(APT) >/dev/null 2>&1 || { apt-get update -q >/dev/null && $(APT) >/dev/null; }; } \
 		|| echo "note: no chromium here; the report's browser test will be skipped"; }
 
 test: install browser

@@ -204,8 +204,9 @@ def export(spec_file: Path, formats: tuple[str, ...], storage: str | None) -> No
     study = load_existing_study(spec)
     try:
         paths = write_outputs(study, spec, formats or DEFAULT_FORMATS)
-    except RuntimeError as exc:
-        raise SpecError(f"study.name: {exc}") from None
+    except RuntimeError as exc:  # a failed check names its file; else there is no best trial
+        named = str(exc).startswith(str(spec.output_dir))
+        raise SpecError(str(exc) if named else f"study.name: {exc}") from None
     for path in paths:
         click.echo(f"wrote {path}")
 

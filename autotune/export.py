@@ -13,8 +13,10 @@ study, trial, MLflow run ids, seed and library versions.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import inspect
 import json
+import math
 import platform
 import textwrap
 from importlib import metadata
@@ -24,6 +26,7 @@ from typing import Any
 import optuna
 import torch
 import yaml
+from optuna.trial import FrozenTrial
 from torch import nn
 
 from autotune.models import ResidualBlock, build_model
@@ -37,6 +40,13 @@ FORMATS = {"yaml": "recommended.yaml", "json": "recommended.json", "py": "best_m
 DEFAULT_FORMATS = ("yaml", "py")
 # how close the rebuilt network's outputs must be to the tuned one's, in float32
 OUTPUT_TOLERANCE = 1e-5
+# the trial user attr holding the sha256 of its saved weights
+WEIGHTS_DIGEST = "weights_sha256"
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
 
 _LEAVES: dict[type, tuple[str, ...]] = {
     nn.Flatten: (),
@@ -143,6 +153,10 @@ def verify_snippet(path: Path, reference: nn.Module) -> None:
     verify_network(load_snippet(path), reference, path)
 
 
+class WeightsDoNotLoad(RuntimeError):
+    """A weights file that does not fit the network it is checked against."""
+
+
 def verify_weights(
     rebuilt: nn.Module,
     reference: nn.Module,
@@ -157,7 +171,8 @@ def verify_weights(
     try:
         rebuilt.load_state_dict(state)
     except RuntimeError as exc:
-        raise RuntimeError(f"{source}: the trained weights do not load: {exc}") from None
+        first = str(exc).strip().splitlines()[0]
+        raise WeightsDoNotLoad(f"{source}: the trained weights do not load: {first}") from None
     reference.load_state_dict(state)
     x = torch.randn(4, *input_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -169,6 +184,16 @@ def verify_weights(
             f"by up to {diff:.3g}"
         )
     return diff
+
+
+def _trial_weights(path: Path, trial: FrozenTrial) -> tuple[Path | None, str]:
+    """The trial's saved weights, when they are here and are its own; else None and why not."""
+    if not path.exists():  # trained on another node, or removed
+        return None, "no saved weights here to load"
+    digest = trial.user_attrs.get(WEIGHTS_DIGEST)
+    if digest is not None and file_digest(path) != digest:
+        return None, f"{path.name} is not this trial's (another study's?), so it was not used"
+    return path, ""
 
 
 def rebuild_recommendation(document: dict[str, Any], source: str) -> nn.Module:
@@ -191,6 +216,9 @@ def write_outputs(
 ) -> list[Path]:
     """Write the study's best trial in each of `formats` (yaml, json, py), each file verified
     against the tuned network; return the paths."""
+    unknown = set(formats) - set(FORMATS)
+    if unknown or not formats:
+        raise ValueError(f"formats: expected some of {', '.join(FORMATS)}, got {list(formats)}")
     trial = best_trial(study)
     if trial is None:
         raise RuntimeError(f"study {study.study_name!r} has no completed trial to recommend")
@@ -206,8 +234,7 @@ def write_outputs(
     model = tuned()
     out = spec.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    weights_file = out / "weights" / f"trial_{trial.number}.pt"
-    weights = weights_file if weights_file.exists() else None
+    weights, absent = _trial_weights(out / "weights" / f"trial_{trial.number}.pt", trial)
     metric = attrs.get("metric", spec.study.metric)
     provenance = {
         "study": study.study_name,
@@ -220,9 +247,12 @@ def write_outputs(
     def check(rebuilt: nn.Module, source: Path) -> str:
         """What verifying `rebuilt` against the tuned network showed, in words."""
         verify_network(rebuilt, model, source)
-        if weights is None:  # another node trained it, or the weights were removed
-            return "same layers and parameter count; no saved weights here to load"
-        diff = verify_weights(rebuilt, tuned(), weights, shape, source)
+        if weights is None:
+            return f"same layers and parameter count; {absent}"
+        try:
+            diff = verify_weights(rebuilt, tuned(), weights, shape, source)
+        except WeightsDoNotLoad:  # its layers are the tuned network's: the file is not its
+            return f"same layers and parameter count; {weights.name} does not fit them, unused"
         return (
             f"same layers and parameter count; loads {weights.name} and then gives the tuned "
             f"network's outputs (largest difference {diff:.2g})"
@@ -232,7 +262,9 @@ def write_outputs(
     verified: dict[str, str] = {}
     if "py" in formats:
         py_path = out / FORMATS["py"]
-        where = [f"{k} {v}" for k, v in provenance.items() if k != "versions" and v is not None]
+        where = [
+            f"{k} {v}" for k, v in provenance.items() if k != "versions" and v not in (None, "")
+        ]
         made_with = [f"{k} {v}" for k, v in provenance["versions"].items()]
         header = (
             f"The network autotune recommends for study {study.study_name!r}: trial "
@@ -283,14 +315,16 @@ def write_outputs(
         if kind not in formats:
             continue
         path = out / FORMATS[kind]
-        path.write_text(
-            "# autotune's recommendation: the best trial's per-block configuration.\n"
-            "# rate is the drop probability; bn_momentum follows PyTorch's convention.\n"
-            + yaml.safe_dump(recommendation, sort_keys=False)
-            if kind == "yaml"
-            else json.dumps(recommendation, indent=2) + "\n"
-        )
-        document = yaml.safe_load(path.read_text())  # JSON is YAML: one reader for both
+        if kind == "yaml":
+            path.write_text(
+                "# autotune's recommendation: the best trial's per-block configuration.\n"
+                "# rate is the drop probability; bn_momentum follows PyTorch's convention.\n"
+                + yaml.safe_dump(recommendation, sort_keys=False)
+            )
+            document = yaml.safe_load(path.read_text())
+        else:  # strict JSON: a number that is not finite is written as null
+            path.write_text(json.dumps(_finite(recommendation), indent=2, allow_nan=False) + "\n")
+            document = json.loads(path.read_text())
         check(rebuild_recommendation(document, str(path)), path)
         written.insert(0, path)
     return written
@@ -306,6 +340,17 @@ def verify_network(rebuilt: nn.Module, reference: nn.Module, source: Path) -> No
         raise RuntimeError(f"{source}: {count} parameters, the tuned model has {expected}")
     if set(rebuilt.state_dict()) != set(reference.state_dict()):
         raise RuntimeError(f"{source}: state_dict keys differ from the tuned model's")
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every NaN or infinity replaced by None, for strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _inputs(out: Path, standardised: bool) -> dict[str, Any]:

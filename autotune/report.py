@@ -38,6 +38,7 @@ FIGURES = {
     "learning_curves": "Learning curves, top trials",
 }
 TOP = 8  # trials in the heat map and the learning curves
+NUMBERED_COLUMNS = 15  # the heat map prints each Δ up to this many BN layers
 COLORS = {"COMPLETE": "#2b7bba", "PRUNED": "#e6a23c", "FAIL": "#d9534f"}
 
 
@@ -47,10 +48,8 @@ class CannotDraw(Exception):
 
 def write_figures(study: optuna.Study, folder: Path, metric: str) -> list[Path]:
     """Every picture as <folder>/<name>.png; returns the paths in FIGURES' order."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no screen: draw to files
-    import matplotlib.pyplot as plt
+    # a Figure of its own, not pyplot: no global state, and the caller's backend untouched
+    from matplotlib.figure import Figure
 
     folder.mkdir(parents=True, exist_ok=True)
     painters: dict[str, Callable[[Any, optuna.Study, str], None]] = {
@@ -62,18 +61,20 @@ def write_figures(study: optuna.Study, folder: Path, metric: str) -> list[Path]:
     }
     paths = []
     for name, title in FIGURES.items():
-        figure, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+        figure = Figure(figsize=(7, 4.2), dpi=110)
+        ax = figure.subplots()
         try:
             painters[name](ax, study, metric)
-        except CannotDraw as reason:
-            ax.clear()
+        except Exception as exc:  # nothing to draw yet, or a study this code did not expect
+            reason = str(exc) if isinstance(exc, CannotDraw) else f"could not draw: {exc!r}"
+            figure.clear()
+            ax = figure.subplots()
             ax.axis("off")
-            ax.text(0.5, 0.5, str(reason), ha="center", va="center", wrap=True, fontsize=11)
+            ax.text(0.5, 0.5, reason, ha="center", va="center", wrap=True, fontsize=11)
         ax.set_title(title)
         figure.tight_layout()
         path = folder / f"{name}.png"
         figure.savefig(path)
-        plt.close(figure)
         paths.append(path)
     return paths
 
@@ -172,13 +173,16 @@ def _shift_layers(ax: Any, study: optuna.Study, metric: str) -> None:
     ]
     logs = [[math.log(v) if v and v > 0 else math.nan for v in row] for row in grid]
     reach = max((abs(v) for row in logs for v in row if not math.isnan(v)), default=0.0) or 0.1
+    # a column a layer: deep networks get a wider picture, and numbers only while they fit
+    ax.figure.set_size_inches(max(7.0, 3.0 + 0.4 * len(layers)), 4.2)
     image = ax.imshow(logs, cmap="coolwarm", vmin=-reach, vmax=reach, aspect="auto")
     ax.figure.colorbar(image, ax=ax, label="log Δ (0: no shift)")
     ax.set_xticks(range(len(layers)), layers, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(top)), [f"trial {t.number} ({t.value:.3f})" for t in top], fontsize=8)
-    for i, row in enumerate(grid):
-        for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
+    if len(layers) <= NUMBERED_COLUMNS:
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
 
 
 def _learning_curves(ax: Any, study: optuna.Study, metric: str) -> None:
@@ -230,7 +234,7 @@ def write_report(study: optuna.Study, spec: Any) -> Path:
         )
     page = TEMPLATE.format(title=_e(f"autotune: {study.study_name}"), body="\n".join(parts))
     path = out / "report.html"
-    path.write_text(page)
+    path.write_text(page, encoding="utf-8")
     return path
 
 

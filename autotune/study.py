@@ -639,7 +639,11 @@ def finish_study(session: Session, outcome: StudyOutcome) -> None:
     best = best_trial(study)
     if best is not None:
         outcome.outputs = list(write_outputs(study, spec))
-    figures = write_figures(study, spec.output_dir / "figures", spec.study.metric)
+    try:  # pictures are a courtesy: a run that finished must still end in MLflow
+        figures = write_figures(study, spec.output_dir / "figures", spec.study.metric)
+    except Exception as exc:
+        tracker.notify(f"the study's pictures were not drawn: {exc!r}")
+        figures = []
     if tracker.enabled and not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         try:
             sync_study(tracker, study, spec.study.metric)

@@ -32,6 +32,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.nn import functional as F
 
+from autotune.export import WEIGHTS_DIGEST, file_digest
 from autotune.models import build_model
 from autotune.prediction import NetworkPrediction, predict_shift, probe_batch
 from autotune.pruners import DELTA_KEY, VarianceShiftPruner
@@ -477,4 +478,9 @@ class Objective:
         if better:
             folder = self.spec.output_dir / "weights"
             folder.mkdir(parents=True, exist_ok=True)
-            torch.save(result.model.state_dict(), folder / f"trial_{trial.number}.pt")
+            path = folder / f"trial_{trial.number}.pt"
+            partial = path.with_suffix(f".{os.getpid()}.tmp")
+            torch.save(result.model.state_dict(), partial)
+            # the export checks the file is this trial's: another study may share the folder
+            trial.set_user_attr(WEIGHTS_DIGEST, file_digest(partial))
+            partial.replace(path)  # whole or not there: never a file cut short

@@ -233,6 +233,17 @@ def test_export_writes_each_format_asked_for_verified_with_its_provenance(write_
     model.load_state_dict(torch.load(document["best"]["weights"]))
     assert "class Uout" in (out / "best_model.py").read_text()
 
+    # weights of another trial (or study) under the best trial's name are found out, not used
+    state = torch.load(document["best"]["weights"])
+    state = {
+        name: tensor + 1 if tensor.is_floating_point() else tensor for name, tensor in state.items()
+    }
+    torch.save(state, document["best"]["weights"])
+    result = invoke("export", path, "--format", "json")
+    assert result.exit_code == 0, result.output
+    document = json.loads((out / "recommended.json").read_text())
+    assert document["best"]["weights"] is None
+
 
 # --- predict ---------------------------------------------------------------------------------
 

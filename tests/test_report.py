@@ -21,7 +21,17 @@ from autotune.report import FIGURES, write_figures
 from autotune.spec import load_spec
 from autotune.study import run_study
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+def _chromium() -> str | None:
+    """A Chromium that starts (Ubuntu's `chromium` may be a stub that only points to a snap)."""
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path and subprocess.run([path, "--version"], capture_output=True).returncode == 0:
+            return path
+    return None
+
+
+CHROMIUM = _chromium()
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
