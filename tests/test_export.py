@@ -320,31 +320,35 @@ def test_redact_hides_passwords_only(url: str, shown: str) -> None:
 # --- verify_weights: the rebuilt network, with the trained weights, computes the same -------------
 
 
-def test_verify_weights_passes_the_same_network_and_says_how_close(tmp_path: Path) -> None:
-    spec, config, shape = CASES["resnet-in_branch-dropout"]
+def saved(tmp_path: Path, name: str) -> tuple[Path, Path, nn.Module, tuple]:
+    """A CASES network's weights file and snippet, and a fresh copy of the network and its
+    input shape to check them against."""
+    spec, config, shape = CASES[name]
     model = trained(spec, config, shape)
     weights = tmp_path / "w.pt"
     torch.save(model.state_dict(), weights)
-    path = write_snippet(tmp_path, model, shape)
-    # the snippet's network with the saved weights gives the tuned network's outputs
-    diff = verify_weights(
-        load_snippet(path), build_model(spec, config, shape, 10), weights, shape, path
+    return (
+        weights,
+        write_snippet(tmp_path, model, shape),
+        build_model(spec, config, shape, 10),
+        shape,
     )
-    assert diff <= 1e-5
+
+
+def test_verify_weights_passes_the_same_network_and_says_how_close(tmp_path: Path) -> None:
+    weights, path, reference, shape = saved(tmp_path, "resnet-in_branch-dropout")
+    # the snippet's network with the saved weights gives the tuned network's outputs
+    assert verify_weights(load_snippet(path), reference, weights, shape, path) <= 1e-5
 
 
 def test_verify_weights_catches_a_network_that_computes_something_else(tmp_path: Path) -> None:
-    spec, config, shape = CASES["resnet-in_branch-dropout"]
-    model = trained(spec, config, shape)
-    weights = tmp_path / "w.pt"
-    torch.save(model.state_dict(), weights)
-    path = write_snippet(tmp_path, model, shape)
+    weights, path, reference, shape = saved(tmp_path, "resnet-in_branch-dropout")
     # the same layers (equal repr), but a residual block that forgets its shortcut
     rebuilt = load_snippet(path)
     block = next(m for m in rebuilt.modules() if type(m).__name__ == "ResidualBlock")
     block.forward = lambda x: block.drop(block.act(block.branch(x)))
     with pytest.raises(RuntimeError, match=r"outputs differ from the tuned network's by up to"):
-        verify_weights(rebuilt, build_model(spec, config, shape, 10), weights, shape, path)
+        verify_weights(rebuilt, reference, weights, shape, path)
 
 
 def test_verify_weights_names_weights_that_do_not_load(tmp_path: Path) -> None:
