@@ -31,6 +31,7 @@ from torch import nn
 
 from autotune.models import ResidualBlock, build_model
 from autotune.regularizers import CUSTOM_MODULES
+from autotune.robust import ROBUST_ATTR, recommended_trial
 from autotune.space import TrialConfig, config_from_mapping
 from autotune.spec import ModelSpec, Spec
 from autotune.study import best_trial, redact, state_counts
@@ -219,7 +220,7 @@ def write_outputs(
     unknown = set(formats) - set(FORMATS)
     if unknown or not formats:
         raise ValueError(f"formats: expected some of {', '.join(FORMATS)}, got {list(formats)}")
-    trial = best_trial(study)
+    trial = recommended_trial(study)
     if trial is None:
         raise RuntimeError(f"study {study.study_name!r} has no completed trial to recommend")
     attrs = study.user_attrs
@@ -307,6 +308,7 @@ def write_outputs(
         },
         "train": spec.train.model_dump(mode="json"),
         "inputs": _inputs(out, bool(attrs.get("standardised", False))),
+        "robust": _robust_section(study, trial),
         "versions": provenance["versions"],
         "verified": verified,
         "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -340,6 +342,24 @@ def verify_network(rebuilt: nn.Module, reference: nn.Module, source: Path) -> No
         raise RuntimeError(f"{source}: {count} parameters, the tuned model has {expected}")
     if set(rebuilt.state_dict()) != set(reference.state_dict()):
         raise RuntimeError(f"{source}: state_dict keys differ from the tuned model's")
+
+
+def _robust_section(study: optuna.Study, chosen: FrozenTrial) -> dict[str, Any] | None:
+    """The robust ranking (recommend.top_k), baselines beside it; None when there was none."""
+    robust = study.user_attrs.get(ROBUST_ATTR)
+    if robust is None:
+        return None
+    best = best_trial(study)
+    return {
+        "by": robust["by"],
+        "seeds": robust["seeds"],
+        "chosen_trial": chosen.number,
+        "best_single_trial": None if best is None else best.number,
+        "rows": [
+            {k: row[k] for k in ("name", "trial", "mean", "sd", "bound", "values", "blocks")}
+            for row in robust["rows"]
+        ],
+    }
 
 
 def _finite(value: Any) -> Any:

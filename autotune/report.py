@@ -28,7 +28,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from autotune.study import best_trial, state_counts, top_trials
+from autotune.robust import ROBUST_ATTR, recommended_trial
+from autotune.study import state_counts, top_trials
 
 FIGURES = {
     "history": "Optimisation history",
@@ -207,7 +208,7 @@ def write_report(study: optuna.Study, spec: Any) -> Path:
     out = spec.output_dir
     metric = spec.study.metric
     figures = write_figures(study, out / "figures", metric)
-    best = best_trial(study)
+    best = recommended_trial(study)
     counts = state_counts(study)
     parts = [
         f"<h1>autotune study {_e(study.study_name)}</h1>",
@@ -224,6 +225,26 @@ def write_report(study: optuna.Study, spec: Any) -> Path:
                 ],
             )
             + f"<p>recalibrate_bn: {_e(best.user_attrs.get('recalibrate_bn', False))}</p>"
+        )
+    robust = study.user_attrs.get(ROBUST_ATTR)
+    if robust is not None:
+        parts.append(
+            f"<h2>Trained again over seeds {_e(robust['seeds'])}, ranked by the "
+            f"{_e(robust['by'])}</h2>"
+            + _table(
+                ["configuration", "trial", f"mean {metric}", "sd", "95 % bound", "values"],
+                [
+                    [
+                        row["name"],
+                        "-" if row["trial"] is None else row["trial"],
+                        f"{row['mean']:.4f}",
+                        f"{row['sd']:.4f}",
+                        f"{row['bound']:.4f}",
+                        ", ".join(f"{v:.4f}" for v in row["values"]),
+                    ]
+                    for row in robust["rows"]
+                ],
+            )
         )
     parts.append(f"<h2>Top trials</h2>{_top_table(study, metric)}")
     for path, (name, title) in zip(figures, FIGURES.items(), strict=True):

@@ -268,6 +268,21 @@ class MlflowSpec(_Section):
     enabled: bool = True
 
 
+class RecommendSpec(_Section):
+    # retrain the top_k configurations over `seeds` seeds and recommend by `by`; 0: recommend
+    # the best trial as it is
+    top_k: int = Field(0, ge=0)
+    seeds: int = Field(3, ge=2)
+    # mean: the best mean value; bound: the best one-sided 95 % confidence bound of the mean
+    # (Student's t): the lower bound of an accuracy, the upper bound of a loss
+    by: Literal["mean", "bound"] = "mean"
+    # retrain the baselines (BN only; plain dropout after every activation) beside them
+    baselines: bool = True
+    # your configuration (a file with `blocks`, such as a recommended.yaml) as one more baseline;
+    # relative to the spec file's folder
+    current: Path | None = None
+
+
 class Spec(_Section):
     study: StudySpec = StudySpec()
     data: DataSpec = DataSpec()
@@ -275,6 +290,7 @@ class Spec(_Section):
     train: TrainSpec = TrainSpec()
     search_space: SearchSpaceSpec = SearchSpaceSpec()
     mlflow: MlflowSpec = MlflowSpec()
+    recommend: RecommendSpec = RecommendSpec()
     # where recommended.yaml, best_model.py and the default databases go; none: runs/<study name>
     output: Path | None = None
     # the folder the spec file lives in, for resolving the files it names (set by load_spec)

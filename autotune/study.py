@@ -633,9 +633,13 @@ def finish_study(session: Session, outcome: StudyOutcome) -> None:
     another worker could not log."""
     from autotune.export import write_outputs
     from autotune.report import write_figures
+    from autotune.robust import robust_recommendation
     from autotune.tracking import sync_study
 
     study, spec, tracker = session.study, session.spec, session.tracker
+    robust = None
+    if not outcome.interrupted and outcome.finished >= outcome.budget:
+        robust = robust_recommendation(session)
     best = best_trial(study)
     if best is not None:
         outcome.outputs = list(write_outputs(study, spec))
@@ -651,7 +655,11 @@ def finish_study(session: Session, outcome: StudyOutcome) -> None:
         except Exception as exc:
             tracker.went_down(exc)
     metrics = {} if best is None else {f"best_{spec.study.metric}": best.value}
-    tags = {} if best is None else recommendation_tags(best)
+    for row in (robust or {}).get("rows", []):  # the robust ranking, baselines beside it
+        name = row["name"].replace(" ", "_")
+        metrics.update({f"robust.{name}.{key}": row[key] for key in ("mean", "sd", "bound")})
+    chosen = None if robust is None else study.trials[robust["choice"]]
+    tags = {} if best is None else recommendation_tags(chosen or best)
     tracker.end_study(
         {**metrics, "finished_trials": outcome.finished},
         tags,

@@ -350,7 +350,7 @@ def test_data_spec_built_directly_resolves_against_the_working_directory(
         (
             {"studdy": {}},
             "spec: studdy: unknown key; expected one of: "
-            "study, data, model, train, search_space, mlflow, output",
+            "study, data, model, train, search_space, mlflow, recommend, output",
         ),
         (
             {"study": {"trials": 3}},

@@ -1,0 +1,117 @@
+"""The robust recommendation: the top configurations and the baselines trained again over
+seeds, ranked by the mean or a confidence bound, and reported everywhere the recommendation is."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from conftest import tiny_spec
+from mlflow.tracking import MlflowClient
+from scipy import stats
+
+from autotune import training
+from autotune.robust import ROBUST_ATTR, summary
+from autotune.spec import load_spec
+from autotune.study import run_study
+
+
+@pytest.mark.parametrize("maximize", [True, False])
+def test_the_bound_is_student_s_one_sided_95_percent_bound_on_the_side_that_counts(maximize):
+    values = [0.91, 0.93, 0.96]
+    row = summary(values, maximize)
+    margin = stats.t.ppf(0.95, 2) * statistics.stdev(values) / math.sqrt(3)
+    assert row["mean"] == pytest.approx(statistics.mean(values))
+    assert row["sd"] == pytest.approx(statistics.stdev(values))
+    # below the mean for an accuracy, above it for a loss
+    assert row["bound"] == pytest.approx(row["mean"] - margin if maximize else row["mean"] + margin)
+
+
+@pytest.fixture
+def robust_study(tmp_path: Path, write_spec):
+    # the user's own configuration, as a file with blocks
+    current = tmp_path / "current.yaml"
+    current.write_text(
+        yaml.safe_dump(
+            {"blocks": [{"placement": "before_bn", "rate": 0.3, "regularizer": "dropout"}] * 2}
+        )
+    )
+    spec = load_spec(
+        write_spec(
+            tiny_spec(
+                study={"name": "robust", "n_trials": 4},
+                recommend={"top_k": 2, "seeds": 2, "by": "bound", "current": "current.yaml"},
+            )
+        )
+    )
+    return spec, run_study(spec).study
+
+
+def test_the_top_trials_and_the_baselines_are_trained_again_over_the_seeds(robust_study):
+    _, study = robust_study
+    robust = study.user_attrs[ROBUST_ATTR]
+    rows = {row["name"]: row for row in robust["rows"]}
+    top = sorted(
+        (t for t in study.trials if t.value is not None), key=lambda t: t.value, reverse=True
+    )[:2]
+    # the two best trials, then BN only, plain dropout after the activation, the user's own
+    assert list(rows) == [f"trial {t.number}" for t in top] + [
+        "bn_only",
+        "dropout_after_act",
+        "current",
+    ]
+    assert all(len(row["values"]) == 2 for row in rows.values())
+    # the spec's own seed trains each top trial's network again: the trial's value, exactly
+    for trial in top:
+        assert rows[f"trial {trial.number}"]["values"][0] == pytest.approx(trial.value)
+    # the baselines are what they say
+    assert {b["placement"] for b in rows["bn_only"]["blocks"]} == {"none"}
+    assert {(b["placement"], b["rate"]) for b in rows["dropout_after_act"]["blocks"]} == {
+        ("after_act", 0.5)
+    }
+    assert rows["current"]["blocks"][0]["rate"] == 0.3
+    # the choice: the tuned configuration with the best lower bound, never a baseline
+    tuned = [row for row in robust["rows"] if row["trial"] is not None]
+    assert robust["choice"] == max(tuned, key=lambda row: row["bound"])["trial"]
+
+
+def test_the_choice_is_what_the_outputs_and_the_parent_run_recommend(robust_study):
+    spec, study = robust_study
+    robust = study.user_attrs[ROBUST_ATTR]
+    chosen = study.trials[robust["choice"]]
+    recommended = yaml.safe_load((spec.output_dir / "recommended.yaml").read_text())
+    # recommended.yaml: the chosen trial's blocks, the ranking and the baselines beside it
+    assert recommended["best"]["trial"] == chosen.number
+    assert recommended["blocks"] == chosen.user_attrs["config"]
+    assert recommended["robust"]["chosen_trial"] == chosen.number
+    assert [row["name"] for row in recommended["robust"]["rows"]] == [
+        row["name"] for row in robust["rows"]
+    ]
+    # its weights were kept, and the snippet was checked against them
+    assert Path(recommended["best"]["weights"]).is_file()
+    assert "outputs" in recommended["verified"]["best_model.py"]
+    # the parent run: every row's mean, sd and bound, and the chosen configuration as tags
+    client = MlflowClient(spec.tracking_uri)
+    [parent] = client.search_runs(
+        [client.get_experiment_by_name("robust").experiment_id],
+        filter_string="tags.`autotune.role` = 'parent'",
+    )
+    for row in robust["rows"]:
+        name = row["name"].replace(" ", "_")
+        assert parent.data.metrics[f"robust.{name}.mean"] == pytest.approx(row["mean"])
+    assert parent.data.tags["autotune.best_trial"] == str(chosen.number)
+
+
+def test_a_rerun_with_nothing_new_does_not_train_again(robust_study, monkeypatch):
+    spec, study = robust_study
+    calls = []
+    monkeypatch.setattr(training, "fit", lambda *a, **k: calls.append(a) or None)
+    run_study(spec)
+    # the budget was spent and the top trials are the same: the stored ranking stands
+    assert calls == []
+    stored = optuna.load_study(study_name="robust", storage=spec.storage_url)
+    assert stored.user_attrs[ROBUST_ATTR] == study.user_attrs[ROBUST_ATTR]
