@@ -31,7 +31,7 @@ from torch import nn
 
 from autotune.models import ResidualBlock, build_model
 from autotune.regularizers import CUSTOM_MODULES
-from autotune.robust import ROBUST_ATTR, recommended_trial
+from autotune.robust import ROBUST_ATTR, kept_digest, recommended_trial
 from autotune.space import TrialConfig, config_from_mapping
 from autotune.spec import ModelSpec, Spec
 from autotune.study import best_trial, redact, state_counts
@@ -187,11 +187,11 @@ def verify_weights(
     return diff
 
 
-def _trial_weights(path: Path, trial: FrozenTrial) -> tuple[Path | None, str]:
-    """The trial's saved weights, when they are here and are its own; else None and why not."""
+def _trial_weights(path: Path, digest: str | None) -> tuple[Path | None, str]:
+    """The trial's saved weights, when they are here and are its own (`digest`, where it was
+    recorded); else None and why not."""
     if not path.exists():  # trained on another node, or removed
         return None, "no saved weights here to load"
-    digest = trial.user_attrs.get(WEIGHTS_DIGEST)
     if digest is not None and file_digest(path) != digest:
         return None, f"{path.name} is not this trial's (another study's?), so it was not used"
     return path, ""
@@ -220,7 +220,7 @@ def write_outputs(
     unknown = set(formats) - set(FORMATS)
     if unknown or not formats:
         raise ValueError(f"formats: expected some of {', '.join(FORMATS)}, got {list(formats)}")
-    trial = recommended_trial(study)
+    trial = recommended_trial(study, spec)
     if trial is None:
         raise RuntimeError(f"study {study.study_name!r} has no completed trial to recommend")
     attrs = study.user_attrs
@@ -235,7 +235,8 @@ def write_outputs(
     model = tuned()
     out = spec.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    weights, absent = _trial_weights(out / "weights" / f"trial_{trial.number}.pt", trial)
+    digest = trial.user_attrs.get(WEIGHTS_DIGEST) or kept_digest(study, trial.number)
+    weights, absent = _trial_weights(out / "weights" / f"trial_{trial.number}.pt", digest)
     metric = attrs.get("metric", spec.study.metric)
     provenance = {
         "study": study.study_name,
@@ -345,9 +346,10 @@ def verify_network(rebuilt: nn.Module, reference: nn.Module, source: Path) -> No
 
 
 def _robust_section(study: optuna.Study, chosen: FrozenTrial) -> dict[str, Any] | None:
-    """The robust ranking (recommend.top_k), baselines beside it; None when there was none."""
+    """The robust ranking (recommend.top_k), baselines beside it; None when there is none that
+    answers today's top trials."""
     robust = study.user_attrs.get(ROBUST_ATTR)
-    if robust is None:
+    if robust is None or robust.get("choice") != chosen.number:
         return None
     best = best_trial(study)
     return {
@@ -356,7 +358,11 @@ def _robust_section(study: optuna.Study, chosen: FrozenTrial) -> dict[str, Any] 
         "chosen_trial": chosen.number,
         "best_single_trial": None if best is None else best.number,
         "rows": [
-            {k: row[k] for k in ("name", "trial", "mean", "sd", "bound", "values", "blocks")}
+            {
+                k: row[k]
+                for k in ("name", "trial", "mean", "sd", "bound", "values", "blocks", "failed")
+                if k in row
+            }
             for row in robust["rows"]
         ],
     }

@@ -208,7 +208,7 @@ def write_report(study: optuna.Study, spec: Any) -> Path:
     out = spec.output_dir
     metric = spec.study.metric
     figures = write_figures(study, out / "figures", metric)
-    best = recommended_trial(study)
+    best = recommended_trial(study, spec)
     counts = state_counts(study)
     parts = [
         f"<h1>autotune study {_e(study.study_name)}</h1>",
@@ -227,7 +227,7 @@ def write_report(study: optuna.Study, spec: Any) -> Path:
             + f"<p>recalibrate_bn: {_e(best.user_attrs.get('recalibrate_bn', False))}</p>"
         )
     robust = study.user_attrs.get(ROBUST_ATTR)
-    if robust is not None:
+    if robust is not None and best is not None and robust.get("choice") == best.number:
         parts.append(
             f"<h2>Trained again over seeds {_e(robust['seeds'])}, ranked by the "
             f"{_e(robust['by'])}</h2>"
@@ -237,9 +237,11 @@ def write_report(study: optuna.Study, spec: Any) -> Path:
                     [
                         row["name"],
                         "-" if row["trial"] is None else row["trial"],
-                        f"{row['mean']:.4f}",
-                        f"{row['sd']:.4f}",
-                        f"{row['bound']:.4f}",
+                        *(
+                            [f"{row[k]:.4f}" for k in ("mean", "sd", "bound")]
+                            if "failed" not in row
+                            else ["failed", "-", row["failed"]]
+                        ),
                         ", ".join(f"{v:.4f}" for v in row["values"]),
                     ]
                     for row in robust["rows"]

@@ -57,29 +57,30 @@ def baselines(spec: Spec, n_blocks: int) -> list[tuple[str, TrialConfig]]:
 
 def robust_recommendation(session: Session) -> dict[str, Any] | None:
     """Train the top configurations and the baselines again over the seeds; keep the result in
-    the study (computed again only when the top configurations change); None when the spec
-    asks for none."""
+    the study (trained again only when what would be trained changes); None when the spec asks
+    for none. A fit that fails (a diverging seed) marks its row failed, out of the choice."""
+    from autotune.export import WEIGHTS_DIGEST
     from autotune.training import fit
 
     spec, study = session.spec, session.study
     wanted = spec.recommend
     if wanted.top_k == 0 or best_trial(study) is None:
         return None
-    top = top_trials(study, wanted.top_k)
+    top = distinct_top(study, wanted.top_k)
     seeds = [spec.train.seed + i for i in range(wanted.seeds)]
-    signature = {"trials": [t.number for t in top], "seeds": seeds, "by": wanted.by}
-    stored = study.user_attrs.get(ROBUST_ATTR)
-    if stored is not None and stored.get("signature") == signature:
-        return stored
     candidates: list[tuple[str, int | None, TrialConfig]] = [
         (f"trial {t.number}", t.number, _config(t)) for t in top
     ]
-    if wanted.baselines or wanted.current is not None:
-        n_blocks = len(spec.model.resolved_widths)
-        chosen = baselines(spec, n_blocks)
-        candidates += [
-            (name, None, config) for name, config in chosen if wanted.baselines or name == "current"
-        ]
+    n_blocks = len(spec.model.resolved_widths)
+    candidates += [
+        (name, None, config)
+        for name, config in baselines(spec, n_blocks)
+        if wanted.baselines or name == "current"
+    ]
+    signature = signature_of(spec, candidates, seeds)
+    stored = study.user_attrs.get(ROBUST_ATTR)
+    if stored is not None and stored.get("signature") == signature:
+        return _choose(stored, wanted.by, study)  # `by` alone changed: no training needed
     session.tracker.notify(
         f"recommending by the {wanted.by} over {len(seeds)} seeds: training "
         f"{len(candidates)} configurations again, {len(candidates) * len(seeds)} fits"
@@ -87,30 +88,73 @@ def robust_recommendation(session: Session) -> dict[str, Any] | None:
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     rows = []
     for name, number, config in candidates:
-        values = []
+        row: dict[str, Any] = {"name": name, "trial": number, "blocks": config.to_dicts()}
+        row["recalibrate_bn"] = config.recalibrate_bn
+        values: list[float] = []
         for seed in seeds:
             seeded = spec.model_copy(update={"train": spec.train.model_copy(update={"seed": seed})})
-            result = fit(seeded, config, session.datamodule)
+            try:
+                result = fit(seeded, config, session.datamodule)
+            except Exception as exc:  # NonFiniteLossError, ...: this configuration's record
+                row["failed"] = f"seed {seed}: {type(exc).__name__}: {exc}"
+                break
             values.append(float(result.value))
             if number is not None and seed == spec.train.seed:
-                _keep_weights(spec, number, result.model)
-        rows.append(
-            {
-                "name": name,
-                "trial": number,
-                "blocks": config.to_dicts(),
-                "recalibrate_bn": config.recalibrate_bn,
-                "values": values,
-                **summary(values, maximize),
-            }
-        )
-    tuned = [row for row in rows if row["trial"] is not None]
-    key = "mean" if wanted.by == "mean" else "bound"
-    pick = (max if maximize else min)(tuned, key=lambda row: row[key])
-    result = {"by": wanted.by, "seeds": seeds, "signature": signature, "choice": pick["trial"]}
-    result["rows"] = rows
+                own = study.trials[number].user_attrs.get(WEIGHTS_DIGEST)
+                row["weights_sha256"] = _keep_weights(spec, number, result.model, own)
+        row["values"] = values
+        if "failed" not in row:
+            row.update(summary(values, maximize))
+        rows.append(row)
+    result = {"seeds": seeds, "signature": signature, "rows": rows}
+    return _choose(result, wanted.by, study)
+
+
+def _choose(result: dict[str, Any], by: str, study: optuna.Study) -> dict[str, Any]:
+    """The tuned configuration with the best mean or bound (None when every one failed)."""
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    tuned = [r for r in result["rows"] if r["trial"] is not None and "failed" not in r]
+    key = "mean" if by == "mean" else "bound"
+    pick = (max if maximize else min)(tuned, key=lambda r: r[key]) if tuned else None
+    result = {**result, "by": by, "choice": None if pick is None else pick["trial"]}
     study.set_user_attr(ROBUST_ATTR, result)
     return result
+
+
+def distinct_top(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
+    """The k best complete trials with different configurations (TPE may try one twice)."""
+    seen, top = set(), []
+    for trial in top_trials(study, len(study.trials)):
+        key = repr(_config(trial))
+        if key not in seen:
+            seen.add(key)
+            top.append(trial)
+        if len(top) == k:
+            break
+    return top
+
+
+def signature_of(
+    spec: Spec, candidates: list[tuple[str, int | None, TrialConfig]], seeds: list[int]
+) -> dict[str, Any]:
+    """What the result depends on: what is trained, on which seeds, how."""
+    train = spec.train.model_dump(mode="json", exclude={"seed"})
+    return {
+        "candidates": [[name, number, repr(config)] for name, number, config in candidates],
+        "seeds": seeds,
+        "train": train,
+    }
+
+
+def current_choice(study: optuna.Study, spec: Spec) -> int | None:
+    """The stored robust choice while it still answers the spec: recommend.top_k asks for one
+    and the stored ranking was made from today's top configurations."""
+    stored = study.user_attrs.get(ROBUST_ATTR)
+    if spec.recommend.top_k == 0 or stored is None or stored.get("choice") is None:
+        return None
+    trained = [number for _, number, _ in stored["signature"]["candidates"] if number is not None]
+    today = [t.number for t in distinct_top(study, spec.recommend.top_k)]
+    return stored["choice"] if trained == today else None
 
 
 def summary(values: list[float], maximize: bool) -> dict[str, float]:
@@ -123,12 +167,11 @@ def summary(values: list[float], maximize: bool) -> dict[str, float]:
     return {"mean": mean, "sd": sd, "bound": mean - margin if maximize else mean + margin}
 
 
-def recommended_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """The trial the study recommends: the robust choice when there is one, else the best."""
-    robust = study.user_attrs.get(ROBUST_ATTR)
-    if robust is not None and robust.get("choice") is not None:
-        return study.trials[robust["choice"]]
-    return best_trial(study)
+def recommended_trial(study: optuna.Study, spec: Spec) -> optuna.trial.FrozenTrial | None:
+    """The trial the study recommends: the robust choice when there is a current one, else the
+    best trial."""
+    choice = current_choice(study, spec)
+    return study.trials[choice] if choice is not None else best_trial(study)
 
 
 def _config(trial: optuna.trial.FrozenTrial) -> TrialConfig:
@@ -137,13 +180,30 @@ def _config(trial: optuna.trial.FrozenTrial) -> TrialConfig:
     )
 
 
-def _keep_weights(spec: Spec, number: int, model: Any) -> None:
-    """A top trial that was never the best so far had its weights unsaved; the run with the
-    spec's own seed trained the same network again (exactly, where the data come in the same
-    order, as autotune's own datasets do): keep it where the export looks."""
+def _keep_weights(spec: Spec, number: int, model: Any, own: str | None) -> str:
+    """The run with the spec's own seed trained the trial's network again (exactly, where the
+    data come in the same order, as autotune's own datasets do). Where the trial's own weights
+    are not here, or cannot be told to be its own (no digest), keep these; return the digest of
+    the file kept, which the export checks."""
     import torch
 
+    from autotune.export import file_digest
+
     path = spec.output_dir / "weights" / f"trial_{number}.pt"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), path)
+    if path.exists() and own is not None and file_digest(path) == own:
+        return own
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".robust.tmp")
+    torch.save(model.state_dict(), partial)
+    digest = file_digest(partial)
+    partial.replace(path)
+    return digest
+
+
+def kept_digest(study: optuna.Study, number: int) -> str | None:
+    """The digest of the weights the robust phase kept for trial `number`, if it kept any."""
+    stored = study.user_attrs.get(ROBUST_ATTR) or {}
+    for row in stored.get("rows", []):
+        if row["trial"] == number:
+            return row.get("weights_sha256")
+    return None

@@ -410,6 +410,10 @@ def open_session(
     datamodule = load_data(spec.data, seed=spec.train.seed, base_dir=spec.base_dir)
     check_runnable(spec, space, datamodule)
     prepare_output(spec)
+    if spec.recommend.current is not None:  # read now, not after the whole study
+        from autotune.robust import baselines
+
+        baselines(spec, len(space.blocks))
     study, created = open_study(spec, space, datamodule)
     if study.user_attrs.get("search_space") != space.name:
         study.set_user_attr("search_space", space.name)
@@ -639,7 +643,10 @@ def finish_study(session: Session, outcome: StudyOutcome) -> None:
     study, spec, tracker = session.study, session.spec, session.tracker
     robust = None
     if not outcome.interrupted and outcome.finished >= outcome.budget:
-        robust = robust_recommendation(session)
+        try:
+            robust = robust_recommendation(session)
+        except (Exception, KeyboardInterrupt, SystemExit) as exc:  # the study itself is done
+            tracker.notify(f"no robust recommendation ({exc!r}): the best trial is recommended")
     best = best_trial(study)
     if best is not None:
         outcome.outputs = list(write_outputs(study, spec))
@@ -657,8 +664,10 @@ def finish_study(session: Session, outcome: StudyOutcome) -> None:
     metrics = {} if best is None else {f"best_{spec.study.metric}": best.value}
     for row in (robust or {}).get("rows", []):  # the robust ranking, baselines beside it
         name = row["name"].replace(" ", "_")
-        metrics.update({f"robust.{name}.{key}": row[key] for key in ("mean", "sd", "bound")})
-    chosen = None if robust is None else study.trials[robust["choice"]]
+        kept = [key for key in ("mean", "sd", "bound") if key in row]  # none: it failed
+        metrics.update({f"robust.{name}.{key}": row[key] for key in kept})
+    choice = None if robust is None else robust["choice"]
+    chosen = None if choice is None else study.trials[choice]
     tags = {} if best is None else recommendation_tags(chosen or best)
     tracker.end_study(
         {**metrics, "finished_trials": outcome.finished},

@@ -10,12 +10,14 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from click.testing import CliRunner
 from conftest import tiny_spec
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from autotune import training
-from autotune.robust import ROBUST_ATTR, summary
+from autotune.cli import main
+from autotune.robust import ROBUST_ATTR, recommended_trial, summary
 from autotune.spec import load_spec
 from autotune.study import run_study
 
@@ -115,3 +117,42 @@ def test_a_rerun_with_nothing_new_does_not_train_again(robust_study, monkeypatch
     assert calls == []
     stored = optuna.load_study(study_name="robust", storage=spec.storage_url)
     assert stored.user_attrs[ROBUST_ATTR] == study.user_attrs[ROBUST_ATTR]
+
+
+def test_a_bad_current_configuration_is_refused_before_any_training(tmp_path: Path, write_spec):
+    (tmp_path / "current.yaml").write_text(yaml.safe_dump({"blocks": [{"placement": "nowhere"}]}))
+    spec = write_spec(tiny_spec(recommend={"top_k": 1, "current": "current.yaml"}))
+    result = CliRunner().invoke(main, ["run", str(spec)])
+    # bad input: one line naming the file, exit 2, and no study stored
+    assert result.exit_code == 2
+    assert result.output.startswith(f"error: {tmp_path / 'current.yaml'}: blocks")
+    assert not (tmp_path / "out" / "autotune.db").exists()
+
+
+def test_a_configuration_that_diverges_on_a_seed_is_reported_not_fatal(write_spec, monkeypatch):
+    real_fit = training.fit
+
+    def fit(spec, config, datamodule, **kwargs):
+        if config.blocks[0].placement == "after_act" and config.blocks[0].rate == 0.5:
+            raise training.NonFiniteLossError("training loss became nan in epoch 1")
+        return real_fit(spec, config, datamodule, **kwargs)
+
+    monkeypatch.setattr(training, "fit", fit)
+    spec = load_spec(
+        write_spec(tiny_spec(study={"n_trials": 2}, recommend={"top_k": 1, "seeds": 2}))
+    )
+    outcome = run_study(spec)
+    rows = {row["name"]: row for row in outcome.study.user_attrs[ROBUST_ATTR]["rows"]}
+    # the baseline that diverged says so; the rest were ranked and the outputs written
+    assert rows["dropout_after_act"]["failed"].startswith("seed 0: NonFiniteLossError")
+    assert "mean" in rows["bn_only"]
+    recommended = yaml.safe_load((spec.output_dir / "recommended.yaml").read_text())
+    assert recommended["robust"]["rows"][-1]["failed"].startswith("seed 0")
+
+
+def test_a_stored_choice_is_dropped_once_the_spec_no_longer_asks_for_it(robust_study):
+    spec, study = robust_study
+    plain = spec.model_copy(update={"recommend": spec.recommend.model_copy(update={"top_k": 0})})
+    # without recommend.top_k the best single trial is recommended again
+    assert recommended_trial(study, plain).number == study.best_trial.number
+    assert recommended_trial(study, spec).number == study.user_attrs[ROBUST_ATTR]["choice"]
