@@ -17,6 +17,7 @@ from scipy import stats
 
 from autotune import training
 from autotune.cli import main
+from autotune.report import write_report
 from autotune.robust import ROBUST_ATTR, recommended_trial, summary
 from autotune.spec import load_spec
 from autotune.study import run_study
@@ -156,3 +157,15 @@ def test_a_stored_choice_is_dropped_once_the_spec_no_longer_asks_for_it(robust_s
     # without recommend.top_k the best single trial is recommended again
     assert recommended_trial(study, plain).number == study.best_trial.number
     assert recommended_trial(study, spec).number == study.user_attrs[ROBUST_ATTR]["choice"]
+
+
+def test_the_report_shows_the_ranking_beside_the_baselines(robust_study):
+    spec, study = robust_study
+    page = write_report(study, spec).read_text()
+    robust = study.user_attrs[ROBUST_ATTR]
+    # the heading, and a row per configuration with its mean
+    assert "Trained again over seeds [0, 1], ranked by the bound" in page
+    for row in robust["rows"]:
+        assert f"<td>{row['name']}</td>" in page
+        assert f"<td>{row['mean']:.4f}</td>" in page
+    assert f"Recommended: trial {robust['choice']}" in page
