@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from autotune.errors import SpecError
+from autotune.errors import SpecError, first_line
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 # the storage URL and the tracking URI can come from the environment, so that a password never
@@ -279,8 +279,7 @@ def sync(spec_file: Path, storage: str | None, tracking_uri: str | None) -> None
     except SpecError:
         raise
     except Exception as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SpecError(f"{where}: {message}") from None
+        raise SpecError(f"{where}: {first_line(exc)}") from None
     finished = sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
     click.echo(
         f"{spec.tracking_uri}: logged {logged} trials it was missing; "

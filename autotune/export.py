@@ -29,6 +29,7 @@ import yaml
 from optuna.trial import FrozenTrial
 from torch import nn
 
+from autotune.errors import first_line
 from autotune.models import ResidualBlock, build_model
 from autotune.regularizers import CUSTOM_MODULES
 from autotune.robust import ROBUST_ATTR, kept_digest, recommended_trial
@@ -172,8 +173,9 @@ def verify_weights(
     try:
         rebuilt.load_state_dict(state)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise WeightsDoNotLoad(f"{source}: the trained weights do not load: {first}") from None
+        raise WeightsDoNotLoad(
+            f"{source}: the trained weights do not load: {first_line(exc)}"
+        ) from None
     reference.load_state_dict(state)
     x = torch.randn(4, *input_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -32,7 +32,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from autotune.errors import SpecError
+from autotune.errors import SpecError, first_line
 from autotune.space import SearchSpace, load_space
 from autotune.spec import PrunerSpec, Spec
 from autotune.tracking import PARENT_ATTR
@@ -340,8 +340,7 @@ def check_runnable(spec: Spec, space: SearchSpace, datamodule: Any) -> None:
     try:  # the metric needs validation batches; a DataModule without them fails every trial
         next(iter(datamodule.val_dataloader()))
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SpecError(f"data: no validation batch: {reason}") from None
+        raise SpecError(f"data: no validation batch: {first_line(exc)}") from None
 
 
 def enqueue_low_shift(
@@ -430,8 +429,7 @@ def open_session(
             notify=notify,
         )
     except Exception as exc:  # MlflowException: a bad URI, a refused local store
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SpecError(f"mlflow.tracking_uri: {spec.tracking_uri}: {message}") from None
+        raise SpecError(f"mlflow.tracking_uri: {spec.tracking_uri}: {first_line(exc)}") from None
     known = None if created or not tracker.enabled else _parent_run_id(study)
     parent = tracker.start_study(flatten(spec.model_dump(mode="json")), known=known)
     if parent is not None and parent != known:

@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 
 from optuna.trial import TrialState
 
+from autotune.errors import first_line
+
 PARENT_ROLE = "parent"
 PARENT_ATTR = "mlflow_parent_run_id"
 PARTIAL = "autotune.partial"  # the tag of a run that missed some of its trial's calls
@@ -506,8 +508,9 @@ def _ms(moment: Any) -> int | None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    """`Type: first line`, or the type's name alone when the message is empty."""
+    name = type(exc).__name__
+    return f"{name}: {first_line(exc)}" if str(exc).strip() else name
 
 
 def _artifact_location(uri: str) -> str | None:
