@@ -171,14 +171,18 @@ def validate(spec_file: Path) -> None:
     from autotune.study import check_runnable, resolve_space
 
     spec = load_spec(spec_file)
-    space = resolve_space(spec)
     data = load_data(spec.data, seed=spec.train.seed, base_dir=spec.base_dir)
+    space = resolve_space(spec, data)
     check_runnable(spec, space, data)
+    model = spec.model.import_ or spec.model.template
     click.echo(
         f"{spec_file}: ok: study {spec.study.name!r}, {spec.study.n_trials} trials, "
-        f"{spec.model.template} with {len(space.blocks)} blocks, data {data.name} "  # type: ignore[attr-defined]
+        f"{model} with {len(space.blocks)} blocks, data {data.name} "  # type: ignore[attr-defined]
         f"{tuple(data.input_shape)} with {data.n_classes} classes"  # type: ignore[attr-defined]
     )
+    if spec.model.imported:  # where autotune found the blocks, and the room each one has
+        for i, slot in enumerate(space.slots):
+            click.echo(f"  block{i}: {slot.label} ({slot.kind}): {', '.join(slot.placements)}")
 
 
 @main.command()
@@ -234,15 +238,15 @@ def predict(spec_file: Path, config_file: Path | None, as_json: bool) -> None:
     from autotune.training import predict as predict_config
 
     spec = load_spec(spec_file)
-    space = resolve_space(spec)
     data = load_data(spec.data, seed=spec.train.seed, base_dir=spec.base_dir)
+    space = resolve_space(spec, data)
     check_runnable(spec, space, data)
     config = space.defaults()
     if config_file is not None:
         config = config_from_mapping(
             read_yaml(config_file, what="config file"),
             n_blocks=len(space.blocks),
-            template=spec.model.template,
+            slots=space.slots,
             source=str(config_file),
         )
     prediction = predict_config(spec, config, data)

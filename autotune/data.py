@@ -14,9 +14,7 @@ which would cost more than the tiny networks take to train.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,8 +25,9 @@ import torch
 from sklearn import datasets
 from sklearn.model_selection import train_test_split
 
-from autotune.errors import SpecError
+from autotune.errors import SpecError, first_line
 from autotune.spec import BUILTIN_DATASETS, DataSpec, SyntheticSpec
+from autotune.user_code import describe, import_object
 
 # Features whose train std is below this are constant (e.g. digits' corner pixels): they are
 # centred but not scaled, as scikit-learn's StandardScaler does, so a value the validation split
@@ -375,7 +374,7 @@ def read_csv(path: Path, label: str) -> Arrays:
     try:
         frame = pd.read_csv(path)
     except Exception as exc:
-        raise SpecError(f"data.path: cannot read {path.name}: {_one_line(exc)}") from None
+        raise SpecError(f"data.path: cannot read {path.name}: {first_line(exc)}") from None
     columns = [str(column) for column in frame.columns]
     if label not in columns:
         raise SpecError(
@@ -421,7 +420,7 @@ def read_npz(path: Path, spec: DataSpec) -> Arrays:
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise SpecError(f"data.path: cannot read {path.name}: {_one_line(exc)}") from None
+        raise SpecError(f"data.path: cannot read {path.name}: {first_line(exc)}") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise SpecError(f"data.path: {path.name} is a single .npy array, not an .npz archive")
     with archive:
@@ -433,7 +432,7 @@ def read_npz(path: Path, spec: DataSpec) -> Arrays:
         try:
             x, y = archive[spec.features], archive[spec.label]
         except Exception as exc:
-            raise SpecError(f"data.path: cannot read {path.name}: {_one_line(exc)}") from None
+            raise SpecError(f"data.path: cannot read {path.name}: {first_line(exc)}") from None
     return _npz_features(x, spec.features, path), _npz_labels(y, spec.label, path)
 
 
@@ -491,7 +490,7 @@ def load_user_datamodule(spec: DataSpec, *, base_dir: Path = Path(".")) -> pl.Li
         datamodule = cls(**spec.kwargs)
     except Exception as exc:
         raise SpecError(
-            f"data.datamodule: {target!r} failed to build with data.kwargs: {_describe(exc)}"
+            f"data.datamodule: {target!r} failed to build with data.kwargs: {describe(exc)}"
         ) from exc
     shape = _first_batch_shape(datamodule, target)
     n_classes = _user_n_classes(datamodule, spec)
@@ -504,20 +503,7 @@ def load_user_datamodule(spec: DataSpec, *, base_dir: Path = Path(".")) -> pl.Li
 def import_datamodule_class(target: str, *, base_dir: Path = Path(".")) -> type:
     """The LightningDataModule subclass "package.module:Class" names, looked for in base_dir first,
     then the working directory, then the rest of sys.path."""
-    module_name, _, class_name = target.partition(":")
-    _put_first_on_path([Path(base_dir).resolve(), Path.cwd()])
-    # a module written since the last import (a test, a notebook) is missed by cached listings
-    importlib.invalidate_caches()
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise SpecError(f"data.datamodule: cannot import {target!r}: {_one_line(exc)}") from exc
-    if not hasattr(module, class_name):
-        raise SpecError(
-            f"data.datamodule: cannot import {target!r}: "
-            f"module {module_name!r} has no attribute {class_name!r}"
-        )
-    cls = getattr(module, class_name)
+    cls = import_object(target, field="data.datamodule", base_dir=base_dir)
     if not (isinstance(cls, type) and issubclass(cls, pl.LightningDataModule)):
         kind = cls.__name__ if isinstance(cls, type) else type(cls).__name__
         raise SpecError(
@@ -525,14 +511,6 @@ def import_datamodule_class(target: str, *, base_dir: Path = Path(".")) -> type:
             f"lightning.pytorch.LightningDataModule (got {kind})"
         )
     return cls
-
-
-def _put_first_on_path(folders: Sequence[Path]) -> None:
-    for folder in reversed(folders):
-        entry = str(folder)
-        if entry in sys.path:
-            sys.path.remove(entry)
-        sys.path.insert(0, entry)
 
 
 def _first_batch_shape(datamodule: pl.LightningDataModule, target: str) -> tuple[int, ...]:
@@ -543,7 +521,7 @@ def _first_batch_shape(datamodule: pl.LightningDataModule, target: str) -> tuple
         batch = next(iter(datamodule.train_dataloader()), None)
     except Exception as exc:
         raise SpecError(
-            f"data.datamodule: {target!r} failed to set up its training data: {_describe(exc)}"
+            f"data.datamodule: {target!r} failed to set up its training data: {describe(exc)}"
         ) from exc
     if batch is None:
         raise SpecError(f"data.datamodule: {target!r}: train_dataloader() yielded no batches")
@@ -584,17 +562,6 @@ def _set_attribute(datamodule: pl.LightningDataModule, attribute: str, value: An
 
 
 # --- messages ------------------------------------------------------------------------------------
-
-
-def _one_line(exc: BaseException) -> str:
-    """The first line of an exception's message, or its type where the message is empty."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
-
-
-def _describe(exc: BaseException) -> str:
-    """`Type: first line`, for errors raised by the user's own code."""
-    return f"{type(exc).__name__}: {_one_line(exc)}"
 
 
 def _listing(names: Sequence[str]) -> str:

@@ -3,11 +3,14 @@ best_model.py.
 
 best_model.py is rendered from the network autotune itself builds for the best configuration,
 module by module. The snippet imports torch only: the code of any module torch does not have
-(Uout, DropBlock2d, ResidualBlock, ...) is copied into it. Every file is verified as it is
-written: the network rebuilt from it (the snippet run, or the recommendation's blocks built
-again) must have the tuned network's layers, names and parameter count, load the trained best
-model's saved state_dict, and then give the same outputs. Each file carries its provenance:
-study, trial, MLflow run ids, seed and library versions.
+(Uout, DropBlock2d, ResidualBlock, ...) is copied into it. For an imported model (`model.import`)
+the snippet imports torch and the user's own module, and carries `apply_recommendation()`: the
+surgery that sets each BN layer's momentum and regulariser on the user's model, keys unchanged.
+
+Every file is verified as it is written: the network rebuilt from it (the snippet run, or the
+recommendation's blocks built again) must have the tuned network's layers, names and parameter
+count, load the trained best model's saved state_dict, and then give the same outputs. Each file
+carries its provenance: study, trial, MLflow run ids, seed and library versions.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ import yaml
 from optuna.trial import FrozenTrial
 from torch import nn
 
+from autotune import surgery
 from autotune.errors import first_line
 from autotune.models import ResidualBlock, build_model
-from autotune.regularizers import CUSTOM_MODULES
+from autotune.regularizers import CUSTOM_MODULES, make_regularizer
 from autotune.robust import ROBUST_ATTR, kept_digest, recommended_trial
 from autotune.space import TrialConfig, config_from_mapping
 from autotune.spec import ModelSpec, Spec
@@ -42,6 +46,8 @@ FORMATS = {"yaml": "recommended.yaml", "json": "recommended.json", "py": "best_m
 DEFAULT_FORMATS = ("yaml", "py")
 # how close the rebuilt network's outputs must be to the tuned one's, in float32
 OUTPUT_TOLERANCE = 1e-5
+# what recommended.yaml keeps of each row of the robust ranking
+ROBUST_KEYS = ("name", "trial", "mean", "sd", "bound", "values", "blocks", "batchnorm", "failed")
 # the trial user attr holding the sha256 of its saved weights
 WEIGHTS_DIGEST = "weights_sha256"
 
@@ -103,6 +109,80 @@ def render_module(module: nn.Module, indent: int = 1) -> str:
     if isinstance(module, nn.AdaptiveAvgPool2d):
         return f"nn.AdaptiveAvgPool2d({module.output_size!r})"
     raise ValueError(f"cannot render {type(module).__name__} as standalone PyTorch code")
+
+
+def render_imported_snippet(
+    spec: ModelSpec,
+    model: nn.Module,
+    blocks: tuple[surgery.FoundBlock, ...],
+    config: TrialConfig,
+    header: str,
+    input_shape: tuple[int, ...],
+    kwargs: dict[str, Any],
+) -> str:
+    """A module whose build_model() calls the user's factory and applies `config` to what it
+    returns (with `kwargs`), by the same surgery autotune did (copied in), so the state_dict keys
+    stay the user's own."""
+    module_name, _, factory = (spec.import_ or "").partition(":")
+    lines = []
+    for found, block in zip(blocks, config.blocks, strict=True):
+        bn = f"model.get_submodule({found.bn!r})"
+        lines.append(f"    {bn}.momentum = {block.bn_momentum!r}")
+        if not block.active:
+            continue
+        host, where = {
+            "before_bn": (found.bn, "input"),
+            "after_bn": (found.bn, "output"),
+            "after_act": (found.act, "output"),
+        }[block.placement]
+        drop = render_module(make_regularizer(block.regularizer, block.rate))
+        lines.append(f"    add_regularizer(model.get_submodule({host!r}), {drop}, {where!r})")
+    classes = custom_classes(model)
+    carried = "".join(f"\n\n\n{inspect.getsource(cls).rstrip()}" for cls in classes)
+    surgery_code = "\n\n\n".join(
+        inspect.getsource(f).rstrip()
+        for f in (surgery.add_regularizer, surgery.drop_input, surgery.drop_output)
+    )
+    functional = "import torch.nn.functional as F\n" if classes else ""
+    body = "\n".join(lines)
+    return f'''"""{header}
+
+Your own model ({spec.import_}) with the recommended BN momenta and regularisers: imports torch
+and your model's module. apply_recommendation() changes a model in place and adds no parameter or
+buffer, so its state_dict keys stay your model's own: the trained weights, when autotune saved
+them, load with model.load_state_dict(torch.load(path)), and so do your own checkpoints. Run it
+where `{module_name}` imports. The model expects inputs standardised as recommended.yaml's
+`inputs` says.
+"""
+
+import torch
+{functional}from torch import nn
+
+from {module_name} import {factory} as build_original
+
+INPUT_SHAPE = {tuple(input_shape)!r}  # one example, without the batch dimension
+KWARGS = {kwargs!r}  # what autotune built your model with{carried}
+
+
+{surgery_code}
+
+
+def apply_recommendation(model: nn.Module) -> nn.Module:
+    """Each BN layer's momentum and regulariser as autotune recommends, in place."""
+{body}
+    return model
+
+
+def build_model() -> nn.Module:
+    return apply_recommendation(build_original(**KWARGS))
+
+
+if __name__ == "__main__":
+    model = build_model().eval()
+    print(model)
+    print(sum(p.numel() for p in model.parameters()), "parameters")
+    print("output of a batch of 2:", tuple(model(torch.zeros(2, *INPUT_SHAPE)).shape))
+'''
 
 
 def custom_classes(model: nn.Module) -> list[type]:
@@ -199,19 +279,56 @@ def _trial_weights(path: Path, digest: str | None) -> tuple[Path | None, str]:
     return path, ""
 
 
-def rebuild_recommendation(document: dict[str, Any], source: str) -> nn.Module:
+def rebuild_recommendation(
+    document: dict[str, Any], source: str, base_dir: Path = Path(".")
+) -> nn.Module:
     """The network a recommended.yaml/.json describes: its `model` and its `blocks`."""
     described = document["model"]
-    model_spec = ModelSpec(
-        **{key: described[key] for key in ("template", "widths", "activation", "pool")}
-    )
-    config = config_from_mapping(
-        document,
-        n_blocks=len(model_spec.resolved_widths),
-        template=model_spec.template,
-        source=source,
-    )
-    return build_model(model_spec, config, described["input_shape"], described["n_classes"])
+    shape, n_classes = described["input_shape"], described["n_classes"]
+    if "import" in described:
+        model_spec = ModelSpec(**{"import": described["import"], "kwargs": described["kwargs"]})
+        plain = surgery.make_user_model(model_spec, shape, n_classes, base_dir=base_dir)
+        slots = [block.slot() for block in surgery.find_blocks(plain, shape)]
+        config = config_from_mapping(document, n_blocks=len(slots), slots=slots, source=source)
+    else:
+        model_spec = ModelSpec(
+            **{key: described[key] for key in ("template", "widths", "activation", "pool")}
+        )
+        config = config_from_mapping(
+            document,
+            n_blocks=len(model_spec.resolved_widths),
+            template=model_spec.template,
+            source=source,
+        )
+    return build_model(model_spec, config, shape, n_classes, base_dir=base_dir)
+
+
+def _model_section(
+    spec: ModelSpec,
+    model: nn.Module,
+    shape: tuple[int, ...],
+    n_classes: int,
+    blocks: tuple[surgery.FoundBlock, ...],
+) -> dict[str, Any]:
+    """recommended.yaml's `model`: what builds the network again, and its size."""
+    if spec.imported:
+        described: dict[str, Any] = {
+            "import": spec.import_,
+            "kwargs": spec.kwargs,
+            # the BN layer of each block, in the order of `blocks`
+            "blocks_at": [block.bn for block in blocks],
+        }
+    else:
+        described = {
+            **spec.model_dump(mode="json", exclude={"import_", "kwargs"}),
+            "widths": spec.resolved_widths,
+        }
+    return {
+        **described,
+        "input_shape": list(shape),
+        "n_classes": n_classes,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def write_outputs(
@@ -232,9 +349,13 @@ def write_outputs(
     shape, n_classes = tuple(attrs["input_shape"]), attrs["n_classes"]
 
     def tuned() -> nn.Module:  # a fresh copy each time: verification loads weights into it
-        return build_model(spec.model, config, shape, n_classes)
+        return build_model(spec.model, config, shape, n_classes, base_dir=spec.base_dir)
 
     model = tuned()
+    blocks: tuple[surgery.FoundBlock, ...] = ()
+    if spec.model.imported:  # where each block is: found in the model as its factory builds it
+        plain = surgery.make_user_model(spec.model, shape, n_classes, base_dir=spec.base_dir)
+        blocks = surgery.find_blocks(plain, shape)
     out = spec.output_dir
     out.mkdir(parents=True, exist_ok=True)
     digest = trial.user_attrs.get(WEIGHTS_DIGEST) or kept_digest(study, trial.number)
@@ -275,7 +396,13 @@ def write_outputs(
             f"{trial.number}, {metric} = {trial.value:.4f}.\n\n"
             + textwrap.fill(f"Provenance: {', '.join(where)}; {', '.join(made_with)}.", 99)
         )
-        py_path.write_text(render_snippet(model, header, shape))
+        if spec.model.imported:
+            factory = surgery.load_factory(spec.model, base_dir=spec.base_dir)
+            kwargs = surgery.factory_kwargs(spec.model, factory, shape, n_classes)
+            code = render_imported_snippet(spec.model, model, blocks, config, header, shape, kwargs)
+        else:
+            code = render_snippet(model, header, shape)
+        py_path.write_text(code)
         verified["best_model.py"] = check(load_snippet(py_path), py_path)
         written.append(py_path)
 
@@ -294,13 +421,7 @@ def write_outputs(
             "mlflow_parent_run_id": attrs.get("mlflow_parent_run_id"),
             "weights": str(weights) if weights is not None else None,
         },
-        "model": {
-            **spec.model.model_dump(mode="json"),
-            "widths": spec.model.resolved_widths,
-            "input_shape": list(shape),
-            "n_classes": n_classes,
-            "parameters": sum(p.numel() for p in model.parameters()),
-        },
+        "model": _model_section(spec.model, model, shape, n_classes, blocks),
         "blocks": config.to_dicts(),
         # true: BN's statistics were re-estimated with dropout off after training; the saved
         # weights hold them, so a production model loads them as they are
@@ -330,7 +451,7 @@ def write_outputs(
         else:  # strict JSON: a number that is not finite is written as null
             path.write_text(json.dumps(_finite(recommendation), indent=2, allow_nan=False) + "\n")
             document = json.loads(path.read_text())
-        check(rebuild_recommendation(document, str(path)), path)
+        check(rebuild_recommendation(document, str(path), spec.base_dir), path)
         written.insert(0, path)
     return written
 
@@ -359,14 +480,7 @@ def _robust_section(study: optuna.Study, chosen: FrozenTrial) -> dict[str, Any] 
         "seeds": robust["seeds"],
         "chosen_trial": chosen.number,
         "best_single_trial": None if best is None else best.number,
-        "rows": [
-            {
-                k: row[k]
-                for k in ("name", "trial", "mean", "sd", "bound", "values", "blocks", "failed")
-                if k in row
-            }
-            for row in robust["rows"]
-        ],
+        "rows": [{k: row[k] for k in ROBUST_KEYS if k in row} for row in robust["rows"]],
     }
 
 

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from autotune import surgery
 from autotune.errors import SpecError
 from autotune.regularizers import make_regularizer
 from autotune.space import BlockConfig, TrialConfig
@@ -60,9 +62,32 @@ class ResidualBlock(nn.Module):
 
 
 def build_model(
+    spec: ModelSpec,
+    config: TrialConfig,
+    input_shape: Sequence[int],
+    n_classes: int,
+    *,
+    batchnorm: bool = True,
+    base_dir: Path = Path("."),
+) -> nn.Module:
+    """The network `spec` describes, regularised as `config` says: the template `spec.template`
+    with one block per width, or the user's own model (`model.import`, found beside base_dir)
+    with the configuration applied by autotune.surgery.
+
+    batchnorm=False: the same network with every BN layer removed (the "dropout only" baseline):
+    the weight layer that fed each one gets a bias instead."""
+    if spec.imported:
+        model = surgery.build_imported(spec, config, input_shape, n_classes, base_dir=base_dir)
+    else:
+        model = _template(spec, config, input_shape, n_classes)
+    if not batchnorm:
+        surgery.without_batchnorm(model, surgery.find_blocks(model, input_shape))
+    return model
+
+
+def _template(
     spec: ModelSpec, config: TrialConfig, input_shape: Sequence[int], n_classes: int
 ) -> nn.Sequential:
-    """The template `spec.template` with one block per width, regularised as `config` says."""
     widths = spec.resolved_widths
     if len(config.blocks) != len(widths):
         raise ValueError(f"config has {len(config.blocks)} blocks, the model {len(widths)}")

@@ -139,17 +139,20 @@ def predict_shift(
     *,
     draws: int = DRAWS,
     device: torch.device | str = "cpu",
+    traced: bool = False,
 ) -> NetworkPrediction:
     """Per BN layer of `model`, Δ predicted from the probe batch `x`; `model` is left untouched.
 
     The probe runs on a copy of the model on `device`. Draws from torch's global random generator
-    (the Monte Carlo masks): seed it for repeatable numbers.
+    (the Monte Carlo masks): seed it for repeatable numbers. traced=False: `model` is one of
+    autotune's templates, whose blocks say where each regulariser goes (find_feeds); True: any
+    network, followed by tracing a pass (trace_feeds).
     """
     if draws < 1:
         raise ValueError(f"Monte Carlo needs at least one draw, but got {draws=}.")
     net = copy.deepcopy(model).to(device).train()  # BN on batch statistics, as in training
     x = x.detach().to(device).float()
-    feeds = find_feeds(net)
+    feeds = trace_feeds(net, x) if traced else find_feeds(net)
     off = _probe(net, x, regularizers_on=False)
     draws_on = [_probe(net, x, regularizers_on=True) for _ in range(draws)]
     on = _mean_var([draw.variances for draw in draws_on])
@@ -198,6 +201,45 @@ def find_feeds(model: nn.Module) -> dict[str, list[Feed]]:
             pending = _residual_feeds(name, block, pending, feeds)
         elif isinstance(block, nn.Sequential) and "bn" in block._modules:
             pending = _plain_feeds(name, block, pending, feeds)
+    return feeds
+
+
+def trace_feeds(net: nn.Module, x: torch.Tensor) -> dict[str, list[Feed]]:
+    """BN layer name -> the regularisers that reach it, for any network (an imported model).
+
+    One pass of `x` in training mode (so every regulariser makes a tensor of its own) is traced
+    by tensor identity (autotune.surgery.trace). From each BN's input the trace is followed back
+    through modules of one input, collecting the regularisers on the way, and stops at a BN, at a
+    module of several inputs, or where a function rather than a module made the tensor: past
+    those the closed forms do not follow, and the Monte Carlo estimate takes over."""
+    from autotune.surgery import trace
+
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):  # the probe's draws unchanged
+        calls = trace(net.train(), x)
+    feeds: dict[str, list[Feed]] = {}
+    for at, call in enumerate(calls):
+        if not isinstance(call.module, _BN) or call.name in feeds or not call.inputs:
+            continue
+        found: list[Feed] = []
+        path: list[nn.Module] = []
+        tensor, before = call.inputs[0], at
+        while True:
+            made = [j for j in range(before) if calls[j].output == tensor]
+            if not made:
+                break
+            noisy = [j for j in made if isinstance(calls[j].module, REGULARIZER_TYPES)]
+            before = (noisy or made)[-1]
+            maker = calls[before]
+            if isinstance(maker.module, REGULARIZER_TYPES):
+                covered = not path or isinstance(path[-1], _WEIGHTS)
+                found.append(Feed(maker.name, maker.module, tuple(path) if covered else None))
+            elif isinstance(maker.module, _BN) or len(maker.inputs) != 1:
+                break
+            else:
+                path.insert(0, maker.module)
+            tensor = maker.inputs[0]
+        feeds[call.name] = found
     return feeds
 
 

@@ -115,11 +115,12 @@ def print_summary(console: Console, spec: Spec, outcome: StudyOutcome, k: int = 
     )
     table.add_column("trial", justify="right")
     table.add_column(spec.study.metric, justify="right")
-    for i in range(len(spec.model.resolved_widths)):
+    top = top_trials(study, k)
+    for i in range(max((len(t.user_attrs.get("config", [])) for t in top), default=0)):
         table.add_column(f"block{i}")
     table.add_column("worst Δ\npredicted", justify="right")
     table.add_column("worst Δ\nmeasured", justify="right")
-    for trial in top_trials(study, k):
+    for trial in top:
         blocks = [_block_cell(block) for block in trial.user_attrs.get("config", [])]
         shifts = [
             _delta_cell(trial.user_attrs.get(key)) for key in ("predicted_shift", "measured_shift")

@@ -8,21 +8,31 @@ or the best one-sided 95 % confidence bound of the mean (Student's t). Baselines
 never recommended:
 
     bn_only            every block without a regulariser: BN alone
+    dropout_only       every BN layer removed (the weight layer before it gets a bias), plain
+                       dropout at rate 0.5 after every activation: the network before BN
     dropout_after_act  plain dropout at rate 0.5 after every activation, the textbook place
     current            the user's own configuration (recommend.current), when given
 
-Dropout without BN is not among them: the templates always have BN.
+In an imported model a block whose BN is not followed by an activation of its own (the second
+BN of a residual branch, whose output meets the shortcut first) has no `after_act` slot: the
+dropout baselines leave that block without a regulariser.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from typing import Any
+from typing import Any, NamedTuple
 
 import optuna
 
-from autotune.space import BlockConfig, TrialConfig, config_from_mapping
+from autotune.space import (
+    BlockConfig,
+    SearchSpace,
+    TrialConfig,
+    block_slots,
+    config_from_mapping,
+)
 from autotune.spec import Spec, read_yaml
 from autotune.study import Session, best_trial, top_trials
 
@@ -30,28 +40,38 @@ ROBUST_ATTR = "robust"  # the study user attr that keeps the result
 BASELINE_RATE = 0.5  # Srivastava et al. (JMLR 2014) for hidden units
 
 
-def baselines(spec: Spec, n_blocks: int) -> list[tuple[str, TrialConfig]]:
+class Candidate(NamedTuple):
+    """A configuration trained again: a top trial's (`trial` its number) or a baseline's."""
+
+    name: str
+    trial: int | None
+    config: TrialConfig
+    batchnorm: bool = True  # False: the network with its BN layers removed
+
+
+def baselines(spec: Spec, space: SearchSpace) -> list[Candidate]:
     """The configurations a tuned one is compared with."""
+    n_blocks = len(space.blocks)
+    slots = space.slots or block_slots(spec.model.template, n_blocks, None)
+    after_act = TrialConfig(
+        tuple(
+            BlockConfig("after_act", BASELINE_RATE, "dropout")
+            if "after_act" in slot.placements
+            else BlockConfig()
+            for slot in slots
+        )
+    )
     rows = [
-        ("bn_only", TrialConfig(tuple(BlockConfig() for _ in range(n_blocks)))),
-        (
-            "dropout_after_act",
-            TrialConfig(
-                tuple(
-                    BlockConfig("after_act", BASELINE_RATE, "dropout", BlockConfig().bn_momentum)
-                    for _ in range(n_blocks)
-                )
-            ),
-        ),
+        Candidate("bn_only", None, TrialConfig(tuple(BlockConfig() for _ in range(n_blocks)))),
+        Candidate("dropout_only", None, after_act, batchnorm=False),
+        Candidate("dropout_after_act", None, after_act),
     ]
     current = spec.recommend.current
     if current is not None:
         path = current if current.is_absolute() else spec.base_dir / current
         raw = read_yaml(path, what="recommend.current")
-        config = config_from_mapping(
-            raw, n_blocks=n_blocks, template=spec.model.template, source=str(path)
-        )
-        rows.append(("current", config))
+        config = config_from_mapping(raw, n_blocks=n_blocks, slots=slots, source=str(path))
+        rows.append(Candidate("current", None, config))
     return rows
 
 
@@ -68,14 +88,9 @@ def robust_recommendation(session: Session) -> dict[str, Any] | None:
         return None
     top = distinct_top(study, wanted.top_k)
     seeds = [spec.train.seed + i for i in range(wanted.seeds)]
-    candidates: list[tuple[str, int | None, TrialConfig]] = [
-        (f"trial {t.number}", t.number, _config(t)) for t in top
-    ]
-    n_blocks = len(spec.model.resolved_widths)
+    candidates = [Candidate(f"trial {t.number}", t.number, _config(t)) for t in top]
     candidates += [
-        (name, None, config)
-        for name, config in baselines(spec, n_blocks)
-        if wanted.baselines or name == "current"
+        row for row in baselines(spec, session.space) if wanted.baselines or row.name == "current"
     ]
     signature = signature_of(spec, candidates, seeds)
     stored = study.user_attrs.get(ROBUST_ATTR)
@@ -87,14 +102,16 @@ def robust_recommendation(session: Session) -> dict[str, Any] | None:
     )
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     rows = []
-    for name, number, config in candidates:
+    for name, number, config, batchnorm in candidates:
         row: dict[str, Any] = {"name": name, "trial": number, "blocks": config.to_dicts()}
         row["recalibrate_bn"] = config.recalibrate_bn
+        if not batchnorm:
+            row["batchnorm"] = False
         values: list[float] = []
         for seed in seeds:
             seeded = spec.model_copy(update={"train": spec.train.model_copy(update={"seed": seed})})
             try:
-                result = fit(seeded, config, session.datamodule)
+                result = fit(seeded, config, session.datamodule, batchnorm=batchnorm)
             except Exception as exc:  # NonFiniteLossError, ...: this configuration's record
                 row["failed"] = f"seed {seed}: {type(exc).__name__}: {exc}"
                 break
@@ -134,13 +151,13 @@ def distinct_top(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
     return top
 
 
-def signature_of(
-    spec: Spec, candidates: list[tuple[str, int | None, TrialConfig]], seeds: list[int]
-) -> dict[str, Any]:
+def signature_of(spec: Spec, candidates: list[Candidate], seeds: list[int]) -> dict[str, Any]:
     """What the result depends on: what is trained, on which seeds, how."""
     train = spec.train.model_dump(mode="json", exclude={"seed"})
     return {
-        "candidates": [[name, number, repr(config)] for name, number, config in candidates],
+        "candidates": [
+            [row.name, row.trial, repr(row.config), row.batchnorm] for row in candidates
+        ],
         "seeds": seeds,
         "train": train,
     }
@@ -152,7 +169,7 @@ def current_choice(study: optuna.Study, spec: Spec) -> int | None:
     stored = study.user_attrs.get(ROBUST_ATTR)
     if spec.recommend.top_k == 0 or stored is None or stored.get("choice") is None:
         return None
-    trained = [number for _, number, _ in stored["signature"]["candidates"] if number is not None]
+    trained = [row[1] for row in stored["signature"]["candidates"] if row[1] is not None]
     today = [t.number for t in distinct_top(study, spec.recommend.top_k)]
     return stored["choice"] if trained == today else None
 

@@ -70,6 +70,33 @@ Param = Choice | Range | Fixed
 
 
 @dataclass(frozen=True)
+class Slot:
+    """What one block has room for: its `kind` ("dense" or "spatial": which regularizers apply)
+    and its placements. `label` names it in messages ("mlp blocks", "layer1.0.bn2")."""
+
+    label: str
+    kind: str
+    placements: tuple[str, ...]
+
+
+def template_slot(template: str) -> Slot:
+    """Every block of a template has the same room: residual placements only in a resnet."""
+    placements = tuple(
+        p for p in PLACEMENTS if template == "resnet" or p not in RESIDUAL_PLACEMENTS
+    )
+    return Slot(f"{template} blocks", TEMPLATE_KINDS[template], placements)
+
+
+def block_slots(template: str, n_blocks: int, slots: Sequence[Slot] | None) -> list[Slot]:
+    """One slot per block: the given ones (an imported model's), else the template's."""
+    if slots is None:
+        return [template_slot(template)] * n_blocks
+    if len(slots) != n_blocks:
+        raise ValueError(f"{len(slots)} slots for {n_blocks} blocks")
+    return list(slots)
+
+
+@dataclass(frozen=True)
 class BlockConfig:
     """One block's regulariser slot and BN momentum. `rate` is the DROP probability."""
 
@@ -119,6 +146,8 @@ class SearchSpace:
     description: str
     blocks: tuple[dict[str, Param], ...]
     network: dict[str, Param] = field(default_factory=lambda: {"recalibrate_bn": Fixed(False)})
+    # what each block has room for: a hand-written configuration is checked against it
+    slots: tuple[Slot, ...] = ()
 
     def sample(self, trial: Any) -> TrialConfig:
         """Ask an Optuna trial for every block's parameters (rate and kind only when placed)."""
@@ -210,10 +239,13 @@ def load_space(
     params: Mapping[str, Any] | None = None,
     blocks: Mapping[int, Mapping[str, Any]] | None = None,
     n_blocks: int,
-    template: str,
+    template: str = "",
+    slots: Sequence[Slot] | None = None,
     base_dir: Path = Path("."),
 ) -> SearchSpace:
-    """Read a search space, apply the spec's overrides, and resolve it for n_blocks blocks."""
+    """Read a search space, apply the spec's overrides, and resolve it for n_blocks blocks, each
+    with what `slots` says it has room for (by default the template's)."""
+    room = block_slots(template, n_blocks, slots)
     path = find_space_file(base, base_dir)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -253,15 +285,16 @@ def load_space(
                 if name in layer:
                     entry = _merge(entry, layer[name])
                     where = f"{section}.{name}"
-            block[name] = _build(name, entry, where, template)
+            block[name] = _build(name, entry, where, room[i])
         resolved.append(block)
     network: dict[str, Param] = {}
     for name in NETWORK_PARAMS:  # optional in a file: absent means off
         entry, where = _as_entry(base_params.get(name, False)), f"{path}: params.{name}"
         if name in (params or {}):
             entry, where = _merge(entry, params[name]), f"search_space.params.{name}"  # type: ignore[index]
-        network[name] = _build(name, entry, where, template)
-    return SearchSpace(path.stem, str(raw.get("description", "")), tuple(resolved), network)
+        network[name] = _build(name, entry, where, None)
+    description = str(raw.get("description", ""))
+    return SearchSpace(path.stem, description, tuple(resolved), network, tuple(room))
 
 
 def _check_names(mapping: Mapping[str, Any], where: str, extra: Sequence[str] = ()) -> None:
@@ -313,7 +346,7 @@ def _default_fits(entry: dict[str, Any]) -> bool:
     return not numbers or low <= default <= high  # type: ignore[operator]
 
 
-def _build(name: str, entry: dict[str, Any], where: str, template: str) -> Param:
+def _build(name: str, entry: dict[str, Any], where: str, slot: Slot | None) -> Param:
     """Turn an entry into a Param, checking every value against the parameter's domain."""
     allowed = (
         {"value"}
@@ -330,24 +363,22 @@ def _build(name: str, entry: dict[str, Any], where: str, template: str) -> Param
             f"{where}.{extra[0]}: unknown key; expected one of: {', '.join(sorted(allowed))}"
         )
     if "value" in entry:
-        return Fixed(_check_value(name, entry["value"], f"{where}", template, fixed=True))
+        return Fixed(_check_value(name, entry["value"], f"{where}", slot, fixed=True))
     if "choices" in entry:
-        return _build_choice(name, entry, where, template)
+        return _build_choice(name, entry, where, slot)
     return _build_range(name, entry, where)
 
 
-def _build_choice(name: str, entry: dict[str, Any], where: str, template: str) -> Param:
+def _build_choice(name: str, entry: dict[str, Any], where: str, slot: Slot | None) -> Param:
     choices = entry["choices"]
     if not isinstance(choices, list) or not choices:
         raise SpecError(f"{where}.choices: expected a non-empty list, got {choices!r}")
     for value in choices:
-        _check_value(name, value, f"{where}.choices", template, fixed=False)
-    if name in ("regularizer", "placement"):  # leave out what the template's blocks cannot use
-        choices = [c for c in choices if _applies(name, c, template)]
+        _check_value(name, value, f"{where}.choices", slot, fixed=False)
+    if name in ("regularizer", "placement") and slot is not None:  # leave out what the block
+        choices = [c for c in choices if _applies(name, c, slot)]  # has no room for
         if not choices:
-            raise SpecError(
-                f"{where}.choices: none of {entry['choices']} applies to {template} blocks"
-            )
+            raise SpecError(f"{where}.choices: none of {entry['choices']} applies to {slot.label}")
     default = entry.get("default", choices[0])
     if default not in entry["choices"]:
         raise SpecError(f"{where}.default: {default!r} is not one of {entry['choices']}")
@@ -368,8 +399,8 @@ def _build_range(name: str, entry: dict[str, Any], where: str) -> Param:
             raise SpecError(f"{where}.{key}: expected a number, got {entry[key]!r}")
     low, high = float(entry["low"]), float(entry["high"])
     log, step = bool(entry.get("log", False)), entry.get("step")
-    _check_value(name, low, f"{where}.low", "", fixed=False)
-    _check_value(name, high, f"{where}.high", "", fixed=False)
+    _check_value(name, low, f"{where}.low", None, fixed=False)
+    _check_value(name, high, f"{where}.high", None, fixed=False)
     if low > high:
         raise SpecError(f"{where}: low must not exceed high, got low={low} high={high}")
     if log and low <= 0:
@@ -390,14 +421,14 @@ def _build_range(name: str, entry: dict[str, Any], where: str) -> Param:
     return Range(low, high, default, log, None if step is None else float(step))
 
 
-def _applies(name: str, value: str, template: str) -> bool:
-    """Whether a placement or regularizer fits the template's blocks."""
+def _applies(name: str, value: str, slot: Slot) -> bool:
+    """Whether a placement or regularizer fits the block."""
     if name == "placement":
-        return template == "resnet" or value not in RESIDUAL_PLACEMENTS
-    return TEMPLATE_KINDS[template] in REGULARIZERS[value]
+        return value in slot.placements
+    return slot.kind in REGULARIZERS[value]
 
 
-def _check_value(name: str, value: Any, where: str, template: str, *, fixed: bool) -> Any:
+def _check_value(name: str, value: Any, where: str, slot: Slot | None, *, fixed: bool) -> Any:
     """Raise SpecError unless value lies in the domain of parameter `name`."""
     if name in ("placement", "regularizer") and not isinstance(value, str):
         raise SpecError(f"{where}: expected a name, got {value!r}")
@@ -418,9 +449,9 @@ def _check_value(name: str, value: Any, where: str, template: str, *, fixed: boo
             raise SpecError(
                 f"{where}: unknown regularizer {value!r}; expected one of: {', '.join(choosable)}"
             )
-    placed = name in ("placement", "regularizer") and fixed and template
-    if placed and not _applies(name, value, template):
-        raise SpecError(f"{where}: {value} does not apply to {template} blocks")
+    placed = name in ("placement", "regularizer") and fixed and slot is not None
+    if placed and not _applies(name, value, slot):  # type: ignore[arg-type]
+        raise SpecError(f"{where}: {value} does not apply to {slot.label}")  # type: ignore[union-attr]
     if name in ("rate", "bn_momentum"):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise SpecError(f"{where}: expected a number, got {value!r}")
@@ -450,7 +481,12 @@ def _describe(param: Param) -> str:
 
 
 def config_from_mapping(
-    raw: Any, *, n_blocks: int, template: str, source: str = "config"
+    raw: Any,
+    *,
+    n_blocks: int,
+    template: str = "",
+    slots: Sequence[Slot] | None = None,
+    source: str = "config",
 ) -> TrialConfig:
     """A configuration written by hand or by `export` (recommended.yaml): `blocks`, a list of
     {placement, rate, regularizer, bn_momentum} per block, and optionally `recalibrate_bn`."""
@@ -459,6 +495,7 @@ def config_from_mapping(
         raise SpecError(f"{source}: blocks: expected a list with one mapping per block")
     if len(blocks) != n_blocks:
         raise SpecError(f"{source}: blocks: the model has {n_blocks} blocks, got {len(blocks)}")
+    room = block_slots(template, n_blocks, slots)
     parsed = []
     for i, block in enumerate(blocks):
         where = f"{source}: blocks[{i}]"
@@ -470,12 +507,12 @@ def config_from_mapping(
         for name in PARAM_NAMES:
             if name == "regularizer" and values["placement"] in ("none", "residual"):
                 continue  # none has no regulariser; residual means stochastic_depth
-            values[name] = _check_value(name, values[name], f"{where}.{name}", template, fixed=True)
+            values[name] = _check_value(name, values[name], f"{where}.{name}", room[i], fixed=True)
         if values["placement"] == "none":
             values.update(rate=0.0, regularizer="none")
         elif values["placement"] == "residual":
             values["regularizer"] = "stochastic_depth"
         parsed.append(BlockConfig(**values))
     recalibrate = raw.get("recalibrate_bn", False)
-    _check_value("recalibrate_bn", recalibrate, f"{source}: recalibrate_bn", template, fixed=True)
+    _check_value("recalibrate_bn", recalibrate, f"{source}: recalibrate_bn", None, fixed=True)
     return TrialConfig(tuple(parsed), recalibrate)

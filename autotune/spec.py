@@ -202,9 +202,19 @@ class DataSpec(_Section):
 
 
 class ModelSpec(_Section):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
     # mlp: Linear blocks on flattened input; cnn: 3x3 Conv2d blocks on (C, H, W) images;
     # resnet: residual blocks of two 3x3 convolutions on images (where stochastic depth applies)
     template: Literal["mlp", "cnn", "resnet"] = "mlp"
+    # your own network instead of a template: "package.module:build", a function or class that
+    # returns an nn.Module, looked for beside the spec first. Every BatchNorm layer its forward
+    # pass uses becomes a block (autotune.surgery); template, widths, activation and pool are
+    # then the model's own business and may not be set
+    import_: str | None = Field(None, alias="import")
+    # keyword arguments for the imported factory; input_shape and n_classes are added where its
+    # signature takes them and they are not given here
+    kwargs: dict[str, Any] = Field(default_factory=dict)
     # one block per entry: hidden units (mlp) or channels (cnn, resnet); none: [256, 256, 128]
     # for mlp, [32, 64] for cnn, [16, 32, 64] for resnet
     widths: list[int] | None = Field(None, min_length=1)
@@ -220,6 +230,30 @@ class ModelSpec(_Section):
             if width < 1:
                 raise ValueError(f"widths[{i}] must be at least 1, got {width}")
         return widths
+
+    @field_validator("import_")
+    @classmethod
+    def _factory_path(cls, value: str | None) -> str | None:
+        if value is not None and not IMPORT_PATH.match(value):
+            raise ValueError(f"expected 'package.module:function', got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _import_or_template(self) -> ModelSpec:
+        if self.import_ is None:
+            if self.kwargs:
+                raise ValueError("kwargs: only for an imported model (model.import)")
+            return self
+        for name in ("template", "widths", "activation", "pool"):
+            if name in self.model_fields_set:
+                raise ValueError(
+                    f"{name}: the imported model {self.import_!r} has its own; leave {name} out"
+                )
+        return self
+
+    @property
+    def imported(self) -> bool:
+        return self.import_ is not None
 
     @property
     def resolved_widths(self) -> list[int]:
@@ -389,5 +423,5 @@ def _allowed_keys(loc: tuple[Any, ...]) -> str:
         model = field.annotation
     if not (isinstance(model, type) and issubclass(model, BaseModel)):
         return ""
-    keys = [name for name, field in model.model_fields.items() if not field.exclude]
+    keys = [field.alias or name for name, field in model.model_fields.items() if not field.exclude]
     return f"; expected one of: {', '.join(keys)}"

@@ -33,7 +33,7 @@ from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from autotune.errors import SpecError, first_line
-from autotune.space import SearchSpace, load_space
+from autotune.space import SearchSpace, Slot, load_space
 from autotune.spec import PrunerSpec, Spec
 from autotune.tracking import PARENT_ATTR
 
@@ -77,16 +77,50 @@ class StudyOutcome:
     outputs: list[Path] = field(default_factory=list)
 
 
-def resolve_space(spec: Spec) -> SearchSpace:
-    """The spec's search space, overrides applied, for the model's blocks."""
+def resolve_space(spec: Spec, datamodule: Any | None = None) -> SearchSpace:
+    """The spec's search space, overrides applied, for the model's blocks. An imported model's
+    blocks are found by a forward pass: it needs the datamodule (its input shape and classes)."""
+    if not spec.model.imported:
+        return load_space(
+            spec.search_space.base,
+            params=spec.search_space.params,
+            blocks=spec.search_space.blocks,
+            n_blocks=len(spec.model.resolved_widths),
+            template=spec.model.template,
+            base_dir=spec.base_dir,
+        )
+    if datamodule is None:
+        raise ValueError("an imported model's blocks come from its data: pass the datamodule")
+    slots = model_slots(spec, datamodule)
     return load_space(
         spec.search_space.base,
         params=spec.search_space.params,
         blocks=spec.search_space.blocks,
-        n_blocks=len(spec.model.resolved_widths),
-        template=spec.model.template,
+        n_blocks=len(slots),
+        slots=slots,
         base_dir=spec.base_dir,
     )
+
+
+def model_slots(spec: Spec, datamodule: Any) -> tuple[Slot, ...]:
+    """What each block of the imported model has room for; SpecError when it has no block."""
+    from autotune.surgery import find_blocks, make_user_model
+
+    shape, target = tuple(datamodule.input_shape), spec.model.import_
+    model = make_user_model(spec.model, shape, datamodule.n_classes, base_dir=spec.base_dir)
+    try:
+        blocks = find_blocks(model, shape)
+    except Exception as exc:  # the user's forward(): a shape that does not fit, ...
+        raise SpecError(
+            f"model.import: {target!r} fails on an example of the data's shape {shape}: "
+            f"{type(exc).__name__}: {first_line(exc)}"
+        ) from exc
+    if not blocks:
+        raise SpecError(
+            f"model.import: {target!r} uses no BatchNorm layer in its forward pass: "
+            "there is nothing to tune"
+        )
+    return tuple(block.slot() for block in blocks)
 
 
 JOURNAL = "journal:///"  # journal:///runs/x.journal is relative, journal:////abs/x.journal absolute
@@ -278,13 +312,21 @@ def check_stored(study: optuna.Study, spec: Spec, datamodule: Any | None = None)
 
     A study mixes no datasets: its trials and its exported snippet must fit the same inputs.
     """
-    identity: dict[str, Any] = {
-        "template": spec.model.template,
-        "widths": spec.model.resolved_widths,
-        "activation": spec.model.activation,
-        "pool": spec.model.pool,
-        "metric": spec.study.metric,
-    }
+    model = spec.model
+    # a template study has no `import`, an imported model's study no `template`: either way
+    # round, the stored value differs from the spec's
+    identity: dict[str, Any] = (
+        {"template": None, "import": model.import_, "kwargs": model.kwargs}
+        if model.imported
+        else {
+            "template": model.template,
+            "widths": model.resolved_widths,
+            "activation": model.activation,
+            "pool": model.pool,
+            "import": None,
+        }
+    )
+    identity["metric"] = spec.study.metric
     if datamodule is not None:
         identity["input_shape"] = list(datamodule.input_shape)
         identity["n_classes"] = int(datamodule.n_classes)
@@ -323,7 +365,8 @@ def check_runnable(spec: Spec, space: SearchSpace, datamodule: Any) -> None:
 
     quiet_lightning()
     make_sampler(spec.study.sampler, spec.train.seed, space)
-    build_model(spec.model, space.defaults(), datamodule.input_shape, datamodule.n_classes)
+    shape, n_classes = datamodule.input_shape, datamodule.n_classes
+    build_model(spec.model, space.defaults(), shape, n_classes, base_dir=spec.base_dir)
     try:
         pl.Trainer(
             accelerator=spec.train.accelerator,
@@ -405,14 +448,14 @@ def open_session(
     from autotune.tracking import Tracker, flatten
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    space = resolve_space(spec)
     datamodule = load_data(spec.data, seed=spec.train.seed, base_dir=spec.base_dir)
+    space = resolve_space(spec, datamodule)
     check_runnable(spec, space, datamodule)
     prepare_output(spec)
     if spec.recommend.current is not None:  # read now, not after the whole study
         from autotune.robust import baselines
 
-        baselines(spec, len(space.blocks))
+        baselines(spec, space)
     study, created = open_study(spec, space, datamodule)
     if study.user_attrs.get("search_space") != space.name:
         study.set_user_attr("search_space", space.name)
@@ -467,7 +510,9 @@ class Budget:
         grace: float = HEARTBEAT_GRACE,
     ) -> None:
         self.study, self.total, self.stop, self.progress = study, total, stop, progress
-        self.deadline = None if timeout is None else time.monotonic() + timeout
+        # the clock starts at the first look for room, not here: a short timeout still lets
+        # the run start its first trial, as Optuna's own timeout does
+        self.timeout, self.deadline = timeout, None
         self.grace = grace
         # without heartbeats (journal storages) a dead worker's trial looks alive forever, so a
         # running trial holds no slot there: workers may overshoot by a trial each, never hang
@@ -485,6 +530,8 @@ class Budget:
 
         While the running trials take the rest, wait: one may fail, or its worker may die and
         its trial be failed by the heartbeat check (and queued again) after the grace period."""
+        if self.deadline is None and self.timeout is not None:
+            self.deadline = time.monotonic() + self.timeout
         while not self.stop.is_set():
             if self.deadline is not None and time.monotonic() > self.deadline:
                 return False

@@ -175,15 +175,17 @@ def fit(
     trial: optuna.Trial | None = None,
     on_epoch: EpochCallback | None = None,
     stop: threading.Event | None = None,
+    batchnorm: bool = True,
 ) -> TrialResult:
     """Train one configuration; return its final metric (after BN recalibration when the
     configuration asks for it), the trained model and what was measured after training.
+    batchnorm=False trains the network with its BN layers removed (a baseline).
 
     Raises optuna.TrialPruned when the trial's pruner says so, NonFiniteLossError when the loss
     diverges and TrialInterrupted when `stop` is set.
     """
     # 1. the same seed for every trial: trials differ by their configuration, not their luck
-    model = build_seeded(spec, config, datamodule)
+    model = build_seeded(spec, config, datamodule, batchnorm=batchnorm)
     module = Classifier(model, spec.train)
     history: list[dict[str, float]] = []
 
@@ -224,10 +226,19 @@ def fit(
     return TrialResult(final[spec.study.metric], model.cpu(), history, final, measured)
 
 
-def build_seeded(spec: Spec, config: TrialConfig, datamodule: pl.LightningDataModule) -> nn.Module:
+def build_seeded(
+    spec: Spec,
+    config: TrialConfig,
+    datamodule: pl.LightningDataModule,
+    *,
+    batchnorm: bool = True,
+) -> nn.Module:
     """The configuration's network, initialised from the spec's seed: the same weights each time."""
     pl.seed_everything(spec.train.seed, workers=False, verbose=False)
-    return build_model(spec.model, config, datamodule.input_shape, datamodule.n_classes)  # type: ignore[attr-defined]
+    shape, n_classes = datamodule.input_shape, datamodule.n_classes  # type: ignore[attr-defined]
+    return build_model(
+        spec.model, config, shape, n_classes, batchnorm=batchnorm, base_dir=spec.base_dir
+    )
 
 
 def predict(
@@ -237,7 +248,8 @@ def predict(
     model = build_seeded(spec, config, datamodule)
     cuda = spec.train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"  # the probe runs where training will
-    return predict_shift(model, probe_batch(datamodule.train_dataloader()), device=device)
+    probe = probe_batch(datamodule.train_dataloader())
+    return predict_shift(model, probe, device=device, traced=spec.model.imported)
 
 
 def after_training(

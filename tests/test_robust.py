@@ -61,9 +61,11 @@ def test_the_top_trials_and_the_baselines_are_trained_again_over_the_seeds(robus
     top = sorted(
         (t for t in study.trials if t.value is not None), key=lambda t: t.value, reverse=True
     )[:2]
-    # the two best trials, then BN only, plain dropout after the activation, the user's own
+    # the two best trials, then BN only, dropout only (no BN), plain dropout after the
+    # activation, the user's own
     assert list(rows) == [f"trial {t.number}" for t in top] + [
         "bn_only",
+        "dropout_only",
         "dropout_after_act",
         "current",
     ]
@@ -76,6 +78,11 @@ def test_the_top_trials_and_the_baselines_are_trained_again_over_the_seeds(robus
     assert {(b["placement"], b["rate"]) for b in rows["dropout_after_act"]["blocks"]} == {
         ("after_act", 0.5)
     }
+    assert rows["dropout_only"]["batchnorm"] is False
+    assert {(b["placement"], b["rate"]) for b in rows["dropout_only"]["blocks"]} == {
+        ("after_act", 0.5)
+    }
+    assert all("batchnorm" not in row for name, row in rows.items() if name != "dropout_only")
     assert rows["current"]["blocks"][0]["rate"] == 0.3
     # the choice: the tuned configuration with the best lower bound, never a baseline
     tuned = [row for row in robust["rows"] if row["trial"] is not None]
