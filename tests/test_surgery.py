@@ -228,7 +228,9 @@ def write_import_spec(tmp_path: Path, **model) -> Path:
 
 @pytest.mark.slow
 def test_the_example_s_own_model_is_tuned_through_the_import_path_and_exported(tmp_path):
-    spec = load_spec(write_import_spec(tmp_path))
+    spec = load_spec(
+        write_import_spec(tmp_path), overrides={"recommend": {"top_k": 1, "seeds": 2}}
+    )
     outcome = run_study(spec)
     out = spec.output_dir
     recommended = yaml.safe_load((out / "recommended.yaml").read_text())
@@ -237,6 +239,14 @@ def test_the_example_s_own_model_is_tuned_through_the_import_path_and_exported(t
     assert len(outcome.study.trials) == 2
     assert recommended["model"]["import"] == "small_resnet:build"
     assert len(recommended["blocks"]) == len(recommended["model"]["blocks_at"]) == 6
+    # the baselines trained beside it, dropout only without any BN; the dropout baselines
+    # leave out the blocks with no activation of their own
+    rows = {row["name"]: row for row in recommended["robust"]["rows"]}
+    assert list(rows)[1:] == ["bn_only", "dropout_only", "dropout_after_act"]
+    assert all(len(row["values"]) == 2 for row in rows.values())
+    assert rows["dropout_only"]["batchnorm"] is False
+    placements = [b["placement"] for b in rows["dropout_after_act"]["blocks"]]
+    assert placements == ["after_act", "after_act", "none", "after_act", "none", "none"]
     # the snippet rebuilds it, loads the best trial's weights and gives its outputs
     assert "gives the tuned network's outputs" in recommended["verified"]["best_model.py"]
     snippet = load_snippet(out / "best_model.py")
