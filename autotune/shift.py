@@ -189,8 +189,8 @@ def _observed_bn_inputs(
     handles = [bn.register_forward_hook(moments[name].hook) for name, bn in layers.items()]
     try:
         model.eval()
-        for bn in layers.values():
-            bn.train(bn_train)
+        for bn in layers.values():  # not .train(): a regulariser BN hosts (surgery) stays off
+            bn.training = bn_train
         yield layers, moments
     finally:
         for handle in handles:

@@ -228,9 +228,7 @@ def write_import_spec(tmp_path: Path, **model) -> Path:
 
 @pytest.mark.slow
 def test_the_example_s_own_model_is_tuned_through_the_import_path_and_exported(tmp_path):
-    spec = load_spec(
-        write_import_spec(tmp_path), overrides={"recommend": {"top_k": 1, "seeds": 2}}
-    )
+    spec = load_spec(write_import_spec(tmp_path), overrides={"recommend": {"top_k": 1, "seeds": 2}})
     outcome = run_study(spec)
     out = spec.output_dir
     recommended = yaml.safe_load((out / "recommended.yaml").read_text())
@@ -345,3 +343,26 @@ def test_a_study_of_one_kind_of_model_refuses_the_other(stored, model, field):
     # a template's study and an imported model's never mix their trials
     with pytest.raises(SpecError, match=rf"^{field}: stored study"):
         check_stored(study, parse_spec({"model": model}, base_dir=EXAMPLE))
+
+
+@pytest.mark.parametrize("placement", ["before_bn", "after_act"])
+def test_recalibration_keeps_a_regulariser_that_bn_hosts_off(placement):
+    from autotune.shift import measure_shift, recalibrate_bn
+
+    model = example_model()
+    slots = [("none", 0.0, "none")] * 6
+    slots[1] = (placement, 0.5, "dropout")
+    apply_config(model, find_blocks(model, SHAPE), config(*slots))
+    batches = [
+        torch.randn(32, *SHAPE, generator=torch.Generator().manual_seed(i)) for i in range(4)
+    ]
+    recalibrate_bn(model, batches)
+
+    # with every regulariser off, BN's statistics are those of the data it saw: Δ = 1 per
+    # channel on that data, within what the batch statistics of the BN layers before it move
+    # (a dropout left on would have doubled layers.0.bn1's variance: Δ near 0.5)
+    shift = measure_shift(model, batches)
+    for name in ("layers.0.bn1", "layers.0.bn2"):
+        assert shift[name].per_channel == pytest.approx([1.0] * 4, rel=0.01), name
+    # and the regulariser is back in the mode it was in
+    assert model.training and model.layers[0].bn1.training
