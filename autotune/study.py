@@ -474,7 +474,10 @@ def open_session(
     except Exception as exc:  # MlflowException: a bad URI, a refused local store
         raise SpecError(f"mlflow.tracking_uri: {spec.tracking_uri}: {first_line(exc)}") from None
     known = None if created or not tracker.enabled else _parent_run_id(study)
-    parent = tracker.start_study(flatten(spec.model_dump(mode="json")), known=known)
+    params = flatten(spec.model_dump(mode="json", by_alias=True))  # model.import, not import_
+    for i, slot in enumerate(space.slots if spec.model.imported else ()):
+        params[f"model.block{i}"] = slot.label  # which BN layer block i is, beside its params
+    parent = tracker.start_study(params, known=known)
     if parent is not None and parent != known:
         study.set_user_attr(PARENT_ATTR, parent)
     pruner = spec.study.pruner

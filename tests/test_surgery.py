@@ -245,6 +245,17 @@ def test_the_example_s_own_model_is_tuned_through_the_import_path_and_exported(t
     assert rows["dropout_only"]["batchnorm"] is False
     placements = [b["placement"] for b in rows["dropout_after_act"]["blocks"]]
     assert placements == ["after_act", "after_act", "none", "after_act", "none", "none"]
+    # the parent MLflow run names the model and which BN layer each block is
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(spec.tracking_uri)
+    [parent] = client.search_runs(
+        [client.get_experiment_by_name("own").experiment_id],
+        filter_string="tags.`autotune.role` = 'parent'",
+    )
+    assert parent.data.params["model.import"] == "small_resnet:build"
+    assert parent.data.params["model.block2"] == "layers.0.bn2"
+    assert "robust.dropout_only.mean" in parent.data.metrics
     # the snippet rebuilds it, loads the best trial's weights and gives its outputs
     assert "gives the tuned network's outputs" in recommended["verified"]["best_model.py"]
     snippet = load_snippet(out / "best_model.py")
