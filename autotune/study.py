@@ -371,12 +371,15 @@ def check_runnable(spec: Spec, space: SearchSpace, datamodule: Any) -> None:
         pl.Trainer(
             accelerator=spec.train.accelerator,
             devices=1,
+            precision=spec.train.precision,
             logger=False,
             enable_progress_bar=False,
             enable_model_summary=False,
         )
-    except Exception as exc:  # MisconfigurationException: no such device here
-        raise SpecError(f"train.accelerator: {spec.train.accelerator!r}: {exc}") from None
+    except Exception as exc:  # MisconfigurationException: no such device, or precision, here
+        field = "precision" if "precision" in str(exc).lower() else "accelerator"
+        value = getattr(spec.train, field)
+        raise SpecError(f"train.{field}: {value!r}: {first_line(exc)}") from None
     loader = datamodule.train_dataloader()
     if hasattr(loader, "__len__") and len(loader) == 0:
         raise SpecError("data.val_fraction: the training split is too small for one batch")

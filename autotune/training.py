@@ -72,9 +72,17 @@ class Classifier(pl.LightningModule):
         self.model = model
         self.train_spec = train
         self._sums: dict[str, torch.Tensor] = {}
+        # compiled for the fit only. A bound method, not a module: the compiled wrapper stays
+        # out of the module tree, so the state_dict keys and the measurements after training
+        # see the plain network
+        self._forward: Callable[[torch.Tensor], torch.Tensor] = (
+            torch.compile(model) if train.compile else model
+        ).__call__
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        if self.train_spec.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self._forward(x)
 
     def _accumulate(self, name: str, value: torch.Tensor) -> None:
         self._sums[name] = self._sums.get(name, 0) + value.detach()
@@ -186,6 +194,8 @@ def fit(
     """
     # 1. the same seed for every trial: trials differ by their configuration, not their luck
     model = build_seeded(spec, config, datamodule, batchnorm=batchnorm)
+    if spec.train.channels_last:  # 4-d weights only: a Linear's stay as they are
+        model = model.to(memory_format=torch.channels_last)
     module = Classifier(model, spec.train)
     history: list[dict[str, float]] = []
 
@@ -199,6 +209,7 @@ def fit(
     trainer = pl.Trainer(
         accelerator=spec.train.accelerator,
         devices=1,
+        precision=spec.train.precision,
         max_epochs=spec.train.max_epochs,
         logger=False,
         enable_checkpointing=False,

@@ -78,3 +78,27 @@ def test_after_training_runs_on_the_gpu(monkeypatch) -> None:
     # moves a module to the CPU; the trained model comes back on the CPU
     assert seen and seen[0].type == "cuda"
     assert next(result.model.parameters()).device.type == "cpu"
+
+
+def test_bf16_channels_last_and_compile_train_on_the_gpu() -> None:
+    from autotune import training
+    from autotune.data import load_data
+    from autotune.spec import parse_spec
+
+    def fit(**options):
+        spec = parse_spec(
+            {
+                "data": {"name": "synthetic_images", "batch_size": 128},
+                "model": {"template": "cnn", "widths": [16, 32]},
+                "train": {"max_epochs": 2, "accelerator": "gpu", **options},
+                "mlflow": {"enabled": False},
+            }
+        )
+        config = TrialConfig((BlockConfig("after_act", 0.1, "dropout"),) * 2)
+        return training.fit(spec, config, load_data(spec.data, seed=0))
+
+    plain = fit()
+    fast = fit(precision="bf16-mixed", channels_last=True, compile=True)
+    # the same network and keys, trained to a comparable accuracy in bfloat16
+    assert list(fast.model.state_dict()) == list(plain.model.state_dict())
+    assert fast.value == pytest.approx(plain.value, abs=0.1)
