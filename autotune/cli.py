@@ -94,9 +94,13 @@ def main() -> None:
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Local worker processes that share the study, one trial each at a time.",
+    help="Local worker processes that share the study, one trial each at a time [default: 1].",
+)
+@click.option(
+    "--trials-per-device",
+    type=click.IntRange(min=1),
+    help="Run this many workers on each device (--devices, or every visible GPU; the CPU "
+    "counts as one), so small trials share a big GPU. Instead of --workers.",
 )
 @click.option(
     "--devices",
@@ -111,7 +115,8 @@ def run(
     spec_file: Path,
     n_trials: int | None,
     timeout: float | None,
-    workers: int,
+    workers: int | None,
+    trials_per_device: int | None,
     devices: list[str] | None,
     storage: str | None,
     tracking_uri: str | None,
@@ -128,7 +133,14 @@ def run(
 
         if not await_launcher():
             sys.exit(EXIT_BAD_INPUT)
+    if workers is not None and trials_per_device is not None:
+        raise SpecError("--trials-per-device: give it or --workers, not both")
     spec = load_spec(spec_file, overrides=_overrides(storage, tracking_uri))
+    if trials_per_device is not None:
+        from autotune.workers import device_count
+
+        workers = trials_per_device * device_count(devices, spec.train.accelerator)
+    workers = workers or 1
     console = _console()
     progress = RichProgress(console, spec.study.metric, spec.train.max_epochs)
     troubles: list[str] = []

@@ -57,6 +57,18 @@ class Worker:
         return f"worker {self.index} {how}; its log: {self.log}"
 
 
+def device_count(devices: list[str] | None, accelerator: str) -> int:
+    """How many devices the workers spread over: --devices, else every visible GPU; the CPU,
+    where training runs there, counts as one."""
+    if accelerator == "cpu":
+        return 1
+    if devices is None:
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    return max(1, len(devices))
+
+
 def plan_devices(n: int, devices: list[str] | None, accelerator: str) -> list[str | None]:
     """The CUDA_VISIBLE_DEVICES of each of n workers, round-robin over `devices` (default: every
     visible GPU); None for every worker when training runs on the CPU.

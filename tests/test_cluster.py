@@ -430,3 +430,34 @@ def test_bad_input_with_workers_is_one_line_and_no_worker_trains(write_spec, tmp
     # the workers were told to leave before they touched anything
     logs = sorted((tmp_path / "out" / "workers").glob("worker-*.log"))
     assert len(logs) == 2 and all(log.read_text() == "" for log in logs)
+
+
+def test_trials_per_device_runs_that_many_workers_on_each_device(write_spec, monkeypatch):
+    from click.testing import CliRunner
+
+    from autotune import workers
+    from autotune.cli import main
+
+    planned = []
+
+    def launch(spec_file, spec, n_workers, devices, **kwargs):  # the plan, not the processes
+        planned.append(workers.plan_devices(n_workers, devices, spec.train.accelerator))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workers, "launch", launch)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    spec = str(write_spec(tiny_spec(train={"accelerator": "gpu"})))
+    CliRunner().invoke(main, ["run", spec, "--trials-per-device", "3", "--devices", "0,1"])
+    # three workers on each of the two GPUs
+    assert planned == [["0", "1", "0", "1", "0", "1"]]
+    # on the CPU, the CPU is the one device: three plain processes
+    cpu = str(write_spec(tiny_spec(train={"accelerator": "cpu"}), name="cpu.yaml"))
+    CliRunner().invoke(main, ["run", cpu, "--trials-per-device", "3"])
+    assert planned[1] == [None, None, None]
+
+
+def test_trials_per_device_and_workers_do_not_mix(write_spec):
+    result = autotune("run", write_spec(tiny_spec()), "--workers", "2", "--trials-per-device", "2")
+    # one line, exit 2, before anything starts
+    assert result.returncode == 2
+    assert result.stderr == "error: --trials-per-device: give it or --workers, not both\n"
