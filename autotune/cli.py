@@ -166,18 +166,15 @@ def run(
 @_friendly
 def validate(spec_file: Path) -> None:
     """Check SPEC_FILE, its search space and its data without training anything."""
-    from autotune.data import load_data
+    from autotune.checks import check_spec
     from autotune.spec import load_spec
-    from autotune.study import check_runnable, resolve_space
 
     spec = load_spec(spec_file)
-    space = resolve_space(spec)
-    data = load_data(spec.data, seed=spec.train.seed, base_dir=spec.base_dir)
-    check_runnable(spec, space, data)
+    space, data = check_spec(spec)
     click.echo(
         f"{spec_file}: ok: study {spec.study.name!r}, {spec.study.n_trials} trials, "
-        f"{spec.model.template} with {len(space.blocks)} blocks, data {data.name} "  # type: ignore[attr-defined]
-        f"{tuple(data.input_shape)} with {data.n_classes} classes"  # type: ignore[attr-defined]
+        f"{spec.model.template} with {len(space.blocks)} blocks, data {data.name} "
+        f"{data.input_shape} with {data.n_classes} classes"
     )
 
 

@@ -32,8 +32,9 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from autotune.checks import check_accelerator, check_sampler, resolve_space
 from autotune.errors import SpecError, first_line
-from autotune.space import SearchSpace, load_space
+from autotune.space import SearchSpace
 from autotune.spec import PrunerSpec, Spec
 from autotune.tracking import PARENT_ATTR
 
@@ -75,18 +76,6 @@ class StudyOutcome:
     interrupted: bool = False
     stopped_by_failures: bool = False
     outputs: list[Path] = field(default_factory=list)
-
-
-def resolve_space(spec: Spec) -> SearchSpace:
-    """The spec's search space, overrides applied, for the model's blocks."""
-    return load_space(
-        spec.search_space.base,
-        params=spec.search_space.params,
-        blocks=spec.search_space.blocks,
-        n_blocks=len(spec.model.resolved_widths),
-        template=spec.model.template,
-        base_dir=spec.base_dir,
-    )
 
 
 JOURNAL = "journal:///"  # journal:///runs/x.journal is relative, journal:////abs/x.journal absolute
@@ -178,8 +167,7 @@ def redact(url: str) -> str:
 
 def make_sampler(name: str, seed: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
     """The spec's sampler, seeded. cmaes and gp need at least one numeric parameter to model."""
-    if name in ("cmaes", "gp") and not space.has_numeric():
-        raise SpecError(f"study.sampler: {name} models numeric parameters; this space has none")
+    check_sampler(name, space)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "gp":
@@ -316,24 +304,11 @@ def load_existing_study(spec: Spec) -> optuna.Study:
 
 def check_runnable(spec: Spec, space: SearchSpace, datamodule: Any) -> None:
     """Fail on input before any training: the template must fit the data, the sampler the space."""
-    import lightning.pytorch as pl
-
     from autotune.models import build_model
-    from autotune.training import quiet_lightning
 
-    quiet_lightning()
     make_sampler(spec.study.sampler, spec.train.seed, space)
     build_model(spec.model, space.defaults(), datamodule.input_shape, datamodule.n_classes)
-    try:
-        pl.Trainer(
-            accelerator=spec.train.accelerator,
-            devices=1,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-    except Exception as exc:  # MisconfigurationException: no such device here
-        raise SpecError(f"train.accelerator: {spec.train.accelerator!r}: {exc}") from None
+    check_accelerator(spec.train.accelerator)
     loader = datamodule.train_dataloader()
     if hasattr(loader, "__len__") and len(loader) == 0:
         raise SpecError("data.val_fraction: the training split is too small for one batch")
