@@ -17,9 +17,10 @@ shows where the overhead goes. The hand loop must reach the trial's validation a
 recalibration, and its losses, to the last digit: the check that both trained the same thing.
 
 Tasks:
-    digits mlp   scikit-learn's digits, mlp [256, 256, 128], batch 64
-    cnn          the cnn template [32, 64] on synthetic 3x32x32 images, batch 128
-    wide mlp     mlp [1024, 1024, 512] on 100,000 rows of synthetic tabular data, batch 512
+    digits mlp   scikit-learn's digits, mlp [256, 256, 128], batch 64, 12 epochs (the quickstart)
+    cnn          the cnn template [32, 64] on 2,000 synthetic 3x32x32 images, batch 128, 4 epochs
+    wide mlp     mlp [512, 512, 256] on 100,000 rows of synthetic tabular data (64 features),
+                 batch 512, 3 epochs
 
 Then memory over a long study: 50 short trials of the digits mlp in one process, resident
 memory (VmRSS) after trial 5 and after trial 50.
@@ -73,7 +74,7 @@ METRICS = ("train_loss", "val_loss", "val_acc")
 
 def tasks(quick: bool) -> dict[str, dict[str, Any]]:
     """Each task's spec sections. --quick: the same shapes, smaller, for a smoke test."""
-    images = {"n_samples": 400 if quick else 4000, "image_size": 32, "channels": 3}
+    images = {"n_samples": 400 if quick else 2000, "image_size": 32, "channels": 3}
     table = {"n_samples": 2000 if quick else 100_000, "n_features": 64, "n_informative": 16}
     return {
         "digits mlp": {
@@ -88,8 +89,8 @@ def tasks(quick: bool) -> dict[str, dict[str, Any]]:
         },
         "wide mlp": {
             "data": {"name": "synthetic_tabular", "batch_size": 512, "synthetic": table},
-            "model": {"template": "mlp", "widths": [1024, 1024, 512]},
-            "train": {"max_epochs": 1 if quick else 4},
+            "model": {"template": "mlp", "widths": [512, 512, 256]},
+            "train": {"max_epochs": 1 if quick else 3},
         },
     }
 
@@ -357,11 +358,12 @@ class MemoryProgress(Progress):
         self.rss.append(rss_mib())
 
 
-def run_memory(n_trials: int, epochs: int, folder: Path) -> dict[str, Any]:
-    """n_trials short trials of the digits mlp in this process, drawn by the study's own sampler
-    (TPE); resident memory after each."""
-    sections = tasks(quick=False)["digits mlp"]
-    sections = {**sections, "train": {"max_epochs": epochs}}
+def run_memory(
+    n_trials: int, epochs: int, folder: Path, sections: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """n_trials short trials (default: of the digits mlp) in this process, drawn by the study's
+    own sampler (TPE); resident memory after each."""
+    sections = {**(sections or tasks(quick=False)["digits mlp"]), "train": {"max_epochs": epochs}}
     spec = write_spec("memory", sections, folder, n_trials=n_trials)
     session = open_session(spec)
     progress = MemoryProgress()
@@ -436,7 +438,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--memory-trials", type=int, default=50)
     parser.add_argument("--only", help="one task by name, e.g. 'digits mlp'")
     parser.add_argument("--results", type=Path, help="where the raw rows go")
+    # one thread: on a small machine that others share, two busy-waiting OpenMP pools make
+    # timings swing tenfold; both sides of a pair run with the same threads
+    parser.add_argument("--threads", type=int, default=1, help="torch's CPU threads")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     pairs, memory_trials = (1, 6) if args.quick else (args.pairs, args.memory_trials)
     default = RESULTS / ("overhead_quick.json" if args.quick else "overhead.json")
     out = args.results or default
@@ -450,13 +456,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 results.append(run_task(name, sections, pairs, Path(folder)))
         memory = run_memory(memory_trials, 1 if args.quick else 2, Path(folder))
     print(machine())
-    print(f"{pairs} pairs per task (after one that is not counted), order alternating.\n")
+    print(
+        f"{pairs} pairs per task (after one that is not counted), order alternating; "
+        f"{torch.get_num_threads()} CPU thread(s).\n"
+    )
     print(ratio_table(results))
     print()
     print(parts_table(results))
     print()
     print(memory_lines(memory))
-    report = {"machine": machine(), "tasks": results, "memory": memory}
+    report = {
+        "machine": machine(),
+        "threads": torch.get_num_threads(),
+        "tasks": results,
+        "memory": memory,
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))
     print(f"\nraw rows: {out}", file=sys.stderr)
