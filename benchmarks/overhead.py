@@ -22,8 +22,9 @@ Tasks:
     wide mlp     mlp [512, 512, 256] on 100,000 rows of synthetic tabular data (64 features),
                  batch 512, 3 epochs
 
-Then memory over a long study: 50 short trials of the digits mlp in one process, resident
-memory (VmRSS) after trial 5 and after trial 50.
+Before them, start-up: `autotune --help` and `autotune validate examples/quickstart.yaml`, each
+in a fresh process, interleaved. After them, memory over a long study: 50 short trials of the
+digits mlp in one process, resident memory (VmRSS) after trial 5 and after trial 50.
 
 Run from the repository root:
 
@@ -41,6 +42,7 @@ import functools
 import gc
 import json
 import math
+import subprocess
 import sys
 import tempfile
 import time
@@ -378,6 +380,40 @@ def run_memory(
     }
 
 
+# --- start-up ----------------------------------------------------------------------------------
+
+# what a user types, and how the benchmark runs it; `python -c pass` is the interpreter alone
+STARTUP = {
+    "python -c pass": ["-c", "pass"],
+    "autotune --help": ["-m", "autotune.cli", "--help"],
+    "autotune validate examples/quickstart.yaml": [
+        "-m",
+        "autotune.cli",
+        "validate",
+        "examples/quickstart.yaml",
+    ],
+}
+
+
+def run_startup(repeats: int) -> dict[str, list[float]]:
+    """Wall time of each command in a fresh process, `repeats` times, interleaved."""
+    seconds: dict[str, list[float]] = {name: [] for name in STARTUP}
+    for _ in range(repeats):
+        for name, args in STARTUP.items():
+            start = time.perf_counter()
+            subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, check=True)
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def startup_table(seconds: dict[str, list[float]]) -> str:
+    lines = ["| command | wall time, s | goal |", "| --- | --- | --- |"]
+    for name, values in seconds.items():
+        goal = "" if name.startswith("python") else "≤ 1"
+        lines.append(f"| `{name}` | {spread(values, 2)} | {goal} |")
+    return "\n".join(lines)
+
+
 # --- the report -----------------------------------------------------------------------------------
 
 
@@ -434,9 +470,12 @@ def memory_lines(memory: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small tasks, 1 pair, 6 trials")
-    parser.add_argument("--pairs", type=int, default=5, help="counted pairs per task")
+    parser.add_argument("--pairs", type=int, default=3, help="counted pairs per task")
     parser.add_argument("--memory-trials", type=int, default=50)
-    parser.add_argument("--only", help="one task by name, e.g. 'digits mlp'")
+    parser.add_argument("--startup-repeats", type=int, default=5)
+    parser.add_argument(
+        "--only", help="one part: a task by name (e.g. 'digits mlp'), 'startup' or 'memory'"
+    )
     parser.add_argument("--results", type=Path, help="where the raw rows go")
     # one thread: on a small machine that others share, two busy-waiting OpenMP pools make
     # timings swing tenfold; both sides of a pair run with the same threads
@@ -449,28 +488,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pl.seed_everything(0, verbose=False)
     training.quiet_lightning()
 
+    def wanted(part: str) -> bool:
+        return args.only is None or args.only == part
+
+    report: dict[str, Any] = {"machine": machine(), "threads": torch.get_num_threads()}
+    print(machine())
+    if wanted("startup"):  # first, while nothing else of this run competes for the cores
+        report["startup"] = run_startup(1 if args.quick else args.startup_repeats)
+        print(startup_table(report["startup"]) + "\n")
     results = []
     with tempfile.TemporaryDirectory() as folder:
         for name, sections in tasks(args.quick).items():
-            if args.only is None or args.only == name:
+            if wanted(name):
                 results.append(run_task(name, sections, pairs, Path(folder)))
-        memory = run_memory(memory_trials, 1 if args.quick else 2, Path(folder))
-    print(machine())
-    print(
-        f"{pairs} pairs per task (after one that is not counted), order alternating; "
-        f"{torch.get_num_threads()} CPU thread(s).\n"
-    )
-    print(ratio_table(results))
-    print()
-    print(parts_table(results))
-    print()
-    print(memory_lines(memory))
-    report = {
-        "machine": machine(),
-        "threads": torch.get_num_threads(),
-        "tasks": results,
-        "memory": memory,
-    }
+        if wanted("memory"):
+            report["memory"] = run_memory(memory_trials, 1 if args.quick else 2, Path(folder))
+    if results:
+        report["tasks"] = results
+        print(
+            f"{pairs} pairs per task (after one that is not counted), order alternating; "
+            f"{torch.get_num_threads()} CPU thread(s).\n"
+        )
+        print(ratio_table(results) + "\n")
+        print(parts_table(results) + "\n")
+    if "memory" in report:
+        print(memory_lines(report["memory"]))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))
     print(f"\nraw rows: {out}", file=sys.stderr)
