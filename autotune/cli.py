@@ -178,19 +178,16 @@ def run(
 @_friendly
 def validate(spec_file: Path) -> None:
     """Check SPEC_FILE, its search space and its data without training anything."""
-    from autotune.data import load_data
+    from autotune.checks import check_spec
     from autotune.spec import load_spec
-    from autotune.study import check_runnable, resolve_space
 
     spec = load_spec(spec_file)
-    data = load_data(spec.data, seed=spec.train.seed, base_dir=spec.base_dir)
-    space = resolve_space(spec, data)
-    check_runnable(spec, space, data)
+    space, data = check_spec(spec)
     model = spec.model.import_ or spec.model.template
     click.echo(
         f"{spec_file}: ok: study {spec.study.name!r}, {spec.study.n_trials} trials, "
-        f"{model} with {len(space.blocks)} blocks, data {data.name} "  # type: ignore[attr-defined]
-        f"{tuple(data.input_shape)} with {data.n_classes} classes"  # type: ignore[attr-defined]
+        f"{model} with {len(space.blocks)} blocks, data {data.name} "
+        f"{data.input_shape} with {data.n_classes} classes"
     )
     if spec.model.imported:  # where autotune found the blocks, and the room each one has
         for i, slot in enumerate(space.slots):

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from autotune import surgery
-from autotune.errors import SpecError
+from autotune.checks import check_template
 from autotune.regularizers import make_regularizer
 from autotune.space import BlockConfig, TrialConfig
 from autotune.spec import ModelSpec
@@ -174,11 +174,7 @@ def _residual_block(
 
 
 def _image_shape(input_shape: Sequence[int], template: str) -> tuple[int, int]:
-    if len(input_shape) != 3:
-        raise SpecError(
-            f"model.template: {template} needs images shaped (C, H, W); "
-            f"the data has shape {tuple(input_shape)}"
-        )
+    check_template(template, input_shape)
     return input_shape[0], min(input_shape[1], input_shape[2])
 
 

@@ -111,7 +111,8 @@ def mode_accuracy(model: nn.Module, batches: Iterable) -> tuple[float, float]:
     saved = {name: buffer.clone() for name, buffer in model.named_buffers()}
     buffers = dict(model.named_buffers())
     device = _device(model)
-    correct = {True: 0, False: 0}
+    # counted on the device, brought to the host once at the end: no sync per batch
+    correct = {True: torch.zeros((), device=device), False: torch.zeros((), device=device)}
     total = 0
     try:
         with torch.no_grad():
@@ -119,7 +120,7 @@ def mode_accuracy(model: nn.Module, batches: Iterable) -> tuple[float, float]:
                 x, y = batch[0].to(device), batch[1].to(device)
                 for training in (True, False):
                     model.train(training)
-                    correct[training] += int((model(x).argmax(dim=1) == y).sum())
+                    correct[training] += (model(x).argmax(dim=1) == y).sum()
                     if training:  # undo what the train-mode pass did to BN's statistics
                         for name, buffer in buffers.items():
                             buffer.copy_(saved[name])
@@ -128,7 +129,8 @@ def mode_accuracy(model: nn.Module, batches: Iterable) -> tuple[float, float]:
         _restore_flags(flags)
     if total == 0:
         raise ValueError("mode_accuracy got no batches; pass labelled batches (x, y).")
-    return correct[True] / total, correct[False] / total
+    train_correct, eval_correct = torch.stack([correct[True], correct[False]]).tolist()
+    return train_correct / total, eval_correct / total
 
 
 class _Moments:

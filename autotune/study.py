@@ -32,8 +32,9 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from autotune.checks import check_accelerator, check_sampler, resolve_space
 from autotune.errors import SpecError, first_line
-from autotune.space import SearchSpace, Slot, load_space
+from autotune.space import SearchSpace
 from autotune.spec import PrunerSpec, Spec
 from autotune.tracking import PARENT_ATTR
 
@@ -75,52 +76,6 @@ class StudyOutcome:
     interrupted: bool = False
     stopped_by_failures: bool = False
     outputs: list[Path] = field(default_factory=list)
-
-
-def resolve_space(spec: Spec, datamodule: Any | None = None) -> SearchSpace:
-    """The spec's search space, overrides applied, for the model's blocks. An imported model's
-    blocks are found by a forward pass: it needs the datamodule (its input shape and classes)."""
-    if not spec.model.imported:
-        return load_space(
-            spec.search_space.base,
-            params=spec.search_space.params,
-            blocks=spec.search_space.blocks,
-            n_blocks=len(spec.model.resolved_widths),
-            template=spec.model.template,
-            base_dir=spec.base_dir,
-        )
-    if datamodule is None:
-        raise ValueError("an imported model's blocks come from its data: pass the datamodule")
-    slots = model_slots(spec, datamodule)
-    return load_space(
-        spec.search_space.base,
-        params=spec.search_space.params,
-        blocks=spec.search_space.blocks,
-        n_blocks=len(slots),
-        slots=slots,
-        base_dir=spec.base_dir,
-    )
-
-
-def model_slots(spec: Spec, datamodule: Any) -> tuple[Slot, ...]:
-    """What each block of the imported model has room for; SpecError when it has no block."""
-    from autotune.surgery import find_blocks, make_user_model
-
-    shape, target = tuple(datamodule.input_shape), spec.model.import_
-    model = make_user_model(spec.model, shape, datamodule.n_classes, base_dir=spec.base_dir)
-    try:
-        blocks = find_blocks(model, shape)
-    except Exception as exc:  # the user's forward(): a shape that does not fit, ...
-        raise SpecError(
-            f"model.import: {target!r} fails on an example of the data's shape {shape}: "
-            f"{type(exc).__name__}: {first_line(exc)}"
-        ) from exc
-    if not blocks:
-        raise SpecError(
-            f"model.import: {target!r} uses no BatchNorm layer in its forward pass: "
-            "there is nothing to tune"
-        )
-    return tuple(block.slot() for block in blocks)
 
 
 JOURNAL = "journal:///"  # journal:///runs/x.journal is relative, journal:////abs/x.journal absolute
@@ -212,8 +167,7 @@ def redact(url: str) -> str:
 
 def make_sampler(name: str, seed: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
     """The spec's sampler, seeded. cmaes and gp need at least one numeric parameter to model."""
-    if name in ("cmaes", "gp") and not space.has_numeric():
-        raise SpecError(f"study.sampler: {name} models numeric parameters; this space has none")
+    check_sampler(name, space)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "gp":
@@ -358,28 +312,12 @@ def load_existing_study(spec: Spec) -> optuna.Study:
 
 def check_runnable(spec: Spec, space: SearchSpace, datamodule: Any) -> None:
     """Fail on input before any training: the template must fit the data, the sampler the space."""
-    import lightning.pytorch as pl
-
     from autotune.models import build_model
-    from autotune.training import quiet_lightning
 
-    quiet_lightning()
     make_sampler(spec.study.sampler, spec.train.seed, space)
     shape, n_classes = datamodule.input_shape, datamodule.n_classes
     build_model(spec.model, space.defaults(), shape, n_classes, base_dir=spec.base_dir)
-    try:
-        pl.Trainer(
-            accelerator=spec.train.accelerator,
-            devices=1,
-            precision=spec.train.precision,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-    except Exception as exc:  # MisconfigurationException: no such device, or precision, here
-        field = "precision" if "precision" in str(exc).lower() else "accelerator"
-        value = getattr(spec.train, field)
-        raise SpecError(f"train.{field}: {value!r}: {first_line(exc)}") from None
+    check_accelerator(spec.train.accelerator, spec.train.precision)
     loader = datamodule.train_dataloader()
     if hasattr(loader, "__len__") and len(loader) == 0:
         raise SpecError("data.val_fraction: the training split is too small for one batch")

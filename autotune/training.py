@@ -78,6 +78,9 @@ class Classifier(pl.LightningModule):
         self._forward: Callable[[torch.Tensor], torch.Tensor] = (
             torch.compile(model) if train.compile else model
         ).__call__
+        # rows are counted on the host: a count made a tensor would be a copy to the device
+        # every step, and a copy from pageable memory waits for the device
+        self._rows: dict[str, int] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.train_spec.channels_last and x.dim() == 4:
@@ -88,7 +91,10 @@ class Classifier(pl.LightningModule):
         self._sums[name] = self._sums.get(name, 0) + value.detach()
 
     def on_train_epoch_start(self) -> None:
-        self._sums = {}
+        self._sums, self._rows = {}, {}
+
+    def _count(self, name: str, rows: int) -> None:
+        self._rows[name] = self._rows.get(name, 0) + rows
 
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
@@ -96,7 +102,7 @@ class Classifier(pl.LightningModule):
         x, y = batch
         loss = F.cross_entropy(self(x), y)
         self._accumulate("train_loss", loss * len(y))
-        self._accumulate("train_n", torch.tensor(len(y), device=loss.device))
+        self._count("train_n", len(y))
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -104,13 +110,13 @@ class Classifier(pl.LightningModule):
         logits = self(x)
         self._accumulate("val_loss", F.cross_entropy(logits, y, reduction="sum"))
         self._accumulate("val_correct", (logits.argmax(dim=1) == y).sum())
-        self._accumulate("val_n", torch.tensor(len(y), device=logits.device))
+        self._count("val_n", len(y))
 
     def epoch_metrics(self) -> dict[str, float]:
         """The epoch's metrics, brought to the host in one sync. Call after validation."""
-        names = ("train_loss", "train_n", "val_loss", "val_correct", "val_n")
+        names = ("train_loss", "val_loss", "val_correct")
         values = torch.stack([self._sums[n].float() for n in names]).tolist()
-        sums = dict(zip(names, values, strict=True))
+        sums = {**dict(zip(names, values, strict=True)), **self._rows}
         return {
             "train_loss": sums["train_loss"] / sums["train_n"],
             "val_loss": sums["val_loss"] / sums["val_n"],
