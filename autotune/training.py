@@ -124,13 +124,17 @@ class Classifier(pl.LightningModule):
         }
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        spec, params = self.train_spec, self.parameters()
-        if spec.optimizer == "sgd":
-            return torch.optim.SGD(
-                params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
-            )
-        optimizer = torch.optim.AdamW if spec.optimizer == "adamw" else torch.optim.Adam
-        return optimizer(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        return make_optimizer(self.train_spec, self.parameters())
+
+
+def make_optimizer(spec: TrainSpec, params: Any) -> torch.optim.Optimizer:
+    """The optimizer the spec's `train` section names, over `params`."""
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+        )
+    optimizer = torch.optim.AdamW if spec.optimizer == "adamw" else torch.optim.Adam
+    return optimizer(params, lr=spec.lr, weight_decay=spec.weight_decay)
 
 
 class EpochReporter(pl.Callback):

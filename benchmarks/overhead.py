@@ -161,14 +161,8 @@ def _device(spec: Spec) -> torch.device:
 
 
 def _optimizer(spec: Spec, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The optimizer Classifier.configure_optimizers makes, written out."""
-    train, params = spec.train, model.parameters()
-    if train.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
-        )
-    kind = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
-    return kind(params, lr=train.lr, weight_decay=train.weight_decay)
+    """The optimizer Classifier.configure_optimizers makes."""
+    return training.make_optimizer(spec.train, model.parameters())
 
 
 # --- where a trial's time goes -------------------------------------------------------------------
