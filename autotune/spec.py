@@ -11,6 +11,7 @@ databases) are relative to the working directory, as sqlite URLs are.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +42,17 @@ class _Section(BaseModel):
 def _shorthand(value: Any, key: str = "name") -> Any:
     """Let `pruner: median` stand for `pruner: {name: median}`."""
     return {key: value} if isinstance(value, str) else value
+
+
+def _import_path(what: str) -> Callable[[str | None], str | None]:
+    """A validator of "package.module:<what>" strings (None passes)."""
+
+    def check(value: str | None) -> str | None:
+        if value is not None and not IMPORT_PATH.match(value):
+            raise ValueError(f"expected 'package.module:{what}', got {value!r}")
+        return value
+
+    return check
 
 
 class PrunerSpec(_Section):
@@ -184,12 +196,7 @@ class DataSpec(_Section):
             raise ValueError(f"file not found: {str(path)!r}")
         return path
 
-    @field_validator("datamodule")
-    @classmethod
-    def _import_path(cls, value: str | None) -> str | None:
-        if value is not None and not IMPORT_PATH.match(value):
-            raise ValueError(f"expected 'package.module:Class', got {value!r}")
-        return value
+    _datamodule_path = field_validator("datamodule")(_import_path("Class"))
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
@@ -231,12 +238,7 @@ class ModelSpec(_Section):
                 raise ValueError(f"widths[{i}] must be at least 1, got {width}")
         return widths
 
-    @field_validator("import_")
-    @classmethod
-    def _factory_path(cls, value: str | None) -> str | None:
-        if value is not None and not IMPORT_PATH.match(value):
-            raise ValueError(f"expected 'package.module:function', got {value!r}")
-        return value
+    _factory_path = field_validator("import_")(_import_path("function"))
 
     @model_validator(mode="after")
     def _import_or_template(self) -> ModelSpec:
