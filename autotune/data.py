@@ -39,6 +39,7 @@ __all__ = [  # split_rows and the readers live in autotune.sources; kept here fo
     "TensorBatches",
     "TensorDataModule",
     "datamodule_from_arrays",
+    "hold_on_device",
     "load_data",
     "load_user_datamodule",
     "read_file",
@@ -155,6 +156,41 @@ class TensorDataModule(pl.LightningDataModule):
         self.x_train, self.y_train = self.x_train.to(device), self.y_train.to(device)
         self.x_val, self.y_val = self.x_val.to(device), self.y_val.to(device)
         return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_train.device
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (self.x_train, self.y_train, self.x_val, self.y_val)
+        return sum(t.element_size() * t.nelement() for t in tensors)
+
+
+# the share of a GPU's free memory an in-memory dataset may take when it moves there: the rest is
+# the trials' (and, with --trials-per-device, the other workers')
+DEVICE_DATA_SHARE = 0.25
+
+
+def hold_on_device(datamodule: pl.LightningDataModule, device: torch.device) -> bool:
+    """Move an in-memory dataset to the device trials train on, once per process; True if its
+    tensors are there now.
+
+    Batches are then slices of tensors already on the device, so Lightning's per-batch copy to
+    the device finds nothing to copy. A dataset larger than DEVICE_DATA_SHARE of the GPU's free
+    memory stays in host memory and is copied batch by batch, as is a user's own DataModule,
+    whose loaders are its own business.
+    """
+    if not isinstance(datamodule, TensorDataModule):
+        return False
+    if datamodule.device == device:
+        return True
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if datamodule.nbytes > DEVICE_DATA_SHARE * free:
+            return False
+    datamodule.to(device)
+    return True
 
 
 def _count_classes(*labels: torch.Tensor) -> int:

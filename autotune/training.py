@@ -32,6 +32,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.nn import functional as F
 
+from autotune.data import hold_on_device
 from autotune.export import WEIGHTS_DIGEST, file_digest
 from autotune.models import build_model
 from autotune.prediction import NetworkPrediction, predict_shift, probe_batch
@@ -228,13 +229,15 @@ def fit(
         num_sanity_val_steps=0,
         callbacks=[reporter],
     )
-    # 3. fit; pruning and failures leave through exceptions. Lightning turns a SIGTERM into
+    # 3. an in-memory dataset moves to the device once per process; later trials find it there
+    hold_on_device(datamodule, trainer.strategy.root_device)
+    # 4. fit; pruning and failures leave through exceptions. Lightning turns a SIGTERM into
     #    SIGTERMException (a SystemExit): the same as our own interrupt
     try:
         trainer.fit(module, datamodule=datamodule)
     except SIGTERMException:
         raise TrialInterrupted("interrupted by SIGTERM") from None
-    # 4. after training, on the device it trained on (Lightning's teardown moved the model to
+    # 5. after training, on the device it trained on (Lightning's teardown moved the model to
     #    the CPU): recalibrate, validate again, measure
     model.to(trainer.strategy.root_device)
     final = after_training(model, config, datamodule, history[-1])

@@ -15,8 +15,10 @@ import torch
 from sklearn.datasets import load_wine
 
 from autotune.data import (
+    DEVICE_DATA_SHARE,
     TensorBatches,
     TensorDataModule,
+    hold_on_device,
     load_data,
     split_rows,
 )
@@ -278,6 +280,38 @@ def test_lightning_trains_on_tensor_batches() -> None:
     # Lightning took TensorBatches as loaders: it counted the batches and validated
     assert trainer.num_training_batches == len(dm.train_dataloader())
     assert "val_acc" in trainer.callback_metrics
+
+
+# --- the data held on the device -----------------------------------------------------------------
+
+
+def test_an_in_memory_dataset_is_held_on_the_training_device() -> None:
+    dm = load_data(DataSpec(name="wine", batch_size=32), seed=0)
+    x_train = dm.x_train
+    # already there: nothing moves, the very same tensors stay
+    assert hold_on_device(dm, torch.device("cpu"))
+    assert dm.x_train is x_train
+    # elsewhere (the meta device stands in for a GPU): all four move, and every batch, shuffled
+    # or not, is born there, so Lightning's per-batch copy has nothing to do
+    assert hold_on_device(dm, torch.device("meta"))
+    assert {t.device.type for t in (dm.x_train, dm.y_train, dm.x_val, dm.y_val)} == {"meta"}
+    batches = [*dm.train_dataloader(), *dm.val_dataloader()]
+    assert batches and all(x.device.type == y.device.type == "meta" for x, y in batches)
+
+
+def test_a_dataset_too_big_for_the_gpu_stays_in_host_memory(monkeypatch) -> None:
+    dm = load_data(DataSpec(name="wine"), seed=0)
+    free = dm.nbytes / DEVICE_DATA_SHARE
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free - 1, 2 * free))
+    assert not hold_on_device(dm, torch.device("cuda", 0))
+    assert dm.device.type == "cpu"
+
+
+def test_a_user_datamodule_is_left_alone() -> None:
+    class Own(pl.LightningDataModule):
+        pass
+
+    assert not hold_on_device(Own(), torch.device("meta"))
 
 
 # --- csv and npz files ---------------------------------------------------------------------------

@@ -102,3 +102,31 @@ def test_bf16_channels_last_and_compile_train_on_the_gpu() -> None:
     # the same network and keys, trained to a comparable accuracy in bfloat16
     assert list(fast.model.state_dict()) == list(plain.model.state_dict())
     assert fast.value == pytest.approx(plain.value, abs=0.1)
+
+
+def test_the_data_is_held_on_the_gpu_and_batches_arrive_there(monkeypatch) -> None:
+    from autotune import training
+    from autotune.data import load_data
+    from autotune.spec import parse_spec
+
+    spec = parse_spec(
+        {
+            "data": {"name": "digits", "batch_size": 128},
+            "model": {"template": "mlp", "widths": [32]},
+            "train": {"max_epochs": 1, "accelerator": "gpu"},
+            "mlflow": {"enabled": False},
+        }
+    )
+    datamodule = load_data(spec.data, seed=0)
+    arrived = []
+
+    def before_transfer(self, batch, dataloader_idx):
+        arrived.append(batch[0].device.type)
+        return batch
+
+    monkeypatch.setattr(training.Classifier, "on_before_batch_transfer", before_transfer)
+    config = TrialConfig((BlockConfig("after_act", 0.3, "dropout"),))
+    training.fit(spec, config, datamodule)
+    # moved once, before the first batch: every batch was born on the GPU
+    assert datamodule.device.type == "cuda"
+    assert arrived and set(arrived) == {"cuda"}

@@ -1,5 +1,6 @@
-"""The training options a GPU rewards (train.precision, channels_last, compile), checked on the
-CPU where they also work: each changes how a fit computes, never what it returns or saves."""
+"""What a GPU rewards (train.precision, channels_last, compile, the data held on the device),
+checked on the CPU where it also works: each changes how a fit computes, never what it returns or
+saves."""
 
 from __future__ import annotations
 
@@ -103,3 +104,14 @@ def test_a_precision_the_machine_refuses_is_bad_input(monkeypatch):
     # one line naming the field and the value, before any trial
     with pytest.raises(SpecError, match=r"^train\.precision: '16-mixed': 16-mixed precision"):
         check_runnable(spec, space, data)
+
+
+def test_the_fit_holds_the_data_on_the_device_it_trains_on(monkeypatch):
+    held = []
+    hold = training.hold_on_device
+    monkeypatch.setattr(
+        training, "hold_on_device", lambda dm, device: held.append(device) or hold(dm, device)
+    )
+    fit(cnn_spec())
+    # the Trainer's own device, asked before the first batch
+    assert held == [torch.device("cpu")]
