@@ -57,6 +57,7 @@ from autotune.regularizers import (
     StochasticDepth,
     Uout,
 )
+from autotune.shift import channel_moments
 
 PROBE_ROWS = 512  # rows of the probe batch: enough for stable moments, cheap at initialisation
 PROBE_VALUES = 1 << 15  # values per channel an image probe needs: rows x H x W
@@ -339,7 +340,8 @@ def _probe(net: nn.Module, x: torch.Tensor, *, regularizers_on: bool) -> _Pass:
 
 def _channel_var(t: torch.Tensor) -> torch.Tensor:
     """Per-channel variance over the batch (and the map, for (N, C, H, W)), in float64."""
-    return t.transpose(0, 1).reshape(t.shape[1], -1).double().var(dim=1, unbiased=False)
+    n, _, m2 = channel_moments(t)
+    return m2 / n
 
 
 def _mean_var(runs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

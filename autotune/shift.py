@@ -20,8 +20,9 @@ convention of BN's own running_var, so Δ = 1 exactly when BN's statistics match
 Recalibration ("statistics adjustment" in the paper) freezes the weights, turns the noise OFF and
 lets BN re-estimate its population statistics on training data. Every BN runs in train mode (it
 normalises with batch statistics, as in training), every other module in eval mode. The mean and
-variance of each BN's input are pooled exactly over all the data in float64 (Chan et al.'s merge
-of per-batch moments) and written into running_mean and running_var. This is exact where
+variance of each BN's input are pooled over all the data (each batch's moments taken in two
+float32 passes by channel_moments, merged exactly in float64 by Chan et al.'s formula) and written
+into running_mean and running_var. This is exact where
 momentum=None is not: BN's cumulative average takes the mean of per-batch variances, which
 misses the spread between batch means and weights a short last batch like a full one. For the
 first BN the result does not depend on the batch size; later layers see inputs normalised with
@@ -133,6 +134,27 @@ def mode_accuracy(model: nn.Module, batches: Iterable) -> tuple[float, float]:
     return train_correct / total, eval_correct / total
 
 
+def channel_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
+    """Per channel of an (N, C, ...) tensor: the count, the mean and the sum of squared deviations
+    over the batch and any spatial dimensions, as float64.
+
+    Two passes in the input's precision (half precision is raised to float32), along the tensor as
+    it lies in memory: the mean m', then the deviations d = x - m', whose sum corrects both moments
+    for the rounding of m' (mean = m' + sum(d)/n, m2 = sum(d^2) - sum(d)^2/n). torch sums in
+    cascades, so the error is a few float32 roundings (about 1e-7 relative) where a channels-first
+    float64 copy, the plain way, took ten times as long on a CPU.
+    """
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    dims = [0, *range(2, x.dim())]
+    n = x.numel() // x.shape[1]
+    rounded = x.mean(dim=dims)
+    deviations = x - rounded.view(1, -1, *([1] * (x.dim() - 2)))
+    total = deviations.sum(dim=dims)
+    m2 = deviations.square_().sum(dim=dims) - total * total / n  # in place: one buffer, not two
+    return n, rounded.double() + total.double() / n, m2.double()
+
+
 class _Moments:
     """Per-channel count, mean and sum of squared deviations of a BN input, merged in float64."""
 
@@ -142,10 +164,7 @@ class _Moments:
         self.m2 = torch.zeros(0, dtype=torch.float64)
 
     def hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        x = inputs[0].detach().transpose(0, 1).reshape(inputs[0].shape[1], -1).double()  # (C, n)
-        n = x.shape[1]
-        mean = x.mean(dim=1)
-        m2 = ((x - mean[:, None]) ** 2).sum(dim=1)
+        n, mean, m2 = channel_moments(inputs[0].detach())
         if self.count == 0:
             self.count, self.mean, self.m2 = n, mean, m2
             return

@@ -9,7 +9,14 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from autotune.shift import LayerShift, measure_shift, mode_accuracy, recalibrate_bn, summarize
+from autotune.shift import (
+    LayerShift,
+    channel_moments,
+    measure_shift,
+    mode_accuracy,
+    recalibrate_bn,
+    summarize,
+)
 from autotune.theory import gaussian_dropout_noise_var, noise_variance_shift, variance_shift
 
 WIDTH = 64  # channels per toy BN: the channel mean of Δ averages 64 estimates
@@ -139,6 +146,25 @@ def test_measure_shift_pools_channels_over_batch_and_space():
     assert shift.per_channel == pytest.approx(expected, rel=1e-6), "pooled Δ differs from direct"
     assert shift.real_var == pytest.approx(float(real_var.mean()), rel=1e-6), "real_var is off"
     assert shift.delta == pytest.approx(sum(expected) / 8, rel=1e-6), "delta is not the mean"
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [((256, 8), torch.float32), ((16, 4, 5, 7), torch.float32), ((16, 4, 9), torch.bfloat16)],
+)
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_channel_moments_agree_with_float64(shape, dtype, offset):
+    x = (torch.randn(shape) * 0.5 + offset).to(dtype)
+    n, mean, m2 = channel_moments(x)
+    # the plain way: channels first, every value in float64
+    flat = x.double().transpose(0, 1).reshape(shape[1], -1)
+    assert n == flat.shape[1]
+    # the mean to a float32 rounding of the values' scale, the spread to one of its own size
+    torch.testing.assert_close(mean, flat.mean(dim=1), rtol=0, atol=1e-7 * (0.5 + offset))
+    # float32 roundings only, even with a mean 20,000 standard deviations from zero
+    torch.testing.assert_close(
+        m2, ((flat - flat.mean(1, keepdim=True)) ** 2).sum(1), rtol=1e-6, atol=0
+    )
 
 
 def test_measure_shift_leaves_model_untouched():
