@@ -30,7 +30,7 @@ batch statistics upstream, which depend on it slightly (as in fvcore's precise_b
 torch.optim.swa_utils.update_bn puts the whole model in train mode, dropout included: it
 re-learns the inflated variance and must not be used for this.
 
-All three functions leave the model as they found it (training flags, momenta, hooks), except for
+Every function here leaves the model as it found it (training flags, momenta, hooks), except for
 the BN statistics that recalibrate_bn is there to change.
 """
 
@@ -65,13 +65,28 @@ def measure_shift(model: nn.Module, batches: Iterable) -> dict[str, LayerShift]:
     `batches` yields tensors x or tuples (x, y, ...); only x is used. Layers the data never reaches
     are left out. The model's modes, buffers and hooks are as before.
     """
-    with _observed_bn_inputs(model, bn_train=False) as (layers, moments):
+    with shift_observed(model) as shifts:
         _forward_all(model, batches)
-    return {
-        name: _layer_shift(name, moments[name].var(), layers[name].running_var)
+    return shifts
+
+
+@contextmanager
+def shift_observed(model: nn.Module) -> Iterator[dict[str, LayerShift]]:
+    """Δ of every tracking BN layer, from the forward passes the caller runs inside: what
+    measure_shift gives, without a pass of its own when the caller evaluates the model anyway.
+
+    The model is in eval mode inside, every BN on its running statistics. The dict yielded is
+    filled on the way out, with the running statistics as they are then; modes and hooks are
+    restored.
+    """
+    shifts: dict[str, LayerShift] = {}
+    with _observed_bn_inputs(model, bn_train=False) as (layers, moments):
+        yield shifts
+    shifts.update(
+        (name, _layer_shift(name, moments[name].var(), layers[name].running_var))
         for name in layers
         if moments[name].count > 0
-    }
+    )
 
 
 def summarize(shifts: Mapping[str, LayerShift]) -> ShiftSummary:
@@ -102,24 +117,37 @@ def recalibrate_bn(model: nn.Module, batches: Iterable) -> nn.Module:
 
 
 def mode_accuracy(model: nn.Module, batches: Iterable) -> tuple[float, float]:
-    """(train-mode accuracy, eval-mode accuracy) on labelled batches (x, y, ...).
+    """(train-mode accuracy, eval-mode accuracy) on labelled batches (x, y, ...), in one pass.
 
     Train mode has dropout on and BN on batch statistics; every buffer is restored bit for bit
-    after each train-mode forward, so BN's running statistics and counters are untouched. One pass
-    over `batches`. Seeding the dropout masks is the caller's business.
+    after each train-mode forward, so BN's running statistics and counters are untouched. A batch
+    of one row is skipped: BN cannot normalise it by its own statistics. Seeding the dropout masks
+    is the caller's business.
     """
+    train, evaluated = _accuracies(model, batches, (True, False))
+    return train, evaluated
+
+
+def train_mode_accuracy(model: nn.Module, batches: Iterable) -> float:
+    """The accuracy in train mode alone, as mode_accuracy takes it, when eval mode's is known."""
+    return _accuracies(model, batches, (True,))[0]
+
+
+def _accuracies(model: nn.Module, batches: Iterable, modes: tuple[bool, ...]) -> list[float]:
     flags = _training_flags(model)
     saved = {name: buffer.clone() for name, buffer in model.named_buffers()}
     buffers = dict(model.named_buffers())
     device = _device(model)
     # counted on the device, brought to the host once at the end: no sync per batch
-    correct = {True: torch.zeros((), device=device), False: torch.zeros((), device=device)}
+    correct = {training: torch.zeros((), device=device) for training in modes}
     total = 0
     try:
         with torch.no_grad():
             for batch in batches:
+                if len(batch[0]) < 2:
+                    continue
                 x, y = batch[0].to(device), batch[1].to(device)
-                for training in (True, False):
+                for training in modes:
                     model.train(training)
                     correct[training] += (model(x).argmax(dim=1) == y).sum()
                     if training:  # undo what the train-mode pass did to BN's statistics
@@ -129,9 +157,8 @@ def mode_accuracy(model: nn.Module, batches: Iterable) -> tuple[float, float]:
     finally:
         _restore_flags(flags)
     if total == 0:
-        raise ValueError("mode_accuracy got no batches; pass labelled batches (x, y).")
-    train_correct, eval_correct = torch.stack([correct[True], correct[False]]).tolist()
-    return train_correct / total, eval_correct / total
+        raise ValueError("Got no batches of two rows or more; pass labelled batches (x, y).")
+    return [count / total for count in torch.stack(list(correct.values())).tolist()]
 
 
 def channel_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:

@@ -6,9 +6,10 @@ Lightning's own logger, progress bar, checkpoints and model summary are off insi
 
 Around the fit, the variance shift: before training, each BN layer's Δ is predicted from the
 freshly built network and a probe batch (autotune.prediction); after training, BN is recalibrated
-with dropout off when the configuration asks for it, the validation metrics are taken again, Δ is
-measured the paper's way (autotune.shift) and the accuracy of train mode and eval mode compared on
-training data.
+with dropout off when the configuration asks for it and the validation metrics are taken again.
+Δ is measured the paper's way (autotune.shift) in the last validation pass that runs the final
+network (the last epoch's, or the one after recalibration), not in a pass of its own, and the
+accuracy of train mode is compared with eval mode's on the validation data.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import socket
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,14 @@ from autotune.export import WEIGHTS_DIGEST, file_digest
 from autotune.models import build_model
 from autotune.prediction import NetworkPrediction, predict_shift, probe_batch
 from autotune.pruners import DELTA_KEY, VarianceShiftPruner
-from autotune.shift import LayerShift, measure_shift, mode_accuracy, recalibrate_bn, summarize
+from autotune.shift import (
+    LayerShift,
+    measure_shift,
+    recalibrate_bn,
+    shift_observed,
+    summarize,
+    train_mode_accuracy,
+)
 from autotune.space import TrialConfig
 from autotune.spec import Spec, TrainSpec
 from autotune.study import STARTED
@@ -47,8 +55,6 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 # batches of the training data BN recalibration sees: enough for exact population statistics of
 # small sets, bounded for big ones (fvcore's precise BN uses 200)
 RECALIBRATION_BATCHES = 200
-# batches for measuring Δ (validation data) and the train/eval-mode accuracy (training data)
-MEASURE_BATCHES = 50
 # which process ran a trial, when several share a study: host and process id
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -173,6 +179,26 @@ class EpochReporter(pl.Callback):
             )
 
 
+class LastValidationShift(pl.Callback):
+    """Measures Δ during the last epoch's validation pass, which runs the final weights in eval
+    mode over the validation data: what measure_shift would run again after the fit."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.shifts: dict[str, LayerShift] | None = None
+        self._observing = ExitStack()
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.current_epoch + 1 == trainer.max_epochs and not trainer.sanity_checking:
+            self.shifts = self._observing.enter_context(shift_observed(self.model))
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._observing.close()  # fills self.shifts
+
+    def on_exception(self, trainer: pl.Trainer, module: pl.LightningModule, error: Any) -> None:
+        self._observing.close()  # the hooks come off whatever stopped the fit
+
+
 @dataclass
 class TrialResult:
     """What a finished trial hands back: the metric after the last epoch (and after BN
@@ -217,6 +243,12 @@ def fit(
 
     # 2. a quiet Trainer: no logger, checkpoints, progress bar or summary inside a trial
     reporter = EpochReporter(trial, spec.study.metric, record, stop or threading.Event())
+    # Δ is measured in the last validation pass when nothing changes the network after it and
+    # that pass runs it as measure_shift would: in float32, uncompiled
+    in_validation = (
+        not config.recalibrate_bn and spec.train.precision == "32-true" and not spec.train.compile
+    )
+    observer = LastValidationShift(model) if in_validation else None
     trainer = pl.Trainer(
         accelerator=spec.train.accelerator,
         devices=1,
@@ -227,7 +259,7 @@ def fit(
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[reporter],
+        callbacks=[reporter] if observer is None else [reporter, observer],
     )
     # 3. an in-memory dataset moves to the device once per process; later trials find it there
     hold_on_device(datamodule, trainer.strategy.root_device)
@@ -240,13 +272,8 @@ def fit(
     # 5. after training, on the device it trained on (Lightning's teardown moved the model to
     #    the CPU): recalibrate, validate again, measure
     model.to(trainer.strategy.root_device)
-    final = after_training(model, config, datamodule, history[-1])
-    measured = measure_shift(model, _first(datamodule.val_dataloader(), MEASURE_BATCHES))
-    train_mode, eval_mode = mode_accuracy(
-        model, _first(datamodule.train_dataloader(), MEASURE_BATCHES)
-    )
-    final.update(train_mode_acc=train_mode, eval_mode_acc=eval_mode)
-    final["mode_acc_gap"] = eval_mode - train_mode
+    measured = None if observer is None else observer.shifts
+    final, measured = after_training(model, config, datamodule, history[-1], measured)
     return TrialResult(final[spec.study.metric], model.cpu(), history, final, measured)
 
 
@@ -281,15 +308,27 @@ def after_training(
     config: TrialConfig,
     datamodule: pl.LightningDataModule,
     last_epoch: dict[str, float],
-) -> dict[str, float]:
-    """The metrics the trial ends with: the last epoch's, or, when the configuration recalibrates
-    BN, the validation metrics taken again after recalibration (train_loss stays the epoch's)."""
+    measured: dict[str, LayerShift] | None = None,
+) -> tuple[dict[str, float], dict[str, LayerShift]]:
+    """The metrics the trial ends with, and Δ per BN layer, measured on the validation data.
+
+    The metrics are the last epoch's or, when the configuration recalibrates BN, the validation
+    metrics taken again after recalibration (train_loss stays the epoch's), with Δ measured in
+    that same pass. `measured`: Δ already taken in the last epoch's validation, else measured
+    here. Then the accuracy in train mode on the validation data, against eval mode's, val_acc.
+    """
     final = {k: v for k, v in last_epoch.items() if k != "epoch"}
     if config.recalibrate_bn:
         final["val_acc_before_recalibration"] = final["val_acc"]
         recalibrate_bn(model, _first(datamodule.train_dataloader(), RECALIBRATION_BATCHES))
-        final.update(evaluate(model, datamodule.val_dataloader()))
-    return final
+        with shift_observed(model) as measured:
+            final.update(evaluate(model, datamodule.val_dataloader()))
+    elif measured is None:
+        measured = measure_shift(model, datamodule.val_dataloader())
+    final["train_mode_acc"] = train_mode_accuracy(model, datamodule.val_dataloader())
+    final["eval_mode_acc"] = final["val_acc"]
+    final["mode_acc_gap"] = final["eval_mode_acc"] - final["train_mode_acc"]
+    return final, measured
 
 
 def evaluate(model: nn.Module, batches: Any) -> dict[str, float]:

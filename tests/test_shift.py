@@ -16,6 +16,7 @@ from autotune.shift import (
     mode_accuracy,
     recalibrate_bn,
     summarize,
+    train_mode_accuracy,
 )
 from autotune.theory import gaussian_dropout_noise_var, noise_variance_shift, variance_shift
 
@@ -310,6 +311,21 @@ def test_mode_accuracy_hand_computed():
 
     # x = -1 is labelled 1 but predicted 0: 3 of 4 right in both modes
     assert mode_accuracy(model, [(x[:2], y[:2]), (x[2:], y[2:])]) == (0.75, 0.75)
+
+
+def test_a_batch_of_one_row_is_skipped_in_train_mode():
+    # BatchNorm1d cannot normalise one row by its own statistics; the rows it can count
+    model = nn.Sequential(nn.Linear(1, 2), nn.BatchNorm1d(2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[-1.0], [1.0]]))
+        model[0].bias.zero_()
+    x, y = torch.tensor([[-2.0], [-1.0], [1.0], [2.0], [3.0]]), torch.tensor([0, 0, 1, 1, 1])
+    batches = [(x[:2], y[:2]), (x[2:4], y[2:4]), (x[4:], y[4:])]
+    # batch statistics make each pair (-1, 1) after BN: its first row is class 0, its second
+    # class 1, so one of each pair is right, 2 of the 4 rows counted
+    assert train_mode_accuracy(model, batches) == 0.5
+    with pytest.raises(ValueError, match="two rows"):
+        train_mode_accuracy(model, batches[2:])
 
 
 def test_summarize_picks_the_layer_farthest_from_one():

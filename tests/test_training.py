@@ -1,6 +1,7 @@
-"""What a GPU rewards (train.precision, channels_last, compile, the data held on the device),
-checked on the CPU where it also works: each changes how a fit computes, never what it returns or
-saves."""
+"""A trial's fit, and how it is made cheap: what a GPU rewards (train.precision, channels_last,
+compile, the data held on the device), checked on the CPU where it also works, and the
+measurements after training folded into passes the trial runs anyway. Each changes how a fit
+computes, never what it returns or saves."""
 
 from __future__ import annotations
 
@@ -115,3 +116,73 @@ def test_the_fit_holds_the_data_on_the_device_it_trains_on(monkeypatch):
     fit(cnn_spec())
     # the Trainer's own device, asked before the first batch
     assert held == [torch.device("cpu")]
+
+
+# --- the measurements, in passes the trial runs anyway -------------------------------------------
+
+
+def mlp_spec(**train):
+    return parse_spec(
+        {
+            "data": {"name": "digits", "batch_size": 128},
+            "model": {"template": "mlp", "widths": [64, 32]},
+            "train": {"max_epochs": 2, "accelerator": "cpu", **train},
+            "mlflow": {"enabled": False},
+        }
+    )
+
+
+def dropout_before_bn(recalibrate):
+    from autotune.space import BlockConfig, TrialConfig
+
+    block = BlockConfig("before_bn", 0.4, "dropout")
+    return TrialConfig((block, block), recalibrate_bn=recalibrate)
+
+
+@pytest.mark.parametrize("recalibrate", [False, True])
+def test_delta_taken_in_a_pass_the_trial_runs_anyway_is_measure_shifts(recalibrate):
+    from autotune.shift import measure_shift
+
+    data = load_data(mlp_spec().data, seed=0)
+    result = training.fit(mlp_spec(), dropout_before_bn(recalibrate), data)
+    # the last validation (or, after recalibration, the validation again) observed the final
+    # network on the validation data: measuring it afresh gives the same Δ, layer by layer
+    again = measure_shift(result.model, data.val_dataloader())
+    assert list(result.measured) == list(again) == ["block0.bn", "block1.bn"]
+    for name, shift in again.items():
+        assert result.measured[name].per_channel == pytest.approx(shift.per_channel, rel=1e-9)
+    # dropout before BN shrank Δ (0.64 here); recalibration on the training data brought it
+    # near 1 (1.10 here: the validation rows vary a little more than the training rows)
+    first = result.measured["block0.bn"].delta
+    assert 0.9 < first < 1.2 if recalibrate else first < 0.8
+    # and no observing hook was left behind
+    assert not any(m._forward_hooks for m in result.model.modules())
+
+
+def test_delta_is_measured_after_the_fit_where_validation_differs(monkeypatch):
+    from autotune import shift
+
+    calls = []
+    measure = shift.measure_shift
+    monkeypatch.setattr(training, "measure_shift", lambda *a: calls.append(1) or measure(*a))
+    data = load_data(mlp_spec().data, seed=0)
+    training.fit(mlp_spec(), dropout_before_bn(False), data)
+    assert calls == []  # taken in the last validation
+    result = training.fit(mlp_spec(precision="bf16-mixed"), dropout_before_bn(False), data)
+    # bfloat16 validation is not the float32 network measure_shift measures: a pass of its own
+    assert calls == [1] and set(result.measured) == {"block0.bn", "block1.bn"}
+
+
+def test_train_and_eval_mode_accuracy_are_taken_on_the_validation_data():
+    from autotune.shift import mode_accuracy
+
+    data = load_data(mlp_spec().data, seed=0)
+    result = training.fit(mlp_spec(), dropout_before_bn(False), data)
+    final = result.final
+    assert final["eval_mode_acc"] == final["val_acc"]
+    assert final["mode_acc_gap"] == final["eval_mode_acc"] - final["train_mode_acc"]
+    # the same masks give the same train-mode accuracy as mode_accuracy's one pass of both
+    torch.manual_seed(0)
+    train_mode, eval_mode = mode_accuracy(result.model, data.val_dataloader())
+    assert eval_mode == pytest.approx(final["val_acc"], abs=1e-12)
+    assert 0 <= final["train_mode_acc"] <= 1 and abs(train_mode - final["train_mode_acc"]) < 0.1
