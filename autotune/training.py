@@ -40,7 +40,6 @@ from autotune.prediction import NetworkPrediction, predict_shift, probe_batch
 from autotune.pruners import DELTA_KEY, VarianceShiftPruner
 from autotune.shift import (
     LayerShift,
-    measure_shift,
     recalibrate_bn,
     shift_observed,
     summarize,
@@ -313,9 +312,11 @@ def after_training(
     """The metrics the trial ends with, and Δ per BN layer, measured on the validation data.
 
     The metrics are the last epoch's or, when the configuration recalibrates BN, the validation
-    metrics taken again after recalibration (train_loss stays the epoch's), with Δ measured in
-    that same pass. `measured`: Δ already taken in the last epoch's validation, else measured
-    here. Then the accuracy in train mode on the validation data, against eval mode's, val_acc.
+    metrics taken again after recalibration (train_loss stays the epoch's), with Δ observed in
+    that same pass. `measured`: Δ already observed in the last epoch's validation; None when
+    that validation did not run the float32 network (another precision, or compiled), and then a
+    float32 validation pass here gives Δ and eval mode's accuracy. Last, the accuracy in train
+    mode on the validation data, against eval mode's.
     """
     final = {k: v for k, v in last_epoch.items() if k != "epoch"}
     if config.recalibrate_bn:
@@ -323,11 +324,15 @@ def after_training(
         recalibrate_bn(model, _first(datamodule.train_dataloader(), RECALIBRATION_BATCHES))
         with shift_observed(model) as measured:
             final.update(evaluate(model, datamodule.val_dataloader()))
+        eval_mode = final["val_acc"]
     elif measured is None:
-        measured = measure_shift(model, datamodule.val_dataloader())
+        with shift_observed(model) as measured:
+            eval_mode = evaluate(model, datamodule.val_dataloader())["val_acc"]
+    else:
+        eval_mode = final["val_acc"]
     final["train_mode_acc"] = train_mode_accuracy(model, datamodule.val_dataloader())
-    final["eval_mode_acc"] = final["val_acc"]
-    final["mode_acc_gap"] = final["eval_mode_acc"] - final["train_mode_acc"]
+    final["eval_mode_acc"] = eval_mode
+    final["mode_acc_gap"] = eval_mode - final["train_mode_acc"]
     return final, measured
 
 

@@ -245,8 +245,7 @@ PART_NAMES = (
     "building the network and the Trainer",
     "training (Lightning)",
     "recalibration",
-    "measuring Δ",
-    "train/eval-mode accuracy",
+    "train-mode accuracy",
     "MLflow",
     "Optuna report and attrs",
     "saving weights",
@@ -255,7 +254,7 @@ PART_NAMES = (
 # the variance-shift work a trial does besides training: the prediction before it and the
 # measurements after it. Recalibration is not among them: a configuration that asks for it is
 # trained with it, and the hand loop recalibrates too
-SHIFT_PARTS = ("prediction", "measuring Δ", "train/eval-mode accuracy")
+SHIFT_PARTS = ("prediction", "train-mode accuracy")
 
 
 @contextmanager
@@ -267,12 +266,11 @@ def timed_parts() -> Iterator[Parts]:
     # measurements after it are wrapped apart
     parts.wrap(training, "fit", "building the network and the Trainer")
     parts.wrap(pl.Trainer, "fit", "training (Lightning)")
-    # after_training: recalibration and validating again, where Δ is observed; the measurements
-    # of their own are wrapped apart. Where Δ is observed in the last validation, its hooks' time
-    # is in the training part
+    # after_training: recalibration and validating again, where Δ is observed; the train-mode
+    # pass is wrapped apart. Where Δ is observed in the last validation, its hooks' time is in
+    # the training part
     parts.wrap(training, "after_training", "recalibration")
-    parts.wrap(training, "measure_shift", "measuring Δ")
-    parts.wrap(training, "train_mode_accuracy", "train/eval-mode accuracy")
+    parts.wrap(training, "train_mode_accuracy", "train-mode accuracy")
     for method in ("start_trial", "log_metrics", "log_tags", "end_trial"):
         parts.wrap(Tracker, method, "MLflow")
     for method in ("report", "should_prune", "set_user_attr"):

@@ -159,18 +159,21 @@ def test_delta_taken_in_a_pass_the_trial_runs_anyway_is_measure_shifts(recalibra
     assert not any(m._forward_hooks for m in result.model.modules())
 
 
-def test_delta_is_measured_after_the_fit_where_validation_differs(monkeypatch):
-    from autotune import shift
-
+def test_delta_takes_a_float32_pass_where_validation_ran_another_precision(monkeypatch):
     calls = []
-    measure = shift.measure_shift
-    monkeypatch.setattr(training, "measure_shift", lambda *a: calls.append(1) or measure(*a))
+    evaluate = training.evaluate
+    monkeypatch.setattr(training, "evaluate", lambda *a: calls.append(1) or evaluate(*a))
     data = load_data(mlp_spec().data, seed=0)
     training.fit(mlp_spec(), dropout_before_bn(False), data)
     assert calls == []  # taken in the last validation
     result = training.fit(mlp_spec(precision="bf16-mixed"), dropout_before_bn(False), data)
-    # bfloat16 validation is not the float32 network measure_shift measures: a pass of its own
+    # bfloat16 validation is not the float32 network: one float32 pass gives Δ and eval mode's
+    # accuracy, while the trial's value stays its last epoch's
     assert calls == [1] and set(result.measured) == {"block0.bn", "block1.bn"}
+    assert result.value == result.history[-1]["val_acc"]
+    assert result.final["mode_acc_gap"] == (
+        result.final["eval_mode_acc"] - result.final["train_mode_acc"]
+    )
 
 
 def test_train_and_eval_mode_accuracy_are_taken_on_the_validation_data():
