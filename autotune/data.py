@@ -111,7 +111,9 @@ class TensorDataModule(pl.LightningDataModule):
     """Train/validation tensors already in memory.
 
     Every `train_dataloader()` call starts again from epoch 0 of the seeded shuffle, so trials that
-    share this datamodule differ by their configuration, not by the order they ran in.
+    share this datamodule differ by their configuration, not by the order they ran in. (Lightning
+    calls iter() once before the first epoch, to check the loader is iterable, and that draws
+    shuffle 0: a fit's E epochs train on shuffles 1 to E, the same in every trial.)
     """
 
     def __init__(
