@@ -273,6 +273,7 @@ def predict(spec_file: Path, config_file: Path | None, as_json: bool) -> None:
 def sync(spec_file: Path, storage: str | None, tracking_uri: str | None) -> None:
     """Log to MLflow what it misses of the study in SPEC_FILE, from the Optuna storage: trials
     finished while the tracking server was away, or whose worker died."""
+    from autotune.export import rewrite_if_run_moved
     from autotune.spec import load_spec
     from autotune.study import load_existing_study
     from autotune.tracking import Tracker, sync_study
@@ -298,6 +299,10 @@ def sync(spec_file: Path, storage: str | None, tracking_uri: str | None) -> None
         f"{spec.tracking_uri}: logged {logged} trials it was missing; "
         f"it now holds all {finished} finished trials of study {spec.study.name!r}"
     )
+    rewritten = rewrite_if_run_moved(study, spec)
+    if rewritten:
+        names = ", ".join(path.name for path in rewritten)
+        click.echo(f"{names} written again: they now name the recommended trial's new run")
 
 
 @main.command()

@@ -40,6 +40,7 @@ from autotune.robust import ROBUST_ATTR, kept_digest, recommended_trial
 from autotune.space import TrialConfig, config_from_mapping
 from autotune.spec import ModelSpec, Spec
 from autotune.study import best_trial, redact, state_counts
+from autotune.tracking import trial_run_id
 
 # what `export --format` writes, and the files' names
 FORMATS = {"yaml": "recommended.yaml", "json": "recommended.json", "py": "best_model.py"}
@@ -331,6 +332,30 @@ def _model_section(
     }
 
 
+def rewrite_if_run_moved(study: optuna.Study, spec: Spec) -> list[Path]:
+    """Write the outputs again when the MLflow run they name for the recommended trial is no
+    longer its run (sync logged the trial again, after they were written); return the paths
+    written, [] when nothing moved. Only the formats found in the output folder are written."""
+    out = spec.output_dir
+    present = tuple(f for f, name in FORMATS.items() if (out / name).exists())
+    named = [_named_run(out / FORMATS[f]) for f in present if f != "py"]
+    trial = recommended_trial(study, spec)
+    if trial is None or not named:
+        return []
+    moved = any(
+        number == trial.number and run_id != (trial_run_id(study, trial) or None)
+        for number, run_id in named
+    )
+    return write_outputs(study, spec, present) if moved else []
+
+
+def _named_run(path: Path) -> tuple[int | None, str | None]:
+    """(trial, MLflow run id) of the best trial in recommended.yaml or .json."""
+    text = path.read_text()
+    best = (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)).get("best", {})
+    return best.get("trial"), best.get("mlflow_run_id") or None
+
+
 def write_outputs(
     study: optuna.Study, spec: Spec, formats: tuple[str, ...] = DEFAULT_FORMATS
 ) -> list[Path]:
@@ -364,7 +389,7 @@ def write_outputs(
     provenance = {
         "study": study.study_name,
         "trial": trial.number,
-        "mlflow_run_id": trial.user_attrs.get("mlflow_run_id"),
+        "mlflow_run_id": trial_run_id(study, trial),
         "seed": spec.train.seed,
         "versions": library_versions(),
     }
@@ -417,7 +442,7 @@ def write_outputs(
         "best": {
             "trial": trial.number,
             "value": float(trial.value),
-            "mlflow_run_id": trial.user_attrs.get("mlflow_run_id"),
+            "mlflow_run_id": trial_run_id(study, trial),
             "mlflow_parent_run_id": attrs.get("mlflow_parent_run_id"),
             "weights": str(weights) if weights is not None else None,
         },

@@ -624,7 +624,7 @@ def finish_study(session: Session, outcome: StudyOutcome) -> None:
     """The recommendation, from whatever has completed so far, written and logged on the parent
     run. The last worker standing also makes MLflow whole: a dead worker's trial, a trial that
     another worker could not log."""
-    from autotune.export import write_outputs
+    from autotune.export import rewrite_if_run_moved, write_outputs
     from autotune.report import write_figures
     from autotune.robust import robust_recommendation
     from autotune.tracking import sync_study
@@ -650,6 +650,8 @@ def finish_study(session: Session, outcome: StudyOutcome) -> None:
             tracker.answered()
         except Exception as exc:
             tracker.went_down(exc)
+        if outcome.outputs:  # the recommended trial's run may be one sync just replaced
+            outcome.outputs = rewrite_if_run_moved(study, spec) or outcome.outputs
     metrics = {} if best is None else {f"best_{spec.study.metric}": best.value}
     for row in (robust or {}).get("rows", []):  # the robust ranking, baselines beside it
         name = row["name"].replace(" ", "_")

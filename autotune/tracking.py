@@ -31,6 +31,9 @@ from autotune.errors import first_line
 PARENT_ROLE = "parent"
 PARENT_ATTR = "mlflow_parent_run_id"
 PARTIAL = "autotune.partial"  # the tag of a run that missed some of its trial's calls
+# a finished trial's run once sync has logged it again: a study attr, one per trial (a finished
+# trial's own attrs cannot change, and its "mlflow_run_id" names the run sync replaced, or none)
+RELOGGED_RUN = "mlflow_run_id.trial_{}"
 RUN_STATUS = {
     "COMPLETE": "FINISHED",
     "PRUNED": "FINISHED",
@@ -446,16 +449,25 @@ def sync_study(tracker: Tracker, study: Any, metric: str, only: Iterable[int] | 
             tracker.log_trial(record)
             logged += 1
             runs[trial.number] = tracker.trial_runs(trial.number).get(trial.number, [])
-        _keep_one(tracker, runs.get(trial.number, []), record.state)
+        kept = _keep_one(tracker, runs.get(trial.number, []), record.state)
+        if kept is not None and kept != trial_run_id(study, trial):
+            study.set_user_attr(RELOGGED_RUN.format(trial.number), kept)
         tracker.missed.discard(trial.number)
     if not any(t.state == TrialState.RUNNING for t in trials):
         _end_parent(tracker, study, metric)
     return logged
 
 
-def _keep_one(tracker: Tracker, runs: list[Any], state: str) -> None:
-    """Delete every run of a trial but one whole run. Two processes that log the same trial at
-    once each keep the same one: the oldest, then the smallest id."""
+def trial_run_id(study: Any, trial: Any) -> str | None:
+    """The id of the MLflow run that holds `trial`: the one sync logged, else the trial's own."""
+    return study.user_attrs.get(RELOGGED_RUN.format(trial.number)) or trial.user_attrs.get(
+        "mlflow_run_id"
+    )
+
+
+def _keep_one(tracker: Tracker, runs: list[Any], state: str) -> str | None:
+    """Delete every run of a trial but one whole run, and return its id. Two processes that log
+    the same trial at once each keep the same one: the oldest, then the smallest id."""
     whole = sorted(
         (run for run in runs if _is_whole(run, state)),
         key=lambda run: (run.info.start_time, run.info.run_id),
@@ -463,6 +475,7 @@ def _keep_one(tracker: Tracker, runs: list[Any], state: str) -> None:
     for run in runs:
         if not whole or run is not whole[0]:
             tracker.client.delete_run(run.info.run_id)
+    return whole[0].info.run_id if whole else None
 
 
 def _is_whole(run: Any, state: str) -> bool:

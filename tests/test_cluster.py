@@ -16,6 +16,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from click.testing import CliRunner
 from conftest import tiny_spec
 from mlflow.tracking import MlflowClient
@@ -418,6 +419,60 @@ def test_sync_replaces_a_cut_short_run_and_removes_a_second_copy(tmp_path: Path,
     assert after[0][0].data.params["block0.placement"] == str(
         study.trials[0].user_attrs["config"][0]["placement"]
     )
+    # the study knows which run holds each trial now: trial 0's new one, though the trial's own
+    # attr still names the run sync replaced, and whichever of trial 1's copies was kept
+    assert tracking.trial_run_id(study, study.trials[0]) == after[0][0].info.run_id
+    assert study.trials[0].user_attrs["mlflow_run_id"] == runs[0][0].info.run_id
+    assert tracking.trial_run_id(study, study.trials[1]) == after[1][0].info.run_id
+    assert tracking.trial_run_id(study, study.trials[2]) == runs[2][0].info.run_id
+
+
+def test_sync_writes_the_outputs_again_when_the_recommended_trials_run_moved(write_spec):
+    spec_file = write_spec(tiny_spec(study={"n_trials": 2}))
+    spec = load_spec(spec_file)
+    run_study(spec)
+    written = yaml.safe_load((spec.output_dir / "recommended.yaml").read_text())["best"]
+    tracker = tracking.Tracker(spec.tracking_uri, spec.experiment_name, "tiny")
+    assert [run.info.run_id for run in tracker.trial_runs()[written["trial"]]] == [
+        written["mlflow_run_id"]
+    ]
+    # the recommended trial's run missed some calls: sync logs the trial again
+    tracker.client.set_tag(written["mlflow_run_id"], tracking.PARTIAL, "true")
+    result = CliRunner().invoke(main, ["sync", str(spec_file)])
+    assert result.exit_code == 0, result.output
+    assert "recommended.yaml, best_model.py written again" in result.output
+    # the outputs name the run MLflow now holds, not the one sync deleted
+    (run,) = tracker.trial_runs()[written["trial"]]
+    assert run.info.run_id != written["mlflow_run_id"]
+    rewritten = yaml.safe_load((spec.output_dir / "recommended.yaml").read_text())["best"]
+    assert rewritten["mlflow_run_id"] == run.info.run_id
+    assert run.info.run_id in (spec.output_dir / "best_model.py").read_text()
+    # nothing moved since: a second sync writes nothing
+    result = CliRunner().invoke(main, ["sync", str(spec_file)])
+    assert "written again" not in result.output
+
+
+class CutsRunsShort(Progress):
+    """Tags every finished trial's run as one that missed some calls, as a server that went
+    away for a moment would leave it."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        self.client = MlflowClient(tracking_uri)
+
+    def trial_done(self, study, trial) -> None:
+        self.client.set_tag(trial.user_attrs["mlflow_run_id"], tracking.PARTIAL, "true")
+
+
+def test_the_end_of_a_run_writes_the_outputs_again_when_its_sync_moved_a_run(write_spec):
+    spec = load_spec(write_spec(tiny_spec(study={"n_trials": 2})))
+    outcome = run_study(spec, progress=CutsRunsShort(spec.tracking_uri))
+    # the end of the run logged every trial again; the outputs name the runs MLflow holds
+    best = yaml.safe_load((spec.output_dir / "recommended.yaml").read_text())["best"]
+    tracker = tracking.Tracker(spec.tracking_uri, spec.experiment_name, "tiny")
+    (run,) = tracker.trial_runs()[best["trial"]]
+    assert tracking.PARTIAL not in run.data.tags
+    assert best["mlflow_run_id"] == run.info.run_id
+    assert best["mlflow_run_id"] != outcome.study.trials[best["trial"]].user_attrs["mlflow_run_id"]
 
 
 def test_bad_input_with_workers_is_one_line_and_no_worker_trains(write_spec, tmp_path: Path):
