@@ -22,6 +22,8 @@ EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 # has to be in a spec, and every node of a cluster can run the same spec
 STORAGE_ENV = "AUTOTUNE_STORAGE"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
+# how many workers the launcher started on a worker's GPU: they share its memory
+DEVICE_WORKERS_ENV = "AUTOTUNE_WORKERS_ON_DEVICE"
 
 storage_option = click.option(
     "--storage",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -169,8 +170,8 @@ class TensorDataModule(pl.LightningDataModule):
         return sum(t.element_size() * t.nelement() for t in tensors)
 
 
-# the share of a GPU's free memory an in-memory dataset may take when it moves there: the rest is
-# the trials' (and, with --trials-per-device, the other workers')
+# the share of a GPU's free memory the in-memory datasets may take when they move there, all the
+# workers on it together (--trials-per-device); the rest is the trials'
 DEVICE_DATA_SHARE = 0.25
 
 
@@ -179,17 +180,21 @@ def hold_on_device(datamodule: pl.LightningDataModule, device: torch.device) -> 
     tensors are there now.
 
     Batches are then slices of tensors already on the device, so Lightning's per-batch copy to
-    the device finds nothing to copy. A dataset larger than DEVICE_DATA_SHARE of the GPU's free
-    memory stays in host memory and is copied batch by batch, as is a user's own DataModule,
-    whose loaders are its own business.
+    the device finds nothing to copy. A dataset larger than its part of DEVICE_DATA_SHARE of the
+    GPU's free memory (split between the workers the launcher started on that GPU, which move
+    theirs at the same moment) stays in host memory and is copied batch by batch, as is a user's
+    own DataModule, whose loaders are its own business. Apple's unified memory is not checked.
     """
     if not isinstance(datamodule, TensorDataModule):
         return False
     if datamodule.device == device:
         return True
     if device.type == "cuda":
+        from autotune.cli import DEVICE_WORKERS_ENV
+
         free, _ = torch.cuda.mem_get_info(device)
-        if datamodule.nbytes > DEVICE_DATA_SHARE * free:
+        sharing = max(1, int(os.environ.get(DEVICE_WORKERS_ENV, "1")))
+        if datamodule.nbytes > DEVICE_DATA_SHARE * free / sharing:
             return False
     datamodule.to(device)
     return True

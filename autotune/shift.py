@@ -22,8 +22,8 @@ lets BN re-estimate its population statistics on training data. Every BN runs in
 normalises with batch statistics, as in training), every other module in eval mode. The mean and
 variance of each BN's input are pooled over all the data (each batch's moments taken in two
 float32 passes by channel_moments, merged exactly in float64 by Chan et al.'s formula) and written
-into running_mean and running_var. This is exact where
-momentum=None is not: BN's cumulative average takes the mean of per-batch variances, which
+into running_mean and running_var: the data pooled as one sample, which
+momentum=None does not give: BN's cumulative average takes the mean of per-batch variances, which
 misses the spread between batch means and weights a short last batch like a full one. For the
 first BN the result does not depend on the batch size; later layers see inputs normalised with
 batch statistics upstream, which depend on it slightly (as in fvcore's precise_bn).
@@ -121,8 +121,9 @@ def mode_accuracy(model: nn.Module, batches: Iterable) -> tuple[float, float]:
 
     Train mode has dropout on and BN on batch statistics; every buffer is restored bit for bit
     after each train-mode forward, so BN's running statistics and counters are untouched. A batch
-    of one row is skipped: BN cannot normalise it by its own statistics. Seeding the dropout masks
-    is the caller's business.
+    of one row that BN cannot normalise by its own statistics (a BatchNorm1d on (1, C)) counts in
+    neither mode; NaN when no batch could be counted. Seeding the dropout masks is the caller's
+    business.
     """
     train, evaluated = _accuracies(model, batches, (True, False))
     return train, evaluated
@@ -140,24 +141,36 @@ def _accuracies(model: nn.Module, batches: Iterable, modes: tuple[bool, ...]) ->
     device = _device(model)
     # counted on the device, brought to the host once at the end: no sync per batch
     correct = {training: torch.zeros((), device=device) for training in modes}
-    total = 0
+    seen = total = 0
     try:
         with torch.no_grad():
             for batch in batches:
-                if len(batch[0]) < 2:
-                    continue
+                seen += 1
                 x, y = batch[0].to(device), batch[1].to(device)
+                counts = {}
                 for training in modes:
                     model.train(training)
-                    correct[training] += (model(x).argmax(dim=1) == y).sum()
-                    if training:  # undo what the train-mode pass did to BN's statistics
-                        for name, buffer in buffers.items():
-                            buffer.copy_(saved[name])
+                    try:
+                        counts[training] = (model(x).argmax(dim=1) == y).sum()
+                    except ValueError:  # BN: "expected more than 1 value per channel"
+                        if len(x) > 1:
+                            raise
+                        break
+                    finally:
+                        if training:  # undo what the train-mode pass did to BN's statistics
+                            for name, buffer in buffers.items():
+                                buffer.copy_(saved[name])
+                if len(counts) < len(modes):
+                    continue
+                for training, count in counts.items():
+                    correct[training] += count
                 total += y.shape[0]
     finally:
         _restore_flags(flags)
+    if seen == 0:
+        raise ValueError("Got no batches; pass labelled batches (x, y).")
     if total == 0:
-        raise ValueError("Got no batches of two rows or more; pass labelled batches (x, y).")
+        return [math.nan] * len(modes)
     return [count / total for count in torch.stack(list(correct.values())).tolist()]
 
 

@@ -8,8 +8,9 @@ Around the fit, the variance shift: before training, each BN layer's Δ is predi
 freshly built network and a probe batch (autotune.prediction); after training, BN is recalibrated
 with dropout off when the configuration asks for it and the validation metrics are taken again.
 Δ is measured the paper's way (autotune.shift) in the last validation pass that runs the final
-network (the last epoch's, or the one after recalibration), not in a pass of its own, and the
-accuracy of train mode is compared with eval mode's on the validation data.
+network (the last epoch's, or the one after recalibration), not in a pass of its own unless
+validation ran in another precision or compiled, and the accuracy of train mode is compared with
+eval mode's on the validation data.
 """
 
 from __future__ import annotations
@@ -194,8 +195,12 @@ class LastValidationShift(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self._observing.close()  # fills self.shifts
 
-    def on_exception(self, trainer: pl.Trainer, module: pl.LightningModule, error: Any) -> None:
-        self._observing.close()  # the hooks come off whatever stopped the fit
+    def on_exception(
+        self, trainer: pl.Trainer, module: pl.LightningModule, error: BaseException
+    ) -> None:
+        # the hooks come off whatever stopped the fit; with the error passed on, no Δ is taken
+        # from a pass cut short (nor a device sync made in the middle of handling it)
+        self._observing.__exit__(type(error), error, error.__traceback__)
 
 
 @dataclass
@@ -314,9 +319,10 @@ def after_training(
     The metrics are the last epoch's or, when the configuration recalibrates BN, the validation
     metrics taken again after recalibration (train_loss stays the epoch's), with Δ observed in
     that same pass. `measured`: Δ already observed in the last epoch's validation; None when
-    that validation did not run the float32 network (another precision, or compiled), and then a
-    float32 validation pass here gives Δ and eval mode's accuracy. Last, the accuracy in train
-    mode on the validation data, against eval mode's.
+    that validation did not run the float32 network (another precision, or compiled) or was not
+    observed, and then a float32 validation pass here gives Δ and eval mode's accuracy. Last,
+    the accuracy in train mode on the validation data (one more pass over it), against eval
+    mode's.
     """
     final = {k: v for k, v in last_epoch.items() if k != "epoch"}
     if config.recalibrate_bn:

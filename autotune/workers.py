@@ -25,7 +25,13 @@ from pathlib import Path
 
 import optuna
 
-from autotune.cli import EXIT_FAILED, EXIT_INTERRUPTED, STORAGE_ENV, TRACKING_ENV
+from autotune.cli import (
+    DEVICE_WORKERS_ENV,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    STORAGE_ENV,
+    TRACKING_ENV,
+)
 from autotune.spec import Spec
 from autotune.study import (
     POLL_SECONDS,
@@ -206,10 +212,12 @@ def start_workers(
     if timeout is not None:
         command += ["--timeout", str(timeout)]
     workers = []
-    for index, device in enumerate(plan_devices(n_workers, devices, spec.train.accelerator)):
+    plan = plan_devices(n_workers, devices, spec.train.accelerator)
+    for index, device in enumerate(plan):
         worker_env = {**env, WORKER_ENV: str(index)}
         if device is not None:
             worker_env["CUDA_VISIBLE_DEVICES"] = device
+            worker_env[DEVICE_WORKERS_ENV] = str(plan.count(device))
         else:  # CPU workers share the cores instead of each spinning a pool over all of them
             worker_env.setdefault("OMP_NUM_THREADS", str(threads))
         log = logs / f"worker-{index}.log"

@@ -151,8 +151,8 @@ def hand_loop(spec: Spec, config: TrialConfig, datamodule: Any) -> tuple[dict[st
             "val_acc": sums[2] / n_val,
         }
     start = time.perf_counter()
-    if config.recalibrate_bn:
-        recalibrate(model, train, device)
+    if config.recalibrate_bn:  # on the batches the trial's recalibration sees: a fresh loader's
+        recalibrate(model, datamodule.train_dataloader(), device)
         torch.stack(validate(model, val, device)).tolist()  # to the host, as the trial's are
     return metrics, time.perf_counter() - start
 

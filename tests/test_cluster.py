@@ -511,6 +511,27 @@ def test_trials_per_device_runs_that_many_workers_on_each_device(write_spec, mon
     assert planned[1] == [None, None, None]
 
 
+def test_each_worker_is_told_how_many_share_its_gpu(write_spec, monkeypatch):
+    from autotune import workers
+    from autotune.cli import DEVICE_WORKERS_ENV
+
+    started = []
+    monkeypatch.setattr(
+        workers.subprocess, "Popen", lambda command, env, **kw: started.append(env) or object()
+    )
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    spec_file = write_spec(tiny_spec(train={"accelerator": "gpu"}))
+    workers.start_workers(spec_file, load_spec(spec_file), 5, 5, ["0", "1"], None)
+    # GPU 0 has three of the five, GPU 1 two: each sizes its share of the GPU's memory by that
+    assert [(env["CUDA_VISIBLE_DEVICES"], env[DEVICE_WORKERS_ENV]) for env in started] == [
+        ("0", "3"),
+        ("1", "2"),
+        ("0", "3"),
+        ("1", "2"),
+        ("0", "3"),
+    ]
+
+
 def test_trials_per_device_and_workers_do_not_mix(write_spec):
     result = autotune("run", write_spec(tiny_spec()), "--workers", "2", "--trials-per-device", "2")
     # one line, exit 2, before anything starts

@@ -300,11 +300,21 @@ def test_an_in_memory_dataset_is_held_on_the_training_device() -> None:
 
 
 def test_a_dataset_too_big_for_the_gpu_stays_in_host_memory(monkeypatch) -> None:
+    from autotune.cli import DEVICE_WORKERS_ENV
+
     dm = load_data(DataSpec(name="wine"), seed=0)
     free = dm.nbytes / DEVICE_DATA_SHARE
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free - 1, 2 * free))
     assert not hold_on_device(dm, torch.device("cuda", 0))
     assert dm.device.type == "cpu"
+    # room for it alone, but not for three workers moving theirs to the same GPU at once
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * free, 4 * free))
+    moved = []
+    monkeypatch.setattr(TensorDataModule, "to", lambda self, device: moved.append(device))
+    monkeypatch.setenv(DEVICE_WORKERS_ENV, "3")
+    assert not hold_on_device(dm, torch.device("cuda", 0)) and moved == []
+    monkeypatch.setenv(DEVICE_WORKERS_ENV, "1")
+    assert hold_on_device(dm, torch.device("cuda", 0)) and moved == [torch.device("cuda", 0)]
 
 
 def test_a_user_datamodule_is_left_alone() -> None:

@@ -150,10 +150,17 @@ def test_measure_shift_pools_channels_over_batch_and_space():
 
 
 @pytest.mark.parametrize(
-    ("shape", "dtype"),
-    [((256, 8), torch.float32), ((16, 4, 5, 7), torch.float32), ((16, 4, 9), torch.bfloat16)],
+    ("shape", "dtype", "offset"),
+    [
+        ((256, 8), torch.float32, 0.0),
+        ((256, 8), torch.float32, 1e4),
+        ((16, 4, 5, 7), torch.float32, 0.0),
+        ((16, 4, 5, 7), torch.float32, 1e4),
+        # bfloat16 keeps 8 bits: an offset of 1e4 would round every value to one
+        ((16, 4, 9), torch.bfloat16, 0.0),
+        ((16, 4, 9), torch.bfloat16, 30.0),
+    ],
 )
-@pytest.mark.parametrize("offset", [0.0, 1e4])
 def test_channel_moments_agree_with_float64(shape, dtype, offset):
     x = (torch.randn(shape) * 0.5 + offset).to(dtype)
     n, mean, m2 = channel_moments(x)
@@ -313,19 +320,35 @@ def test_mode_accuracy_hand_computed():
     assert mode_accuracy(model, [(x[:2], y[:2]), (x[2:], y[2:])]) == (0.75, 0.75)
 
 
-def test_a_batch_of_one_row_is_skipped_in_train_mode():
-    # BatchNorm1d cannot normalise one row by its own statistics; the rows it can count
+def test_a_row_bn_cannot_normalise_alone_is_not_counted():
+    # BatchNorm1d on (1, C) cannot normalise one row by its own statistics in train mode
     model = nn.Sequential(nn.Linear(1, 2), nn.BatchNorm1d(2))
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[-1.0], [1.0]]))
         model[0].bias.zero_()
     x, y = torch.tensor([[-2.0], [-1.0], [1.0], [2.0], [3.0]]), torch.tensor([0, 0, 1, 1, 1])
     batches = [(x[:2], y[:2]), (x[2:4], y[2:4]), (x[4:], y[4:])]
+    before = buffers(model)
     # batch statistics make each pair (-1, 1) after BN: its first row is class 0, its second
-    # class 1, so one of each pair is right, 2 of the 4 rows counted
+    # class 1, so one of each pair is right; eval mode, on BN's initial statistics (mean 0,
+    # variance 1), gets all four. The lone row counts in neither mode
     assert train_mode_accuracy(model, batches) == 0.5
-    with pytest.raises(ValueError, match="two rows"):
-        train_mode_accuracy(model, batches[2:])
+    assert mode_accuracy(model, batches) == (0.5, 1.0)
+    assert_buffers_identical(model, before)
+    # nothing countable: not a number, not an error after a whole trial
+    assert math.isnan(train_mode_accuracy(model, batches[2:]))
+
+
+def test_a_lone_row_counts_where_bn_can_normalise_it():
+    # BatchNorm2d has the map's values to normalise one image by. The head always says class 1:
+    # a third of the rows when all three count, half if the lone row were left out
+    head = nn.Linear(32, 2)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([0.0, 1.0]))
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2), nn.Flatten(), head)
+    x, y = torch.randn(3, 1, 4, 4), torch.tensor([0, 1, 0])
+    assert mode_accuracy(model, [(x[:2], y[:2]), (x[2:], y[2:])]) == (1 / 3, 1 / 3)
 
 
 def test_summarize_picks_the_layer_farthest_from_one():

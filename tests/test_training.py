@@ -176,16 +176,58 @@ def test_delta_takes_a_float32_pass_where_validation_ran_another_precision(monke
     )
 
 
-def test_train_and_eval_mode_accuracy_are_taken_on_the_validation_data():
-    from autotune.shift import mode_accuracy
-
+def test_train_and_eval_mode_accuracy_are_taken_on_the_validation_data(monkeypatch):
     data = load_data(mlp_spec().data, seed=0)
+    served = []
+    take = training.train_mode_accuracy
+
+    def seeded(model, batches):  # the dropout masks seeded, so the figure can be taken again
+        served.append(batches)
+        torch.manual_seed(5)
+        return take(model, batches)
+
+    monkeypatch.setattr(training, "train_mode_accuracy", seeded)
     result = training.fit(mlp_spec(), dropout_before_bn(False), data)
     final = result.final
+    # one pass in train mode over the validation rows; eval mode's is the trial's val_acc
+    (batches,) = served
+    assert batches.x is data.x_val and not batches.shuffle
+    torch.manual_seed(5)
+    assert final["train_mode_acc"] == take(result.model, data.val_dataloader())
     assert final["eval_mode_acc"] == final["val_acc"]
     assert final["mode_acc_gap"] == final["eval_mode_acc"] - final["train_mode_acc"]
-    # the same masks give the same train-mode accuracy as mode_accuracy's one pass of both
-    torch.manual_seed(0)
-    train_mode, eval_mode = mode_accuracy(result.model, data.val_dataloader())
-    assert eval_mode == pytest.approx(final["val_acc"], abs=1e-12)
-    assert 0 <= final["train_mode_acc"] <= 1 and abs(train_mode - final["train_mode_acc"]) < 0.1
+
+
+def test_delta_is_measured_after_the_fit_when_the_last_validation_was_not_observed(monkeypatch):
+    from autotune.shift import measure_shift
+
+    # as if the last epoch's validation had not run: the float32 pass after the fit measures
+    monkeypatch.setattr(training.LastValidationShift, "on_validation_epoch_start", lambda *a: None)
+    data = load_data(mlp_spec().data, seed=0)
+    result = training.fit(mlp_spec(), dropout_before_bn(False), data)
+    again = measure_shift(result.model, data.val_dataloader())
+    assert list(result.measured) == list(again)
+    for name, shift in again.items():
+        assert result.measured[name].per_channel == pytest.approx(shift.per_channel, rel=1e-9)
+
+
+def test_no_observing_hook_is_left_when_the_last_validation_fails(monkeypatch):
+    built = []
+    build = training.build_seeded
+    monkeypatch.setattr(
+        training, "build_seeded", lambda *a, **k: built.append(build(*a, **k)) or built[-1]
+    )
+    validate = training.Classifier.validation_step
+
+    def fails_in_the_last_epoch(self, batch, batch_idx):
+        if self.trainer.current_epoch == 1 and batch_idx == 1:
+            raise RuntimeError("the device went away")
+        return validate(self, batch, batch_idx)
+
+    monkeypatch.setattr(training.Classifier, "validation_step", fails_in_the_last_epoch)
+    data = load_data(mlp_spec().data, seed=0)
+    with pytest.raises(RuntimeError, match="the device went away"):
+        training.fit(mlp_spec(), dropout_before_bn(False), data)
+    # the error came through as it was, and the BN layers carry no hook of ours
+    (model,) = built
+    assert not any(module._forward_hooks for module in model.modules())
