@@ -181,8 +181,9 @@ def channel_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
     Two passes in the input's precision (half precision is raised to float32), along the tensor as
     it lies in memory: the mean m', then the deviations d = x - m', whose sum corrects both moments
     for the rounding of m' (mean = m' + sum(d)/n, m2 = sum(d^2) - sum(d)^2/n). torch sums in
-    cascades, so the error is a few float32 roundings (about 1e-7 relative) where a channels-first
-    float64 copy, the plain way, took ten times as long on a CPU.
+    cascades, so the error is a few float32 roundings (about 1e-7 relative); a channels-first
+    float64 copy, the plain way, takes 8 to 10 times as long for a convolution's output on a CPU
+    (benchmarks/moments.py).
     """
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
