@@ -17,15 +17,19 @@ from autotune.spec import parse_spec
 from autotune.study import check_runnable, resolve_space
 
 
-def cnn_spec(**train):
+def digits_spec(model, *, batch_size, max_epochs, **train):
     return parse_spec(
         {
-            "data": {"name": "digits", "batch_size": 256},
-            "model": {"template": "cnn", "widths": [4, 8]},
-            "train": {"max_epochs": 1, "accelerator": "cpu", **train},
+            "data": {"name": "digits", "batch_size": batch_size},
+            "model": model,
+            "train": {"max_epochs": max_epochs, "accelerator": "cpu", **train},
             "mlflow": {"enabled": False},
         }
     )
+
+
+def cnn_spec(**train):
+    return digits_spec({"template": "cnn", "widths": [4, 8]}, batch_size=256, max_epochs=1, **train)
 
 
 def fit(spec, watch=None):
@@ -122,14 +126,8 @@ def test_the_fit_holds_the_data_on_the_device_it_trains_on(monkeypatch):
 
 
 def mlp_spec(**train):
-    return parse_spec(
-        {
-            "data": {"name": "digits", "batch_size": 128},
-            "model": {"template": "mlp", "widths": [64, 32]},
-            "train": {"max_epochs": 2, "accelerator": "cpu", **train},
-            "mlflow": {"enabled": False},
-        }
-    )
+    model = {"template": "mlp", "widths": [64, 32]}
+    return digits_spec(model, batch_size=128, max_epochs=2, **train)
 
 
 def dropout_before_bn(recalibrate):
