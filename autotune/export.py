@@ -343,7 +343,7 @@ def rewrite_if_run_moved(study: optuna.Study, spec: Spec) -> list[Path]:
     if trial is None or not named:
         return []
     moved = any(
-        number == trial.number and run_id != (trial_run_id(study, trial) or None)
+        number == trial.number and run_id != (trial_run_id(study.user_attrs, trial) or None)
         for number, run_id in named
     )
     return write_outputs(study, spec, present) if moved else []
@@ -389,7 +389,7 @@ def write_outputs(
     provenance = {
         "study": study.study_name,
         "trial": trial.number,
-        "mlflow_run_id": trial_run_id(study, trial),
+        "mlflow_run_id": trial_run_id(attrs, trial),
         "seed": spec.train.seed,
         "versions": library_versions(),
     }
@@ -442,7 +442,7 @@ def write_outputs(
         "best": {
             "trial": trial.number,
             "value": float(trial.value),
-            "mlflow_run_id": trial_run_id(study, trial),
+            "mlflow_run_id": trial_run_id(attrs, trial),
             "mlflow_parent_run_id": attrs.get("mlflow_parent_run_id"),
             "weights": str(weights) if weights is not None else None,
         },

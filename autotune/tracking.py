@@ -439,6 +439,7 @@ def sync_study(tracker: Tracker, study: Any, metric: str, only: Iterable[int] | 
     runs = tracker.trial_runs()
     logged = 0
     trials = study.get_trials(deepcopy=False)
+    study_attrs = study.user_attrs  # read once: each read is a query of the storage
     for trial in trials:
         if wanted is not None and trial.number not in wanted:
             continue
@@ -450,7 +451,7 @@ def sync_study(tracker: Tracker, study: Any, metric: str, only: Iterable[int] | 
             logged += 1
             runs[trial.number] = tracker.trial_runs(trial.number).get(trial.number, [])
         kept = _keep_one(tracker, runs.get(trial.number, []), record.state)
-        if kept is not None and kept != trial_run_id(study, trial):
+        if kept is not None and kept != trial_run_id(study_attrs, trial):
             study.set_user_attr(RELOGGED_RUN.format(trial.number), kept)
         tracker.missed.discard(trial.number)
     if not any(t.state == TrialState.RUNNING for t in trials):
@@ -458,9 +459,10 @@ def sync_study(tracker: Tracker, study: Any, metric: str, only: Iterable[int] | 
     return logged
 
 
-def trial_run_id(study: Any, trial: Any) -> str | None:
-    """The id of the MLflow run that holds `trial`: the one sync logged, else the trial's own."""
-    return study.user_attrs.get(RELOGGED_RUN.format(trial.number)) or trial.user_attrs.get(
+def trial_run_id(study_attrs: Mapping[str, Any], trial: Any) -> str | None:
+    """The id of the MLflow run that holds `trial`, given the study's user attrs: the one sync
+    logged, else the trial's own."""
+    return study_attrs.get(RELOGGED_RUN.format(trial.number)) or trial.user_attrs.get(
         "mlflow_run_id"
     )
 

@@ -421,10 +421,10 @@ def test_sync_replaces_a_cut_short_run_and_removes_a_second_copy(tmp_path: Path,
     )
     # the study knows which run holds each trial now: trial 0's new one, though the trial's own
     # attr still names the run sync replaced, and whichever of trial 1's copies was kept
-    assert tracking.trial_run_id(study, study.trials[0]) == after[0][0].info.run_id
+    assert tracking.trial_run_id(study.user_attrs, study.trials[0]) == after[0][0].info.run_id
     assert study.trials[0].user_attrs["mlflow_run_id"] == runs[0][0].info.run_id
-    assert tracking.trial_run_id(study, study.trials[1]) == after[1][0].info.run_id
-    assert tracking.trial_run_id(study, study.trials[2]) == runs[2][0].info.run_id
+    assert tracking.trial_run_id(study.user_attrs, study.trials[1]) == after[1][0].info.run_id
+    assert tracking.trial_run_id(study.user_attrs, study.trials[2]) == runs[2][0].info.run_id
 
 
 def test_sync_writes_the_outputs_again_when_the_recommended_trials_run_moved(write_spec):
