@@ -52,12 +52,11 @@ def test_measurement_and_recalibration_run_on_the_device() -> None:
     assert next(net.parameters()).is_cuda
 
 
-def test_after_training_runs_on_the_gpu(monkeypatch) -> None:
-    from autotune import training
-    from autotune.data import load_data
+def digits_on_the_gpu():
+    """A one-epoch mlp on the digits, trained on the GPU, logging nothing."""
     from autotune.spec import parse_spec
 
-    spec = parse_spec(
+    return parse_spec(
         {
             "data": {"name": "digits", "batch_size": 128},
             "model": {"template": "mlp", "widths": [32]},
@@ -65,6 +64,13 @@ def test_after_training_runs_on_the_gpu(monkeypatch) -> None:
             "mlflow": {"enabled": False},
         }
     )
+
+
+def test_after_training_runs_on_the_gpu(monkeypatch) -> None:
+    from autotune import training
+    from autotune.data import load_data
+
+    spec = digits_on_the_gpu()
     seen = []
     after = training.after_training
     monkeypatch.setattr(
@@ -107,16 +113,8 @@ def test_bf16_channels_last_and_compile_train_on_the_gpu() -> None:
 def test_the_data_is_held_on_the_gpu_and_batches_arrive_there(monkeypatch) -> None:
     from autotune import training
     from autotune.data import load_data
-    from autotune.spec import parse_spec
 
-    spec = parse_spec(
-        {
-            "data": {"name": "digits", "batch_size": 128},
-            "model": {"template": "mlp", "widths": [32]},
-            "train": {"max_epochs": 1, "accelerator": "gpu"},
-            "mlflow": {"enabled": False},
-        }
-    )
+    spec = digits_on_the_gpu()
     datamodule = load_data(spec.data, seed=0)
     arrived = []
 
