@@ -162,6 +162,10 @@ def run(
         outcome = run_study(
             spec, n_trials=n_trials, timeout=timeout, progress=progress, finish=not as_worker
         )
+        if as_worker:
+            from autotune.workers import retry_cut_short
+
+            retry_cut_short(outcome)
     if not as_worker:
         print_summary(console, spec, outcome)
     for trouble in troubles:

@@ -76,6 +76,8 @@ class StudyOutcome:
     interrupted: bool = False
     stopped_by_failures: bool = False
     outputs: list[Path] = field(default_factory=list)
+    # the trials this process had sampled and was running when a signal stopped them
+    cut_short: list[int] = field(default_factory=list)
 
 
 JOURNAL = "journal:///"  # journal:///runs/x.journal is relative, journal:////abs/x.journal absolute
@@ -580,18 +582,18 @@ def work(
                 outcome.finished = count_finished(study)
                 study.stop()
 
+        objective = Objective(
+            spec,
+            session.space,
+            session.datamodule,
+            tracker,
+            stop=stop,
+            on_epoch=progress.epoch,
+            admit=budget.admits,
+        )
         progress.start(study, session.budget)
         try:
             if budget.wait_for_room():
-                objective = Objective(
-                    spec,
-                    session.space,
-                    session.datamodule,
-                    tracker,
-                    stop=stop,
-                    on_epoch=progress.epoch,
-                    admit=budget.admits,
-                )
                 study.optimize(
                     objective, timeout=timeout, catch=(Exception,), callbacks=[after_trial]
                 )
@@ -599,6 +601,7 @@ def work(
         except KeyboardInterrupt:
             outcome.interrupted = True
         finally:
+            outcome.cut_short = list(objective.cut_short)
             progress.close()
     if tracker.missed:
         _log_missed(tracker, study, spec.study.metric, progress)

@@ -445,11 +445,15 @@ class Objective:
         self.stop = stop or threading.Event()
         self.on_epoch = on_epoch
         self.admit = admit
+        # the trials a signal stopped after their configuration was sampled
+        self.cut_short: list[int] = []
 
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr(STARTED, trial.number)
         if self.stop.is_set():  # the signal came between trials: start nothing new
             trial.set_user_attr("interrupted", True)
+            if trial.params:  # a queued retry, its configuration given: still to be run
+                self.cut_short.append(trial.number)
             raise KeyboardInterrupt
         if self.admit is not None and not self.admit(trial):
             reason = "not started: other workers took the study's last trials at the same time"
@@ -466,8 +470,9 @@ class Objective:
         # a trial run again after its worker died inherits that trial's attrs: renew them
         if run_id is not None or "mlflow_run_id" in trial.user_attrs:
             trial.set_user_attr("mlflow_run_id", run_id or "")
-        if trial.user_attrs.get("explored"):
-            trial.set_user_attr("explored", False)
+        for flag in ("explored", "interrupted"):
+            if trial.user_attrs.get(flag):
+                trial.set_user_attr(flag, False)
         # the epochs reported so far: a pruned trial's record, and what `autotune sync` logs
         history: list[dict[str, float]] = []
         try:
@@ -478,6 +483,7 @@ class Objective:
         except (TrialInterrupted, KeyboardInterrupt, SystemExit):
             # a second Ctrl-C inside Lightning arrives as its sys.exit(1): still an interrupt
             trial.set_user_attr("interrupted", True)
+            self.cut_short.append(trial.number)
             self.tracker.end_trial(run_id, "INTERRUPTED")
             raise KeyboardInterrupt from None
         except Exception as exc:  # whatever raised, the trial's run is not left RUNNING

@@ -8,6 +8,10 @@ password never shows in the process list. The launcher shows the study's progres
 records it, forwards the first Ctrl-C or SIGTERM to every worker, and, when all have stopped,
 writes the recommendation. Each worker logs to <output>/workers/worker-<i>.log.
 
+Each worker holds a pipe from the launcher open for as long as it runs. When the launcher dies,
+however it dies (SIGKILL, out of memory), the pipe closes: the worker stops as its SIGTERM would
+stop it, and queues the trial it cut short to be run again, since nobody chose to stop it.
+
 The same command on other nodes joins the same study: the budget is the whole study's.
 """
 
@@ -18,12 +22,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from autotune.cli import (
     DEVICE_WORKERS_ENV,
@@ -34,6 +40,7 @@ from autotune.cli import (
 )
 from autotune.spec import Spec
 from autotune.study import (
+    MAX_RETRIES,
     POLL_SECONDS,
     Progress,
     StudyOutcome,
@@ -43,6 +50,8 @@ from autotune.study import (
 )
 
 WORKER_ENV = "AUTOTUNE_WORKER"  # the worker's index, for its log lines
+# set in a worker when its launcher's pipe closed: the launcher is gone
+LAUNCHER_GONE = threading.Event()
 
 
 @dataclass
@@ -164,15 +173,52 @@ def launch(
 
 def await_launcher() -> bool:
     """In a worker: import what a trial needs, then wait for the launcher's word. True: go;
-    False: the launcher found the input bad, or is gone."""
+    False: the launcher found the input bad, or is gone.
+
+    After the go, a thread watches the launcher's pipe (`watch_launcher`)."""
     import lightning.pytorch  # noqa: F401 - the slow imports, while the launcher checks
     import mlflow  # noqa: F401
 
-    return sys.stdin.readline().strip() == "go"
+    if sys.stdin.readline().strip() != "go":
+        return False
+    watch_launcher()
+    return True
+
+
+def watch_launcher() -> threading.Thread:
+    """Stop this worker when the launcher's pipe on stdin closes: the launcher is gone, and no
+    one would end this worker's trials or write the recommendation.
+
+    The worker stops as its SIGTERM would stop it (the running trial ends at its next batch,
+    FAIL, out of the budget), and `retry_cut_short` queues that trial again."""
+
+    def watch() -> None:
+        sys.stdin.read()  # blocks until the launcher closes its end, or its process ends
+        LAUNCHER_GONE.set()
+        print("the launcher is gone: stopping; the trial cut short will run again", flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="watch-launcher", daemon=True)
+    thread.start()
+    return thread
+
+
+def retry_cut_short(outcome: StudyOutcome) -> list[int]:
+    """When the launcher is gone: queue each trial this worker cut short to run again (as a
+    worker's death by heartbeat would, up to MAX_RETRIES times a configuration); return their
+    numbers. A stop the user asked for (Ctrl-C, SIGTERM to the launcher) queues nothing."""
+    if not LAUNCHER_GONE.is_set():
+        return []
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
+    for number in outcome.cut_short:
+        retry(outcome.study, outcome.study.trials[number])
+    return list(outcome.cut_short)
 
 
 def _release(workers: list[Worker], *, go: bool) -> None:
-    """Tell each waiting worker to go, or to leave; then wait for those told to leave."""
+    """Tell each waiting worker to go, or to leave; then wait for those told to leave.
+
+    A worker told to go keeps its pipe open: it closes with the launcher (`watch_launcher`)."""
     for worker in workers:
         stdin = worker.process.stdin
         if stdin is None:
@@ -180,7 +226,9 @@ def _release(workers: list[Worker], *, go: bool) -> None:
         with contextlib.suppress(OSError):  # a worker that died already
             if go:
                 stdin.write("go\n")
-            stdin.close()
+                stdin.flush()
+            else:
+                stdin.close()
     if not go:
         for worker in workers:
             worker.process.wait()
@@ -227,7 +275,8 @@ def start_workers(
                 env=worker_env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                stdin=subprocess.PIPE,  # the launcher's go (see await_launcher)
+                # the launcher's go, and its lifeline (see await_launcher)
+                stdin=subprocess.PIPE,
                 text=True,
                 # signals from the terminal reach the launcher only, which forwards exactly one
                 start_new_session=True,

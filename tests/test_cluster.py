@@ -295,24 +295,30 @@ def test_an_unreachable_tracking_server_fails_sync_in_one_line(write_spec, tmp_p
     assert result.output.count("\n") == 1
 
 
+def mid_trial(storage, name: str, n: int) -> list:
+    """Wait until n trials of the study are running and past their first epoch; return them."""
+    deadline = time.monotonic() + 180
+    running: list = []
+    while len(running) < n and time.monotonic() < deadline:
+        time.sleep(0.3)
+        with contextlib.suppress(KeyError):
+            study = optuna.load_study(study_name=name, storage=storage)
+            running = [
+                t
+                for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if t.intermediate_values
+            ]
+    assert len(running) == n, f"{n} trials did not get an epoch in"
+    return running
+
+
 def test_sigterm_to_the_launcher_ends_every_worker_s_trial_cleanly_and_a_rerun_resumes(
     write_spec, tmp_path: Path
 ):
     spec = write_spec(tiny_spec(study={"name": "stop", "n_trials": 6}, train={"max_epochs": 50}))
     launcher = autotune("run", spec, "--workers", "2", wait=False)
     storage = make_storage(f"sqlite:///{tmp_path / 'out' / 'autotune.db'}")
-    deadline = time.monotonic() + 180
-    running: list = []
-    while len(running) < 2 and time.monotonic() < deadline:  # both workers mid-trial
-        time.sleep(0.3)
-        with contextlib.suppress(KeyError):
-            study = optuna.load_study(study_name="stop", storage=storage)
-            running = [
-                t
-                for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                if t.intermediate_values
-            ]
-    assert len(running) == 2, "the workers did not both start a trial"
+    mid_trial(storage, "stop", 2)
     launcher.send_signal(signal.SIGTERM)
     _, err = launcher.communicate(timeout=120)
 
@@ -336,6 +342,52 @@ def test_sigterm_to_the_launcher_ends_every_worker_s_trial_cleanly_and_a_rerun_r
     assert result.returncode == 0, result.stderr
     study = optuna.load_study(study_name="stop", storage=storage)
     assert len([t for t in study.trials if t.state in FINISHED]) == 3
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs: a zombie (exited, not yet reaped by its new parent) does not."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def test_the_launcher_killed_stops_its_workers_and_queues_their_trials_again(
+    write_spec, tmp_path: Path
+):
+    # trials of about a minute: far longer than the workers may take to notice
+    spec = write_spec(
+        tiny_spec(study={"name": "orphans", "n_trials": 6}, train={"max_epochs": 500})
+    )
+    launcher = autotune("run", spec, "--workers", "2", wait=False)
+    storage = make_storage(f"sqlite:///{tmp_path / 'out' / 'autotune.db'}")
+    running = mid_trial(storage, "orphans", 2)
+    pids = [int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in running]
+    launcher.kill()  # SIGKILL: the launcher can neither forward a signal nor clean up
+    launcher.communicate(timeout=30)
+    try:
+        # both workers notice and stop, well before their trials would end
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert not any(_alive(pid) for pid in pids), "a worker outlived its launcher"
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    study = optuna.load_study(study_name="orphans", storage=storage)
+    by_number = {t.number: t for t in study.trials}
+    # their trials ended FAIL (out of the budget), none is left RUNNING
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+    for trial in running:
+        assert by_number[trial.number].state == TrialState.FAIL
+    # and each configuration is queued to run again, as a dead worker's would be
+    waiting = [t for t in study.trials if t.state == TrialState.WAITING]
+    retried = {RetryHeartbeatStaleTrialCallback.retried_trial_number(t): t for t in waiting}
+    assert sorted(retried) == sorted(t.number for t in running)
+    for trial in running:
+        assert retried[trial.number].params == trial.params
 
 
 # --- the pieces, without servers --------------------------------------------------------------

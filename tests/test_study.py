@@ -578,3 +578,27 @@ def test_a_failure_after_training_fails_the_trial_and_ends_its_run(write_spec, m
     # its MLflow run is FAILED, not left RUNNING
     run = MlflowClient(spec.tracking_uri).get_run(trial.user_attrs["mlflow_run_id"])
     assert (run.info.status, run.data.tags["autotune.state"]) == ("FAILED", "FAIL")
+
+
+def test_a_queued_retry_of_an_interrupted_trial_runs_as_a_trial_of_its_own(write_spec):
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    spec = load_spec(write_spec(tiny_spec(study={"n_trials": 1})))
+    study = run_study(spec).study
+    first = study.trials[0]
+    # a trial a stop cut short (FAIL, interrupted), queued again as a launcher's death queues it
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.FAIL,
+            params=first.params,
+            distributions=first.distributions,
+            user_attrs={**first.user_attrs, "interrupted": True},
+        )
+    )
+    RetryHeartbeatStaleTrialCallback(max_retry=2)(study, study.trials[1])
+    study = run_study(spec, n_trials=2).study
+
+    # the retry ran its predecessor's configuration, and is not taken for an interrupted trial
+    retry = study.trials[2]
+    assert retry.state == TrialState.COMPLETE and retry.params == first.params
+    assert retry.user_attrs["interrupted"] is False
