@@ -1,7 +1,8 @@
 """The `autotune` command: a thin shell over the package. Parses, calls, prints.
 
 Bad input (SpecError) is one line on stderr and exit code 2; an interrupted study exits with 130
-and resumes when the same command runs again.
+and resumes when the same command runs again. Every error line goes out through `fail`: one line,
+at most MAX_LINE characters, no secret in it.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
-from autotune.errors import SpecError, first_line
+from autotune.errors import SpecError, first_line, one_line
+from autotune.redaction import redact
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 # the storage URL and the tracking URI can come from the environment, so that a password never
@@ -63,10 +65,16 @@ def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except SpecError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_BAD_INPUT)
+            fail(str(exc), EXIT_BAD_INPUT)
 
     return wrapper
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """Exit with `code` after `error: <message>` on stderr: the one way the CLI says what went
+    wrong, so every error line is one line, at most MAX_LINE characters, with no secret in it."""
+    click.echo(f"error: {one_line(redact(message))}", err=True)
+    sys.exit(code)
 
 
 def _console(*, stderr: bool = True) -> Any:
@@ -288,7 +296,7 @@ def sync(spec_file: Path, storage: str | None, tracking_uri: str | None) -> None
     if not spec.mlflow.enabled:
         raise SpecError("mlflow.enabled: false: this study logs nothing to MLflow")
     study = load_existing_study(spec)
-    where = f"mlflow.tracking_uri: {spec.tracking_uri}"
+    where = f"mlflow.tracking_uri: {redact(spec.tracking_uri)}"
     try:
         tracker = Tracker(
             spec.tracking_uri, spec.experiment_name, spec.study.name, notify=lambda _: None
@@ -302,7 +310,7 @@ def sync(spec_file: Path, storage: str | None, tracking_uri: str | None) -> None
         raise SpecError(f"{where}: {first_line(exc)}") from None
     finished = sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
     click.echo(
-        f"{spec.tracking_uri}: logged {logged} trials it was missing; "
+        f"{redact(spec.tracking_uri)}: logged {logged} trials it was missing; "
         f"it now holds all {finished} finished trials of study {spec.study.name!r}"
     )
     rewritten = rewrite_if_run_moved(study, spec)

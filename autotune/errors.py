@@ -16,3 +16,18 @@ def first_line(exc: BaseException) -> str:
     a one-line error quotes the error underneath it."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+# the longest error line the CLI prints: a longer one keeps its start (the field) and its end
+# (the rule), and says how much of the middle (a long bad value, as a rule) it left out
+MAX_LINE = 300
+
+
+def one_line(text: str, limit: int = MAX_LINE) -> str:
+    """`text` as one line of at most about `limit` characters: line breaks and runs of white
+    space become one space; a longer line loses its middle, said in place of it."""
+    line = " ".join(text.split())
+    if len(line) <= limit:
+        return line
+    head, tail = line[: limit * 2 // 3], line[len(line) - limit // 4 :]
+    return f"{head} ... [{len(line) - len(head) - len(tail)} characters left out] ... {tail}"

@@ -35,11 +35,12 @@ from torch import nn
 from autotune import surgery
 from autotune.errors import first_line
 from autotune.models import ResidualBlock, build_model
+from autotune.redaction import redact
 from autotune.regularizers import CUSTOM_MODULES, make_regularizer
 from autotune.robust import ROBUST_ATTR, kept_digest, recommended_trial
 from autotune.space import TrialConfig, config_from_mapping
 from autotune.spec import ModelSpec, Spec
-from autotune.study import best_trial, redact, state_counts
+from autotune.study import best_trial, state_counts
 from autotune.tracking import trial_run_id
 
 # what `export --format` writes, and the files' names

@@ -17,6 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from autotune.redaction import redact
 from autotune.spec import Spec
 from autotune.study import (
     FINISHED,
@@ -142,12 +143,11 @@ def print_summary(console: Console, spec: Spec, outcome: StudyOutcome, k: int = 
         )
     for path in outcome.outputs:
         console.print(f"wrote {path}", soft_wrap=True)
-    if spec.mlflow.enabled and spec.tracking_uri.startswith(("http://", "https://")):
-        console.print(f"compare trials: {spec.tracking_uri}", soft_wrap=True)
+    uri = redact(spec.tracking_uri)
+    if spec.mlflow.enabled and uri.startswith(("http://", "https://")):
+        console.print(f"compare trials: {uri}", soft_wrap=True)
     elif spec.mlflow.enabled:
-        console.print(
-            f"compare trials: mlflow ui --backend-store-uri {spec.tracking_uri}", soft_wrap=True
-        )
+        console.print(f"compare trials: mlflow ui --backend-store-uri {uri}", soft_wrap=True)
 
 
 def print_prediction(console: Console, config: TrialConfig, prediction: NetworkPrediction) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import secrets
 import time
 import warnings
@@ -34,6 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autotune.checks import check_accelerator, check_sampler, resolve_space
 from autotune.errors import SpecError, first_line
+from autotune.redaction import redact
 from autotune.space import SearchSpace
 from autotune.spec import PrunerSpec, Spec
 from autotune.tracking import PARENT_ATTR
@@ -121,8 +121,8 @@ def make_storage(
         raise
     except Exception as exc:  # bad URL, missing driver, unreachable server
         reason = str(exc).splitlines()[0] if str(exc) else ""
-        raise SpecError(
-            f"study.storage: cannot open {redact(url)!r}: {type(exc).__name__}: {reason}"
+        raise SpecError(  # the reason may quote the URL: SQLAlchemy's does
+            redact(f"study.storage: cannot open {url!r}: {type(exc).__name__}: {reason}")
         ) from None
 
 
@@ -160,11 +160,6 @@ def _redis_backend(url: str) -> JournalRedisBackend:
         ) from None
     redis.Redis.from_url(url, socket_connect_timeout=5).ping()  # unreachable: said here, once
     return JournalRedisBackend(url)
-
-
-def redact(url: str) -> str:
-    """postgresql://user:secret@host/db -> postgresql://user:***@host/db"""
-    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
 
 
 def make_sampler(name: str, seed: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
@@ -415,7 +410,8 @@ def open_session(
             notify=notify,
         )
     except Exception as exc:  # MlflowException: a bad URI, a refused local store
-        raise SpecError(f"mlflow.tracking_uri: {spec.tracking_uri}: {first_line(exc)}") from None
+        where = f"mlflow.tracking_uri: {redact(spec.tracking_uri)}"
+        raise SpecError(f"{where}: {redact(first_line(exc))}") from None
     known = None if created or not tracker.enabled else _parent_run_id(study)
     params = flatten(spec.model_dump(mode="json", by_alias=True))  # model.import, not import_
     for i, slot in enumerate(space.slots if spec.model.imported else ()):
@@ -672,7 +668,7 @@ def finish_study(session: Session, outcome: StudyOutcome) -> None:
     )
     if tracker.down_since is not None:
         tracker.notify(
-            f"MLflow at {tracker.tracking_uri} still does not answer: when it does, "
+            f"MLflow at {tracker.shown_uri} still does not answer: when it does, "
             "`autotune sync` with this spec logs what it missed"
         )
 

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from optuna.trial import TrialState
 
 from autotune.errors import first_line
+from autotune.redaction import redact, redact_params
 
 PARENT_ROLE = "parent"
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -49,6 +50,9 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 }
+# MLflow prints "View run ... at: <tracking URI>" when a run on a server ends, with any password
+# in the URI; autotune says where to compare trials itself, redacted (progress.print_summary)
+QUIET_URL = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 T = TypeVar("T")
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -87,6 +91,7 @@ class Tracker:
         _make_sqlite_folder(tracking_uri)
         for key, value in HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
+        os.environ.update(QUIET_URL)
         from mlflow.tracking import MlflowClient  # heavy: imported only when tracking
 
         for name in ("mlflow", "alembic"):  # after the import, which sets mlflow's own levels
@@ -292,12 +297,17 @@ class Tracker:
         """A call made outside `_send` got through: the server is back."""
         self.down_since = None
 
+    @property
+    def shown_uri(self) -> str:
+        """The tracking URI as messages show it: redacted."""
+        return redact(self.tracking_uri)
+
     def went_down(self, exc: BaseException) -> None:
-        self.last_error = _first_line(exc)
+        self.last_error = redact(_first_line(exc))
         if self.down_since is None:
             self.down_since = time.monotonic()
             self.notify(
-                f"MLflow at {self.tracking_uri} did not answer ({self.last_error}); the study "
+                f"MLflow at {self.shown_uri} did not answer ({self.last_error}); the study "
                 "goes on, and what MLflow misses is logged when it answers again, or by "
                 "`autotune sync` with this spec"
             )
@@ -350,11 +360,11 @@ class Tracker:
         from mlflow.entities import Metric, Param, RunTag
 
         now = timestamp or int(time.time() * 1000)
-        self.client.log_batch(
+        self.client.log_batch(  # what anyone who opens the MLflow UI reads: redacted
             run_id,
             metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
-            params=[Param(k, str(v)) for k, v in (params or {}).items()],
-            tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+            params=[Param(k, v) for k, v in redact_params(params or {}).items()],
+            tags=[RunTag(k, v) for k, v in redact_params(tags or {}).items()],
         )
 
 

@@ -39,6 +39,7 @@ from autotune.export import WEIGHTS_DIGEST, file_digest
 from autotune.models import build_model
 from autotune.prediction import NetworkPrediction, predict_shift, probe_batch
 from autotune.pruners import DELTA_KEY, VarianceShiftPruner
+from autotune.redaction import redact
 from autotune.shift import (
     LayerShift,
     recalibrate_bn,
@@ -535,7 +536,7 @@ class Objective:
         self.tracker.end_trial(run_id, "PRUNED", tags)
 
     def _fail(self, trial: optuna.Trial, run_id: str | None, exc: Exception) -> None:
-        reason = f"{type(exc).__name__}: {exc}"
+        reason = redact(f"{type(exc).__name__}: {exc}")  # the user's code may name a URL
         trial.set_user_attr("fail_reason", reason)
         self.tracker.end_trial(run_id, "FAIL", {"autotune.fail_reason": reason})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -392,6 +393,59 @@ def test_a_missing_config_file_is_named(write_spec, tmp_path):
 def test_export_without_a_study_is_a_one_line_error(write_spec):
     # no study has run yet: say so, in one line
     assert_one_line_error(invoke("export", write_spec(tiny_spec())), "study.name", "'tiny'")
+
+
+# --- every error line: one line, capped, no secret in it ------------------------------------------
+
+SECRET = "s3cr3t-Pw"
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"redis://:{SECRET}@127.0.0.1:{{port}}/0",
+        f"postgresql://postgres@127.0.0.1:{{port}}/test?password={SECRET}",
+    ],
+)
+def test_a_storage_that_cannot_be_opened_names_it_without_its_password(write_spec, url):
+    result = invoke("export", write_spec(tiny_spec()), "--storage", url.format(port=closed_port()))
+
+    # one line naming the storage, its password masked
+    assert_one_line_error(result, "study.storage: cannot open", "127.0.0.1", "***")
+    assert SECRET not in result.output
+
+
+def test_an_unreachable_tracking_server_is_named_without_its_token(write_spec, tmp_path):
+    spec = write_spec(tiny_spec())
+    (tmp_path / "out").mkdir()
+    optuna.create_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'out/autotune.db'}")
+    uri = f"http://user:{SECRET}@127.0.0.1:{closed_port()}"
+    result = invoke("sync", spec, "--tracking-uri", uri)
+
+    # the server is named, with its user and without the token
+    assert_one_line_error(result, "mlflow.tracking_uri: http://user:***@127.0.0.1:")
+    assert SECRET not in result.output
+
+
+def test_a_long_bad_value_is_abbreviated(write_spec):
+    result = invoke("validate", write_spec({"study": {"name": "x" * 100_000}}))
+
+    # the field and the rule, not a hundred thousand characters
+    assert_one_line_error(result, "study.name", "characters left out")
+    assert len(result.stderr) < 400
+
+
+def test_an_error_with_a_line_break_is_one_line(tmp_path):
+    result = invoke("validate", tmp_path / "two\nlines.yaml")
+
+    # a file name with a newline in it still makes one line
+    assert_one_line_error(result, "two lines.yaml", "not found")
 
 
 @pytest.mark.slow

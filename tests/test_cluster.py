@@ -4,6 +4,7 @@ test's own on a free loopback port. Workers are real processes, killed for real.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -293,6 +294,44 @@ def test_an_unreachable_tracking_server_fails_sync_in_one_line(write_spec, tmp_p
     assert result.exit_code == 2
     assert result.output.startswith(f"error: mlflow.tracking_uri: http://127.0.0.1:{port}: ")
     assert result.output.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_a_password_in_both_urls_is_nowhere_to_be_read(
+    write_spec, tmp_path: Path, study_name: str, mlflow_server: MlflowServer
+):
+    password, token = "Pg-s3cret-e2e", "Ml-t0ken-e2e"
+    # this PostgreSQL takes any password; the MLflow server ignores the token
+    storage = POSTGRES.replace("postgres@", f"postgres:{password}@")
+    uri = mlflow_server.uri.replace("http://", f"http://user:{token}@")
+    env = {**os.environ, "AUTOTUNE_STORAGE": storage, "MLFLOW_TRACKING_URI": uri}
+    spec = write_spec(tiny_spec(study={"name": study_name, "n_trials": 2}))
+    said = ""
+    for verb, *flags in (["run", "--workers", "2"], ["export"], ["report"], ["sync"]):
+        result = autotune(verb, spec, *flags, env=env)
+        assert result.returncode == 0, result.stderr
+        said += result.stdout + result.stderr
+
+    def leaks(text: str) -> bool:
+        return password in text or token in text
+
+    # stdout and stderr of every verb: the URLs are named, redacted
+    assert not leaks(said)
+    assert f"compare trials: http://user:***@127.0.0.1:{mlflow_server.port}" in said
+    # MLflow: every param and tag of the parent run and of each trial's run
+    parents, children = mlflow_runs(mlflow_server.uri, study_name)
+    for run in [*parents, *(run for runs in children.values() for run in runs)]:
+        assert not leaks(json.dumps([run.data.params, run.data.tags]))
+    assert parents[0].data.params["study.storage"] == POSTGRES.replace("postgres@", "postgres:***@")
+    # every file: the outputs, the workers' logs, the report, the server's store and artifacts
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert {"recommended.yaml", "best_model.py", "report.html", "worker-1.log"} <= {
+        path.name for path in files
+    }
+    assert [path for path in files if leaks(path.read_bytes().decode("latin-1"))] == []
+    # and the Optuna study's own attrs and its trials'
+    study = optuna.load_study(study_name=study_name, storage=make_storage(POSTGRES))
+    assert not leaks(json.dumps([study.user_attrs, [t.user_attrs for t in study.trials]]))
 
 
 def mid_trial(storage, name: str, n: int) -> list:

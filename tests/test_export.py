@@ -1,4 +1,4 @@
-"""autotune.export: the standalone best_model.py snippet, its verification, and URL redaction."""
+"""autotune.export: the standalone best_model.py snippet and its verification."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from torch import nn
 
 from autotune.export import (
     load_snippet,
-    redact,
     render_module,
     render_snippet,
     verify_snippet,
@@ -286,35 +285,6 @@ def test_render_module_leaves(module: nn.Module, source: str) -> None:
     # each supported leaf is written as the constructor call that rebuilds it
     assert render_module(module) == source
     assert repr(eval(source, {"nn": nn})) == repr(module)
-
-
-# --- redact --------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("url", "shown"),
-    [
-        # the password goes, the user, host, port and database stay
-        (
-            "postgresql://optuna:s3cret@db.example.com:5432/studies",
-            "postgresql://optuna:***@db.example.com:5432/studies",
-        ),
-        (
-            "postgresql+psycopg2://me:pa:ss/word@localhost/db",
-            "postgresql+psycopg2://me:***@localhost/db",
-        ),
-        ("mysql://root:hunter2@127.0.0.1/optuna", "mysql://root:***@127.0.0.1/optuna"),
-        # nothing to hide: no password, or no user at all
-        ("postgresql://optuna@db/studies", "postgresql://optuna@db/studies"),
-        ("postgresql://db:5432/studies", "postgresql://db:5432/studies"),
-        # sqlite URLs are paths and are left alone
-        ("sqlite:///runs/quickstart/autotune.db", "sqlite:///runs/quickstart/autotune.db"),
-        ("sqlite:///runs/user:name/autotune.db", "sqlite:///runs/user:name/autotune.db"),
-    ],
-)
-def test_redact_hides_passwords_only(url: str, shown: str) -> None:
-    # what recommended.yaml records for the storage URL
-    assert redact(url) == shown
 
 
 # --- verify_weights: the rebuilt network, with the trained weights, computes the same -------------

@@ -1,0 +1,26 @@
+"""autotune.errors: the one-line form of an error."""
+
+from __future__ import annotations
+
+from autotune.errors import MAX_LINE, one_line
+
+
+def test_a_short_line_is_left_as_it_is() -> None:
+    assert one_line("train.lr: must be finite (got inf)") == "train.lr: must be finite (got inf)"
+
+
+def test_line_breaks_become_spaces() -> None:
+    # a message of several lines (a library's, or a path with a newline) is one line
+    assert one_line("spec.yaml: bad\n  value\r\nhere") == "spec.yaml: bad value here"
+
+
+def test_a_long_line_keeps_its_start_and_end_and_says_what_it_left_out() -> None:
+    text = "data.kwargs: unknown key (got '" + "x" * 1_000_000 + "'); expected a mapping"
+    line = one_line(text)
+    # about MAX_LINE characters, not a megabyte
+    assert len(line) < MAX_LINE + 60
+    # the field and the rule stay readable, and the cut is said
+    assert line.startswith("data.kwargs: unknown key (got 'xxx")
+    assert line.endswith("xxx'); expected a mapping")
+    left_out = len(text) - MAX_LINE * 2 // 3 - MAX_LINE // 4
+    assert f"... [{left_out} characters left out] ..." in line
