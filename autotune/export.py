@@ -11,10 +11,18 @@ Every file is verified as it is written: the network rebuilt from it (the snippe
 recommendation's blocks built again) must have the tuned network's layers, names and parameter
 count, load the trained best model's saved state_dict, and then give the same outputs. Each file
 carries its provenance: study, trial, MLflow run ids, seed and library versions.
+
+What the snippet holds of the Optuna storage and the tracking server is data, never code: values
+are rendered with repr, the header's text goes through `docstring` (nothing in it can end the
+string), run ids are taken only in MLflow's form (tracking.RUN_ID). The verification runs the code
+autotune rendered, not the file as it is found, and only once `check_rendered` has found nothing at
+the top level but what a snippet has: its docstring, imports, literal constants, functions and
+classes, and the `__main__` guard.
 """
 
 from __future__ import annotations
 
+import ast
 import datetime as dt
 import hashlib
 import inspect
@@ -41,7 +49,7 @@ from autotune.robust import ROBUST_ATTR, kept_digest, recommended_trial
 from autotune.space import TrialConfig, config_from_mapping
 from autotune.spec import ModelSpec, Spec
 from autotune.study import best_trial, state_counts
-from autotune.tracking import trial_run_id
+from autotune.tracking import PARENT_ATTR, run_id_or_none, trial_run_id
 
 # what `export --format` writes, and the files' names
 FORMATS = {"yaml": "recommended.yaml", "json": "recommended.json", "py": "best_model.py"}
@@ -147,7 +155,7 @@ def render_imported_snippet(
     )
     functional = "import torch.nn.functional as F\n" if classes else ""
     body = "\n".join(lines)
-    return f'''"""{header}
+    doc = f"""{header}
 
 Your own model ({spec.import_}) with the recommended BN momenta and regularisers: imports torch
 and your model's module. apply_recommendation() changes a model in place and adds no parameter or
@@ -156,6 +164,7 @@ them, load with model.load_state_dict(torch.load(path)), and so do your own chec
 where `{module_name}` imports. The model expects inputs standardised as recommended.yaml's
 `inputs` says.
 """
+    return f'''{docstring(doc)}
 
 import torch
 {functional}from torch import nn
@@ -198,12 +207,13 @@ def render_snippet(model: nn.Module, header: str, input_shape: tuple[int, ...]) 
     classes = custom_classes(model)
     carried = "".join(f"\n\n\n{inspect.getsource(cls).rstrip()}" for cls in classes)
     functional = "import torch.nn.functional as F\n" if classes else ""
-    return f'''"""{header}
+    doc = f"""{header}
 
 Standalone: imports torch only. Copy build_model() into your code base; the trained weights, when
 autotune saved them, load with model.load_state_dict(torch.load(path)). The model expects inputs
 standardised as recommended.yaml's `inputs` says.
 """
+    return f"""{docstring(doc)}
 
 from collections import OrderedDict
 
@@ -222,14 +232,75 @@ if __name__ == "__main__":
     print(model)
     print(sum(p.numel() for p in model.parameters()), "parameters")
     print("output of a batch of 2:", tuple(model(torch.zeros(2, *INPUT_SHAPE)).shape))
-'''
+"""
+
+
+def docstring(text: str) -> str:
+    """`text` as a triple-quoted string literal that reads back as exactly `text`: each backslash,
+    quote and unprintable character escaped, so that nothing in it can end the string."""
+    return '"""' + "".join(_escaped(ch) for ch in text) + '"""'
+
+
+def _escaped(ch: str) -> str:
+    if ch in '\\"':
+        return "\\" + ch
+    if ch == "\n" or ch.isprintable():
+        return ch
+    return ch.encode("unicode_escape").decode("ascii")
+
+
+class NotRendered(RuntimeError):
+    """Code that is not what autotune renders as a snippet: it is not run."""
+
+
+def check_rendered(code: str, source: Path, header: str | None = None) -> None:
+    """Raise NotRendered unless every top-level statement of `code` is one a snippet has: the
+    docstring first (beginning with `header`, whole, where given), imports, constants whose
+    values are literals, functions and classes, and the `if __name__ == "__main__":` block (which
+    does not run on verification)."""
+    try:
+        tree = ast.parse(code, str(source))
+    except SyntaxError as exc:
+        raise NotRendered(f"{source}: not valid Python (line {exc.lineno}); not run") from None
+    for i, node in enumerate(tree.body):
+        if not _snippet_statement(node, first=i == 0):
+            raise NotRendered(
+                f"{source}: line {node.lineno} is not what autotune renders "
+                f"({type(node).__name__}); not run"
+            )
+    doc = ast.get_docstring(tree, clean=False) or ""
+    if header is not None and not doc.startswith(f"{header}\n"):
+        raise NotRendered(f"{source}: its docstring is not the header autotune wrote; not run")
+
+
+def _snippet_statement(node: ast.stmt, *, first: bool) -> bool:
+    if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef)):
+        return True
+    if isinstance(node, ast.Expr):  # the docstring
+        return first and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+    if isinstance(node, ast.Assign):
+        try:
+            ast.literal_eval(node.value)
+        except (ValueError, TypeError):
+            return False
+        return all(isinstance(target, ast.Name) for target in node.targets)
+    if isinstance(node, ast.If):
+        return ast.unparse(node.test) == "__name__ == '__main__'"
+    return False
+
+
+def run_snippet(code: str, source: Path, header: str | None = None) -> nn.Module:
+    """Run snippet code in a fresh namespace, once check_rendered passes, and return its
+    build_model()."""
+    check_rendered(code, source, header)
+    namespace: dict[str, Any] = {"__name__": "autotune_snippet"}
+    exec(compile(code, str(source), "exec"), namespace)
+    return namespace["build_model"]()
 
 
 def load_snippet(path: Path) -> nn.Module:
-    """Run a best_model.py in a fresh namespace and return its build_model()."""
-    namespace: dict[str, Any] = {"__name__": "autotune_snippet"}
-    exec(compile(path.read_text(), str(path), "exec"), namespace)
-    return namespace["build_model"]()
+    """Run a best_model.py (see run_snippet) and return its build_model()."""
+    return run_snippet(path.read_text(), path)
 
 
 def verify_snippet(path: Path, reference: nn.Module) -> None:
@@ -251,7 +322,7 @@ def verify_weights(
     """Load the saved state_dict into both networks and compare their eval-mode outputs on a
     seeded batch; return the largest difference. Raise when a key does not load or the outputs
     differ: then the file does not describe the trained network."""
-    state = torch.load(weights, map_location="cpu")
+    state = torch.load(weights, map_location="cpu", weights_only=True)  # data: no pickled code
     try:
         rebuilt.load_state_dict(state)
     except RuntimeError as exc:
@@ -429,7 +500,7 @@ def write_outputs(
         else:
             code = render_snippet(model, header, shape)
         py_path.write_text(code)
-        verified["best_model.py"] = check(load_snippet(py_path), py_path)
+        verified["best_model.py"] = check(run_snippet(code, py_path, header), py_path)
         written.append(py_path)
 
     recommendation = {
@@ -444,7 +515,7 @@ def write_outputs(
             "trial": trial.number,
             "value": float(trial.value),
             "mlflow_run_id": trial_run_id(attrs, trial),
-            "mlflow_parent_run_id": attrs.get("mlflow_parent_run_id"),
+            "mlflow_parent_run_id": run_id_or_none(attrs.get(PARENT_ATTR)),
             "weights": str(weights) if weights is not None else None,
         },
         "model": _model_section(spec.model, model, shape, n_classes, blocks),
@@ -468,15 +539,17 @@ def write_outputs(
             continue
         path = out / FORMATS[kind]
         if kind == "yaml":
-            path.write_text(
+            text = (
                 "# autotune's recommendation: the best trial's per-block configuration.\n"
                 "# rate is the drop probability; bn_momentum follows PyTorch's convention.\n"
                 + yaml.safe_dump(recommendation, sort_keys=False)
             )
-            document = yaml.safe_load(path.read_text())
+            document = yaml.safe_load(text)
         else:  # strict JSON: a number that is not finite is written as null
-            path.write_text(json.dumps(_finite(recommendation), indent=2, allow_nan=False) + "\n")
-            document = json.loads(path.read_text())
+            text = json.dumps(_finite(recommendation), indent=2, allow_nan=False) + "\n"
+            document = json.loads(text)
+        path.write_text(text)
+        # rebuilt from the text written, not the file as found: it names the module to import
         check(rebuild_recommendation(document, str(path), spec.base_dir), path)
         written.insert(0, path)
     return written

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -35,6 +36,9 @@ PARTIAL = "autotune.partial"  # the tag of a run that missed some of its trial's
 # a finished trial's run once sync has logged it again: a study attr, one per trial (a finished
 # trial's own attrs cannot change, and its "mlflow_run_id" names the run sync replaced, or none)
 RELOGGED_RUN = "mlflow_run_id.trial_{}"
+# what MLflow names a run: 32 hex digits (a uuid4). A stored value of any other form is not taken
+# for one: sync copies run ids from the tracking server into the study, and export renders them
+RUN_ID = re.compile(r"[0-9a-f]{32}")
 RUN_STATUS = {
     "COMPLETE": "FINISHED",
     "PRUNED": "FINISHED",
@@ -471,10 +475,15 @@ def sync_study(tracker: Tracker, study: Any, metric: str, only: Iterable[int] | 
 
 def trial_run_id(study_attrs: Mapping[str, Any], trial: Any) -> str | None:
     """The id of the MLflow run that holds `trial`, given the study's user attrs: the one sync
-    logged, else the trial's own."""
-    return study_attrs.get(RELOGGED_RUN.format(trial.number)) or trial.user_attrs.get(
-        "mlflow_run_id"
+    logged, else the trial's own; None when neither is a run id."""
+    return run_id_or_none(study_attrs.get(RELOGGED_RUN.format(trial.number))) or run_id_or_none(
+        trial.user_attrs.get("mlflow_run_id")
     )
+
+
+def run_id_or_none(value: Any) -> str | None:
+    """`value` when it is an MLflow run id (RUN_ID), else None."""
+    return value if isinstance(value, str) and RUN_ID.fullmatch(value) else None
 
 
 def _keep_one(tracker: Tracker, runs: list[Any], state: str) -> str | None:

@@ -5,22 +5,30 @@ from __future__ import annotations
 import ast
 import re
 import runpy
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from conftest import tiny_spec
 from torch import nn
 
+from autotune import export
 from autotune.export import (
+    NotRendered,
     load_snippet,
     render_module,
     render_snippet,
     verify_snippet,
     verify_weights,
+    write_outputs,
 )
 from autotune.models import build_model
 from autotune.space import BlockConfig, TrialConfig
-from autotune.spec import ModelSpec
+from autotune.spec import ModelSpec, parse_spec
+from autotune.study import load_existing_study, run_study
+from autotune.tracking import PARENT_ATTR, RELOGGED_RUN
 
 DIGITS = (1, 8, 8)
 
@@ -335,3 +343,85 @@ def test_verify_weights_names_weights_that_do_not_load(tmp_path: Path) -> None:
         verify_weights(
             load_snippet(path), build_model(spec, config, shape, 10), weights, shape, path
         )
+
+
+# --- nothing read from the storage runs: values are data, the verification runs autotune's code ---
+
+# F3: a run id that ends the docstring, runs a command, and opens a string again
+HOSTILE = '""";__import__("os").system("touch pwned");"""'
+
+
+@pytest.fixture(scope="module")
+def trained_study(tmp_path_factory) -> Path:
+    """The output folder of a study of one completed trial (MLflow off)."""
+    out = tmp_path_factory.mktemp("one-trial") / "out"
+    run_study(parse_spec(study_of_one(out)))
+    return out
+
+
+def study_of_one(out: Path) -> dict:
+    return tiny_spec(study={"n_trials": 1}, mlflow={"enabled": False}, output=str(out))
+
+
+@pytest.fixture
+def one_trial(trained_study: Path, tmp_path: Path, monkeypatch):
+    """A copy of that study of its own, in tmp_path, which is the working directory: where
+    `touch pwned` would land."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(trained_study, tmp_path / "out")
+    spec = parse_spec(study_of_one(tmp_path / "out"))
+    return spec, load_existing_study(spec)
+
+
+def test_a_hostile_run_id_in_the_study_is_not_rendered_and_nothing_runs(one_trial, tmp_path):
+    spec, study = one_trial
+    [trial] = study.trials
+    # what `sync` copies from the tracking server into the study, as an attacker would set it
+    study.set_user_attr(RELOGGED_RUN.format(trial.number), HOSTILE)
+    study.set_user_attr(PARENT_ATTR, HOSTILE)
+    write_outputs(study, spec)
+
+    # nothing ran, and the value is in no output: it is no run id
+    assert not (tmp_path / "pwned").exists()
+    source = (spec.output_dir / "best_model.py").read_text()
+    assert "pwned" not in source
+    best = yaml.safe_load((spec.output_dir / "recommended.yaml").read_text())["best"]
+    assert best["mlflow_run_id"] is None and best["mlflow_parent_run_id"] is None
+
+
+def test_hostile_text_in_the_header_stays_in_the_docstring(one_trial, tmp_path):
+    spec, study = one_trial
+    # the metric's name is in the header; a stored one that tries to end the docstring
+    study.set_user_attr("metric", HOSTILE + "\\")
+    write_outputs(study, spec, ("py",))
+
+    # nothing ran: the text is the docstring's, whole, and the module has nothing else at its top
+    assert not (tmp_path / "pwned").exists()
+    tree = ast.parse((spec.output_dir / "best_model.py").read_text())
+    assert HOSTILE + "\\ =" in ast.get_docstring(tree, clean=False)
+    assert sum(isinstance(node, ast.Expr) for node in tree.body) == 1
+
+
+def test_the_verification_refuses_code_autotune_did_not_render(one_trial, tmp_path, monkeypatch):
+    spec, study = one_trial
+    rendered = export.render_snippet
+
+    def tampered(*args, **kwargs) -> str:  # one statement more than a snippet has
+        return rendered(*args, **kwargs) + '\n__import__("os").system("touch pwned")\n'
+
+    monkeypatch.setattr(export, "render_snippet", tampered)
+    # refused before it runs, naming the file and the line
+    with pytest.raises(NotRendered, match=r"best_model\.py: line \d+ is not what autotune renders"):
+        write_outputs(study, spec, ("py",))
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize(
+    "text", [HOSTILE, 'ends in a quote"', "ends in a backslash\\", "a\x00nul", "tab\tand\u2028"]
+)
+def test_docstring_reads_back_as_the_text(text: str) -> None:
+    # a string literal whatever the text holds: it evaluates to the text and nothing else
+    literal = export.docstring(text)
+    assert ast.literal_eval(literal) == text
+    [node] = ast.parse(literal).body
+    assert isinstance(node, ast.Expr)

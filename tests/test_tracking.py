@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from autotune.tracking import Tracker
+from autotune.tracking import Tracker, run_id_or_none, trial_run_id
 
 SECRET = "s3cr3t-Pw"
 
@@ -32,3 +32,21 @@ def test_params_and_tags_reach_mlflow_redacted(tmp_path: Path) -> None:
     assert logged["data.kwargs.password"] == "***" and logged["train.lr"] == "0.001"
     # nor does a trial's tag
     assert client.get_run(run).data.tags["autotune.fail_reason"] == "cannot reach redis://:***@h"
+
+
+class Trial:
+    def __init__(self, number: int, **attrs) -> None:
+        self.number, self.user_attrs = number, attrs
+
+
+def test_a_stored_run_id_counts_only_in_mlflow_s_form() -> None:
+    run_id = "0123456789abcdef0123456789abcdef"
+    # a run id is 32 hex digits; anything else read from the storage is not one
+    assert run_id_or_none(run_id) == run_id
+    assert run_id_or_none('""";__import__("os")') is None
+    assert run_id_or_none(run_id + "\n") is None and run_id_or_none(None) is None
+    # the one sync logged wins; one that is no run id gives way to the trial's own
+    assert trial_run_id({"mlflow_run_id.trial_3": "x" * 32}, Trial(3, mlflow_run_id=run_id)) == (
+        run_id
+    )
+    assert trial_run_id({}, Trial(3, mlflow_run_id="")) is None
