@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -26,7 +25,8 @@ from pydantic import (
     model_validator,
 )
 
-from autotune.errors import SpecError
+from autotune.errors import SpecError, abbreviate, quote_path, shorten
+from autotune.files import file_problem, path_too_long, read_yaml
 
 BUILTIN_DATASETS = ("digits", "breast_cancer", "wine", "synthetic_tabular", "synthetic_images")
 METRICS = {"val_acc": "maximize", "val_loss": "minimize", "train_loss": "minimize"}
@@ -49,7 +49,7 @@ def _import_path(what: str) -> Callable[[str | None], str | None]:
 
     def check(value: str | None) -> str | None:
         if value is not None and not IMPORT_PATH.match(value):
-            raise ValueError(f"expected 'package.module:{what}', got {value!r}")
+            raise ValueError(f"expected 'package.module:{what}', got {abbreviate(value)}")
         return value
 
     return check
@@ -188,13 +188,10 @@ class DataSpec(_Section):
     def _existing_file(cls, path: Path | None, info: ValidationInfo) -> Path | None:
         if path is None:
             return None
-        base = Path((info.context or {}).get("base_dir", "."))
-        path = path if path.is_absolute() else base / path
+        path = _resolve(path, info)
         if path.suffix not in (".csv", ".npz"):
-            raise ValueError(f"expected a .csv or .npz file, got {str(path)!r}")
-        if not path.is_file():
-            raise ValueError(f"file not found: {str(path)!r}")
-        return path
+            raise ValueError(f"expected a .csv or .npz file, got {quote_path(path)}")
+        return _existing(path)
 
     _datamodule_path = field_validator("datamodule")(_import_path("Class"))
 
@@ -249,7 +246,8 @@ class ModelSpec(_Section):
         for name in ("template", "widths", "activation", "pool"):
             if name in self.model_fields_set:
                 raise ValueError(
-                    f"{name}: the imported model {self.import_!r} has its own; leave {name} out"
+                    f"{name}: the imported model {abbreviate(self.import_)} has its own; "
+                    f"leave {name} out"
                 )
         return self
 
@@ -329,6 +327,11 @@ class RecommendSpec(_Section):
     # relative to the spec file's folder
     current: Path | None = None
 
+    @field_validator("current")
+    @classmethod
+    def _existing_current(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        return None if path is None else _existing(_resolve(path, info))
+
 
 class Spec(_Section):
     study: StudySpec = StudySpec()
@@ -342,6 +345,13 @@ class Spec(_Section):
     output: Path | None = None
     # the folder the spec file lives in, for resolving the files it names (set by load_spec)
     base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("output")
+    @classmethod
+    def _output_fits(cls, path: Path | None) -> Path | None:
+        if path is not None and path_too_long(path):
+            raise ValueError(f"path too long for the file system: {quote_path(path)}")
+        return path
 
     @property
     def output_dir(self) -> Path:
@@ -373,20 +383,6 @@ def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None) -> S
     return parse_spec(raw, base_dir=path.parent, source=str(path))
 
 
-def read_yaml(path: Path, *, what: str = "file") -> Any:
-    """A YAML file's content ({} when empty); SpecError naming the file when it cannot be read."""
-    if not path.is_file():
-        raise SpecError(f"{path}: {what} not found")
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError:
-        raise SpecError(f"{path}: not UTF-8 text") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise SpecError(f"{path}: not valid YAML{where}") from None
-
-
 def parse_spec(raw: dict[str, Any], *, base_dir: Path = Path("."), source: str = "spec") -> Spec:
     """Validate a spec already read into a dict."""
     try:
@@ -399,13 +395,17 @@ def describe_error(exc: ValidationError) -> str:
     """The first error of a ValidationError as `field.path: what is wrong (got value)`."""
     errors = exc.errors()
     first = errors[0]
-    where = ".".join(str(part) for part in first["loc"]) or "spec"
+    # a key of the user's own (an unknown one, or one in kwargs) may be any length
+    where = (
+        ".".join(shorten(part, 40) if isinstance(part, str) else str(part) for part in first["loc"])
+        or "spec"
+    )
     if first["type"] == "extra_forbidden":
         message = "unknown key" + _allowed_keys(first["loc"][:-1])
     else:
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] not in ("value_error", "missing") and "input" in first:
-            message += f" (got {first['input']!r})"
+            message += f" (got {abbreviate(first['input'])})"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{where}: {message}{more}"
 
@@ -421,9 +421,23 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
         elif isinstance(child, str) and key in _SHORTHAND_KEYS:
             child = node[key] = {_SHORTHAND_KEYS[key]: child}
         elif not isinstance(child, dict):
-            raise SpecError(f"{dotted}: {key} is not a section (got {child!r})")
+            raise SpecError(f"{dotted}: {key} is not a section (got {abbreviate(child)})")
         node = child
     node[last] = value
+
+
+def _resolve(path: Path, info: ValidationInfo) -> Path:
+    """A path the spec reads, relative to the spec file's folder (the validation context's)."""
+    base = Path((info.context or {}).get("base_dir", "."))
+    return path if path.is_absolute() else base / path
+
+
+def _existing(path: Path) -> Path:
+    """The path of a file that can be read; ValueError saying why not, for the field's error."""
+    problem = file_problem(path)
+    if problem is not None:
+        raise ValueError(f"file {problem}: {quote_path(path)}")
+    return path
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> str:

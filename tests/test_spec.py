@@ -465,8 +465,10 @@ def test_unreadable_spec_file(tmp_path: Path, text: str, message: str) -> None:
     path.write_text(text)
     with pytest.raises(SpecError) as caught:
         load_spec(path)
-    # the file, then what is wrong with it, on one line
-    assert str(caught.value) == f"{path}: {message}"
+    # the file, then what is wrong with it, on one line (a YAML error then says the parser's
+    # own words)
+    assert str(caught.value).startswith(f"{path}: {message}")
+    assert "\n" not in str(caught.value)
 
 
 def test_missing_spec_file(tmp_path: Path) -> None:
@@ -525,3 +527,15 @@ def test_override_below_a_shorthand_section(write_spec) -> None:
     # the shorthand's name is kept and the override lands
     assert pruner.name == "median"
     assert pruner.n_warmup_epochs == 1
+
+
+def test_a_long_bad_value_is_abbreviated() -> None:
+    # a 1 MB name: the error echoed all of it
+    message = spec_error({"study": {"name": "x" * 1_000_000}})
+    assert message.startswith("spec: study.name: String should have at most 100 characters")
+    # the value by its start, cut with "…"
+    assert message.endswith("(got '" + "x" * 78 + "…)")
+    assert len(message) < 200
+    # an unknown key of any length is named by its start too
+    message = spec_error({"study": {"k" * 100_000: 1}})
+    assert message.startswith("spec: study." + "k" * 39 + "…: unknown key") and len(message) < 300
