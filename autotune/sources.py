@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from autotune.checks import informative_features, split_sizes
+from autotune.checks import generated_shape, informative_features, split_sizes
 from autotune.errors import SpecError, first_line
 from autotune.spec import BUILTIN_DATASETS, DataSpec, SyntheticSpec
 
@@ -92,6 +92,8 @@ def load_builtin(name: str, synthetic: SyntheticSpec, *, seed: int) -> Arrays:
         raise SpecError(
             f"data.name: unknown dataset {name!r}; expected one of: {', '.join(BUILTIN_DATASETS)}"
         )
+    if name.startswith("synthetic_"):
+        generated_shape(name, synthetic)  # within the bound, before numpy allocates it
     return loaders[name]()
 
 

@@ -400,30 +400,36 @@ def _build_range(name: str, entry: dict[str, Any], where: str) -> Param:
     for key in ("low", "high"):
         if key not in entry:
             raise SpecError(f"{where}.{key}: missing")
-        if not isinstance(entry[key], (int, float)) or isinstance(entry[key], bool):
+        if not _is_number(entry[key]):
             raise SpecError(f"{where}.{key}: expected a number, got {abbreviate(entry[key])}")
-    low, high = float(entry["low"]), float(entry["high"])
-    log, step = bool(entry.get("log", False)), entry.get("step")
-    _check_value(name, low, f"{where}.low", None, fixed=False)
-    _check_value(name, high, f"{where}.high", None, fixed=False)
+    low = _check_value(name, entry["low"], f"{where}.low", None, fixed=False)
+    high = _check_value(name, entry["high"], f"{where}.high", None, fixed=False)
+    log, step = entry.get("log", False), entry.get("step")
+    if not isinstance(log, bool):
+        raise SpecError(f"{where}.log: expected true or false, got {abbreviate(log)}")
     if low > high:
         raise SpecError(f"{where}: low must not exceed high, got low={low} high={high}")
     if log and low <= 0:
         raise SpecError(f"{where}.low: a log range needs low > 0, got {low}")
     if log and step is not None:
         raise SpecError(f"{where}.step: a log range cannot have a step")
-    if step is not None and (not isinstance(step, (int, float)) or step <= 0):
+    if step is not None and not (_is_number(step) and 0 < step < math.inf):
         raise SpecError(f"{where}.step: expected a positive number, got {abbreviate(step)}")
     if low == high:
         return Fixed(low)
     mid = math.sqrt(low * high) if log else (low + high) / 2
     default = entry.get("default", mid)
-    if not isinstance(default, (int, float)) or isinstance(default, bool):
+    if not _is_number(default):
         raise SpecError(f"{where}.default: expected a number, got {abbreviate(default)}")
+    if not low <= default <= high:  # NaN too
+        raise SpecError(f"{where}.default: {abbreviate(default)} is outside [{low}, {high}]")
     default = float(default)
-    if not low <= default <= high:
-        raise SpecError(f"{where}.default: {default} is outside [{low}, {high}]")
     return Range(low, high, default, log, None if step is None else float(step))
+
+
+def _is_number(value: Any) -> bool:
+    """An int or a float; YAML's true and false are bools, which Python counts as ints."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _applies(name: str, value: str, slot: Slot) -> bool:
@@ -460,7 +466,7 @@ def _check_value(name: str, value: Any, where: str, slot: Slot | None, *, fixed:
     if placed and not _applies(name, value, slot):  # type: ignore[arg-type]
         raise SpecError(f"{where}: {value} does not apply to {slot.label}")  # type: ignore[union-attr]
     if name in ("rate", "bn_momentum"):
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+        if not _is_number(value):
             raise SpecError(f"{where}: expected a number, got {abbreviate(value)}")
         if name == "rate" and not 0 <= value < 1:
             raise SpecError(f"{where}: a drop rate must lie in [0, 1), got {abbreviate(value)}")
