@@ -19,12 +19,20 @@ from typing import Any
 
 from autotune.errors import SpecError, first_line
 from autotune.space import SearchSpace, Slot, load_space
-from autotune.spec import BUILTIN_DATASETS, DataSpec, Spec, SyntheticSpec
+from autotune.spec import BUILTIN_DATASETS, DataSpec, ModelSpec, Spec, SyntheticSpec
 
 # samplers that model numeric parameters only
 NUMERIC_SAMPLERS = ("cmaes", "gp")
 # accelerators that are always there: auto falls back to the CPU
 ALWAYS_THERE = ("auto", "cpu")
+# the most values a generated dataset may hold (rows × features, or rows × pixels, class
+# templates included): 2**28 float64 values are 2 GB a copy, and generating them holds about
+# three copies; synthetic_images' default is 2000 × 256
+MAX_GENERATED = 2**28
+# the largest template network: 10**9 float32 weights are 4 GB, 16 GB with their gradients and
+# AdamW's two moments, before any activation: more than most GPUs hold beside the data. The
+# digits mlp has 60,000
+MAX_PARAMETERS = 10**9
 
 
 def split_sizes(rows: int, val_fraction: float) -> tuple[int, int]:
@@ -93,10 +101,8 @@ def _builtin_shape(name: str, synthetic: SyntheticSpec) -> tuple[int, tuple[int,
         return BUNDLED[name]
     if name == "synthetic_tabular":
         informative_features(synthetic)
-        return synthetic.n_samples, (synthetic.n_features,), synthetic.n_classes
-    if name == "synthetic_images":
-        size = synthetic.image_size
-        return synthetic.n_samples, (synthetic.channels, size, size), synthetic.n_classes
+    if name in ("synthetic_tabular", "synthetic_images"):
+        return synthetic.n_samples, generated_shape(name, synthetic), synthetic.n_classes
     raise SpecError(
         f"data.name: unknown dataset {name!r}; expected one of: {', '.join(BUILTIN_DATASETS)}"
     )
@@ -147,6 +153,25 @@ def model_slots(spec: Spec, shape: tuple[int, ...], n_classes: int) -> tuple[Slo
             "there is nothing to tune"
         )
     return tuple(block.slot() for block in blocks)
+
+
+def generated_shape(name: str, synthetic: SyntheticSpec) -> tuple[int, ...]:
+    """One example's shape in a generated dataset; SpecError when the dataset would hold more
+    than MAX_GENERATED values."""
+    if name == "synthetic_tabular":
+        shape: tuple[int, ...] = (synthetic.n_features,)
+        rows = synthetic.n_samples
+    else:  # synthetic_images: one smooth template a class besides the images
+        size = synthetic.image_size
+        shape, rows = (synthetic.channels, size, size), synthetic.n_samples + synthetic.n_classes
+    values = rows * math.prod(shape)
+    if values > MAX_GENERATED:
+        fields = "n_features" if name == "synthetic_tabular" else "image_size, channels"
+        raise SpecError(
+            f"data.synthetic: {name} of {synthetic.n_samples:,} rows shaped {shape} would "
+            f"hold {values:,} values; at most {MAX_GENERATED:,} (lower n_samples or {fields})"
+        )
+    return shape
 
 
 def informative_features(synthetic: SyntheticSpec) -> int:
@@ -210,6 +235,44 @@ def check_accelerator(accelerator: str, precision: str = "32-true") -> None:
         raise SpecError(f"train.{field}: {value!r}: {first_line(exc)}") from None
 
 
+def count_parameters(model: ModelSpec, input_shape: Sequence[int], n_classes: int) -> int:
+    """The trainable parameters of a template network (models.build_model), counted without
+    building it: weights, BN's scale and shift, the head's weights and bias."""
+    widths = model.resolved_widths
+    if model.template == "mlp":
+        fan_in, total = math.prod(input_shape), 0
+        for width in widths:
+            total += fan_in * width + 2 * width
+            fan_in = width
+        return total + fan_in * n_classes + n_classes
+    channels, side, total = input_shape[0], min(input_shape[1:]), 0
+    for i, width in enumerate(widths):
+        if model.template == "cnn":
+            total += 9 * channels * width + 2 * width
+        else:  # resnet: two 3x3 convolutions, and a 1x1 projection where the shape changes
+            stride = 2 if model.pool and i > 0 and side >= 2 else 1
+            side = (side + 1) // 2 if stride == 2 else side
+            total += 9 * channels * width + 9 * width * width + 4 * width
+            if stride != 1 or channels != width:
+                total += channels * width + 2 * width
+        channels = width
+    return total + channels * n_classes + n_classes
+
+
+def check_size(model: ModelSpec, input_shape: Sequence[int], n_classes: int) -> None:
+    """A template network of at most MAX_PARAMETERS parameters (a model of one's own is the
+    user's business). The shape is checked against the template first."""
+    if model.imported:
+        return
+    check_template(model.template, input_shape)
+    count = count_parameters(model, input_shape, n_classes)
+    if count > MAX_PARAMETERS:
+        raise SpecError(
+            f"model.widths: the {model.template} would have {count:,} parameters for data "
+            f"shaped {tuple(input_shape)} with {n_classes} classes; at most {MAX_PARAMETERS:,}"
+        )
+
+
 def check_batches(train_rows: int, batch_size: int) -> None:
     """At least one training batch an epoch."""
     if rows_served(train_rows, batch_size, shuffle=True) == 0:
@@ -236,6 +299,7 @@ def check_spec(spec: Spec) -> tuple[SearchSpace, DataShape]:
     data = describe(spec.data)
     check_sampler(spec.study.sampler, space)
     check_template(spec.model.template, data.input_shape)
+    check_size(spec.model, data.input_shape, data.n_classes)
     check_accelerator(spec.train.accelerator, spec.train.precision)
     if data.train_rows is not None:
         check_batches(data.train_rows, spec.data.batch_size)

@@ -254,9 +254,10 @@ def predict(spec_file: Path, config_file: Path | None, as_json: bool) -> None:
     import json
 
     from autotune.data import load_data
+    from autotune.files import read_yaml
     from autotune.progress import print_prediction
     from autotune.space import config_from_mapping
-    from autotune.spec import load_spec, read_yaml
+    from autotune.spec import load_spec
     from autotune.study import check_runnable, resolve_space
     from autotune.training import predict as predict_config
 

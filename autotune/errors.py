@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import reprlib
+
 
 class SpecError(ValueError):
     """A spec, search space or data file the user gave is wrong.
@@ -31,3 +33,39 @@ def one_line(text: str, limit: int = MAX_LINE) -> str:
         return line
     head, tail = line[: limit * 2 // 3], line[len(line) - limit // 4 :]
     return f"{head} ... [{len(line) - len(head) - len(tail)} characters left out] ... {tail}"
+
+
+# the longest value or name an error message echoes, and the longest path (a path of the usual
+# depth fits); the rest is cut with "…"
+ECHO_LIMIT = 80
+PATH_LIMIT = 240
+
+
+def shorten(text: str, limit: int = ECHO_LIMIT) -> str:
+    """`text` on one line (line breaks escaped, as in a repr), cut to `limit` characters, the
+    last one "…" where it was longer: a name or a file's path echoed in an error."""
+    text = text.translate(_LINE_BREAKS)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def abbreviate(value: object, limit: int = ECHO_LIMIT) -> str:
+    """A value's repr for an error message, at most `limit` characters: a 1 MB string or a
+    list of a million items is echoed by its start, and never rendered whole."""
+    try:
+        text = _ECHO_REPR.repr(value)
+    except ValueError:  # an int of more digits than Python converts to text (4300)
+        text = f"an integer of {value.bit_length():,} bits"  # type: ignore[attr-defined]
+    return shorten(text, limit)
+
+
+def quote_path(path: object) -> str:
+    """A path for an error message: its repr, at most PATH_LIMIT characters."""
+    return abbreviate(str(path), PATH_LIMIT)
+
+
+# every character str.splitlines() breaks at
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+# reprlib elides the middle of a longer value: at 4 times the limit, the start stays intact
+_ECHO_REPR = reprlib.Repr()
+_ECHO_REPR.maxstring = _ECHO_REPR.maxother = _ECHO_REPR.maxlong = 4 * ECHO_LIMIT
+_ECHO_REPR.maxlevel = 3

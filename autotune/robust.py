@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import optuna
 
+from autotune.files import read_yaml
 from autotune.space import (
     BlockConfig,
     SearchSpace,
@@ -33,7 +34,7 @@ from autotune.space import (
     block_slots,
     config_from_mapping,
 )
-from autotune.spec import Spec, read_yaml
+from autotune.spec import Spec
 from autotune.study import Session, best_trial, top_trials
 
 ROBUST_ATTR = "robust"  # the study user attr that keeps the result
@@ -66,11 +67,10 @@ def baselines(spec: Spec, space: SearchSpace) -> list[Candidate]:
         Candidate("dropout_only", None, after_act, batchnorm=False),
         Candidate("dropout_after_act", None, after_act),
     ]
-    current = spec.recommend.current
+    current = spec.recommend.current  # resolved against the spec's folder, and there
     if current is not None:
-        path = current if current.is_absolute() else spec.base_dir / current
-        raw = read_yaml(path, what="recommend.current")
-        config = config_from_mapping(raw, n_blocks=n_blocks, slots=slots, source=str(path))
+        raw = read_yaml(current, what="recommend.current")
+        config = config_from_mapping(raw, n_blocks=n_blocks, slots=slots, source=str(current))
         rows.append(Candidate("current", None, config))
     return rows
 

@@ -10,14 +10,15 @@ used: each takes a second or more to import.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from autotune.checks import informative_features, split_sizes
-from autotune.errors import SpecError, first_line
+from autotune.checks import generated_shape, informative_features, split_sizes
+from autotune.errors import SpecError, abbreviate, first_line, shorten
 from autotune.spec import BUILTIN_DATASETS, DataSpec, SyntheticSpec
 
 # Features whose train std is below this are constant (e.g. digits' corner pixels): they are
@@ -31,8 +32,16 @@ MIN_STD = 1e-6
 IMAGE_NOISE = 2.0
 IMAGE_MAX_SHIFT = 2
 IMAGE_SHARED = 0.5
-# at most this many names in an error message's list of columns or arrays
-LISTED_NAMES = 20
+# an error message's list of columns or arrays: names up to this many characters in all (the
+# names nearest the one asked for first), each name cut to NAME_CHARS
+LISTED_CHARS = 200
+NAME_CHARS = 40
+# names compared with the one asked for, for a guess (difflib takes about a second for 10,000)
+MATCHED_NAMES = 10_000
+# the dtype kinds a feature may have: bool, int, unsigned, float (complex, datetime, text and
+# objects are not features); a label may also be text or bytes
+FEATURE_KINDS = "biuf"
+LABEL_KINDS = "biufUS"
 
 Arrays = tuple[np.ndarray, np.ndarray]
 
@@ -92,6 +101,8 @@ def load_builtin(name: str, synthetic: SyntheticSpec, *, seed: int) -> Arrays:
         raise SpecError(
             f"data.name: unknown dataset {name!r}; expected one of: {', '.join(BUILTIN_DATASETS)}"
         )
+    if name.startswith("synthetic_"):
+        generated_shape(name, synthetic)  # within the bound, before numpy allocates it
     return loaders[name]()
 
 
@@ -187,29 +198,50 @@ def read_csv(path: Path, label: str) -> Arrays:
     import pandas as pd  # only csv needs it, and it is slow to import
 
     try:
+        # the header as written: pandas renames a repeated name (label, label.1), which would
+        # make a second label column a feature
+        header = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False)
         frame = pd.read_csv(path)
     except Exception as exc:
         raise SpecError(f"data.path: cannot read {path.name}: {first_line(exc)}") from None
+    _check_header([str(name) for name in header.iloc[0]], path)
     columns = [str(column) for column in frame.columns]
     if label not in columns:
         raise SpecError(
-            f"data.label: column {label!r} not in {path.name}; columns: {_listing(columns)}"
+            f"data.label: column {abbreviate(label)} not in {path.name}; "
+            f"{_listing(columns, label, 'columns')}"
         )
+    if len(frame) == 0:
+        raise SpecError(f"data.path: {path.name} has no rows, only a header")
     features = frame.drop(columns=[label])
     if features.shape[1] == 0:
-        raise SpecError(f"data.path: {path.name} has no feature columns besides {label!r}")
+        raise SpecError(
+            f"data.path: {path.name} has no feature columns besides {abbreviate(label)}"
+        )
     for column in features.columns:
         _check_numeric_column(features[column], str(column), path)
     labels = frame[label]
     if labels.isna().any():
         raise SpecError(
-            f"data.label: column {label!r} of {path.name} has an empty value "
+            f"data.label: column {abbreviate(label)} of {path.name} has an empty value "
             f"(data row {_first(labels.isna().to_numpy()) + 1})"
         )
-    y = labels.to_numpy()
+    y = _check_labels(labels.to_numpy(), f"column {abbreviate(label)}", path)
     # a column of mixed strings and numbers cannot be sorted by np.unique: compare them as text
     y = y.astype(str) if y.dtype == object else y
     return features.to_numpy(dtype=np.float64), y
+
+
+def _check_header(names: list[str], path: Path) -> None:
+    """Every column named once (unnamed ones aside)."""
+    seen: set[str] = set()
+    repeated = [name for name in names if name and (name in seen or seen.add(name))]
+    if repeated:
+        listed = ", ".join(abbreviate(name, NAME_CHARS) for name in dict.fromkeys(repeated))
+        raise SpecError(
+            f"data.path: {path.name} repeats the column name {listed}: each column needs a "
+            "name of its own"
+        )
 
 
 def _check_numeric_column(values: Any, column: str, path: Path) -> None:
@@ -217,15 +249,16 @@ def _check_numeric_column(values: Any, column: str, path: Path) -> None:
 
     if values.dtype == bool:
         return
+    name = abbreviate(column, NAME_CHARS)
     if not pd.api.types.is_numeric_dtype(values):
         numbers = pd.to_numeric(values, errors="coerce")
         bad = values[numbers.isna() & values.notna()]
-        example = f" (e.g. {bad.iloc[0]!r})" if len(bad) else ""
-        raise SpecError(f"data.path: column {column!r} of {path.name} is not numeric{example}")
+        example = f" (e.g. {abbreviate(bad.iloc[0])})" if len(bad) else ""
+        raise SpecError(f"data.path: column {name} of {path.name} is not numeric{example}")
     finite = np.isfinite(values.to_numpy(dtype=np.float64))
     if not finite.all():
         raise SpecError(
-            f"data.path: column {column!r} of {path.name} has an empty, NaN or infinite value "
+            f"data.path: column {name} of {path.name} has an empty, NaN or infinite value "
             f"(data row {_first(~finite) + 1})"
         )
 
@@ -242,7 +275,8 @@ def read_npz(path: Path, spec: DataSpec) -> Arrays:
         for field, key in (("data.features", spec.features), ("data.label", spec.label)):
             if key not in archive.files:
                 raise SpecError(
-                    f"{field}: array {key!r} not in {path.name}; arrays: {_listing(archive.files)}"
+                    f"{field}: array {abbreviate(key)} not in {path.name}; "
+                    f"{_listing(archive.files, key, 'arrays')}"
                 )
         try:
             x, y = archive[spec.features], archive[spec.label]
@@ -252,13 +286,19 @@ def read_npz(path: Path, spec: DataSpec) -> Arrays:
 
 
 def _npz_features(x: np.ndarray, key: str, path: Path) -> np.ndarray:
+    name = abbreviate(key)
     if x.ndim == 0:
-        raise SpecError(f"data.features: array {key!r} of {path.name} is a scalar, not rows")
-    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
-        raise SpecError(f"data.features: array {key!r} of {path.name} is not numeric ({x.dtype})")
+        raise SpecError(f"data.features: array {name} of {path.name} is a scalar, not rows")
+    if x.dtype.kind == "c":
+        raise SpecError(
+            f"data.features: array {name} of {path.name} is complex ({x.dtype}); "
+            "features are real numbers"
+        )
+    if x.dtype.kind not in FEATURE_KINDS:
+        raise SpecError(f"data.features: array {name} of {path.name} is not numeric ({x.dtype})")
     x = x.astype(np.float64)
     if not np.isfinite(x).all():
-        raise SpecError(f"data.features: array {key!r} of {path.name} has NaN or infinite values")
+        raise SpecError(f"data.features: array {name} of {path.name} has NaN or infinite values")
     # one feature a row, stored flat
     return x.reshape(-1, 1) if x.ndim == 1 else x
 
@@ -268,11 +308,25 @@ def _npz_labels(y: np.ndarray, key: str, path: Path) -> np.ndarray:
         y = y.reshape(-1)
     if y.ndim != 1:
         raise SpecError(
-            f"data.label: array {key!r} of {path.name} must hold one label a row, "
+            f"data.label: array {abbreviate(key)} of {path.name} must hold one label a row, "
             f"got shape {y.shape}"
         )
-    if np.issubdtype(y.dtype, np.floating) and np.isnan(y).any():
-        raise SpecError(f"data.label: array {key!r} of {path.name} has NaN labels")
+    return _check_labels(y, f"array {abbreviate(key)}", path)
+
+
+def _check_labels(y: np.ndarray, where: str, path: Path) -> np.ndarray:
+    """Labels that name classes: numbers (finite: an infinite one would be a class of its own),
+    text or bools; not complex numbers, dates or objects."""
+    if y.dtype.kind not in LABEL_KINDS and y.dtype != object:
+        raise SpecError(
+            f"data.label: {where} of {path.name} holds {y.dtype} values; labels are integers, "
+            "finite numbers or text"
+        )
+    if y.dtype.kind == "f" and not np.isfinite(y).all():
+        raise SpecError(
+            f"data.label: {where} of {path.name} has a NaN or infinite label "
+            f"(row {_first(~np.isfinite(y)) + 1})"
+        )
     return y
 
 
@@ -292,10 +346,19 @@ def _check_rows(x: np.ndarray, y: np.ndarray, path: Path) -> None:
 # --- messages ------------------------------------------------------------------------------------
 
 
-def _listing(names: Sequence[str]) -> str:
-    shown = ", ".join(str(name) for name in names[:LISTED_NAMES])
-    more = f", ... ({len(names)} in all)" if len(names) > LISTED_NAMES else ""
-    return (shown + more) or "(none)"
+def _listing(names: Sequence[str], wanted: str, what: str) -> str:
+    """`what: a, b, ...` for a name not found: the names nearest `wanted` first (so a line cut
+    short still shows the one meant), then the rest in order, up to LISTED_CHARS characters."""
+    near = difflib.get_close_matches(wanted, names[:MATCHED_NAMES], n=3, cutoff=0.6)
+    near += [n for n in names if n.lower() == wanted.lower() and n not in near]
+    guess = f"did you mean {', '.join(abbreviate(n, NAME_CHARS) for n in near)}? " if near else ""
+    shown: list[str] = []
+    for name in [*near, *(n for n in names if n not in near)]:
+        if sum(len(n) + 2 for n in shown) > LISTED_CHARS:
+            break
+        shown.append(shorten(str(name), NAME_CHARS))
+    more = f", ... ({len(names)} in all)" if len(shown) < len(names) else ""
+    return f"{guess}{what}: {', '.join(shown) + more or '(none)'}"
 
 
 def _first(mask: np.ndarray) -> int:

@@ -20,7 +20,8 @@ from typing import Any
 
 import yaml
 
-from autotune.errors import SpecError
+from autotune.errors import SpecError, abbreviate, quote_path, shorten
+from autotune.files import file_problem, read_yaml
 
 PLACEMENTS = ("none", "before_bn", "after_bn", "after_act", "in_branch", "residual")
 # placements only a residual block has: in_branch (between its two convolutions, the Wide-ResNet
@@ -212,14 +213,15 @@ def find_space_file(base: str, base_dir: Path = Path(".")) -> Path:
     """A search space by name (search_spaces/<name>.yaml) or by path (relative to base_dir)."""
     as_path = Path(base) if Path(base).is_absolute() else base_dir / base
     if as_path.suffix in (".yaml", ".yml"):
-        if not as_path.is_file():
-            raise SpecError(f"search_space.base: file not found: {str(as_path)!r}")
+        problem = file_problem(as_path)
+        if problem is not None:
+            raise SpecError(f"search_space.base: file {problem}: {quote_path(as_path)}")
         return as_path
     named = spaces_dir() / f"{base}.yaml"
-    if not named.is_file():
+    if "/" in base or file_problem(named) is not None:
         known = ", ".join(name for name, _, _ in list_spaces())
         raise SpecError(
-            f"search_space.base: unknown search space {base!r}; expected one of: {known}"
+            f"search_space.base: unknown search space {abbreviate(base)}; expected one of: {known}"
         )
     return named
 
@@ -247,10 +249,7 @@ def load_space(
     with what `slots` says it has room for (by default the template's)."""
     room = block_slots(template, n_blocks, slots)
     path = find_space_file(base, base_dir)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError):
-        raise SpecError(f"{path}: not valid UTF-8 YAML") from None
+    raw = read_yaml(path, what="search space file")
     base_params = raw.get("params") if isinstance(raw, dict) else None
     if not isinstance(base_params, dict):
         raise SpecError(f"{path}: params: expected a mapping of {', '.join(PARAM_NAMES)}")
@@ -302,7 +301,8 @@ def _check_names(mapping: Mapping[str, Any], where: str, extra: Sequence[str] = 
     for name in mapping:
         if name not in known:
             raise SpecError(
-                f"{where}.{name}: unknown parameter; expected one of: {', '.join(known)}"
+                f"{where}.{shorten(str(name), 40)}: unknown parameter; "
+                f"expected one of: {', '.join(known)}"
             )
 
 
@@ -360,7 +360,8 @@ def _build(name: str, entry: dict[str, Any], where: str, slot: Slot | None) -> P
     extra = sorted(set(entry) - allowed)
     if extra:
         raise SpecError(
-            f"{where}.{extra[0]}: unknown key; expected one of: {', '.join(sorted(allowed))}"
+            f"{where}.{shorten(str(extra[0]), 40)}: unknown key; "
+            f"expected one of: {', '.join(sorted(allowed))}"
         )
     if "value" in entry:
         return Fixed(_check_value(name, entry["value"], f"{where}", slot, fixed=True))
@@ -372,16 +373,20 @@ def _build(name: str, entry: dict[str, Any], where: str, slot: Slot | None) -> P
 def _build_choice(name: str, entry: dict[str, Any], where: str, slot: Slot | None) -> Param:
     choices = entry["choices"]
     if not isinstance(choices, list) or not choices:
-        raise SpecError(f"{where}.choices: expected a non-empty list, got {choices!r}")
+        raise SpecError(f"{where}.choices: expected a non-empty list, got {abbreviate(choices)}")
     for value in choices:
         _check_value(name, value, f"{where}.choices", slot, fixed=False)
     if name in ("regularizer", "placement") and slot is not None:  # leave out what the block
         choices = [c for c in choices if _applies(name, c, slot)]  # has no room for
         if not choices:
-            raise SpecError(f"{where}.choices: none of {entry['choices']} applies to {slot.label}")
+            raise SpecError(
+                f"{where}.choices: none of {abbreviate(entry['choices'])} applies to {slot.label}"
+            )
     default = entry.get("default", choices[0])
     if default not in entry["choices"]:
-        raise SpecError(f"{where}.default: {default!r} is not one of {entry['choices']}")
+        raise SpecError(
+            f"{where}.default: {abbreviate(default)} is not one of {abbreviate(entry['choices'])}"
+        )
     if default not in choices:  # the template left it out
         default = choices[0]
     if len(choices) == 1:
@@ -395,30 +400,36 @@ def _build_range(name: str, entry: dict[str, Any], where: str) -> Param:
     for key in ("low", "high"):
         if key not in entry:
             raise SpecError(f"{where}.{key}: missing")
-        if not isinstance(entry[key], (int, float)) or isinstance(entry[key], bool):
-            raise SpecError(f"{where}.{key}: expected a number, got {entry[key]!r}")
-    low, high = float(entry["low"]), float(entry["high"])
-    log, step = bool(entry.get("log", False)), entry.get("step")
-    _check_value(name, low, f"{where}.low", None, fixed=False)
-    _check_value(name, high, f"{where}.high", None, fixed=False)
+        if not _is_number(entry[key]):
+            raise SpecError(f"{where}.{key}: expected a number, got {abbreviate(entry[key])}")
+    low = _check_value(name, entry["low"], f"{where}.low", None, fixed=False)
+    high = _check_value(name, entry["high"], f"{where}.high", None, fixed=False)
+    log, step = entry.get("log", False), entry.get("step")
+    if not isinstance(log, bool):
+        raise SpecError(f"{where}.log: expected true or false, got {abbreviate(log)}")
     if low > high:
         raise SpecError(f"{where}: low must not exceed high, got low={low} high={high}")
     if log and low <= 0:
         raise SpecError(f"{where}.low: a log range needs low > 0, got {low}")
     if log and step is not None:
         raise SpecError(f"{where}.step: a log range cannot have a step")
-    if step is not None and (not isinstance(step, (int, float)) or step <= 0):
-        raise SpecError(f"{where}.step: expected a positive number, got {step!r}")
+    if step is not None and not (_is_number(step) and 0 < step < math.inf):
+        raise SpecError(f"{where}.step: expected a positive number, got {abbreviate(step)}")
     if low == high:
         return Fixed(low)
     mid = math.sqrt(low * high) if log else (low + high) / 2
     default = entry.get("default", mid)
-    if not isinstance(default, (int, float)) or isinstance(default, bool):
-        raise SpecError(f"{where}.default: expected a number, got {default!r}")
+    if not _is_number(default):
+        raise SpecError(f"{where}.default: expected a number, got {abbreviate(default)}")
+    if not low <= default <= high:  # NaN too
+        raise SpecError(f"{where}.default: {abbreviate(default)} is outside [{low}, {high}]")
     default = float(default)
-    if not low <= default <= high:
-        raise SpecError(f"{where}.default: {default} is outside [{low}, {high}]")
     return Range(low, high, default, log, None if step is None else float(step))
+
+
+def _is_number(value: Any) -> bool:
+    """An int or a float; YAML's true and false are bools, which Python counts as ints."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _applies(name: str, value: str, slot: Slot) -> bool:
@@ -431,12 +442,13 @@ def _applies(name: str, value: str, slot: Slot) -> bool:
 def _check_value(name: str, value: Any, where: str, slot: Slot | None, *, fixed: bool) -> Any:
     """Raise SpecError unless value lies in the domain of parameter `name`."""
     if name in ("placement", "regularizer") and not isinstance(value, str):
-        raise SpecError(f"{where}: expected a name, got {value!r}")
+        raise SpecError(f"{where}: expected a name, got {abbreviate(value)}")
     if name == "recalibrate_bn" and not isinstance(value, bool):
-        raise SpecError(f"{where}: expected true or false, got {value!r}")
+        raise SpecError(f"{where}: expected true or false, got {abbreviate(value)}")
     if name == "placement" and value not in PLACEMENTS:
         raise SpecError(
-            f"{where}: unknown placement {value!r}; expected one of: {', '.join(PLACEMENTS)}"
+            f"{where}: unknown placement {abbreviate(value)}; "
+            f"expected one of: {', '.join(PLACEMENTS)}"
         )
     if name == "regularizer":
         choosable = [r for r in REGULARIZERS if r != "stochastic_depth"]
@@ -447,18 +459,19 @@ def _check_value(name: str, value: Any, where: str, slot: Slot | None, *, fixed:
             )
         if value not in REGULARIZERS:
             raise SpecError(
-                f"{where}: unknown regularizer {value!r}; expected one of: {', '.join(choosable)}"
+                f"{where}: unknown regularizer {abbreviate(value)}; "
+                f"expected one of: {', '.join(choosable)}"
             )
     placed = name in ("placement", "regularizer") and fixed and slot is not None
     if placed and not _applies(name, value, slot):  # type: ignore[arg-type]
         raise SpecError(f"{where}: {value} does not apply to {slot.label}")  # type: ignore[union-attr]
     if name in ("rate", "bn_momentum"):
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise SpecError(f"{where}: expected a number, got {value!r}")
+        if not _is_number(value):
+            raise SpecError(f"{where}: expected a number, got {abbreviate(value)}")
         if name == "rate" and not 0 <= value < 1:
-            raise SpecError(f"{where}: a drop rate must lie in [0, 1), got {value}")
+            raise SpecError(f"{where}: a drop rate must lie in [0, 1), got {abbreviate(value)}")
         if name == "bn_momentum" and not 0 < value <= 1:
-            raise SpecError(f"{where}: BN momentum must lie in (0, 1], got {value}")
+            raise SpecError(f"{where}: BN momentum must lie in (0, 1], got {abbreviate(value)}")
         return float(value)
     return value
 
@@ -500,7 +513,7 @@ def config_from_mapping(
     for i, block in enumerate(blocks):
         where = f"{source}: blocks[{i}]"
         if not isinstance(block, Mapping):
-            raise SpecError(f"{where}: expected a mapping, got {block!r}")
+            raise SpecError(f"{where}: expected a mapping, got {abbreviate(block)}")
         _check_names(block, where)
         # what a block leaves out: plain dropout at PyTorch's BN momentum
         values = {**asdict(BlockConfig()), "regularizer": "dropout", **block}

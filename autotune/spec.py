@@ -13,30 +13,68 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from autotune.errors import SpecError
+from autotune.errors import SpecError, abbreviate, quote_path, shorten
+from autotune.files import file_problem, path_too_long, read_yaml
 
 BUILTIN_DATASETS = ("digits", "breast_cancer", "wine", "synthetic_tabular", "synthetic_images")
 METRICS = {"val_acc": "maximize", "val_loss": "minimize", "train_loss": "minimize"}
 # sections that may be written as one string: `pruner: median`, `search_space: dropout_bn`
 _SHORTHAND_KEYS = {"pruner": "name", "search_space": "base"}
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+# numpy's legacy RandomState (Optuna's samplers, scikit-learn's split) and Lightning's
+# seed_everything take seeds in [0, 2**32 - 1]; Lightning draws a random one past that
+MAX_SEED = 2**32 - 1
+# the most an int field holds: what numpy, torch and the storages' integer columns hold
+MAX_INT = 2**63 - 1
+# the widest template block: a Linear of 65,536 inputs and outputs is already 4.3e9 weights
+# (17 GB in float32); checks.MAX_PARAMETERS bounds the whole network
+MAX_WIDTH = 65_536
+# the longest a heartbeat setting may be: a worker silent for a day is dead; Optuna turns the
+# grace into a datetime.timedelta and its thread waits on the interval, both of bounded range
+MAX_HEARTBEAT = 86_400
+
+
+def _no_bool(value: Any) -> Any:
+    """YAML's true and false are Python bools, which are ints: refuse them where a number goes."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    return value
+
+
+def _int64(value: int) -> int:
+    if abs(value) > MAX_INT:
+        raise ValueError(f"expected an integer of at most 2**63 - 1, got {abbreviate(value)}")
+    return value
+
+
+# an integer as written (true, 2.0 or "2" are refused), within what int64 holds
+Int = Annotated[int, Strict(), AfterValidator(_int64)]
+# a number: an int or a float (or a string such as "1e-3", which YAML 1.1 reads as text), not a
+# bool; NaN and infinity are refused by the sections' allow_inf_nan=False
+Float = Annotated[float, BeforeValidator(_no_bool)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinity are refused in every float field; bytes in kwargs (YAML's !!binary) are
+    # dumped as base64 for the MLflow params, where they are not UTF-8 text
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, allow_inf_nan=False, ser_json_bytes="base64"
+    )
 
 
 def _shorthand(value: Any, key: str = "name") -> Any:
@@ -49,7 +87,7 @@ def _import_path(what: str) -> Callable[[str | None], str | None]:
 
     def check(value: str | None) -> str | None:
         if value is not None and not IMPORT_PATH.match(value):
-            raise ValueError(f"expected 'package.module:{what}', got {value!r}")
+            raise ValueError(f"expected 'package.module:{what}', got {abbreviate(value)}")
         return value
 
     return check
@@ -67,35 +105,35 @@ class PrunerSpec(_Section):
     base: Literal["median", "percentile", "hyperband", "successive_halving", "none"] = "median"
     # variance_shift: the worst predicted Δ past which a trial stops before it trains; 0.5 is
     # dropout at rate 0.5 straight before BN on zero-mean inputs. null: no gate
-    threshold: float | None = Field(0.5, gt=0, lt=1)
+    threshold: Float | None = Field(0.5, gt=0, lt=1)
     # variance_shift: the share of gated trials that train anyway, so the data can overrule the
     # theory; a tenth costs little and shows whether the gate is right
-    exploration: float = Field(0.1, ge=0, le=1)
+    exploration: Float = Field(0.1, ge=0, le=1)
     # variance_shift: learn the threshold from completed trials (no trial more shifted than the
     # best quarter's widest, with 25 % slack) once `learn_after` have completed; on by default:
     # with it the pruner met its benchmark (docs/benchmarks.md, "What the pruner saves")
     learn_threshold: bool = True
-    learn_after: int = Field(10, ge=1)
+    learn_after: Int = Field(10, ge=1)
     # variance_shift: a median or percentile base keeps only the top quarter instead of the top
     # half for trials at the threshold (strictness 0.5)
-    strictness: float = Field(0.5, ge=0, lt=1)
+    strictness: Float = Field(0.5, ge=0, lt=1)
     # variance_shift: extra warm-up epochs before the base may stop a trial predicted at Δ = 1.
     # 0: near Δ = 1 the base acts as it is; in the benchmark 2 trained 14 to 34 % more epochs
     # than 0 for the same best metric. Far from 1 the base is stricter either way
-    patience: int = Field(0, ge=0)
+    patience: Int = Field(0, ge=0)
     # variance_shift: enqueue this many first trials, the least shifted of 10 times as many
     # random candidates (predicted, not trained); 0: the sampler starts as it likes
-    seed_trials: int = Field(0, ge=0)
+    seed_trials: Int = Field(0, ge=0)
     # median, percentile: trials that always run to the end before any is pruned
-    n_startup_trials: int = Field(5, ge=0)
+    n_startup_trials: Int = Field(5, ge=0)
     # median, percentile: epochs a trial always gets; the first epochs of a small net are noisy
-    n_warmup_epochs: int = Field(3, ge=0)
+    n_warmup_epochs: Int = Field(3, ge=0)
     # percentile: keep trials in the top `percentile` % at each epoch (50 is the median)
-    percentile: float = Field(50.0, gt=0, lt=100)
+    percentile: Float = Field(50.0, gt=0, lt=100)
     # hyperband, successive_halving: the fewest epochs a trial gets before it can be stopped
-    min_epochs: int = Field(1, ge=1)
+    min_epochs: Int = Field(1, ge=1)
     # hyperband, successive_halving: keep 1/reduction_factor of the trials at each rung
-    reduction_factor: int = Field(3, ge=2)
+    reduction_factor: Int = Field(3, ge=2)
 
 
 class StudySpec(_Section):
@@ -108,9 +146,9 @@ class StudySpec(_Section):
     # maximize or minimize; left out, it follows the metric (accuracy up, loss down)
     direction: Literal["maximize", "minimize"] | None = None
     # the study's total budget of finished (complete or pruned) trials, across reruns
-    n_trials: int = Field(20, ge=1)
+    n_trials: Int = Field(20, ge=1)
     # stop starting new trials after this many seconds of this run; none: no limit
-    timeout: float | None = Field(None, gt=0)
+    timeout: Float | None = Field(None, gt=0)
     # tpe copes with the conditional per-block space; random is the honest baseline; gp and cmaes
     # model the numeric parameters (cmaes samples categorical ones at random)
     sampler: Literal["tpe", "random", "gp", "cmaes"] = "tpe"
@@ -119,8 +157,8 @@ class StudySpec(_Section):
     storage: str | None = None
     # RDB storages: seconds between a running trial's heartbeats, and the silence after which
     # its worker is taken for dead and the trial is failed and run again
-    heartbeat_interval: int = Field(30, ge=1)
-    heartbeat_grace: int = Field(120, ge=2)
+    heartbeat_interval: Int = Field(30, ge=1, le=MAX_HEARTBEAT)
+    heartbeat_grace: Int = Field(120, ge=2, le=MAX_HEARTBEAT)
 
     _pruner_shorthand = field_validator("pruner", mode="before")(_shorthand)
 
@@ -133,6 +171,16 @@ class StudySpec(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _seed_trials_within_budget(self) -> StudySpec:
+        # each one costs 10 predictions up front, and more than the budget would never run
+        if self.pruner.seed_trials > self.n_trials:
+            raise ValueError(
+                f"pruner.seed_trials ({self.pruner.seed_trials}) must not exceed "
+                f"n_trials ({self.n_trials})"
+            )
+        return self
+
     @property
     def resolved_direction(self) -> Literal["maximize", "minimize"]:
         return self.direction or METRICS[self.metric]  # type: ignore[return-value]
@@ -140,17 +188,17 @@ class StudySpec(_Section):
 
 class SyntheticSpec(_Section):
     # rows drawn for synthetic_tabular and synthetic_images
-    n_samples: int = Field(2000, ge=20)
+    n_samples: Int = Field(2000, ge=20)
     # synthetic_tabular: columns; synthetic_images: ignored (the image size sets the features)
-    n_features: int = Field(20, ge=2)
+    n_features: Int = Field(20, ge=2)
     # synthetic_tabular: columns that carry the label; the rest is noise
-    n_informative: int = Field(10, ge=1)
-    n_classes: int = Field(3, ge=2)
+    n_informative: Int = Field(10, ge=1)
+    n_classes: Int = Field(3, ge=2)
     # synthetic_images: side of the square image, and channels
-    image_size: int = Field(16, ge=4)
-    channels: int = Field(1, ge=1)
+    image_size: Int = Field(16, ge=4)
+    channels: Int = Field(1, ge=1)
     # label noise: the share of labels flipped at random, so that no config reaches 100 %
-    flip_y: float = Field(0.02, ge=0, lt=1)
+    flip_y: Float = Field(0.02, ge=0, lt=1)
 
 
 class DataSpec(_Section):
@@ -167,11 +215,11 @@ class DataSpec(_Section):
     datamodule: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
     # classes of a user datamodule that has no `n_classes` attribute
-    n_classes: int | None = Field(None, ge=2)
+    n_classes: Int | None = Field(None, ge=2)
     # share of the rows held out for validation, split with train.seed
-    val_fraction: float = Field(0.2, gt=0, lt=1)
+    val_fraction: Float = Field(0.2, gt=0, lt=1)
     # 64 keeps BN's batch statistics steady on small tabular sets
-    batch_size: int = Field(64, ge=2)
+    batch_size: Int = Field(64, ge=2)
     synthetic: SyntheticSpec = SyntheticSpec()
 
     @field_validator("name")
@@ -188,13 +236,10 @@ class DataSpec(_Section):
     def _existing_file(cls, path: Path | None, info: ValidationInfo) -> Path | None:
         if path is None:
             return None
-        base = Path((info.context or {}).get("base_dir", "."))
-        path = path if path.is_absolute() else base / path
+        path = _resolve(path, info)
         if path.suffix not in (".csv", ".npz"):
-            raise ValueError(f"expected a .csv or .npz file, got {str(path)!r}")
-        if not path.is_file():
-            raise ValueError(f"file not found: {str(path)!r}")
-        return path
+            raise ValueError(f"expected a .csv or .npz file, got {quote_path(path)}")
+        return _existing(path)
 
     _datamodule_path = field_validator("datamodule")(_import_path("Class"))
 
@@ -209,7 +254,7 @@ class DataSpec(_Section):
 
 
 class ModelSpec(_Section):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(**_Section.model_config, populate_by_name=True)
 
     # mlp: Linear blocks on flattened input; cnn: 3x3 Conv2d blocks on (C, H, W) images;
     # resnet: residual blocks of two 3x3 convolutions on images (where stochastic depth applies)
@@ -224,7 +269,7 @@ class ModelSpec(_Section):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     # one block per entry: hidden units (mlp) or channels (cnn, resnet); none: [256, 256, 128]
     # for mlp, [32, 64] for cnn, [16, 32, 64] for resnet
-    widths: list[int] | None = Field(None, min_length=1)
+    widths: list[Annotated[Int, Field(le=MAX_WIDTH)]] | None = Field(None, min_length=1)
     activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
     # cnn: halve the image with 2x2 max pooling after every block (while it is at least 2 wide);
     # resnet: halve it with stride 2 in every block after the first
@@ -249,7 +294,8 @@ class ModelSpec(_Section):
         for name in ("template", "widths", "activation", "pool"):
             if name in self.model_fields_set:
                 raise ValueError(
-                    f"{name}: the imported model {self.import_!r} has its own; leave {name} out"
+                    f"{name}: the imported model {abbreviate(self.import_)} has its own; "
+                    f"leave {name} out"
                 )
         return self
 
@@ -266,17 +312,17 @@ class ModelSpec(_Section):
 
 class TrainSpec(_Section):
     # 15 epochs bring a small mlp on digits close to its plateau; raise it for real work
-    max_epochs: int = Field(15, ge=1)
+    max_epochs: Int = Field(15, ge=1)
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
+    lr: Float = Field(1e-3, gt=0)
     # light decay: the search is about dropout and BN, not weight decay
-    weight_decay: float = Field(1e-4, ge=0)
+    weight_decay: Float = Field(1e-4, ge=0)
     # sgd only
-    momentum: float = Field(0.9, ge=0, lt=1)
+    momentum: Float = Field(0.9, ge=0, lt=1)
     # Lightning's accelerator: auto takes a GPU where there is one
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
     # one seed for every trial, so trials differ by their configuration, not their luck
-    seed: int = 0
+    seed: Int = Field(0, ge=0, le=MAX_SEED)
     # Lightning's precision. bf16-mixed: bfloat16 autocast, about twice the matmul throughput
     # of float32 on an Ampere-or-later GPU with float32's range, so no loss scaling; 16-mixed:
     # float16 with loss scaling, for older GPUs. 32-true keeps results comparable across
@@ -289,6 +335,21 @@ class TrainSpec(_Section):
     # faster epochs, so it helps long trials only; needs a C++ compiler on the CPU
     compile: bool = False
 
+    @model_validator(mode="after")
+    def _decay_that_shrinks(self) -> TrainSpec:
+        # adamw and sgd multiply every weight by 1 - lr * weight_decay each step, besides the
+        # gradient's step: past 2 (sgd with momentum m: 2 (1 + m)) its size is above 1 and the
+        # weights grow without bound, so every trial's loss becomes NaN. adam adds the decay to
+        # the gradient it normalises: no such bound
+        limit = {"adamw": 2.0, "sgd": 2.0 * (1 + self.momentum)}.get(self.optimizer)
+        product = self.lr * self.weight_decay
+        if limit is not None and product > limit:
+            raise ValueError(
+                f"weight_decay: lr × weight_decay = {product:g} is past {limit:g}, where "
+                f"{self.optimizer}'s decay makes the weights grow without bound"
+            )
+        return self
+
 
 class SearchSpaceSpec(_Section):
     # a file in search_spaces/ by name, or a path to a YAML file (relative to the spec's folder)
@@ -297,7 +358,9 @@ class SearchSpaceSpec(_Section):
     # changes the range (e.g. rate: {high: 0.3})
     params: dict[str, Any] = Field(default_factory=dict)
     # overrides for one block, by index: {1: {placement: after_act}}
-    blocks: dict[int, dict[str, Any]] = Field(default_factory=dict)
+    blocks: dict[Annotated[int, BeforeValidator(_no_bool)], dict[str, Any]] = Field(
+        default_factory=dict
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -318,8 +381,8 @@ class MlflowSpec(_Section):
 class RecommendSpec(_Section):
     # retrain the top_k configurations over `seeds` seeds and recommend by `by`; 0: recommend
     # the best trial as it is
-    top_k: int = Field(0, ge=0)
-    seeds: int = Field(3, ge=2)
+    top_k: Int = Field(0, ge=0)
+    seeds: Int = Field(3, ge=2)
     # mean: the best mean value; bound: the best one-sided 95 % confidence bound of the mean
     # (Student's t): the lower bound of an accuracy, the upper bound of a loss
     by: Literal["mean", "bound"] = "mean"
@@ -328,6 +391,11 @@ class RecommendSpec(_Section):
     # your configuration (a file with `blocks`, such as a recommended.yaml) as one more baseline;
     # relative to the spec file's folder
     current: Path | None = None
+
+    @field_validator("current")
+    @classmethod
+    def _existing_current(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        return None if path is None else _existing(_resolve(path, info))
 
 
 class Spec(_Section):
@@ -342,6 +410,23 @@ class Spec(_Section):
     output: Path | None = None
     # the folder the spec file lives in, for resolving the files it names (set by load_spec)
     base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("output")
+    @classmethod
+    def _output_fits(cls, path: Path | None) -> Path | None:
+        if path is not None and path_too_long(path):
+            raise ValueError(f"path too long for the file system: {quote_path(path)}")
+        return path
+
+    @model_validator(mode="after")
+    def _seeds_in_range(self) -> Spec:
+        last = self.train.seed + self.recommend.seeds - 1
+        if self.recommend.top_k > 0 and last > MAX_SEED:
+            raise ValueError(
+                f"recommend.seeds: train.seed + seeds - 1 = {last} is past {MAX_SEED} "
+                "(2**32 - 1), the largest seed numpy and Lightning take"
+            )
+        return self
 
     @property
     def output_dir(self) -> Path:
@@ -373,20 +458,6 @@ def load_spec(path: str | Path, *, overrides: dict[str, Any] | None = None) -> S
     return parse_spec(raw, base_dir=path.parent, source=str(path))
 
 
-def read_yaml(path: Path, *, what: str = "file") -> Any:
-    """A YAML file's content ({} when empty); SpecError naming the file when it cannot be read."""
-    if not path.is_file():
-        raise SpecError(f"{path}: {what} not found")
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError:
-        raise SpecError(f"{path}: not UTF-8 text") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise SpecError(f"{path}: not valid YAML{where}") from None
-
-
 def parse_spec(raw: dict[str, Any], *, base_dir: Path = Path("."), source: str = "spec") -> Spec:
     """Validate a spec already read into a dict."""
     try:
@@ -399,15 +470,19 @@ def describe_error(exc: ValidationError) -> str:
     """The first error of a ValidationError as `field.path: what is wrong (got value)`."""
     errors = exc.errors()
     first = errors[0]
-    where = ".".join(str(part) for part in first["loc"]) or "spec"
+    # a key of the user's own (an unknown one, or one in kwargs) may be any length
+    where = ".".join(
+        shorten(part, 40) if isinstance(part, str) else str(part) for part in first["loc"]
+    )
     if first["type"] == "extra_forbidden":
         message = "unknown key" + _allowed_keys(first["loc"][:-1])
     else:
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] not in ("value_error", "missing") and "input" in first:
-            message += f" (got {first['input']!r})"
+            message += f" (got {abbreviate(first['input'])})"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{where}: {message}{more}"
+    # a check across sections (Spec's own validators) names its fields itself
+    return f"{where}: {message}{more}" if where else f"{message}{more}"
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -421,9 +496,23 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
         elif isinstance(child, str) and key in _SHORTHAND_KEYS:
             child = node[key] = {_SHORTHAND_KEYS[key]: child}
         elif not isinstance(child, dict):
-            raise SpecError(f"{dotted}: {key} is not a section (got {child!r})")
+            raise SpecError(f"{dotted}: {key} is not a section (got {abbreviate(child)})")
         node = child
     node[last] = value
+
+
+def _resolve(path: Path, info: ValidationInfo) -> Path:
+    """A path the spec reads, relative to the spec file's folder (the validation context's)."""
+    base = Path((info.context or {}).get("base_dir", "."))
+    return path if path.is_absolute() else base / path
+
+
+def _existing(path: Path) -> Path:
+    """The path of a file that can be read; ValueError saying why not, for the field's error."""
+    problem = file_problem(path)
+    if problem is not None:
+        raise ValueError(f"file {problem}: {quote_path(path)}")
+    return path
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> str:

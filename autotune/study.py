@@ -31,7 +31,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from autotune.checks import check_accelerator, check_sampler, resolve_space
+from autotune.checks import check_accelerator, check_sampler, check_size, resolve_space
 from autotune.errors import SpecError, first_line
 from autotune.redaction import redact
 from autotune.space import SearchSpace
@@ -313,6 +313,7 @@ def check_runnable(spec: Spec, space: SearchSpace, datamodule: Any) -> None:
 
     make_sampler(spec.study.sampler, spec.train.seed, space)
     shape, n_classes = datamodule.input_shape, datamodule.n_classes
+    check_size(spec.model, shape, n_classes)  # before torch allocates it
     build_model(spec.model, space.defaults(), shape, n_classes, base_dir=spec.base_dir)
     check_accelerator(spec.train.accelerator, spec.train.precision)
     loader = datamodule.train_dataloader()

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from autotune.errors import SpecError, first_line
+from autotune.errors import SpecError, abbreviate, first_line, shorten
 
 
 def import_object(target: str, *, field: str, base_dir: Path = Path(".")) -> Any:
@@ -25,11 +25,12 @@ def import_object(target: str, *, field: str, base_dir: Path = Path(".")) -> Any
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
-        raise SpecError(f"{field}: cannot import {target!r}: {first_line(exc)}") from exc
+        said = shorten(first_line(exc), 200)  # it may quote the name
+        raise SpecError(f"{field}: cannot import {abbreviate(target)}: {said}") from exc
     if not hasattr(module, attribute):
         raise SpecError(
-            f"{field}: cannot import {target!r}: "
-            f"module {module_name!r} has no attribute {attribute!r}"
+            f"{field}: cannot import {abbreviate(target)}: "
+            f"module {abbreviate(module_name)} has no attribute {abbreviate(attribute)}"
         )
     return getattr(module, attribute)
 

@@ -90,3 +90,85 @@ def test_one_training_row_is_too_few_for_a_batch() -> None:
     with pytest.raises(SpecError, match="too small for one batch"):
         check_batches(1, 64)
     check_batches(2, 64)
+
+
+# --- sizes a trial can allocate ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("template", "shape", "widths", "pool"),
+    [
+        ("mlp", (1, 8, 8), [32, 16], True),
+        ("mlp", (30,), [7], True),
+        ("cnn", (3, 9, 9), [4, 8, 8], True),
+        ("resnet", (1, 16, 16), [16, 16, 32, 64], True),
+        ("resnet", (2, 5, 5), [8, 8, 4], False),
+        ("resnet", (3, 1, 1), [3, 4], True),
+    ],
+)
+def test_parameters_are_counted_as_torch_counts_them(
+    template: str, shape: tuple, widths: list, pool: bool
+) -> None:
+    from autotune.checks import count_parameters
+    from autotune.models import build_model
+    from autotune.space import BlockConfig, TrialConfig
+    from autotune.spec import ModelSpec
+
+    model = ModelSpec(template=template, widths=widths, pool=pool)
+    config = TrialConfig(tuple(BlockConfig() for _ in widths))
+    network = build_model(model, config, shape, 5)
+    # the count without building equals the built network's, parameter for parameter
+    assert count_parameters(model, shape, 5) == sum(p.numel() for p in network.parameters())
+
+
+def test_a_network_too_big_to_allocate_is_refused_by_validate_and_run(tmp_path: Path) -> None:
+    from autotune.spec import parse_spec
+    from autotune.study import check_runnable, resolve_space
+
+    # 60,000 × 60,000 weights: an allocation traceback in run before
+    spec = parse_spec({"model": {"widths": [60_000, 60_000]}})
+    path = tmp_path / "spec.yaml"
+    path.write_text("model: {widths: [60000, 60000]}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "autotune.cli", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    message = (
+        "error: model.widths: the mlp would have 3,604,680,010 parameters for data shaped "
+        "(1, 8, 8) with 10 classes; at most 1,000,000,000"
+    )
+    # validate says it, counted without torch
+    assert (result.returncode, result.stderr.strip()) == (2, message)
+    # run says the same before torch allocates anything
+    data = load_data(spec.data, seed=0)
+    with pytest.raises(SpecError) as caught:
+        check_runnable(spec, resolve_space(spec, data), data)
+    assert f"error: {caught.value}" == message
+
+
+@pytest.mark.parametrize(
+    ("synthetic", "message"),
+    [
+        (
+            {"name": "synthetic_images", "synthetic": {"image_size": 100_000}},
+            "data.synthetic: synthetic_images of 2,000 rows shaped (1, 100000, 100000) would "
+            "hold 20,030,000,000,000 values; at most 268,435,456 (lower n_samples or "
+            "image_size, channels)",
+        ),
+        (
+            {"name": "synthetic_tabular", "synthetic": {"n_samples": 10**9}},
+            "data.synthetic: synthetic_tabular of 1,000,000,000 rows shaped (20,) would hold "
+            "20,000,000,000 values; at most 268,435,456 (lower n_samples or n_features)",
+        ),
+    ],
+)
+def test_generated_data_too_big_is_refused_both_ways(synthetic: dict, message: str) -> None:
+    spec = DataSpec(**synthetic)
+    # validate's description and run's loading refuse it alike, before numpy allocates it
+    with pytest.raises(SpecError) as described:
+        describe(spec)
+    with pytest.raises(SpecError) as loaded:
+        load_data(spec, seed=0)
+    assert str(described.value) == str(loaded.value) == message

@@ -448,6 +448,98 @@ def test_npz_that_is_not_an_archive(tmp_path: Path) -> None:
         load_data(DataSpec(path=path), seed=0)
 
 
+def test_a_repeated_column_name_is_refused(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "data.csv", "f0,f0,label,label\n" + "1,2,0,0\n3,4,1,1\n" * 5)
+    # pandas renamed the second label to label.1 and used it as a feature: the label leaked
+    with pytest.raises(SpecError) as caught:
+        load_data(DataSpec(path=path), seed=0)
+    assert str(caught.value) == (
+        "data.path: data.csv repeats the column name 'f0', 'label': each column needs a name "
+        "of its own"
+    )
+
+
+def test_a_header_without_rows_says_so(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "data.csv", "f0,f1,label\n")
+    # "column f0 is not numeric" before
+    with pytest.raises(SpecError) as caught:
+        load_data(DataSpec(path=path), seed=0)
+    assert str(caught.value) == "data.path: data.csv has no rows, only a header"
+
+
+@pytest.mark.parametrize(
+    ("label", "found"),
+    [
+        # a label that differs only in case, or by a typo, past the 20th column
+        ("LABEL", "label"),
+        ("lable", "label"),
+    ],
+)
+def test_the_column_listing_shows_the_one_meant(tmp_path: Path, label: str, found: str) -> None:
+    names = [f"feature_{i}" for i in range(100)] + ["label"]
+    rows = "\n".join(",".join(["1"] * 101) for _ in range(4))
+    path = write_csv(tmp_path / "data.csv", ",".join(names) + "\n" + rows + "\n")
+    with pytest.raises(SpecError) as caught:
+        load_data(DataSpec(path=path, label=label), seed=0)
+    message = str(caught.value)
+    # the column meant comes first, before the listing is cut
+    assert message.startswith(
+        f"data.label: column {label!r} not in data.csv; did you mean {found!r}? "
+        f"columns: {found}, feature_0, feature_1"
+    )
+    # the listing is bounded, and says how many there are
+    assert message.endswith(", ... (101 in all)") and len(message) < 400
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        # an infinite label became a class of its own
+        (
+            {"x": np.zeros((6, 2)), "label": np.array([0, 1, np.inf, 0, 1, 0])},
+            "data.label: array 'label' of data.npz has a NaN or infinite label (row 3)",
+        ),
+        (
+            {"x": np.zeros((6, 2)), "label": np.array([0, 1, 0, 1, np.nan, 0])},
+            "data.label: array 'label' of data.npz has a NaN or infinite label (row 5)",
+        ),
+        # dates are no class labels
+        (
+            {"x": np.zeros((4, 2)), "label": np.array(["2020-01-01", "2021-01-01"] * 2, "M8[D]")},
+            "data.label: array 'label' of data.npz holds datetime64[D] values; labels are "
+            "integers, finite numbers or text",
+        ),
+        # complex features were cast to their real part with only numpy's ComplexWarning
+        (
+            {"x": np.zeros((6, 2)) + 1j, "label": np.arange(6) % 2},
+            "data.features: array 'x' of data.npz is complex (complex128); features are real "
+            "numbers",
+        ),
+        # a timedelta is an integer to numpy, not a feature
+        (
+            {"x": np.zeros((6, 2), "m8[s]"), "label": np.arange(6) % 2},
+            "data.features: array 'x' of data.npz is not numeric (timedelta64[s])",
+        ),
+    ],
+)
+def test_labels_are_finite_and_features_real(tmp_path: Path, arrays: dict, message: str) -> None:
+    path = tmp_path / "data.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(SpecError) as caught:
+        load_data(DataSpec(path=path), seed=0)
+    assert str(caught.value) == message
+
+
+def test_an_infinite_csv_label_is_refused(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "data.csv", "a,label\n1,0\n2,inf\n3,1\n4,0\n")
+    with pytest.raises(SpecError) as caught:
+        load_data(DataSpec(path=path), seed=0)
+    # the row, counted from the first data row
+    assert str(caught.value) == (
+        "data.label: column 'label' of data.csv has a NaN or infinite label (row 2)"
+    )
+
+
 # --- user datamodules ----------------------------------------------------------------------------
 
 USER_MODULE = """

@@ -600,6 +600,48 @@ def test_invalid_override_names_the_field(params, blocks, message: str) -> None:
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("rate", "message"),
+    [
+        # Optuna fails on a NaN step in the first trial (decimal.InvalidOperation)
+        (
+            {"low": 0.1, "high": 0.4, "step": float("nan")},
+            "search_space.params.rate.step: expected a positive number, got nan",
+        ),
+        (
+            {"low": 0.1, "high": 0.4, "step": float("inf")},
+            "search_space.params.rate.step: expected a positive number, got inf",
+        ),
+        # a bool is no step, nor a bound
+        (
+            {"low": 0.1, "high": 0.4, "step": True},
+            "search_space.params.rate.step: expected a positive number, got True",
+        ),
+        ({"low": False, "high": 0.4}, "search_space.params.rate.low: expected a number, got False"),
+        # 'no' is text, which bool() took for true: a log range
+        (
+            {"low": 0.1, "high": 0.4, "log": "no"},
+            "search_space.params.rate.log: expected true or false, got 'no'",
+        ),
+        # a bound float() cannot convert is out of range, not an OverflowError
+        (
+            {"low": 0.1, "high": 10**400},
+            "search_space.params.rate.high: a drop rate must lie in [0, 1), got 1000000000000"
+            "000000000000000000000000000000000000000000000000000000000000000000…",
+        ),
+        (
+            {"low": 0.1, "high": 0.4, "default": float("nan")},
+            "search_space.params.rate.default: nan is outside [0.1, 0.4]",
+        ),
+    ],
+)
+def test_a_range_run_cannot_sample_is_refused(rate: dict, message: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        resolve({"rate": rate})
+    # the field and the value, one line
+    assert str(caught.value) == message
+
+
 def test_space_file_without_a_parameter(tmp_path: Path) -> None:
     path = tmp_path / "partial.yaml"
     path.write_text(

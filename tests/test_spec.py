@@ -375,14 +375,12 @@ def test_data_spec_built_directly_resolves_against_the_working_directory(
         # wrong types give the value that was there
         (
             {"study": {"n_trials": "many"}},
-            "spec: study.n_trials: Input should be a valid integer, unable to parse string as an "
-            "integer (got 'many')",
+            "spec: study.n_trials: Input should be a valid integer (got 'many')",
         ),
         ({"model": {"widths": 3}}, "spec: model.widths: Input should be a valid list (got 3)"),
         (
             {"model": {"widths": [8, "wide"]}},
-            "spec: model.widths.1: Input should be a valid integer, unable to parse string as an "
-            "integer (got 'wide')",
+            "spec: model.widths.1: Input should be a valid integer (got 'wide')",
         ),
         (
             {"study": {"sampler": "grid"}},
@@ -465,8 +463,10 @@ def test_unreadable_spec_file(tmp_path: Path, text: str, message: str) -> None:
     path.write_text(text)
     with pytest.raises(SpecError) as caught:
         load_spec(path)
-    # the file, then what is wrong with it, on one line
-    assert str(caught.value) == f"{path}: {message}"
+    # the file, then what is wrong with it, on one line (a YAML error then says the parser's
+    # own words)
+    assert str(caught.value).startswith(f"{path}: {message}")
+    assert "\n" not in str(caught.value)
 
 
 def test_missing_spec_file(tmp_path: Path) -> None:
@@ -525,3 +525,153 @@ def test_override_below_a_shorthand_section(write_spec) -> None:
     # the shorthand's name is kept and the override lands
     assert pruner.name == "median"
     assert pruner.n_warmup_epochs == 1
+
+
+# --- value ranges: what run cannot use is refused at validate ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        # an infinite learning rate or decay trains nothing; NaN neither
+        ({"train": {"lr": float("inf")}}, "train.lr: Input should be a finite number (got inf)"),
+        (
+            {"train": {"weight_decay": float("inf")}},
+            "train.weight_decay: Input should be a finite number (got inf)",
+        ),
+        (
+            {"train": {"optimizer": "sgd", "momentum": float("nan")}},
+            "train.momentum: Input should be a finite number (got nan)",
+        ),
+        (
+            {"study": {"timeout": float("inf")}},
+            "study.timeout: Input should be a finite number (got inf)",
+        ),
+        # seeds numpy and Lightning take: run blamed data.val_fraction for these
+        (
+            {"train": {"seed": -1}},
+            "train.seed: Input should be greater than or equal to 0 (got -1)",
+        ),
+        (
+            {"train": {"seed": 2**32}},
+            "train.seed: Input should be less than or equal to 4294967295 (got 4294967296)",
+        ),
+        (
+            {"train": {"seed": 10**20}},
+            f"train.seed: Input should be less than or equal to 4294967295 (got {10**20})",
+        ),
+        # a width no trial can allocate, and bools taken for widths of 1
+        (
+            {"model": {"widths": [100_000_000_000, 2]}},
+            "model.widths.0: Input should be less than or equal to 65536 (got 100000000000)",
+        ),
+        (
+            {"model": {"widths": [True, True]}},
+            "model.widths.0: Input should be a valid integer (got True) (and 1 more)",
+        ),
+        # a decay whose every step scales the weights by more than 1: NaN in every trial
+        (
+            {"train": {"weight_decay": 4294967295}},
+            "train: weight_decay: lr × weight_decay = 4.29497e+06 is past 2, where adamw's decay "
+            "makes the weights grow without bound",
+        ),
+        (
+            {"train": {"optimizer": "sgd", "lr": 1, "momentum": 0.5, "weight_decay": 3.5}},
+            "train: weight_decay: lr × weight_decay = 3.5 is past 3, where sgd's decay makes the "
+            "weights grow without bound",
+        ),
+        # a bool is no count, nor a number
+        (
+            {"study": {"n_trials": True}},
+            "study.n_trials: Input should be a valid integer (got True)",
+        ),
+        ({"train": {"lr": True}}, "train.lr: expected a number, got True"),
+        # past int64: what numpy, torch and the storages hold
+        (
+            {"study": {"pruner": {"patience": 10**30}}},
+            f"study.pruner.patience: expected an integer of at most 2**63 - 1, got {10**30}",
+        ),
+        # Optuna's thread waits on the interval; a day of silence is a dead worker
+        (
+            {"study": {"heartbeat_grace": 10**20}},
+            f"study.heartbeat_grace: Input should be less than or equal to 86400 (got {10**20})",
+        ),
+        # each seed trial costs ten predictions, and more than the budget never run
+        (
+            {"study": {"n_trials": 3, "pruner": {"seed_trials": 1_000_000}}},
+            "study: pruner.seed_trials (1000000) must not exceed n_trials (3)",
+        ),
+        # the robust recommendation trains seeds train.seed, train.seed + 1, ...
+        (
+            {"train": {"seed": 2**32 - 2}, "recommend": {"top_k": 1, "seeds": 3}},
+            "recommend.seeds: train.seed + seeds - 1 = 4294967296 is past 4294967295 "
+            "(2**32 - 1), the largest seed numpy and Lightning take",
+        ),
+        # a bool block index is not block 1
+        (
+            {"search_space": {"blocks": {True: {"placement": "none"}}}},
+            "search_space.blocks.1.[key]: expected a number, got True",
+        ),
+    ],
+)
+def test_values_run_cannot_use_are_refused(raw: dict, message: str) -> None:
+    # the exact message: the field, the rule, the value
+    assert spec_error(raw) == f"spec: {message}"
+
+
+def test_values_at_the_bounds_are_taken() -> None:
+    spec = parse_spec(
+        {
+            "train": {"seed": 2**32 - 1, "lr": "1e-3"},
+            "model": {"widths": [65_536]},
+            "study": {"heartbeat_grace": 86_400, "n_trials": 2, "pruner": {"seed_trials": 2}},
+        }
+    )
+    # the largest seed, the widest block, a day of grace
+    assert spec.train.seed == 2**32 - 1 and spec.model.resolved_widths == [65_536]
+    # YAML 1.1 reads 1e-3 as text: a number written so is still a number
+    assert spec.train.lr == 1e-3
+    # adam normalises the decay with the gradient: no bound on lr × weight_decay
+    assert parse_spec({"train": {"optimizer": "adam", "weight_decay": 1e6}}).train.lr == 1e-3
+    # seeds past 2**32 - 1 matter only when seeds are trained again
+    assert parse_spec({"train": {"seed": 2**32 - 1}, "recommend": {"seeds": 5}}).train.seed > 0
+
+
+def test_a_missing_current_configuration_is_refused_at_validate(tmp_path: Path) -> None:
+    (tmp_path / "spec.yaml").write_text("recommend: {top_k: 1, current: mine.yaml}\n")
+    with pytest.raises(SpecError) as caught:
+        load_spec(tmp_path / "spec.yaml")
+    # found missing when the spec is read, relative to its folder, not after the whole study
+    assert str(caught.value) == (
+        f"{tmp_path / 'spec.yaml'}: recommend.current: file not found: "
+        f"{str(tmp_path / 'mine.yaml')!r}"
+    )
+    (tmp_path / "mine.yaml").write_text("blocks: []\n")
+    # once there, it is kept as the resolved path
+    assert load_spec(tmp_path / "spec.yaml").recommend.current == tmp_path / "mine.yaml"
+
+
+def test_a_long_bad_value_is_abbreviated() -> None:
+    # a 1 MB name: the error echoed all of it
+    message = spec_error({"study": {"name": "x" * 1_000_000}})
+    assert message.startswith("spec: study.name: String should have at most 100 characters")
+    # the value by its start, cut with "…"
+    assert message.endswith("(got '" + "x" * 78 + "…)")
+    assert len(message) < 200
+    # an unknown key of any length is named by its start too
+    message = spec_error({"study": {"k" * 100_000: 1}})
+    assert message.startswith("spec: study." + "k" * 39 + "…: unknown key") and len(message) < 300
+
+
+def test_binary_kwargs_dump_for_the_mlflow_params(tmp_path: Path) -> None:
+    from autotune.tracking import flatten
+
+    path = tmp_path / "spec.yaml"
+    # YAML's !!binary makes bytes, here not UTF-8 text: `run` failed with a UnicodeDecodeError
+    # when it dumped the spec for the parent run's params, after validate had passed
+    path.write_text("data:\n  datamodule: 'pkg.mod:DM'\n  kwargs: {blob: !!binary '//4='}\n")
+    spec = load_spec(path)
+    assert spec.data.kwargs["blob"] == b"\xff\xfe"
+    params = flatten(spec.model_dump(mode="json", by_alias=True))
+    # dumped as base64 text
+    assert params["data.kwargs.blob"] == "__4="

@@ -372,7 +372,9 @@ def test_a_diverging_trial_fails_and_the_study_goes_on(write_spec, monkeypatch):
 
 
 def test_failures_in_a_row_stop_the_run_without_an_exception(write_spec):
-    spec = load_spec(write_spec(tiny_spec(train={"optimizer": "sgd", "lr": 1e12})))
+    # the step diverges, not the decay (an lr x weight_decay past 2 (1 + momentum) is refused)
+    train = {"optimizer": "sgd", "lr": 1e30, "weight_decay": 0}
+    spec = load_spec(write_spec(tiny_spec(train=train)))
     outcome = run_study(spec)
 
     # five diverging trials in a row stop the run; nothing finished, nothing raised
