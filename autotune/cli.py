@@ -1,7 +1,8 @@
 """The `autotune` command: a thin shell over the package. Parses, calls, prints.
 
-Bad input (SpecError) is one line on stderr and exit code 2; an interrupted study exits with 130
-and resumes when the same command runs again.
+Bad input (SpecError) is one line on stderr and exit code 2; a file that could not be written (a
+read-only or full disk: WriteError) is one line and exit code 3; an interrupted study exits with
+130. Either of the last two resumes when the same command runs again.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import Any
 
 import click
 
-from autotune.errors import SpecError, first_line
+from autotune.errors import SpecError, WriteError, first_line
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_WRITE = 3  # the output folder or the disk could not be written
 # the storage URL and the tracking URI can come from the environment, so that a password never
 # has to be in a spec, and every node of a cluster can run the same spec
 STORAGE_ENV = "AUTOTUNE_STORAGE"
@@ -56,15 +58,16 @@ def _devices(ctx: click.Context, param: click.Parameter, value: str | None) -> l
 
 
 def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
-    """SpecError -> one line on stderr, exit 2; no traceback for the user's mistakes."""
+    """SpecError -> one line on stderr, exit 2; no traceback for the user's mistakes. WriteError
+    -> one line, exit 3: the disk, not the input."""
 
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except SpecError as exc:
+        except (SpecError, WriteError) as exc:
             click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_BAD_INPUT)
+            sys.exit(EXIT_WRITE if isinstance(exc, WriteError) else EXIT_BAD_INPUT)
 
     return wrapper
 

@@ -1,4 +1,4 @@
-"""The one error type a user sees: bad input, said in one line."""
+"""The errors a user sees, each said in one line: bad input, and a run that could not write."""
 
 from __future__ import annotations
 
@@ -8,6 +8,14 @@ class SpecError(ValueError):
 
     The message is one line that names the field or file, the rule and the value. The CLI prints
     it without a traceback and exits with code 2.
+    """
+
+
+class WriteError(Exception):
+    """A file of the run could not be written: a read-only or full disk, or a folder where a
+    file must go. The message is one line, `<path>: <reason>`. The CLI prints it without a
+    traceback and exits with code 3; the study stays as its storage holds it, so the same
+    command, once the disk takes writes again, goes on from there.
     """
 
 

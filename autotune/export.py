@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import inspect
+import io
 import json
 import math
 import platform
@@ -34,6 +35,7 @@ from torch import nn
 
 from autotune import surgery
 from autotune.errors import first_line
+from autotune.files import write_atomic
 from autotune.models import ResidualBlock, build_model
 from autotune.regularizers import CUSTOM_MODULES, make_regularizer
 from autotune.robust import ROBUST_ATTR, kept_digest, recommended_trial
@@ -55,6 +57,17 @@ WEIGHTS_DIGEST = "weights_sha256"
 
 def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_tensors(obj: Any, path: Path) -> str:
+    """torch.save(obj) to `path`, whole or not at all (files.write_atomic); returns the sha256
+    of what was written, which the export checks a trial's weights against. Raises WriteError
+    when the file cannot be written."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    write_atomic(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 _LEAVES: dict[type, tuple[str, ...]] = {
@@ -382,7 +395,6 @@ def write_outputs(
         plain = surgery.make_user_model(spec.model, shape, n_classes, base_dir=spec.base_dir)
         blocks = surgery.find_blocks(plain, shape)
     out = spec.output_dir
-    out.mkdir(parents=True, exist_ok=True)
     digest = trial.user_attrs.get(WEIGHTS_DIGEST) or kept_digest(study, trial.number)
     weights, absent = _trial_weights(out / "weights" / f"trial_{trial.number}.pt", digest)
     metric = attrs.get("metric", spec.study.metric)
@@ -427,7 +439,7 @@ def write_outputs(
             code = render_imported_snippet(spec.model, model, blocks, config, header, shape, kwargs)
         else:
             code = render_snippet(model, header, shape)
-        py_path.write_text(code)
+        write_atomic(py_path, code)
         verified["best_model.py"] = check(load_snippet(py_path), py_path)
         written.append(py_path)
 
@@ -467,14 +479,16 @@ def write_outputs(
             continue
         path = out / FORMATS[kind]
         if kind == "yaml":
-            path.write_text(
+            write_atomic(
+                path,
                 "# autotune's recommendation: the best trial's per-block configuration.\n"
                 "# rate is the drop probability; bn_momentum follows PyTorch's convention.\n"
-                + yaml.safe_dump(recommendation, sort_keys=False)
+                + yaml.safe_dump(recommendation, sort_keys=False),
             )
             document = yaml.safe_load(path.read_text())
         else:  # strict JSON: a number that is not finite is written as null
-            path.write_text(json.dumps(_finite(recommendation), indent=2, allow_nan=False) + "\n")
+            text = json.dumps(_finite(recommendation), indent=2, allow_nan=False) + "\n"
+            write_atomic(path, text)
             document = json.loads(path.read_text())
         check(rebuild_recommendation(document, str(path), spec.base_dir), path)
         written.insert(0, path)

@@ -202,19 +202,12 @@ def _keep_weights(spec: Spec, number: int, model: Any, own: str | None) -> str:
     data come in the same order, as autotune's own datasets do). Where the trial's own weights
     are not here, or cannot be told to be its own (no digest), keep these; return the digest of
     the file kept, which the export checks."""
-    import torch
-
-    from autotune.export import file_digest
+    from autotune.export import file_digest, save_tensors
 
     path = spec.output_dir / "weights" / f"trial_{number}.pt"
     if path.exists() and own is not None and file_digest(path) == own:
         return own
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".robust.tmp")
-    torch.save(model.state_dict(), partial)
-    digest = file_digest(partial)
-    partial.replace(path)
-    return digest
+    return save_tensors(model.state_dict(), path)
 
 
 def kept_digest(study: optuna.Study, number: int) -> str | None:

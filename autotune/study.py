@@ -33,7 +33,8 @@ from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from autotune.checks import check_accelerator, check_sampler, resolve_space
-from autotune.errors import SpecError, first_line
+from autotune.errors import SpecError, WriteError, first_line
+from autotune.files import check_writable, write_failure
 from autotune.space import SearchSpace
 from autotune.spec import PrunerSpec, Spec
 from autotune.tracking import PARENT_ATTR
@@ -117,7 +118,10 @@ def make_storage(
         return _rdb_storage(url, heartbeat_interval, heartbeat_grace)
     except SpecError:
         raise
-    except Exception as exc:  # bad URL, missing driver, unreachable server
+    except Exception as exc:  # bad URL, missing driver, unreachable server, a full disk
+        failed = write_failure(exc)
+        if failed is not None:
+            raise WriteError(f"{storage_place(url)}: {failed}") from None
         reason = str(exc).splitlines()[0] if str(exc) else ""
         raise SpecError(
             f"study.storage: cannot open {redact(url)!r}: {type(exc).__name__}: {reason}"
@@ -158,6 +162,14 @@ def _redis_backend(url: str) -> JournalRedisBackend:
         ) from None
     redis.Redis.from_url(url, socket_connect_timeout=5).ping()  # unreachable: said here, once
     return JournalRedisBackend(url)
+
+
+def storage_place(url: str) -> str:
+    """Where a storage keeps its data, for a message: a file's path, else the URL redacted."""
+    for prefix in ("sqlite:///", JOURNAL):
+        if url.startswith(prefix):
+            return url.removeprefix(prefix)
+    return redact(url)
 
 
 def redact(url: str) -> str:
@@ -355,11 +367,9 @@ def enqueue_low_shift(
 
 
 def prepare_output(spec: Spec) -> None:
-    """Create the output folder, or say in one line why it cannot be."""
-    try:
-        spec.output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SpecError(f"output: cannot create {str(spec.output_dir)!r}: {exc.strerror}") from None
+    """Create the output folder and write a file into it, or say in one line (WriteError) why
+    it takes none: before the storage or any trial touches it."""
+    check_writable(spec.output_dir)
 
 
 def count_finished(study: optuna.Study) -> int:
@@ -413,6 +423,9 @@ def open_session(
             notify=notify,
         )
     except Exception as exc:  # MlflowException: a bad URI, a refused local store
+        failed = write_failure(exc)
+        if failed is not None:
+            raise WriteError(f"{storage_place(spec.tracking_uri)}: {failed}") from exc
         raise SpecError(f"mlflow.tracking_uri: {spec.tracking_uri}: {first_line(exc)}") from None
     known = None if created or not tracker.enabled else _parent_run_id(study)
     params = flatten(spec.model_dump(mode="json", by_alias=True))  # model.import, not import_
@@ -542,7 +555,11 @@ def run_study(
 def work(
     session: Session, *, timeout: float | None = None, progress: Progress | None = None
 ) -> StudyOutcome:
-    """The trial loop: stop at the budget, on repeated failure, on timeout or on a signal."""
+    """The trial loop: stop at the budget, on repeated failure, on timeout or on a signal.
+
+    A write the disk refuses (the trial's weights, the storage, a local MLflow store) fails or
+    ends the trial it happens in, stops the loop, and is raised as a WriteError: every later
+    trial would fail the same way."""
     from autotune.training import Objective, quiet_lightning, stop_on_signals
 
     spec, study, tracker = session.spec, session.study, session.tracker
@@ -562,6 +579,15 @@ def work(
             timeout=timeout,
             grace=spec.study.heartbeat_grace,
         )
+        objective = Objective(
+            spec,
+            session.space,
+            session.datamodule,
+            tracker,
+            stop=stop,
+            on_epoch=progress.epoch,
+            admit=budget.admits,
+        )
 
         def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
             if trial.user_attrs.get("surplus"):
@@ -572,7 +598,9 @@ def work(
                 failures.clear()
             outcome.finished = count_finished(study)
             progress.trial_done(study, trial)
-            if len(failures) >= MAX_FAILURES_IN_A_ROW and not stop.is_set():
+            if objective.fault is not None or tracker.fault is not None:
+                study.stop()
+            elif len(failures) >= MAX_FAILURES_IN_A_ROW and not stop.is_set():
                 outcome.stopped_by_failures = True
                 study.stop()
             elif not budget.wait_for_room():
@@ -583,23 +611,22 @@ def work(
         progress.start(study, session.budget)
         try:
             if budget.wait_for_room():
-                objective = Objective(
-                    spec,
-                    session.space,
-                    session.datamodule,
-                    tracker,
-                    stop=stop,
-                    on_epoch=progress.epoch,
-                    admit=budget.admits,
-                )
                 study.optimize(
                     objective, timeout=timeout, catch=(Exception,), callbacks=[after_trial]
                 )
             outcome.interrupted = outcome.interrupted or stop.is_set()
         except KeyboardInterrupt:
             outcome.interrupted = True
+        except Exception as exc:  # the storage could not record a trial: Optuna's own error
+            failed = write_failure(exc)
+            if failed is None:
+                raise
+            raise WriteError(f"{storage_place(spec.storage_url)}: {failed}") from exc
         finally:
             progress.close()
+    fault = objective.fault or tracker.fault
+    if fault is not None:
+        raise fault
     if tracker.missed:
         _log_missed(tracker, study, spec.study.metric, progress)
     return outcome
@@ -623,7 +650,21 @@ def _log_missed(tracker: Any, study: optuna.Study, metric: str, progress: Progre
 def finish_study(session: Session, outcome: StudyOutcome) -> None:
     """The recommendation, from whatever has completed so far, written and logged on the parent
     run. The last worker standing also makes MLflow whole: a dead worker's trial, a trial that
-    another worker could not log."""
+    another worker could not log.
+
+    A file that cannot be written (WriteError) ends the parent run FAILED and is raised: the
+    same command, once the disk takes writes, writes the outputs again."""
+    tracker = session.tracker
+    try:
+        _finish(session, outcome)
+    except WriteError:
+        tracker.end_study({}, {}, [], status="FAILED")
+        raise
+    if tracker.fault is not None:  # the local MLflow store's disk, while the parent was ended
+        raise tracker.fault
+
+
+def _finish(session: Session, outcome: StudyOutcome) -> None:
     from autotune.export import rewrite_if_run_moved, write_outputs
     from autotune.report import write_figures
     from autotune.robust import robust_recommendation
@@ -634,6 +675,8 @@ def finish_study(session: Session, outcome: StudyOutcome) -> None:
     if not outcome.interrupted and outcome.finished >= outcome.budget:
         try:
             robust = robust_recommendation(session)
+        except WriteError:
+            raise
         except (Exception, KeyboardInterrupt, SystemExit) as exc:  # the study itself is done
             tracker.notify(f"no robust recommendation ({exc!r}): the best trial is recommended")
     best = best_trial(study)
@@ -641,6 +684,8 @@ def finish_study(session: Session, outcome: StudyOutcome) -> None:
         outcome.outputs = list(write_outputs(study, spec))
     try:  # pictures are a courtesy: a run that finished must still end in MLflow
         figures = write_figures(study, spec.output_dir / "figures", spec.study.metric)
+    except WriteError:
+        raise
     except Exception as exc:
         tracker.notify(f"the study's pictures were not drawn: {exc!r}")
         figures = []
@@ -692,12 +737,13 @@ def save_input_stats(datamodule: Any, output_dir: Path) -> bool:
     """How raw inputs become model inputs ((x - mean) / std, label order), for production use.
 
     Returns whether autotune standardised the inputs (a user DataModule prepares its own).
+    Raises WriteError when the file cannot be written.
     """
-    import torch
+    from autotune.export import save_tensors
 
     stats = getattr(datamodule, "input_stats", None)
     if stats is not None:
-        torch.save(stats, output_dir / INPUT_STATS)
+        save_tensors(stats, output_dir / INPUT_STATS)
     return stats is not None
 
 

@@ -26,7 +26,8 @@ from typing import Any, TypeVar
 
 from optuna.trial import TrialState
 
-from autotune.errors import first_line
+from autotune.errors import WriteError, first_line
+from autotune.files import write_failure
 
 PARENT_ROLE = "parent"
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -82,6 +83,8 @@ class Tracker:
         self.missed: set[int] = set()  # trials whose logging was cut short in this process
         self.run_trial: dict[str, int] = {}  # child run id -> trial number
         self.on_return: Callable[[], None] | None = None
+        # a local store (sqlite) whose disk refused a write: the run stops after its trial
+        self.fault: WriteError | None = None
         if not enabled:
             return
         _make_sqlite_folder(tracking_uri)
@@ -91,6 +94,9 @@ class Tracker:
 
         for name in ("mlflow", "alembic"):  # after the import, which sets mlflow's own levels
             logging.getLogger(name).setLevel(logging.WARNING)
+        # its sqlite store logs each failed query with a traceback before raising it: the error
+        # is said here, once (went_down, or a WriteError for a full disk)
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
         self.client = MlflowClient(tracking_uri=tracking_uri)
         if self.remote:
@@ -280,6 +286,11 @@ class Tracker:
             result = call()
         except Exception as exc:
             self.last_try = time.monotonic()  # a server that times out takes long to fail
+            failed = None if self.remote else write_failure(exc)
+            if failed is not None:  # the local store's disk: not a server that comes back
+                self.fault = self.fault or WriteError(f"{_store_path(self.tracking_uri)}: {failed}")
+                self.down_since = self.down_since or time.monotonic()
+                return None
             self.went_down(exc)
             return None
         if self.down_since is not None:
@@ -533,6 +544,11 @@ def _artifact_location(uri: str) -> str | None:
     if not uri.startswith("sqlite:///"):
         return None
     return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+
+
+def _store_path(uri: str) -> str:
+    """A local store's file, for a message."""
+    return uri.removeprefix("sqlite:///")
 
 
 def _make_sqlite_folder(uri: str) -> None:

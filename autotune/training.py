@@ -35,7 +35,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from autotune.data import hold_on_device
-from autotune.export import WEIGHTS_DIGEST, file_digest
+from autotune.errors import WriteError
+from autotune.export import WEIGHTS_DIGEST, save_tensors
 from autotune.models import build_model
 from autotune.prediction import NetworkPrediction, predict_shift, probe_batch
 from autotune.pruners import DELTA_KEY, VarianceShiftPruner
@@ -445,6 +446,8 @@ class Objective:
         self.stop = stop or threading.Event()
         self.on_epoch = on_epoch
         self.admit = admit
+        # a write the disk refused in a trial: the loop stops after it (see study.work)
+        self.fault: WriteError | None = None
 
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr(STARTED, trial.number)
@@ -480,6 +483,10 @@ class Objective:
             trial.set_user_attr("interrupted", True)
             self.tracker.end_trial(run_id, "INTERRUPTED")
             raise KeyboardInterrupt from None
+        except WriteError as exc:  # the disk: every later trial would fail the same way
+            self.fault = exc
+            self._fail(trial, run_id, exc)
+            raise
         except Exception as exc:  # whatever raised, the trial's run is not left RUNNING
             self._fail(trial, run_id, exc)
             raise
@@ -561,12 +568,8 @@ class Objective:
             # >=: a trial that ties the best may be the one Optuna names best; keep its weights
             result.value >= best if study.direction.name == "MAXIMIZE" else result.value <= best
         )
-        if better:
-            folder = self.spec.output_dir / "weights"
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"trial_{trial.number}.pt"
-            partial = path.with_suffix(f".{os.getpid()}.tmp")
-            torch.save(result.model.state_dict(), partial)
+        if better:  # whole or not there: never a file cut short (WriteError when the disk refuses)
+            path = self.spec.output_dir / "weights" / f"trial_{trial.number}.pt"
+            digest = save_tensors(result.model.state_dict(), path)
             # the export checks the file is this trial's: another study may share the folder
-            trial.set_user_attr(WEIGHTS_DIGEST, file_digest(partial))
-            partial.replace(path)  # whole or not there: never a file cut short
+            trial.set_user_attr(WEIGHTS_DIGEST, digest)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import optuna
@@ -471,3 +474,138 @@ def test_an_interrupted_study_resumes_with_more_trials_and_no_duplicates(write_s
     assert roles == ["parent"] + ["trial"] * (budget + 1)
     killed = next(r for r in runs if r.data.tags.get("autotune.trial") == "1")
     assert (killed.info.status, killed.data.tags["autotune.state"]) == ("KILLED", "INTERRUPTED")
+
+
+# --- the output folder or the disk refuses a write: one line, exit 3, the study resumable -----
+
+POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def study_section(request):
+    """The spec's study section for each storage: sqlite in the output folder (the default), or
+    this machine's PostgreSQL under a name no other test uses, deleted afterwards."""
+    if request.param == "sqlite":
+        yield {}
+        return
+    name = f"faults-{uuid.uuid4().hex[:12]}"
+    yield {"name": name, "storage": POSTGRES}
+    with contextlib.suppress(KeyError):
+        optuna.delete_study(study_name=name, storage=POSTGRES)
+
+
+def stored_study(spec_file: Path) -> optuna.Study:
+    spec = load_spec(spec_file)
+    return optuna.load_study(study_name=spec.study.name, storage=spec.storage_url)
+
+
+def assert_write_error(result, *fragments: str) -> None:
+    # exit code 3, no traceback, and one error line: the last line on stderr
+    assert result.exit_code == 3, (result.output, result.exception)
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == errors[0]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def test_a_read_only_output_folder_is_one_line_and_exit_3(
+    write_spec, tmp_path, read_only, study_section
+):
+    path = write_spec(tiny_spec(study={**study_section, "n_trials": 2}))
+    out = tmp_path / "out"
+    read_only.on(out)
+    result = invoke("run", path)
+    # the line names the folder and the file system's reason; nothing was written there
+    assert_write_error(result, f"{out}: Operation not permitted")
+    assert list(out.iterdir()) == []
+    # once the folder takes files, the same command runs the study
+    read_only.off()
+    assert invoke("run", path).exit_code == 0
+    assert (out / "recommended.yaml").is_file()
+
+
+def test_input_stats_that_cannot_be_written_are_one_line_and_exit_3(
+    write_spec, tmp_path, study_section
+):
+    path = write_spec(tiny_spec(study={**study_section, "n_trials": 2}))
+    stats = tmp_path / "out" / "input_stats.pt"
+    stats.mkdir(parents=True)  # a folder where the file must go: a real failed write
+    result = invoke("run", path)
+    assert_write_error(result, f"{stats}: Is a directory")
+    stats.rmdir()
+    assert invoke("run", path).exit_code == 0
+    assert stats.is_file()
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_mid_study_is_one_line_and_a_rerun_finishes(
+    write_spec, tmp_path, monkeypatch, study_section
+):
+    budget = 4
+    path = write_spec(tiny_spec(study={**study_section, "n_trials": budget}))
+    weights = tmp_path / "out" / "weights"
+    real_replace, saved = os.replace, []
+
+    def second_weights_fill_the_disk(source, target, **kwargs):
+        if Path(target).parent == weights:
+            saved.append(Path(target))
+            if len(saved) == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(source, target, **kwargs)
+
+    monkeypatch.setattr(os, "replace", second_weights_fill_the_disk)
+    result = invoke("run", path)
+    monkeypatch.undo()
+    full = saved[1]
+    assert_write_error(result, f"{full}: No space left on device")
+    # the trial whose weights met the full disk failed, with the reason; the run stopped there
+    study = stored_study(path)
+    last = study.trials[-1]
+    assert [t.state for t in study.trials[:-1]] == [TrialState.COMPLETE] * (len(study.trials) - 1)
+    assert last.state == TrialState.FAIL and str(full) in last.user_attrs["fail_reason"]
+    assert full.name == f"trial_{last.number}.pt"
+    # no file cut short, and no temporary file, is left behind
+    assert sorted(p.name for p in weights.iterdir()) == [saved[0].name]
+    # the same command, with room on the disk again, finishes the budget
+    assert invoke("run", path).exit_code == 0
+    study = stored_study(path)
+    assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == budget
+    assert (tmp_path / "out" / "recommended.yaml").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["optuna", "mlflow"])
+def test_a_database_whose_folder_turns_read_only_mid_study_is_one_line(
+    write_spec, tmp_path, monkeypatch, read_only, store
+):
+    from autotune.progress import RichProgress
+
+    budget = 4
+    folder = tmp_path / "db"  # the sqlite database this test makes read-only, alone there
+    study = {"n_trials": budget, "heartbeat_interval": 1, "heartbeat_grace": 2}
+    if store == "optuna":
+        spec = tiny_spec(
+            study={**study, "storage": f"sqlite:///{folder}/autotune.db"},
+            mlflow={"enabled": False},
+        )
+    else:
+        spec = tiny_spec(study=study, mlflow={"tracking_uri": f"sqlite:///{folder}/mlflow.db"})
+    path = write_spec(spec)
+    real_trial_done = RichProgress.trial_done
+
+    def then_read_only(self, study, trial) -> None:  # sqlite can make no journal file there
+        real_trial_done(self, study, trial)
+        if trial.number == 1:
+            read_only.on(folder)
+
+    monkeypatch.setattr(RichProgress, "trial_done", then_read_only)
+    result = invoke("run", path)
+    monkeypatch.undo()
+    assert_write_error(result, f"{folder}/{store if store == 'mlflow' else 'autotune'}.db: ")
+    read_only.off()
+    # the same command resumes the study and finishes its budget
+    assert invoke("run", path).exit_code == 0
+    finished = [t for t in stored_study(path).trials if t.state == TrialState.COMPLETE]
+    assert len(finished) == budget

@@ -17,6 +17,7 @@ from torch import nn
 
 from autotune import training
 from autotune.data import load_data
+from autotune.errors import WriteError
 from autotune.export import load_snippet
 from autotune.models import build_model
 from autotune.space import TrialConfig
@@ -565,16 +566,37 @@ def test_data_path_output_is_relative_to_the_working_directory(tmp_path, monkeyp
 def test_a_failure_after_training_fails_the_trial_and_ends_its_run(write_spec, monkeypatch):
     spec = load_spec(write_spec(tiny_spec(study={"n_trials": 1})))
 
-    def full_disk(self, trial, result):
-        raise OSError("No space left on device")
+    def fails(self, trial, result):
+        raise RuntimeError("after training")
 
-    monkeypatch.setattr(training.Objective, "_save_if_best", full_disk)
+    monkeypatch.setattr(training.Objective, "_save_if_best", fails)
     outcome = run_study(spec)
     trial = outcome.study.trials[0]
     # the trial fails with the reason, and the run stops after five such failures in a row
     assert trial.state == TrialState.FAIL
-    assert trial.user_attrs["fail_reason"] == "OSError: No space left on device"
+    assert trial.user_attrs["fail_reason"] == "RuntimeError: after training"
     assert outcome.stopped_by_failures
     # its MLflow run is FAILED, not left RUNNING
     run = MlflowClient(spec.tracking_uri).get_run(trial.user_attrs["mlflow_run_id"])
     assert (run.info.status, run.data.tags["autotune.state"]) == ("FAILED", "FAIL")
+
+
+def test_a_write_the_disk_refuses_fails_its_trial_and_stops_the_run(write_spec, monkeypatch):
+    spec = load_spec(write_spec(tiny_spec(study={"n_trials": 3})))
+    full = f"{spec.output_dir}/weights/trial_0.pt: No space left on device"
+
+    def full_disk(state, path):
+        raise WriteError(full)
+
+    monkeypatch.setattr(training, "save_tensors", full_disk)
+    with pytest.raises(WriteError, match="No space left on device"):
+        run_study(spec)
+    study = optuna.load_study(study_name="tiny", storage=spec.storage_url)
+    # the trial fails with the reason, and no trial starts after it: each would fail the same way
+    [trial] = study.trials
+    assert trial.state == TrialState.FAIL
+    assert trial.user_attrs["fail_reason"] == f"WriteError: {full}"
+    # MLflow: the trial's run FAILED, and the parent run FAILED, not left RUNNING
+    parents, children = _mlflow_runs(spec)
+    assert [run.info.status for run in children] == ["FAILED"]
+    assert [run.info.status for run in parents] == ["FAILED"]
