@@ -46,6 +46,8 @@ warnings.filterwarnings("ignore", category=ExperimentalWarning)
 INPUT_STATS = "input_stats.pt"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_FAILURES_IN_A_ROW = 5
+# the parent run's tag of how far the study got: finished trials / budget, e.g. 7/20
+BUDGET_TAG = "autotune.finished"
 # a worker that has not beaten its heart for grace_period seconds is taken for dead, and its trial
 # is failed and run again (RetryHeartbeatStaleTrialCallback); the spec may set both
 HEARTBEAT_INTERVAL, HEARTBEAT_GRACE, MAX_RETRIES = 30, 120, 2
@@ -705,11 +707,12 @@ def _finish(session: Session, outcome: StudyOutcome) -> None:
     choice = None if robust is None else robust["choice"]
     chosen = None if choice is None else study.trials[choice]
     tags = {} if best is None else recommendation_tags(chosen or best)
+    tags[BUDGET_TAG] = f"{outcome.finished}/{outcome.budget}"
     tracker.end_study(
         {**metrics, "finished_trials": outcome.finished},
         tags,
         outcome.outputs,
-        status="KILLED" if outcome.interrupted else "FINISHED",
+        status=parent_status(outcome),
         figures=figures,
     )
     if tracker.down_since is not None:
@@ -717,6 +720,17 @@ def _finish(session: Session, outcome: StudyOutcome) -> None:
             f"MLflow at {tracker.tracking_uri} still does not answer: when it does, "
             "`autotune sync` with this spec logs what it missed"
         )
+
+
+def parent_status(outcome: StudyOutcome) -> str:
+    """The MLflow status the study's parent run ends with. FINISHED only for a study that has
+    reached its budget; KILLED for one cut short (interrupted, a timeout, workers that were
+    killed), which a rerun sets RUNNING again; FAILED for one that failures in a row stopped."""
+    if outcome.interrupted:
+        return "KILLED"
+    if outcome.finished >= outcome.budget:
+        return "FINISHED"
+    return "FAILED" if outcome.stopped_by_failures else "KILLED"
 
 
 def recommendation_tags(best: FrozenTrial) -> dict[str, Any]:

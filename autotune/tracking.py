@@ -188,7 +188,8 @@ class Tracker:
         figures: Iterable[Path] = (),
     ) -> None:
         """Best value, recommendation, files and pictures (under figures/) on the parent run;
-        then FINISHED (or KILLED when interrupted: a rerun sets it RUNNING again)."""
+        then `status` (study.parent_status: FINISHED only for a study that reached its budget;
+        a rerun sets a KILLED one RUNNING again)."""
         if not self.enabled:
             return
 

@@ -537,3 +537,43 @@ def test_trials_per_device_and_workers_do_not_mix(write_spec):
     # one line, exit 2, before anything starts
     assert result.returncode == 2
     assert result.stderr == "error: --trials-per-device: give it or --workers, not both\n"
+
+
+def test_a_launcher_whose_workers_were_all_killed_does_not_finish_its_parent_run(
+    write_spec, tmp_path: Path
+):
+    budget = 6
+    spec = write_spec(tiny_spec(study={"n_trials": budget}, train={"max_epochs": 8}))
+    storage = make_storage(f"sqlite:///{tmp_path / 'out' / 'autotune.db'}")
+    launcher = autotune("run", spec, "--workers", "2", wait=False)
+
+    # SIGKILL each worker once it trains a trial, as a scheduler that preempts both would
+    killed: set[int] = set()
+    deadline = time.monotonic() + 180
+    while len(killed) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        with contextlib.suppress(KeyError):
+            study = optuna.load_study(study_name="tiny", storage=storage)
+            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                pid = int(trial.user_attrs.get("worker", ":0").rsplit(":", 1)[1])
+                if pid and pid not in killed and trial.intermediate_values:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.add(pid)
+    assert len(killed) == 2, "both workers did not get to train"
+    _, err = launcher.communicate(timeout=300)
+
+    # the launcher names both and fails: the budget was not reached
+    assert launcher.returncode == 1, err
+    assert err.count("was killed by signal 9") == 2
+    finished = len(
+        optuna.load_study(study_name="tiny", storage=storage).get_trials(states=FINISHED)
+    )
+    assert finished < budget
+    # the parent run is KILLED, not FINISHED as if the study were done, and says how far it got
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    [parent] = client.search_runs(
+        [client.get_experiment_by_name("tiny").experiment_id],
+        filter_string="tags.`autotune.role` = 'parent'",
+    )
+    assert parent.info.status == "KILLED"
+    assert parent.data.tags["autotune.finished"] == f"{finished}/{budget}"

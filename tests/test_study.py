@@ -600,3 +600,24 @@ def test_a_write_the_disk_refuses_fails_its_trial_and_stops_the_run(write_spec, 
     parents, children = _mlflow_runs(spec)
     assert [run.info.status for run in children] == ["FAILED"]
     assert [run.info.status for run in parents] == ["FAILED"]
+
+
+@pytest.mark.parametrize(
+    "how, status, finished",
+    [
+        ("budget", "FINISHED", "3/3"),  # the study reached its budget
+        ("timeout", "KILLED", "1/3"),  # cut short: a rerun goes on
+        ("failures", "FAILED", "0/3"),  # five failures in a row
+    ],
+)
+def test_the_parent_run_is_finished_only_when_the_study_reached_its_budget(
+    write_spec, how, status, finished
+):
+    train = {"optimizer": "sgd", "lr": 1e12} if how == "failures" else {}
+    spec = load_spec(write_spec(tiny_spec(study={"n_trials": 3}, train=train)))
+    outcome = run_study(spec, timeout=0.01 if how == "timeout" else None)
+    [parent], _ = _mlflow_runs(spec)
+    # its status says how the study ended; a tag says how far it got
+    assert parent.info.status == status
+    assert parent.data.tags["autotune.finished"] == finished
+    assert f"{outcome.finished}/{outcome.budget}" == finished
