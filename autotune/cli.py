@@ -277,10 +277,11 @@ def predict(spec_file: Path, config_file: Path | None, as_json: bool) -> None:
 @_friendly
 def sync(spec_file: Path, storage: str | None, tracking_uri: str | None) -> None:
     """Log to MLflow what it misses of the study in SPEC_FILE, from the Optuna storage: trials
-    finished while the tracking server was away, or whose worker died."""
+    finished while the tracking server was away, or whose worker died; and end the parent run,
+    as the end of a run would have, where that run could not."""
     from autotune.export import rewrite_if_run_moved
     from autotune.spec import load_spec
-    from autotune.study import load_existing_study
+    from autotune.study import load_existing_study, parent_status, sync_parent_run
     from autotune.tracking import Tracker, sync_study
 
     spec = load_spec(spec_file, overrides=_overrides(storage, tracking_uri))
@@ -295,15 +296,25 @@ def sync(spec_file: Path, storage: str | None, tracking_uri: str | None) -> None
         if not tracker.online:
             raise SpecError(f"{where}: does not answer ({tracker.last_error})")
         logged = sync_study(tracker, study, spec.study.metric)
-    except SpecError:
+        ended = sync_parent_run(study, spec, tracker)
+    except (SpecError, WriteError):
         raise
     except Exception as exc:
         raise SpecError(f"{where}: {first_line(exc)}") from None
+    if tracker.down_since is not None:  # a call of the parent's end did not get through
+        raise SpecError(f"{where}: does not answer ({tracker.last_error})")
     finished = sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
     click.echo(
         f"{spec.tracking_uri}: logged {logged} trials it was missing; "
         f"it now holds all {finished} finished trials of study {spec.study.name!r}"
     )
+    if ended is not None:
+        logged_files = ", ".join(path.name for path in ended.outputs) or "no recommendation"
+        click.echo(
+            f"its parent run was left running: ended {parent_status(ended)} "
+            f"({ended.finished}/{ended.budget} trials), with {logged_files} and the figures"
+        )
+        return
     rewritten = rewrite_if_run_moved(study, spec)
     if rewritten:
         names = ", ".join(path.name for path in rewritten)

@@ -163,15 +163,21 @@ def signature_of(spec: Spec, candidates: list[Candidate], seeds: list[int]) -> d
     }
 
 
-def current_choice(study: optuna.Study, spec: Spec) -> int | None:
-    """The stored robust choice while it still answers the spec: recommend.top_k asks for one
-    and the stored ranking was made from today's top configurations."""
+def current_ranking(study: optuna.Study, spec: Spec) -> dict[str, Any] | None:
+    """The stored robust ranking while it still answers the spec: recommend.top_k asks for one
+    and it was made from today's top configurations; else None."""
     stored = study.user_attrs.get(ROBUST_ATTR)
-    if spec.recommend.top_k == 0 or stored is None or stored.get("choice") is None:
+    if spec.recommend.top_k == 0 or stored is None:
         return None
     trained = [row[1] for row in stored["signature"]["candidates"] if row[1] is not None]
     today = [t.number for t in distinct_top(study, spec.recommend.top_k)]
-    return stored["choice"] if trained == today else None
+    return stored if trained == today else None
+
+
+def current_choice(study: optuna.Study, spec: Spec) -> int | None:
+    """The stored robust choice while it still answers the spec (current_ranking)."""
+    ranking = current_ranking(study, spec)
+    return None if ranking is None else ranking.get("choice")
 
 
 def summary(values: list[float], maximize: bool) -> dict[str, float]:

@@ -650,37 +650,51 @@ def _log_missed(tracker: Any, study: optuna.Study, metric: str, progress: Progre
 
 
 def finish_study(session: Session, outcome: StudyOutcome) -> None:
-    """The recommendation, from whatever has completed so far, written and logged on the parent
-    run. The last worker standing also makes MLflow whole: a dead worker's trial, a trial that
-    another worker could not log.
+    """The end of a run: the robust recommendation when the study reached its budget, then the
+    parent run ended (end_parent_run). The last worker standing also makes MLflow whole: a dead
+    worker's trial, a trial that another worker could not log.
 
     A file that cannot be written (WriteError) ends the parent run FAILED and is raised: the
     same command, once the disk takes writes, writes the outputs again."""
+    from autotune.robust import robust_recommendation
+
     tracker = session.tracker
     try:
-        _finish(session, outcome)
+        if not outcome.interrupted and outcome.finished >= outcome.budget:
+            try:
+                robust_recommendation(session)  # kept in the study, where the end finds it
+            except WriteError:
+                raise
+            except (Exception, KeyboardInterrupt, SystemExit) as exc:  # the study is done
+                tracker.notify(f"no robust recommendation ({exc!r}): the best trial is recommended")
+        end_parent_run(session.study, session.spec, tracker, outcome)
     except WriteError:
         tracker.end_study({}, {}, [], status="FAILED")
         raise
     if tracker.fault is not None:  # the local MLflow store's disk, while the parent was ended
         raise tracker.fault
+    if tracker.down_since is not None:
+        tracker.notify(
+            f"MLflow at {tracker.tracking_uri} still does not answer: when it does, "
+            "`autotune sync` with this spec logs what it missed"
+        )
 
 
-def _finish(session: Session, outcome: StudyOutcome) -> None:
+def end_parent_run(study: optuna.Study, spec: Spec, tracker: Any, outcome: StudyOutcome) -> None:
+    """What the end of a study gives its parent run, at the end of a run (finish_study) or
+    later by `autotune sync` (sync_parent_run): the recommendation written from the trials that
+    completed (write_outputs: weights trained on another node are said to be absent), the
+    pictures drawn, MLflow made whole from the storage when no trial is running, then on the
+    parent run the best value, the robust ranking, the recommendation as tags, how far the study
+    got, the files, the pictures, and its status (parent_status). `outcome.outputs` is set to
+    the files written.
+
+    Raises WriteError, before the parent run is touched, when a file cannot be written."""
     from autotune.export import rewrite_if_run_moved, write_outputs
     from autotune.report import write_figures
-    from autotune.robust import robust_recommendation
+    from autotune.robust import current_ranking, recommended_trial
     from autotune.tracking import sync_study
 
-    study, spec, tracker = session.study, session.spec, session.tracker
-    robust = None
-    if not outcome.interrupted and outcome.finished >= outcome.budget:
-        try:
-            robust = robust_recommendation(session)
-        except WriteError:
-            raise
-        except (Exception, KeyboardInterrupt, SystemExit) as exc:  # the study itself is done
-            tracker.notify(f"no robust recommendation ({exc!r}): the best trial is recommended")
     best = best_trial(study)
     if best is not None:
         outcome.outputs = list(write_outputs(study, spec))
@@ -700,13 +714,12 @@ def _finish(session: Session, outcome: StudyOutcome) -> None:
         if outcome.outputs:  # the recommended trial's run may be one sync just replaced
             outcome.outputs = rewrite_if_run_moved(study, spec) or outcome.outputs
     metrics = {} if best is None else {f"best_{spec.study.metric}": best.value}
-    for row in (robust or {}).get("rows", []):  # the robust ranking, baselines beside it
+    for row in (current_ranking(study, spec) or {}).get("rows", []):  # baselines beside
         name = row["name"].replace(" ", "_")
         kept = [key for key in ("mean", "sd", "bound") if key in row]  # none: it failed
         metrics.update({f"robust.{name}.{key}": row[key] for key in kept})
-    choice = None if robust is None else robust["choice"]
-    chosen = None if choice is None else study.trials[choice]
-    tags = {} if best is None else recommendation_tags(chosen or best)
+    chosen = recommended_trial(study, spec)
+    tags = {} if chosen is None else recommendation_tags(chosen)
     tags[BUDGET_TAG] = f"{outcome.finished}/{outcome.budget}"
     tracker.end_study(
         {**metrics, "finished_trials": outcome.finished},
@@ -715,11 +728,20 @@ def _finish(session: Session, outcome: StudyOutcome) -> None:
         status=parent_status(outcome),
         figures=figures,
     )
-    if tracker.down_since is not None:
-        tracker.notify(
-            f"MLflow at {tracker.tracking_uri} still does not answer: when it does, "
-            "`autotune sync` with this spec logs what it missed"
-        )
+
+
+def sync_parent_run(study: optuna.Study, spec: Spec, tracker: Any) -> StudyOutcome | None:
+    """`autotune sync`, after the trials: a parent run that its run left RUNNING (MLflow did not
+    answer at its end) is ended as that run would have ended it (end_parent_run), against the
+    spec's budget, when no trial is running. Returns the outcome it ended the parent with, or
+    None when there was nothing to end."""
+    if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        return None  # a run is going on: its own end ends the parent
+    if tracker.client.get_run(tracker.parent_run_id).info.status != "RUNNING":
+        return None
+    outcome = StudyOutcome(study, count_finished(study), spec.study.n_trials)
+    end_parent_run(study, spec, tracker, outcome)
+    return outcome
 
 
 def parent_status(outcome: StudyOutcome) -> str:

@@ -24,8 +24,6 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from optuna.trial import TrialState
-
 from autotune.errors import WriteError, first_line
 from autotune.files import write_failure
 
@@ -51,7 +49,6 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 }
 T = TypeVar("T")
-_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 class Tracker:
@@ -437,8 +434,8 @@ def sync_study(tracker: Tracker, study: Any, metric: str, only: Iterable[int] | 
     """Log to MLflow what it misses of the study, from the Optuna storage: a child run for each
     finished trial that has none whole (its run missing, or cut short because the server went
     away or its worker died: that run is deleted and the trial logged again), and no second
-    run of any trial. `only`: these trial numbers. When no trial is running, a parent run still
-    RUNNING is ended with the study's best. Returns how many trials were logged.
+    run of any trial. `only`: these trial numbers. Returns how many trials were logged; the
+    parent run is left as it is (study.sync_parent_run ends one a run could not end).
 
     Raises when MLflow does not answer."""
     if not tracker.enabled:
@@ -466,8 +463,6 @@ def sync_study(tracker: Tracker, study: Any, metric: str, only: Iterable[int] | 
         if kept is not None and kept != trial_run_id(study_attrs, trial):
             study.set_user_attr(RELOGGED_RUN.format(trial.number), kept)
         tracker.missed.discard(trial.number)
-    if not any(t.state == TrialState.RUNNING for t in trials):
-        _end_parent(tracker, study, metric)
     return logged
 
 
@@ -499,23 +494,6 @@ def _is_whole(run: Any, state: str) -> bool:
         and PARTIAL not in tags
         and run.info.status == RUN_STATUS[state]
     )
-
-
-def _end_parent(tracker: Tracker, study: Any, metric: str) -> None:
-    """A parent left RUNNING by a run that could not reach MLflow at its end: end it now."""
-    parent = tracker.client.get_run(tracker.parent_run_id)
-    if parent.info.status != "RUNNING":
-        return
-    finished = [t for t in study.get_trials(deepcopy=False) if t.state in _FINISHED]
-    complete = [t for t in finished if t.state == TrialState.COMPLETE and t.value is not None]
-    metrics: dict[str, float] = {"finished_trials": len(finished)}
-    tags: dict[str, Any] = {}
-    if complete:
-        best = study.best_trial
-        metrics[f"best_{metric}"] = best.value
-        tags["autotune.best_trial"] = best.number
-    tracker._log(parent.info.run_id, metrics=metrics, tags=tags)
-    tracker.client.set_terminated(parent.info.run_id, status="FINISHED")
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
