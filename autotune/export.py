@@ -23,6 +23,8 @@ import json
 import math
 import platform
 import textwrap
+from collections.abc import Callable
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -34,15 +36,16 @@ from optuna.trial import FrozenTrial
 from torch import nn
 
 from autotune import surgery
-from autotune.errors import first_line
+from autotune.errors import UserCodeError, first_line
 from autotune.files import write_atomic
 from autotune.models import ResidualBlock, build_model
 from autotune.regularizers import CUSTOM_MODULES, make_regularizer
 from autotune.robust import ROBUST_ATTR, kept_digest, recommended_trial
 from autotune.space import TrialConfig, config_from_mapping
 from autotune.spec import ModelSpec, Spec
-from autotune.study import best_trial, redact, state_counts
+from autotune.study import BLOCKS_AT, best_trial, redact, state_counts
 from autotune.tracking import trial_run_id
+from autotune.user_code import USER_ERRORS, describe
 
 # what `export --format` writes, and the files' names
 FORMATS = {"yaml": "recommended.yaml", "json": "recommended.json", "py": "best_model.py"}
@@ -319,18 +322,19 @@ def rebuild_recommendation(
 
 def _model_section(
     spec: ModelSpec,
-    model: nn.Module,
+    model: nn.Module | None,
     shape: tuple[int, ...],
     n_classes: int,
-    blocks: tuple[surgery.FoundBlock, ...],
+    blocks_at: list[str] | None,
 ) -> dict[str, Any]:
-    """recommended.yaml's `model`: what builds the network again, and its size."""
+    """recommended.yaml's `model`: what builds the network again, and its size (None when the
+    network could not be built)."""
     if spec.imported:
         described: dict[str, Any] = {
             "import": spec.import_,
             "kwargs": spec.kwargs,
             # the BN layer of each block, in the order of `blocks`
-            "blocks_at": [block.bn for block in blocks],
+            "blocks_at": blocks_at,
         }
     else:
         described = {
@@ -341,7 +345,7 @@ def _model_section(
         **described,
         "input_shape": list(shape),
         "n_classes": n_classes,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": None if model is None else sum(p.numel() for p in model.parameters()),
     }
 
 
@@ -369,11 +373,23 @@ def _named_run(path: Path) -> tuple[int | None, str | None]:
     return best.get("trial"), best.get("mlflow_run_id") or None
 
 
+class Unverified(UserCodeError):
+    """The user's factory (`model.import`) failed while the outputs were written: what needs
+    no network (recommended.yaml, .json) was written unverified, best_model.py, which is
+    rendered from the network, was not (or not verified). The message says which; `written`
+    holds the paths."""
+
+    def __init__(self, message: str, written: list[Path]) -> None:
+        super().__init__(message)
+        self.written = written
+
+
 def write_outputs(
     study: optuna.Study, spec: Spec, formats: tuple[str, ...] = DEFAULT_FORMATS
 ) -> list[Path]:
     """Write the study's best trial in each of `formats` (yaml, json, py), each file verified
-    against the tuned network; return the paths."""
+    against the tuned network; return the paths. Raises Unverified, after writing what it
+    could, when the user's factory fails to build the network."""
     unknown = set(formats) - set(FORMATS)
     if unknown or not formats:
         raise ValueError(f"formats: expected some of {', '.join(FORMATS)}, got {list(formats)}")
@@ -389,11 +405,17 @@ def write_outputs(
     def tuned() -> nn.Module:  # a fresh copy each time: verification loads weights into it
         return build_model(spec.model, config, shape, n_classes, base_dir=spec.base_dir)
 
-    model = tuned()
+    model: nn.Module | None = None
     blocks: tuple[surgery.FoundBlock, ...] = ()
-    if spec.model.imported:  # where each block is: found in the model as its factory builds it
-        plain = surgery.make_user_model(spec.model, shape, n_classes, base_dir=spec.base_dir)
-        blocks = surgery.find_blocks(plain, shape)
+    failed: UserCodeError | None = None  # the user's factory, failing now
+    try:
+        model = tuned()
+        if spec.model.imported:  # where each block is: found in the model its factory builds
+            plain = surgery.make_user_model(spec.model, shape, n_classes, base_dir=spec.base_dir)
+            blocks = surgery.user_blocks(spec.model, plain, shape)
+    except UserCodeError as exc:
+        failed = exc
+    blocks_at = [block.bn for block in blocks] if blocks else attrs.get(BLOCKS_AT)
     out = spec.output_dir
     digest = trial.user_attrs.get(WEIGHTS_DIGEST) or kept_digest(study, trial.number)
     weights, absent = _trial_weights(out / "weights" / f"trial_{trial.number}.pt", digest)
@@ -406,13 +428,27 @@ def write_outputs(
         "versions": library_versions(),
     }
 
-    def check(rebuilt: nn.Module, source: Path) -> str:
-        """What verifying `rebuilt` against the tuned network showed, in words."""
+    def check(rebuild: Callable[[], nn.Module], source: Path) -> str:
+        """What verifying the network `rebuild` builds from `source` against the tuned network
+        showed, in words; `not verified: ...` when the user's factory fails."""
+        nonlocal failed
+        try:
+            if failed is None:
+                rebuilt = rebuild()
+                reference = None if weights is None else tuned()
+        except USER_ERRORS as exc:  # best_model.py calls the factory itself
+            if not spec.model.imported:
+                raise
+            failed = exc if isinstance(exc, UserCodeError) else _factory_failed(spec, exc)
+        if failed is not None:
+            unverified.append(source)
+            return f"not verified: {failed}"
+        assert model is not None
         verify_network(rebuilt, model, source)
-        if weights is None:
+        if weights is None or reference is None:
             return f"same layers and parameter count; {absent}"
         try:
-            diff = verify_weights(rebuilt, tuned(), weights, shape, source)
+            diff = verify_weights(rebuilt, reference, weights, shape, source)
         except WeightsDoNotLoad:  # its layers are the tuned network's: the file is not its
             return f"same layers and parameter count; {weights.name} does not fit them, unused"
         return (
@@ -421,8 +457,11 @@ def write_outputs(
         )
 
     written: list[Path] = []
+    unverified: list[Path] = []
     verified: dict[str, str] = {}
-    if "py" in formats:
+    if "py" in formats and model is None:  # rendered from the network: there is none
+        verified["best_model.py"] = f"not written: {failed}"
+    elif "py" in formats:
         py_path = out / FORMATS["py"]
         where = [
             f"{k} {v}" for k, v in provenance.items() if k != "versions" and v not in (None, "")
@@ -440,7 +479,7 @@ def write_outputs(
         else:
             code = render_snippet(model, header, shape)
         write_atomic(py_path, code)
-        verified["best_model.py"] = check(load_snippet(py_path), py_path)
+        verified["best_model.py"] = check(lambda: load_snippet(py_path), py_path)
         written.append(py_path)
 
     recommendation = {
@@ -458,7 +497,7 @@ def write_outputs(
             "mlflow_parent_run_id": attrs.get("mlflow_parent_run_id"),
             "weights": str(weights) if weights is not None else None,
         },
-        "model": _model_section(spec.model, model, shape, n_classes, blocks),
+        "model": _model_section(spec.model, model, shape, n_classes, blocks_at),
         "blocks": config.to_dicts(),
         # true: BN's statistics were re-estimated with dropout off after training; the saved
         # weights hold them, so a production model loads them as they are
@@ -478,6 +517,8 @@ def write_outputs(
         if kind not in formats:
             continue
         path = out / FORMATS[kind]
+        if failed is not None:  # known before it is written: it says so itself
+            verified[FORMATS[kind]] = f"not verified: {failed}"
         if kind == "yaml":
             write_atomic(
                 path,
@@ -490,9 +531,21 @@ def write_outputs(
             text = json.dumps(_finite(recommendation), indent=2, allow_nan=False) + "\n"
             write_atomic(path, text)
             document = json.loads(path.read_text())
-        check(rebuild_recommendation(document, str(path), spec.base_dir), path)
+        check(partial(rebuild_recommendation, document, str(path), spec.base_dir), path)
         written.insert(0, path)
+    if failed is not None:
+        said = [
+            f"{path.name} {'written unverified' if path in written else 'not written'}"
+            for path in (out / FORMATS[f] for f in formats)
+            if path in unverified or path not in written
+        ]
+        raise Unverified(f"{failed}; {', '.join(said)}", written)
     return written
+
+
+def _factory_failed(spec: Spec, exc: BaseException) -> UserCodeError:
+    """The user's factory raised while best_model.py was run: said as make_user_model says it."""
+    return UserCodeError(f"model.import: {spec.model.import_!r} failed to build: {describe(exc)}")
 
 
 def verify_network(rebuilt: nn.Module, reference: nn.Module, source: Path) -> None:

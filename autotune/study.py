@@ -33,11 +33,12 @@ from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from autotune.checks import check_accelerator, check_sampler, resolve_space
-from autotune.errors import SpecError, WriteError, first_line
+from autotune.errors import SpecError, UserCodeError, WriteError, first_line
 from autotune.files import check_writable, write_failure
 from autotune.space import SearchSpace
 from autotune.spec import PrunerSpec, Spec
 from autotune.tracking import PARENT_ATTR
+from autotune.user_code import USER_ERRORS, message_of
 
 # heartbeats, RetryHeartbeatStaleTrialCallback and TPE's `group` are marked experimental; we
 # rely on them knowingly and the notice would greet every user on every run
@@ -58,6 +59,9 @@ PARENT_WAIT_SECONDS = 30.0
 # the user attr the objective sets first, to its trial's number (a retried trial inherits the
 # attrs of the one it retries, so the number tells whether this trial itself got that far)
 STARTED = "started"
+# the study attr naming the BN layer of each block of an imported model, in block order: what
+# recommended.yaml says even when the model's factory fails at the export
+BLOCKS_AT = "blocks_at"
 
 
 class Progress:
@@ -337,8 +341,8 @@ def check_runnable(spec: Spec, space: SearchSpace, datamodule: Any) -> None:
         raise SpecError("data.val_fraction: the training split is too small for one batch")
     try:  # the metric needs validation batches; a DataModule without them fails every trial
         next(iter(datamodule.val_dataloader()))
-    except Exception as exc:
-        raise SpecError(f"data: no validation batch: {first_line(exc)}") from None
+    except USER_ERRORS as exc:
+        raise UserCodeError(f"data: no validation batch: {message_of(exc)}") from None
 
 
 def enqueue_low_shift(
@@ -412,6 +416,9 @@ def open_session(
     study, created = open_study(spec, space, datamodule)
     if study.user_attrs.get("search_space") != space.name:
         study.set_user_attr("search_space", space.name)
+    blocks_at = [slot.label for slot in space.slots]
+    if spec.model.imported and study.user_attrs.get(BLOCKS_AT) != blocks_at:
+        study.set_user_attr(BLOCKS_AT, blocks_at)
     study.set_user_attr("standardised", save_input_stats(datamodule, spec.output_dir))
 
     # the parent run before any trial exists: a joining worker that finds trials takes the
@@ -690,14 +697,22 @@ def end_parent_run(study: optuna.Study, spec: Spec, tracker: Any, outcome: Study
     the files written.
 
     Raises WriteError, before the parent run is touched, when a file cannot be written."""
-    from autotune.export import rewrite_if_run_moved, write_outputs
+    from autotune.export import Unverified, rewrite_if_run_moved, write_outputs
     from autotune.report import write_figures
     from autotune.robust import current_ranking, recommended_trial
     from autotune.tracking import sync_study
 
+    def kept(written: Callable[[], list[Path]]) -> list[Path]:
+        """The files written; what the user's factory left unverified is said, not raised."""
+        try:
+            return list(written())
+        except Unverified as exc:
+            tracker.notify(str(exc))
+            return exc.written
+
     best = best_trial(study)
     if best is not None:
-        outcome.outputs = list(write_outputs(study, spec))
+        outcome.outputs = kept(lambda: write_outputs(study, spec))
     try:  # pictures are a courtesy: a run that finished must still end in MLflow
         figures = write_figures(study, spec.output_dir / "figures", spec.study.metric)
     except WriteError:
@@ -712,7 +727,7 @@ def end_parent_run(study: optuna.Study, spec: Spec, tracker: Any, outcome: Study
         except Exception as exc:
             tracker.went_down(exc)
         if outcome.outputs:  # the recommended trial's run may be one sync just replaced
-            outcome.outputs = rewrite_if_run_moved(study, spec) or outcome.outputs
+            outcome.outputs = kept(lambda: rewrite_if_run_moved(study, spec)) or outcome.outputs
     metrics = {} if best is None else {f"best_{spec.study.metric}": best.value}
     for row in (current_ranking(study, spec) or {}).get("rows", []):  # baselines beside
         name = row["name"].replace(" ", "_")

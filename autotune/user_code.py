@@ -13,7 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from autotune.errors import SpecError, first_line
+from autotune.errors import SpecError, UserCodeError, first_line
+
+# what the user's code may raise that autotune reports in one line and goes on from: any
+# exception, and SystemExit (a factory that calls sys.exit() does not choose autotune's exit
+# code). KeyboardInterrupt is left alone, so that Ctrl-C still interrupts.
+USER_ERRORS = (Exception, SystemExit)
 
 
 def import_object(target: str, *, field: str, base_dir: Path = Path(".")) -> Any:
@@ -24,8 +29,8 @@ def import_object(target: str, *, field: str, base_dir: Path = Path(".")) -> Any
     importlib.invalidate_caches()
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise SpecError(f"{field}: cannot import {target!r}: {first_line(exc)}") from exc
+    except USER_ERRORS as exc:  # a module that is not there, or whose code raises
+        raise UserCodeError(f"{field}: cannot import {target!r}: {message_of(exc)}") from exc
     if not hasattr(module, attribute):
         raise SpecError(
             f"{field}: cannot import {target!r}: "
@@ -42,6 +47,14 @@ def put_first_on_path(folders: Sequence[Path]) -> None:
         sys.path.insert(0, entry)
 
 
+def message_of(exc: BaseException) -> str:
+    """The first line of what the user's code raised; `SystemExit(code)` for an exit, whose
+    message is only its code."""
+    return describe(exc) if isinstance(exc, SystemExit) else first_line(exc)
+
+
 def describe(exc: BaseException) -> str:
-    """`Type: first line`, for errors raised by the user's own code."""
+    """`Type: first line`, for errors raised by the user's own code; `SystemExit(code)`."""
+    if isinstance(exc, SystemExit):
+        return f"SystemExit({exc.code!r})"
     return f"{type(exc).__name__}: {first_line(exc)}"

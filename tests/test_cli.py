@@ -609,3 +609,127 @@ def test_a_database_whose_folder_turns_read_only_mid_study_is_one_line(
     assert invoke("run", path).exit_code == 0
     finished = [t for t in stored_study(path).trials if t.state == TrialState.COMPLETE]
     assert len(finished) == budget
+
+
+# --- the user's own code fails: one line naming it, never its exit code; the outputs kept ---
+
+FACTORY = """
+from torch import nn
+
+CALLS = 0  # constructions in this process: 1 and 2 check the spec, then 2 a trial
+
+
+def build(input_shape, n_classes):
+    global CALLS
+    CALLS += 1
+    if {fails}:
+        {raises}
+    return Net(n_classes)
+
+
+class Net(nn.Module):
+    def __init__(self, n_classes):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, n_classes)
+        )
+
+    def forward(self, x):
+        if self.training and {forward_fails}:
+            raise SystemExit(4)
+        return self.body(x)
+"""
+
+
+def factory_spec(
+    write_spec, tmp_path: Path, fails: str = "False", raises: str = "pass", forward: str = "False"
+) -> tuple[Path, str]:
+    """A spec whose model.import is a factory written beside it, and the factory's name. Each
+    gets a module name of its own: a module stays imported in this process, with its count."""
+    module = f"factory_{uuid.uuid4().hex[:8]}"
+    code = FACTORY.format(fails=fails, raises=raises, forward_fails=forward)
+    (tmp_path / f"{module}.py").write_text(code)
+    spec = tiny_spec(study={"n_trials": 3})
+    spec["model"] = {"import": f"{module}:build"}
+    return write_spec(spec), f"'{module}:build'"
+
+
+@pytest.mark.parametrize(
+    "verb, fails, raises",
+    [
+        ("validate", "CALLS == 1", "raise SystemExit(3)"),  # the first construction
+        ("run", "CALLS == 2", "raise SystemExit(3)"),  # the check before any trial
+        ("validate", "True", "raise SystemExit"),  # sys.exit() without a code
+    ],
+)
+def test_a_factory_that_exits_is_one_line_and_exit_2(write_spec, tmp_path, verb, fails, raises):
+    path, factory = factory_spec(write_spec, tmp_path, fails, raises)
+    result = invoke(verb, path)
+    # bad input, said in one line naming the factory: not an exit with the code it chose
+    code = "3" if "3" in raises else "None"
+    assert_one_line_error(result, f"model.import: {factory} failed to build: SystemExit({code})")
+
+
+def test_a_module_that_exits_as_it_is_imported_is_one_line_and_exit_2(write_spec, tmp_path):
+    (tmp_path / "exits_on_import.py").write_text("raise SystemExit(3)\n")
+    spec = tiny_spec()
+    spec["model"] = {"import": "exits_on_import:build"}
+    result = invoke("validate", write_spec(spec))
+    assert_one_line_error(
+        result, "model.import: cannot import 'exits_on_import:build': SystemExit(3)"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "fails, forward, reason",
+    [
+        # the factory exits in the first trial's construction
+        ("CALLS == 3", "False", "model.import: {factory} failed to build: SystemExit(3)"),
+        # the model it built exits in the first trial's first pass in training mode
+        ("False", "CALLS == 3", "model.import {factory} raised SystemExit(4)"),
+    ],
+)
+def test_user_code_that_exits_in_a_trial_fails_that_trial_and_the_study_goes_on(
+    write_spec, tmp_path, fails, forward, reason
+):
+    path, factory = factory_spec(write_spec, tmp_path, fails, "raise SystemExit(3)", forward)
+    result = invoke("run", path)
+    # the study finished its budget: exit 0, nothing interrupted
+    assert result.exit_code == 0, (result.output, result.exception)
+    study = stored_study(path)
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.FAIL] + [TrialState.COMPLETE] * 3
+    # the failed trial says which code exited, and how
+    assert study.trials[0].user_attrs["fail_reason"] == (
+        "UserCodeError: " + reason.format(factory=factory)
+    )
+    assert "interrupted" not in study.trials[0].user_attrs
+
+
+@pytest.mark.slow
+def test_a_factory_that_fails_after_a_trial_completed_still_leaves_a_recommendation(
+    write_spec, tmp_path
+):
+    # the first trial completes (constructions 3 and 4); every construction after fails
+    path, factory = factory_spec(
+        write_spec, tmp_path, "CALLS >= 5", "raise ValueError('out of memory')"
+    )
+    result = invoke("run", path)
+    # five failures in a row stop the run (exit 1), as ever, with no traceback
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert "Traceback" not in result.output
+    failed = f"model.import: {factory} failed to build: ValueError: out of memory"
+    # one line says what the export could not do, naming the factory
+    said = [line for line in result.stderr.splitlines() if "written unverified" in line]
+    assert said == [f"{failed}; recommended.yaml written unverified, best_model.py not written"]
+    # recommended.yaml is written from the trial that completed, and says it is unverified
+    out = tmp_path / "out"
+    recommended = yaml.safe_load((out / "recommended.yaml").read_text())
+    assert recommended["best"]["trial"] == 0
+    assert recommended["model"]["blocks_at"] == ["body.2"]
+    assert recommended["verified"] == {
+        "best_model.py": f"not written: {failed}",
+        "recommended.yaml": f"not verified: {failed}",
+    }
+    assert not (out / "best_model.py").exists()
