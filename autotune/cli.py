@@ -281,7 +281,7 @@ def sync(spec_file: Path, storage: str | None, tracking_uri: str | None) -> None
     as the end of a run would have, where that run could not."""
     from autotune.export import rewrite_if_run_moved
     from autotune.spec import load_spec
-    from autotune.study import load_existing_study, parent_status, sync_parent_run
+    from autotune.study import load_existing_study, parent_status, raise_if_disk, sync_parent_run
     from autotune.tracking import Tracker, sync_study
 
     spec = load_spec(spec_file, overrides=_overrides(storage, tracking_uri))
@@ -300,7 +300,10 @@ def sync(spec_file: Path, storage: str | None, tracking_uri: str | None) -> None
     except (SpecError, WriteError):
         raise
     except Exception as exc:
+        raise_if_disk(exc, spec.tracking_uri)  # a local store on a full or read-only disk
         raise SpecError(f"{where}: {first_line(exc)}") from None
+    if tracker.fault is not None:
+        raise tracker.fault
     if tracker.down_since is not None:  # a call of the parent's end did not get through
         raise SpecError(f"{where}: does not answer ({tracker.last_error})")
     finished = sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())

@@ -45,7 +45,7 @@ from autotune.space import TrialConfig, config_from_mapping
 from autotune.spec import ModelSpec, Spec
 from autotune.study import BLOCKS_AT, best_trial, redact, state_counts
 from autotune.tracking import trial_run_id
-from autotune.user_code import USER_ERRORS, describe
+from autotune.user_code import USER_ERRORS, raised_in
 
 # what `export --format` writes, and the files' names
 FORMATS = {"yaml": "recommended.yaml", "json": "recommended.json", "py": "best_model.py"}
@@ -436,10 +436,13 @@ def write_outputs(
             if failed is None:
                 rebuilt = rebuild()
                 reference = None if weights is None else tuned()
-        except USER_ERRORS as exc:  # best_model.py calls the factory itself
-            if not spec.model.imported:
+        except USER_ERRORS as exc:
+            if isinstance(exc, UserCodeError):
+                failed = exc
+            elif spec.model.import_ and raised_in(exc, spec.model.import_):
+                failed = surgery.factory_failed(spec.model, exc)  # best_model.py called it
+            else:  # a snippet that does not run: the check fails, loudly
                 raise
-            failed = exc if isinstance(exc, UserCodeError) else _factory_failed(spec, exc)
         if failed is not None:
             unverified.append(source)
             return f"not verified: {failed}"
@@ -541,11 +544,6 @@ def write_outputs(
         ]
         raise Unverified(f"{failed}; {', '.join(said)}", written)
     return written
-
-
-def _factory_failed(spec: Spec, exc: BaseException) -> UserCodeError:
-    """The user's factory raised while best_model.py was run: said as make_user_model says it."""
-    return UserCodeError(f"model.import: {spec.model.import_!r} failed to build: {describe(exc)}")
 
 
 def verify_network(rebuilt: nn.Module, reference: nn.Module, source: Path) -> None:

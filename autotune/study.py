@@ -125,9 +125,7 @@ def make_storage(
     except SpecError:
         raise
     except Exception as exc:  # bad URL, missing driver, unreachable server, a full disk
-        failed = write_failure(exc)
-        if failed is not None:
-            raise WriteError(f"{storage_place(url)}: {failed}") from None
+        raise_if_disk(exc, url)
         reason = str(exc).splitlines()[0] if str(exc) else ""
         raise SpecError(
             f"study.storage: cannot open {redact(url)!r}: {type(exc).__name__}: {reason}"
@@ -168,6 +166,14 @@ def _redis_backend(url: str) -> JournalRedisBackend:
         ) from None
     redis.Redis.from_url(url, socket_connect_timeout=5).ping()  # unreachable: said here, once
     return JournalRedisBackend(url)
+
+
+def raise_if_disk(exc: Exception, url: str) -> None:
+    """Raise a WriteError naming the store `url` (a storage, a tracking store) when `exc` is a
+    write that its disk refused (files.write_failure)."""
+    failed = write_failure(exc)
+    if failed is not None:
+        raise WriteError(f"{storage_place(url)}: {failed}") from exc
 
 
 def storage_place(url: str) -> str:
@@ -432,9 +438,7 @@ def open_session(
             notify=notify,
         )
     except Exception as exc:  # MlflowException: a bad URI, a refused local store
-        failed = write_failure(exc)
-        if failed is not None:
-            raise WriteError(f"{storage_place(spec.tracking_uri)}: {failed}") from exc
+        raise_if_disk(exc, spec.tracking_uri)
         raise SpecError(f"mlflow.tracking_uri: {spec.tracking_uri}: {first_line(exc)}") from None
     known = None if created or not tracker.enabled else _parent_run_id(study)
     params = flatten(spec.model_dump(mode="json", by_alias=True))  # model.import, not import_
@@ -627,10 +631,8 @@ def work(
         except KeyboardInterrupt:
             outcome.interrupted = True
         except Exception as exc:  # the storage could not record a trial: Optuna's own error
-            failed = write_failure(exc)
-            if failed is None:
-                raise
-            raise WriteError(f"{storage_place(spec.storage_url)}: {failed}") from exc
+            raise_if_disk(exc, spec.storage_url)
+            raise
         finally:
             progress.close()
     fault = objective.fault or tracker.fault
@@ -702,17 +704,18 @@ def end_parent_run(study: optuna.Study, spec: Spec, tracker: Any, outcome: Study
     from autotune.robust import current_ranking, recommended_trial
     from autotune.tracking import sync_study
 
-    def kept(written: Callable[[], list[Path]]) -> list[Path]:
-        """The files written; what the user's factory left unverified is said, not raised."""
+    def files_written(write: Callable[[], list[Path]]) -> list[Path]:
+        """The files `write` wrote; what the user's factory left unverified is said, not
+        raised."""
         try:
-            return list(written())
+            return list(write())
         except Unverified as exc:
             tracker.notify(str(exc))
             return exc.written
 
     best = best_trial(study)
     if best is not None:
-        outcome.outputs = kept(lambda: write_outputs(study, spec))
+        outcome.outputs = files_written(lambda: write_outputs(study, spec))
     try:  # pictures are a courtesy: a run that finished must still end in MLflow
         figures = write_figures(study, spec.output_dir / "figures", spec.study.metric)
     except WriteError:
@@ -727,7 +730,9 @@ def end_parent_run(study: optuna.Study, spec: Spec, tracker: Any, outcome: Study
         except Exception as exc:
             tracker.went_down(exc)
         if outcome.outputs:  # the recommended trial's run may be one sync just replaced
-            outcome.outputs = kept(lambda: rewrite_if_run_moved(study, spec)) or outcome.outputs
+            outcome.outputs = (
+                files_written(lambda: rewrite_if_run_moved(study, spec)) or outcome.outputs
+            )
     metrics = {} if best is None else {f"best_{spec.study.metric}": best.value}
     for row in (current_ranking(study, spec) or {}).get("rows", []):  # baselines beside
         name = row["name"].replace(" ", "_")

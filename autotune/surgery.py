@@ -105,14 +105,17 @@ def make_user_model(
     try:
         model = factory(**factory_kwargs(spec, factory, input_shape, n_classes))
     except USER_ERRORS as exc:
-        raise UserCodeError(
-            f"model.import: {spec.import_!r} failed to build: {describe(exc)}"
-        ) from exc
+        raise factory_failed(spec, exc) from exc
     if not isinstance(model, nn.Module):
         raise UserCodeError(
             f"model.import: {spec.import_!r} returned {type(model).__name__}, not a torch nn.Module"
         )
     return model
+
+
+def factory_failed(spec: ModelSpec, exc: BaseException) -> UserCodeError:
+    """What the factory `model.import` names raised, said in one line, wherever it was called."""
+    return UserCodeError(f"model.import: {spec.import_!r} failed to build: {describe(exc)}")
 
 
 def user_blocks(

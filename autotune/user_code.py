@@ -39,6 +39,19 @@ def import_object(target: str, *, field: str, base_dir: Path = Path(".")) -> Any
     return getattr(module, attribute)
 
 
+def raised_in(exc: BaseException, target: str) -> bool:
+    """Whether `exc` came through the code of the module "package.module:name" names: an error
+    of the user's own, not of the code that called it."""
+    module = sys.modules.get(target.partition(":")[0])
+    path = getattr(module, "__file__", None)
+    frame = exc.__traceback__
+    while frame is not None:
+        if path is not None and frame.tb_frame.f_code.co_filename == path:
+            return True
+        frame = frame.tb_next
+    return False
+
+
 def put_first_on_path(folders: Sequence[Path]) -> None:
     for folder in reversed(folders):
         entry = str(folder)
