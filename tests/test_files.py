@@ -69,6 +69,16 @@ def test_a_folder_where_a_file_must_go_is_a_write_error(tmp_path: Path):
         files.check_writable(tmp_path / "a-file" / "out")
 
 
+def test_a_log_that_cannot_be_opened_is_a_write_error(tmp_path: Path):
+    (tmp_path / "workers").write_text("")  # a file where the workers' log folder must be
+    with pytest.raises(WriteError, match=r"workers/worker-0\.log: "):
+        files.open_to_append(tmp_path / "workers" / "worker-0.log")
+    # where it can be, the log is opened to append, its folder made
+    with files.open_to_append(tmp_path / "logs" / "worker-0.log") as log:
+        log.write("started\n")
+    assert (tmp_path / "logs" / "worker-0.log").read_text() == "started\n"
+
+
 def test_a_folder_that_takes_no_file_fails_the_check(tmp_path: Path, read_only):
     out = tmp_path / "out"
     read_only.on(out)
