@@ -37,7 +37,6 @@ from torch import nn
 
 from autotune import surgery
 from autotune.errors import UserCodeError, first_line
-from autotune.files import write_atomic
 from autotune.models import ResidualBlock, build_model
 from autotune.regularizers import CUSTOM_MODULES, make_regularizer
 from autotune.robust import ROBUST_ATTR, kept_digest, recommended_trial
@@ -46,6 +45,7 @@ from autotune.spec import ModelSpec, Spec
 from autotune.study import BLOCKS_AT, best_trial, redact, state_counts
 from autotune.tracking import trial_run_id
 from autotune.user_code import USER_ERRORS, raised_in
+from autotune.writes import write_atomic
 
 # what `export --format` writes, and the files' names
 FORMATS = {"yaml": "recommended.yaml", "json": "recommended.json", "py": "best_model.py"}

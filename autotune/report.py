@@ -11,7 +11,7 @@ anywhere:
 
 `write_figures` writes them as PNG to <output>/figures/; `write_report` embeds them, with the
 recommendation and the top trials, in <output>/report.html, which needs nothing else to open.
-Each file is written whole or not at all (autotune.files); a disk that refuses is a WriteError.
+Each file is written whole or not at all (autotune.writes); a disk that refuses is a WriteError.
 A picture that the study cannot draw yet (too few trials, no completed one) is a panel that says
 why, never a missing file.
 """
@@ -30,9 +30,9 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from autotune.files import write_atomic
 from autotune.robust import ROBUST_ATTR, recommended_trial
 from autotune.study import state_counts, top_trials
+from autotune.writes import write_atomic
 
 FIGURES = {
     "history": "Optimisation history",

@@ -34,11 +34,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autotune.checks import check_accelerator, check_sampler, resolve_space
 from autotune.errors import SpecError, UserCodeError, WriteError, first_line
-from autotune.files import check_writable, write_failure
 from autotune.space import SearchSpace
 from autotune.spec import PrunerSpec, Spec
 from autotune.tracking import PARENT_ATTR
 from autotune.user_code import USER_ERRORS, message_of
+from autotune.writes import check_writable, write_failure
 
 # heartbeats, RetryHeartbeatStaleTrialCallback and TPE's `group` are marked experimental; we
 # rely on them knowingly and the notice would greet every user on every run

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from autotune.errors import WriteError, first_line
-from autotune.files import write_failure
+from autotune.writes import write_failure
 
 PARENT_ROLE = "parent"
 PARENT_ATTR = "mlflow_parent_run_id"

@@ -32,7 +32,6 @@ from autotune.cli import (
     STORAGE_ENV,
     TRACKING_ENV,
 )
-from autotune.files import open_to_append
 from autotune.spec import Spec
 from autotune.study import (
     POLL_SECONDS,
@@ -42,6 +41,7 @@ from autotune.study import (
     finish_study,
     open_session,
 )
+from autotune.writes import open_to_append
 
 WORKER_ENV = "AUTOTUNE_WORKER"  # the worker's index, for its log lines
 
