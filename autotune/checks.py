@@ -136,17 +136,11 @@ def resolve_space(spec: Spec, data: Any | None = None) -> SearchSpace:
 
 def model_slots(spec: Spec, shape: tuple[int, ...], n_classes: int) -> tuple[Slot, ...]:
     """What each block of the imported model has room for; SpecError when it has no block."""
-    from autotune.surgery import find_blocks, make_user_model
+    from autotune.surgery import make_user_model, user_blocks
 
     target = spec.model.import_
     model = make_user_model(spec.model, shape, n_classes, base_dir=spec.base_dir)
-    try:
-        blocks = find_blocks(model, shape)
-    except Exception as exc:  # the user's forward(): a shape that does not fit, ...
-        raise SpecError(
-            f"model.import: {target!r} fails on an example of the data's shape {shape}: "
-            f"{type(exc).__name__}: {first_line(exc)}"
-        ) from exc
+    blocks = user_blocks(spec.model, model, shape)
     if not blocks:
         raise SpecError(
             f"model.import: {target!r} uses no BatchNorm layer in its forward pass: "

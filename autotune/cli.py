@@ -1,8 +1,9 @@
 """The `autotune` command: a thin shell over the package. Parses, calls, prints.
 
-Bad input (SpecError) is one line on stderr and exit code 2; an interrupted study exits with 130
-and resumes when the same command runs again. Every error line goes out through `fail`: one line,
-at most MAX_LINE characters, no secret in it.
+Bad input (SpecError) is one line on stderr and exit code 2; a file that could not be written (a
+read-only or full disk: WriteError) is one line and exit code 3; an interrupted study exits with
+130. Either of the last two resumes when the same command runs again. Every error line goes out
+through `fail`: one line, at most MAX_LINE characters, no secret in it.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import Any, NoReturn
 
 import click
 
-from autotune.errors import SpecError, first_line, one_line
+from autotune.errors import SpecError, WriteError, first_line, one_line
 from autotune.redaction import redact
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_WRITE = 3  # the output folder or the disk could not be written
 # the storage URL and the tracking URI can come from the environment, so that a password never
 # has to be in a spec, and every node of a cluster can run the same spec
 STORAGE_ENV = "AUTOTUNE_STORAGE"
@@ -58,14 +60,15 @@ def _devices(ctx: click.Context, param: click.Parameter, value: str | None) -> l
 
 
 def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
-    """SpecError -> one line on stderr, exit 2; no traceback for the user's mistakes."""
+    """SpecError -> one line on stderr, exit 2; no traceback for the user's mistakes. WriteError
+    -> one line, exit 3: the disk, not the input."""
 
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except SpecError as exc:
-            fail(str(exc), EXIT_BAD_INPUT)
+        except (SpecError, WriteError) as exc:
+            fail(str(exc), EXIT_WRITE if isinstance(exc, WriteError) else EXIT_BAD_INPUT)
 
     return wrapper
 
@@ -287,10 +290,11 @@ def predict(spec_file: Path, config_file: Path | None, as_json: bool) -> None:
 @_friendly
 def sync(spec_file: Path, storage: str | None, tracking_uri: str | None) -> None:
     """Log to MLflow what it misses of the study in SPEC_FILE, from the Optuna storage: trials
-    finished while the tracking server was away, or whose worker died."""
+    finished while the tracking server was away, or whose worker died; and end the parent run,
+    as the end of a run would have, where that run could not."""
     from autotune.export import rewrite_if_run_moved
     from autotune.spec import load_spec
-    from autotune.study import load_existing_study
+    from autotune.study import load_existing_study, parent_status, raise_if_disk, sync_parent_run
     from autotune.tracking import Tracker, sync_study
 
     spec = load_spec(spec_file, overrides=_overrides(storage, tracking_uri))
@@ -305,15 +309,28 @@ def sync(spec_file: Path, storage: str | None, tracking_uri: str | None) -> None
         if not tracker.online:
             raise SpecError(f"{where}: does not answer ({tracker.last_error})")
         logged = sync_study(tracker, study, spec.study.metric)
-    except SpecError:
+        ended = sync_parent_run(study, spec, tracker)
+    except (SpecError, WriteError):
         raise
     except Exception as exc:
+        raise_if_disk(exc, spec.tracking_uri)  # a local store on a full or read-only disk
         raise SpecError(f"{where}: {first_line(exc)}") from None
+    if tracker.fault is not None:
+        raise tracker.fault
+    if tracker.down_since is not None:  # a call of the parent's end did not get through
+        raise SpecError(f"{where}: does not answer ({tracker.last_error})")
     finished = sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
     click.echo(
         f"{redact(spec.tracking_uri)}: logged {logged} trials it was missing; "
         f"it now holds all {finished} finished trials of study {spec.study.name!r}"
     )
+    if ended is not None:
+        logged_files = ", ".join(path.name for path in ended.outputs) or "no recommendation"
+        click.echo(
+            f"its parent run was left running: ended {parent_status(ended)} "
+            f"({ended.finished}/{ended.budget} trials), with {logged_files} and the figures"
+        )
+        return
     rewritten = rewrite_if_run_moved(study, spec)
     if rewritten:
         names = ", ".join(path.name for path in rewritten)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from autotune.checks import rows_served
-from autotune.errors import SpecError
+from autotune.errors import SpecError, UserCodeError
 from autotune.sources import (
     load_builtin,
     read_file,
@@ -34,7 +34,7 @@ from autotune.sources import (
     standardise,
 )
 from autotune.spec import DataSpec
-from autotune.user_code import describe, import_object
+from autotune.user_code import USER_ERRORS, describe, import_object
 
 __all__ = [  # split_rows and the readers live in autotune.sources; kept here for old imports
     "TensorBatches",
@@ -272,8 +272,8 @@ def load_user_datamodule(spec: DataSpec, *, base_dir: Path = Path(".")) -> pl.Li
     cls = import_datamodule_class(target, base_dir=base_dir)
     try:
         datamodule = cls(**spec.kwargs)
-    except Exception as exc:
-        raise SpecError(
+    except USER_ERRORS as exc:
+        raise UserCodeError(
             f"data.datamodule: {target!r} failed to build with data.kwargs: {describe(exc)}"
         ) from exc
     shape = _first_batch_shape(datamodule, target)
@@ -303,8 +303,8 @@ def _first_batch_shape(datamodule: pl.LightningDataModule, target: str) -> tuple
         datamodule.prepare_data()
         datamodule.setup("fit")
         batch = next(iter(datamodule.train_dataloader()), None)
-    except Exception as exc:
-        raise SpecError(
+    except USER_ERRORS as exc:
+        raise UserCodeError(
             f"data.datamodule: {target!r} failed to set up its training data: {describe(exc)}"
         ) from exc
     if batch is None:

@@ -26,10 +26,13 @@ import ast
 import datetime as dt
 import hashlib
 import inspect
+import io
 import json
 import math
 import platform
 import textwrap
+from collections.abc import Callable
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -41,15 +44,17 @@ from optuna.trial import FrozenTrial
 from torch import nn
 
 from autotune import surgery
-from autotune.errors import first_line
+from autotune.errors import UserCodeError, first_line
 from autotune.models import ResidualBlock, build_model
 from autotune.redaction import redact
 from autotune.regularizers import CUSTOM_MODULES, make_regularizer
 from autotune.robust import ROBUST_ATTR, kept_digest, recommended_trial
 from autotune.space import TrialConfig, config_from_mapping
 from autotune.spec import ModelSpec, Spec
-from autotune.study import best_trial, state_counts
+from autotune.study import BLOCKS_AT, best_trial, state_counts
 from autotune.tracking import PARENT_ATTR, run_id_or_none, trial_run_id
+from autotune.user_code import USER_ERRORS, raised_in
+from autotune.writes import write_atomic
 
 # what `export --format` writes, and the files' names
 FORMATS = {"yaml": "recommended.yaml", "json": "recommended.json", "py": "best_model.py"}
@@ -64,6 +69,17 @@ WEIGHTS_DIGEST = "weights_sha256"
 
 def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_tensors(obj: Any, path: Path) -> str:
+    """torch.save(obj) to `path`, whole or not at all (files.write_atomic); returns the sha256
+    of what was written, which the export checks a trial's weights against. Raises WriteError
+    when the file cannot be written."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    write_atomic(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 _LEAVES: dict[type, tuple[str, ...]] = {
@@ -378,18 +394,19 @@ def rebuild_recommendation(
 
 def _model_section(
     spec: ModelSpec,
-    model: nn.Module,
+    model: nn.Module | None,
     shape: tuple[int, ...],
     n_classes: int,
-    blocks: tuple[surgery.FoundBlock, ...],
+    blocks_at: list[str] | None,
 ) -> dict[str, Any]:
-    """recommended.yaml's `model`: what builds the network again, and its size."""
+    """recommended.yaml's `model`: what builds the network again, and its size (None when the
+    network could not be built)."""
     if spec.imported:
         described: dict[str, Any] = {
             "import": spec.import_,
             "kwargs": spec.kwargs,
             # the BN layer of each block, in the order of `blocks`
-            "blocks_at": [block.bn for block in blocks],
+            "blocks_at": blocks_at,
         }
     else:
         described = {
@@ -400,7 +417,7 @@ def _model_section(
         **described,
         "input_shape": list(shape),
         "n_classes": n_classes,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": None if model is None else sum(p.numel() for p in model.parameters()),
     }
 
 
@@ -428,11 +445,23 @@ def _named_run(path: Path) -> tuple[int | None, str | None]:
     return best.get("trial"), best.get("mlflow_run_id") or None
 
 
+class Unverified(UserCodeError):
+    """The user's factory (`model.import`) failed while the outputs were written: what needs
+    no network (recommended.yaml, .json) was written unverified, best_model.py, which is
+    rendered from the network, was not (or not verified). The message says which; `written`
+    holds the paths."""
+
+    def __init__(self, message: str, written: list[Path]) -> None:
+        super().__init__(message)
+        self.written = written
+
+
 def write_outputs(
     study: optuna.Study, spec: Spec, formats: tuple[str, ...] = DEFAULT_FORMATS
 ) -> list[Path]:
     """Write the study's best trial in each of `formats` (yaml, json, py), each file verified
-    against the tuned network; return the paths."""
+    against the tuned network; return the paths. Raises Unverified, after writing what it
+    could, when the user's factory fails to build the network."""
     unknown = set(formats) - set(FORMATS)
     if unknown or not formats:
         raise ValueError(f"formats: expected some of {', '.join(FORMATS)}, got {list(formats)}")
@@ -448,13 +477,18 @@ def write_outputs(
     def tuned() -> nn.Module:  # a fresh copy each time: verification loads weights into it
         return build_model(spec.model, config, shape, n_classes, base_dir=spec.base_dir)
 
-    model = tuned()
+    model: nn.Module | None = None
     blocks: tuple[surgery.FoundBlock, ...] = ()
-    if spec.model.imported:  # where each block is: found in the model as its factory builds it
-        plain = surgery.make_user_model(spec.model, shape, n_classes, base_dir=spec.base_dir)
-        blocks = surgery.find_blocks(plain, shape)
+    failed: UserCodeError | None = None  # the user's factory, failing now
+    try:
+        model = tuned()
+        if spec.model.imported:  # where each block is: found in the model its factory builds
+            plain = surgery.make_user_model(spec.model, shape, n_classes, base_dir=spec.base_dir)
+            blocks = surgery.user_blocks(spec.model, plain, shape)
+    except UserCodeError as exc:
+        failed = exc
+    blocks_at = [block.bn for block in blocks] if blocks else attrs.get(BLOCKS_AT)
     out = spec.output_dir
-    out.mkdir(parents=True, exist_ok=True)
     digest = trial.user_attrs.get(WEIGHTS_DIGEST) or kept_digest(study, trial.number)
     weights, absent = _trial_weights(out / "weights" / f"trial_{trial.number}.pt", digest)
     metric = attrs.get("metric", spec.study.metric)
@@ -466,13 +500,30 @@ def write_outputs(
         "versions": library_versions(),
     }
 
-    def check(rebuilt: nn.Module, source: Path) -> str:
-        """What verifying `rebuilt` against the tuned network showed, in words."""
+    def check(rebuild: Callable[[], nn.Module], source: Path) -> str:
+        """What verifying the network `rebuild` builds from `source` against the tuned network
+        showed, in words; `not verified: ...` when the user's factory fails."""
+        nonlocal failed
+        try:
+            if failed is None:
+                rebuilt = rebuild()
+                reference = None if weights is None else tuned()
+        except USER_ERRORS as exc:
+            if isinstance(exc, UserCodeError):
+                failed = exc
+            elif spec.model.import_ and raised_in(exc, spec.model.import_):
+                failed = surgery.factory_failed(spec.model, exc)  # best_model.py called it
+            else:  # a snippet that does not run: the check fails, loudly
+                raise
+        if failed is not None:
+            unverified.append(source)
+            return f"not verified: {failed}"
+        assert model is not None
         verify_network(rebuilt, model, source)
-        if weights is None:
+        if weights is None or reference is None:
             return f"same layers and parameter count; {absent}"
         try:
-            diff = verify_weights(rebuilt, tuned(), weights, shape, source)
+            diff = verify_weights(rebuilt, reference, weights, shape, source)
         except WeightsDoNotLoad:  # its layers are the tuned network's: the file is not its
             return f"same layers and parameter count; {weights.name} does not fit them, unused"
         return (
@@ -481,8 +532,11 @@ def write_outputs(
         )
 
     written: list[Path] = []
+    unverified: list[Path] = []
     verified: dict[str, str] = {}
-    if "py" in formats:
+    if "py" in formats and model is None:  # rendered from the network: there is none
+        verified["best_model.py"] = f"not written: {failed}"
+    elif "py" in formats:
         py_path = out / FORMATS["py"]
         where = [
             f"{k} {v}" for k, v in provenance.items() if k != "versions" and v not in (None, "")
@@ -499,8 +553,8 @@ def write_outputs(
             code = render_imported_snippet(spec.model, model, blocks, config, header, shape, kwargs)
         else:
             code = render_snippet(model, header, shape)
-        py_path.write_text(code)
-        verified["best_model.py"] = check(run_snippet(code, py_path, header), py_path)
+        write_atomic(py_path, code)
+        verified["best_model.py"] = check(lambda: run_snippet(code, py_path, header), py_path)
         written.append(py_path)
 
     recommendation = {
@@ -518,7 +572,7 @@ def write_outputs(
             "mlflow_parent_run_id": run_id_or_none(attrs.get(PARENT_ATTR)),
             "weights": str(weights) if weights is not None else None,
         },
-        "model": _model_section(spec.model, model, shape, n_classes, blocks),
+        "model": _model_section(spec.model, model, shape, n_classes, blocks_at),
         "blocks": config.to_dicts(),
         # true: BN's statistics were re-estimated with dropout off after training; the saved
         # weights hold them, so a production model loads them as they are
@@ -538,6 +592,8 @@ def write_outputs(
         if kind not in formats:
             continue
         path = out / FORMATS[kind]
+        if failed is not None:  # known before it is written: it says so itself
+            verified[FORMATS[kind]] = f"not verified: {failed}"
         if kind == "yaml":
             text = (
                 "# autotune's recommendation: the best trial's per-block configuration.\n"
@@ -548,10 +604,17 @@ def write_outputs(
         else:  # strict JSON: a number that is not finite is written as null
             text = json.dumps(_finite(recommendation), indent=2, allow_nan=False) + "\n"
             document = json.loads(text)
-        path.write_text(text)
+        write_atomic(path, text)
         # rebuilt from the text written, not the file as found: it names the module to import
-        check(rebuild_recommendation(document, str(path), spec.base_dir), path)
+        check(partial(rebuild_recommendation, document, str(path), spec.base_dir), path)
         written.insert(0, path)
+    if failed is not None:
+        said = [
+            f"{path.name} {'written unverified' if path in written else 'not written'}"
+            for path in (out / FORMATS[f] for f in formats)
+            if path in unverified or path not in written
+        ]
+        raise Unverified(f"{failed}; {', '.join(said)}", written)
     return written
 
 

@@ -11,6 +11,7 @@ anywhere:
 
 `write_figures` writes them as PNG to <output>/figures/; `write_report` embeds them, with the
 recommendation and the top trials, in <output>/report.html, which needs nothing else to open.
+Each file is written whole or not at all (autotune.writes); a disk that refuses is a WriteError.
 A picture that the study cannot draw yet (too few trials, no completed one) is a panel that says
 why, never a missing file.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import math
 import warnings
 from collections.abc import Callable
@@ -30,6 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autotune.robust import ROBUST_ATTR, recommended_trial
 from autotune.study import state_counts, top_trials
+from autotune.writes import write_atomic
 
 FIGURES = {
     "history": "Optimisation history",
@@ -52,7 +55,6 @@ def write_figures(study: optuna.Study, folder: Path, metric: str) -> list[Path]:
     # a Figure of its own, not pyplot: no global state, and the caller's backend untouched
     from matplotlib.figure import Figure
 
-    folder.mkdir(parents=True, exist_ok=True)
     painters: dict[str, Callable[[Any, optuna.Study, str], None]] = {
         "history": _history,
         "importances": _importances,
@@ -74,9 +76,9 @@ def write_figures(study: optuna.Study, folder: Path, metric: str) -> list[Path]:
             ax.text(0.5, 0.5, reason, ha="center", va="center", wrap=True, fontsize=11)
         ax.set_title(title)
         figure.tight_layout()
-        path = folder / f"{name}.png"
-        figure.savefig(path)
-        paths.append(path)
+        png = io.BytesIO()
+        figure.savefig(png, format="png")
+        paths.append(write_atomic(folder / f"{name}.png", png.getvalue()))
     return paths
 
 
@@ -256,9 +258,7 @@ def write_report(study: optuna.Study, spec: Any) -> Path:
             f"<figcaption>{_e(title)}</figcaption></figure>"
         )
     page = TEMPLATE.format(title=_e(f"autotune: {study.study_name}"), body="\n".join(parts))
-    path = out / "report.html"
-    path.write_text(page, encoding="utf-8")
-    return path
+    return write_atomic(out / "report.html", page)
 
 
 def _top_table(study: optuna.Study, metric: str) -> str:

@@ -163,15 +163,21 @@ def signature_of(spec: Spec, candidates: list[Candidate], seeds: list[int]) -> d
     }
 
 
-def current_choice(study: optuna.Study, spec: Spec) -> int | None:
-    """The stored robust choice while it still answers the spec: recommend.top_k asks for one
-    and the stored ranking was made from today's top configurations."""
+def current_ranking(study: optuna.Study, spec: Spec) -> dict[str, Any] | None:
+    """The stored robust ranking while it still answers the spec: recommend.top_k asks for one
+    and it was made from today's top configurations; else None."""
     stored = study.user_attrs.get(ROBUST_ATTR)
-    if spec.recommend.top_k == 0 or stored is None or stored.get("choice") is None:
+    if spec.recommend.top_k == 0 or stored is None:
         return None
     trained = [row[1] for row in stored["signature"]["candidates"] if row[1] is not None]
     today = [t.number for t in distinct_top(study, spec.recommend.top_k)]
-    return stored["choice"] if trained == today else None
+    return stored if trained == today else None
+
+
+def current_choice(study: optuna.Study, spec: Spec) -> int | None:
+    """The stored robust choice while it still answers the spec (current_ranking)."""
+    ranking = current_ranking(study, spec)
+    return None if ranking is None else ranking.get("choice")
 
 
 def summary(values: list[float], maximize: bool) -> dict[str, float]:
@@ -202,19 +208,12 @@ def _keep_weights(spec: Spec, number: int, model: Any, own: str | None) -> str:
     data come in the same order, as autotune's own datasets do). Where the trial's own weights
     are not here, or cannot be told to be its own (no digest), keep these; return the digest of
     the file kept, which the export checks."""
-    import torch
-
-    from autotune.export import file_digest
+    from autotune.export import file_digest, save_tensors
 
     path = spec.output_dir / "weights" / f"trial_{number}.pt"
     if path.exists() and own is not None and file_digest(path) == own:
         return own
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".robust.tmp")
-    torch.save(model.state_dict(), partial)
-    digest = file_digest(partial)
-    partial.replace(path)
-    return digest
+    return save_tensors(model.state_dict(), path)
 
 
 def kept_digest(study: optuna.Study, number: int) -> str | None:

@@ -32,11 +32,13 @@ from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from autotune.checks import check_accelerator, check_sampler, check_size, resolve_space
-from autotune.errors import SpecError, first_line
+from autotune.errors import SpecError, UserCodeError, WriteError, first_line
 from autotune.redaction import redact
 from autotune.space import SearchSpace
 from autotune.spec import PrunerSpec, Spec
 from autotune.tracking import PARENT_ATTR
+from autotune.user_code import USER_ERRORS, message_of
+from autotune.writes import check_writable, write_failure
 
 # heartbeats, RetryHeartbeatStaleTrialCallback and TPE's `group` are marked experimental; we
 # rely on them knowingly and the notice would greet every user on every run
@@ -45,6 +47,8 @@ warnings.filterwarnings("ignore", category=ExperimentalWarning)
 INPUT_STATS = "input_stats.pt"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_FAILURES_IN_A_ROW = 5
+# the parent run's tag of how far the study got: finished trials / budget, e.g. 7/20
+BUDGET_TAG = "autotune.finished"
 # a worker that has not beaten its heart for grace_period seconds is taken for dead, and its trial
 # is failed and run again (RetryHeartbeatStaleTrialCallback); the spec may set both
 HEARTBEAT_INTERVAL, HEARTBEAT_GRACE, MAX_RETRIES = 30, 120, 2
@@ -55,6 +59,9 @@ PARENT_WAIT_SECONDS = 30.0
 # the user attr the objective sets first, to its trial's number (a retried trial inherits the
 # attrs of the one it retries, so the number tells whether this trial itself got that far)
 STARTED = "started"
+# the study attr naming the BN layer of each block of an imported model, in block order: what
+# recommended.yaml says even when the model's factory fails at the export
+BLOCKS_AT = "blocks_at"
 
 
 class Progress:
@@ -119,7 +126,8 @@ def make_storage(
         return _rdb_storage(url, heartbeat_interval, heartbeat_grace)
     except SpecError:
         raise
-    except Exception as exc:  # bad URL, missing driver, unreachable server
+    except Exception as exc:  # bad URL, missing driver, unreachable server, a full disk
+        raise_if_disk(exc, url)
         reason = str(exc).splitlines()[0] if str(exc) else ""
         raise SpecError(  # the reason may quote the URL: SQLAlchemy's does
             redact(f"study.storage: cannot open {url!r}: {type(exc).__name__}: {reason}")
@@ -160,6 +168,22 @@ def _redis_backend(url: str) -> JournalRedisBackend:
         ) from None
     redis.Redis.from_url(url, socket_connect_timeout=5).ping()  # unreachable: said here, once
     return JournalRedisBackend(url)
+
+
+def raise_if_disk(exc: Exception, url: str) -> None:
+    """Raise a WriteError naming the store `url` (a storage, a tracking store) when `exc` is a
+    write that its disk refused (writes.write_failure)."""
+    failed = write_failure(exc)
+    if failed is not None:
+        raise WriteError(f"{storage_place(url)}: {failed}") from exc
+
+
+def storage_place(url: str) -> str:
+    """Where a storage keeps its data, for a message: a file's path, else the URL redacted."""
+    for prefix in ("sqlite:///", JOURNAL):
+        if url.startswith(prefix):
+            return url.removeprefix(prefix)
+    return redact(url)
 
 
 def make_sampler(name: str, seed: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
@@ -321,8 +345,8 @@ def check_runnable(spec: Spec, space: SearchSpace, datamodule: Any) -> None:
         raise SpecError("data.val_fraction: the training split is too small for one batch")
     try:  # the metric needs validation batches; a DataModule without them fails every trial
         next(iter(datamodule.val_dataloader()))
-    except Exception as exc:
-        raise SpecError(f"data: no validation batch: {first_line(exc)}") from None
+    except USER_ERRORS as exc:
+        raise UserCodeError(f"data: no validation batch: {message_of(exc)}") from None
 
 
 def enqueue_low_shift(
@@ -353,11 +377,9 @@ def enqueue_low_shift(
 
 
 def prepare_output(spec: Spec) -> None:
-    """Create the output folder, or say in one line why it cannot be."""
-    try:
-        spec.output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SpecError(f"output: cannot create {str(spec.output_dir)!r}: {exc.strerror}") from None
+    """Create the output folder and write a file into it, or say in one line (WriteError) why
+    it takes none: before the storage or any trial touches it."""
+    check_writable(spec.output_dir)
 
 
 def count_finished(study: optuna.Study) -> int:
@@ -398,6 +420,9 @@ def open_session(
     study, created = open_study(spec, space, datamodule)
     if study.user_attrs.get("search_space") != space.name:
         study.set_user_attr("search_space", space.name)
+    blocks_at = [slot.label for slot in space.slots]
+    if spec.model.imported and study.user_attrs.get(BLOCKS_AT) != blocks_at:
+        study.set_user_attr(BLOCKS_AT, blocks_at)
     study.set_user_attr("standardised", save_input_stats(datamodule, spec.output_dir))
 
     # the parent run before any trial exists: a joining worker that finds trials takes the
@@ -411,6 +436,7 @@ def open_session(
             notify=notify,
         )
     except Exception as exc:  # MlflowException: a bad URI, a refused local store
+        raise_if_disk(exc, spec.tracking_uri)
         where = f"mlflow.tracking_uri: {redact(spec.tracking_uri)}"
         raise SpecError(f"{where}: {redact(first_line(exc))}") from None
     known = None if created or not tracker.enabled else _parent_run_id(study)
@@ -541,7 +567,11 @@ def run_study(
 def work(
     session: Session, *, timeout: float | None = None, progress: Progress | None = None
 ) -> StudyOutcome:
-    """The trial loop: stop at the budget, on repeated failure, on timeout or on a signal."""
+    """The trial loop: stop at the budget, on repeated failure, on timeout or on a signal.
+
+    A write the disk refuses (the trial's weights, the storage, a local MLflow store) fails or
+    ends the trial it happens in, stops the loop, and is raised as a WriteError: every later
+    trial would fail the same way."""
     from autotune.training import Objective, quiet_lightning, stop_on_signals
 
     spec, study, tracker = session.spec, session.study, session.tracker
@@ -561,6 +591,15 @@ def work(
             timeout=timeout,
             grace=spec.study.heartbeat_grace,
         )
+        objective = Objective(
+            spec,
+            session.space,
+            session.datamodule,
+            tracker,
+            stop=stop,
+            on_epoch=progress.epoch,
+            admit=budget.admits,
+        )
 
         def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
             if trial.user_attrs.get("surplus"):
@@ -571,7 +610,9 @@ def work(
                 failures.clear()
             outcome.finished = count_finished(study)
             progress.trial_done(study, trial)
-            if len(failures) >= MAX_FAILURES_IN_A_ROW and not stop.is_set():
+            if objective.fault is not None or tracker.fault is not None:
+                study.stop()
+            elif len(failures) >= MAX_FAILURES_IN_A_ROW and not stop.is_set():
                 outcome.stopped_by_failures = True
                 study.stop()
             elif not budget.wait_for_room():
@@ -597,9 +638,15 @@ def work(
             outcome.interrupted = outcome.interrupted or stop.is_set()
         except KeyboardInterrupt:
             outcome.interrupted = True
+        except Exception as exc:  # the storage could not record a trial: Optuna's own error
+            raise_if_disk(exc, spec.storage_url)
+            raise
         finally:
             outcome.cut_short = list(objective.cut_short)
             progress.close()
+    fault = objective.fault or tracker.fault
+    if fault is not None:
+        raise fault
     if tracker.missed:
         _log_missed(tracker, study, spec.study.metric, progress)
     return outcome
@@ -621,26 +668,67 @@ def _log_missed(tracker: Any, study: optuna.Study, metric: str, progress: Progre
 
 
 def finish_study(session: Session, outcome: StudyOutcome) -> None:
-    """The recommendation, from whatever has completed so far, written and logged on the parent
-    run. The last worker standing also makes MLflow whole: a dead worker's trial, a trial that
-    another worker could not log."""
-    from autotune.export import rewrite_if_run_moved, write_outputs
-    from autotune.report import write_figures
+    """The end of a run: the robust recommendation when the study reached its budget, then the
+    parent run ended (end_parent_run). The last worker standing also makes MLflow whole: a dead
+    worker's trial, a trial that another worker could not log.
+
+    A file that cannot be written (WriteError) ends the parent run FAILED and is raised: the
+    same command, once the disk takes writes, writes the outputs again."""
     from autotune.robust import robust_recommendation
+
+    tracker = session.tracker
+    try:
+        if not outcome.interrupted and outcome.finished >= outcome.budget:
+            try:
+                robust_recommendation(session)  # kept in the study, where the end finds it
+            except WriteError:
+                raise
+            except (Exception, KeyboardInterrupt, SystemExit) as exc:  # the study is done
+                tracker.notify(f"no robust recommendation ({exc!r}): the best trial is recommended")
+        end_parent_run(session.study, session.spec, tracker, outcome)
+    except WriteError:
+        tracker.end_study({}, {}, [], status="FAILED")
+        raise
+    if tracker.fault is not None:  # the local MLflow store's disk, while the parent was ended
+        raise tracker.fault
+    if tracker.down_since is not None:
+        tracker.notify(
+            f"MLflow at {tracker.shown_uri} still does not answer: when it does, "
+            "`autotune sync` with this spec logs what it missed"
+        )
+
+
+def end_parent_run(study: optuna.Study, spec: Spec, tracker: Any, outcome: StudyOutcome) -> None:
+    """What the end of a study gives its parent run, at the end of a run (finish_study) or
+    later by `autotune sync` (sync_parent_run): the recommendation written from the trials that
+    completed (write_outputs: weights trained on another node are said to be absent), the
+    pictures drawn, MLflow made whole from the storage when no trial is running, then on the
+    parent run the best value, the robust ranking, the recommendation as tags, how far the study
+    got, the files, the pictures, and its status (parent_status). `outcome.outputs` is set to
+    the files written.
+
+    Raises WriteError, before the parent run is touched, when a file cannot be written."""
+    from autotune.export import Unverified, rewrite_if_run_moved, write_outputs
+    from autotune.report import write_figures
+    from autotune.robust import current_ranking, recommended_trial
     from autotune.tracking import sync_study
 
-    study, spec, tracker = session.study, session.spec, session.tracker
-    robust = None
-    if not outcome.interrupted and outcome.finished >= outcome.budget:
+    def files_written(write: Callable[[], list[Path]]) -> list[Path]:
+        """The files `write` wrote; what the user's factory left unverified is said, not
+        raised."""
         try:
-            robust = robust_recommendation(session)
-        except (Exception, KeyboardInterrupt, SystemExit) as exc:  # the study itself is done
-            tracker.notify(f"no robust recommendation ({exc!r}): the best trial is recommended")
+            return list(write())
+        except Unverified as exc:
+            tracker.notify(str(exc))
+            return exc.written
+
     best = best_trial(study)
     if best is not None:
-        outcome.outputs = list(write_outputs(study, spec))
+        outcome.outputs = files_written(lambda: write_outputs(study, spec))
     try:  # pictures are a courtesy: a run that finished must still end in MLflow
         figures = write_figures(study, spec.output_dir / "figures", spec.study.metric)
+    except WriteError:
+        raise
     except Exception as exc:
         tracker.notify(f"the study's pictures were not drawn: {exc!r}")
         figures = []
@@ -651,27 +739,49 @@ def finish_study(session: Session, outcome: StudyOutcome) -> None:
         except Exception as exc:
             tracker.went_down(exc)
         if outcome.outputs:  # the recommended trial's run may be one sync just replaced
-            outcome.outputs = rewrite_if_run_moved(study, spec) or outcome.outputs
+            outcome.outputs = (
+                files_written(lambda: rewrite_if_run_moved(study, spec)) or outcome.outputs
+            )
     metrics = {} if best is None else {f"best_{spec.study.metric}": best.value}
-    for row in (robust or {}).get("rows", []):  # the robust ranking, baselines beside it
+    for row in (current_ranking(study, spec) or {}).get("rows", []):  # baselines beside
         name = row["name"].replace(" ", "_")
         kept = [key for key in ("mean", "sd", "bound") if key in row]  # none: it failed
         metrics.update({f"robust.{name}.{key}": row[key] for key in kept})
-    choice = None if robust is None else robust["choice"]
-    chosen = None if choice is None else study.trials[choice]
-    tags = {} if best is None else recommendation_tags(chosen or best)
+    chosen = recommended_trial(study, spec)
+    tags = {} if chosen is None else recommendation_tags(chosen)
+    tags[BUDGET_TAG] = f"{outcome.finished}/{outcome.budget}"
     tracker.end_study(
         {**metrics, "finished_trials": outcome.finished},
         tags,
         outcome.outputs,
-        status="KILLED" if outcome.interrupted else "FINISHED",
+        status=parent_status(outcome),
         figures=figures,
     )
-    if tracker.down_since is not None:
-        tracker.notify(
-            f"MLflow at {tracker.shown_uri} still does not answer: when it does, "
-            "`autotune sync` with this spec logs what it missed"
-        )
+
+
+def sync_parent_run(study: optuna.Study, spec: Spec, tracker: Any) -> StudyOutcome | None:
+    """`autotune sync`, after the trials: a parent run that its run left RUNNING (MLflow did not
+    answer at its end) is ended as that run would have ended it (end_parent_run), against the
+    spec's budget, when no trial is running. Returns the outcome it ended the parent with, or
+    None when there was nothing to end."""
+    if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        return None  # a run is going on: its own end ends the parent
+    if tracker.client.get_run(tracker.parent_run_id).info.status != "RUNNING":
+        return None
+    outcome = StudyOutcome(study, count_finished(study), spec.study.n_trials)
+    end_parent_run(study, spec, tracker, outcome)
+    return outcome
+
+
+def parent_status(outcome: StudyOutcome) -> str:
+    """The MLflow status the study's parent run ends with. FINISHED only for a study that has
+    reached its budget; KILLED for one cut short (interrupted, a timeout, workers that were
+    killed), which a rerun sets RUNNING again; FAILED for one that failures in a row stopped."""
+    if outcome.interrupted:
+        return "KILLED"
+    if outcome.finished >= outcome.budget:
+        return "FINISHED"
+    return "FAILED" if outcome.stopped_by_failures else "KILLED"
 
 
 def recommendation_tags(best: FrozenTrial) -> dict[str, Any]:
@@ -692,12 +802,13 @@ def save_input_stats(datamodule: Any, output_dir: Path) -> bool:
     """How raw inputs become model inputs ((x - mean) / std, label order), for production use.
 
     Returns whether autotune standardised the inputs (a user DataModule prepares its own).
+    Raises WriteError when the file cannot be written.
     """
-    import torch
+    from autotune.export import save_tensors
 
     stats = getattr(datamodule, "input_stats", None)
     if stats is not None:
-        torch.save(stats, output_dir / INPUT_STATS)
+        save_tensors(stats, output_dir / INPUT_STATS)
     return stats is not None
 
 

@@ -33,11 +33,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from autotune.errors import SpecError
+from autotune.errors import SpecError, UserCodeError
 from autotune.regularizers import make_regularizer
 from autotune.space import Slot, TrialConfig
 from autotune.spec import ModelSpec
-from autotune.user_code import describe, import_object
+from autotune.user_code import USER_ERRORS, describe, import_object
 
 _BN = nn.modules.batchnorm._BatchNorm
 _WEIGHTS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -88,27 +88,48 @@ def build_imported(
     *,
     base_dir: Path = Path("."),
 ) -> nn.Module:
-    """The user's model with `config` applied (None: as the factory built it)."""
+    """The user's model with `config` applied (None: as the factory built it). UserCodeError,
+    naming `model.import`, when the user's code fails."""
     model = make_user_model(spec, input_shape, n_classes, base_dir=base_dir)
     if config is not None:
-        apply_config(model, find_blocks(model, input_shape), config)
+        apply_config(model, user_blocks(spec, model, input_shape), config)
     return model
 
 
 def make_user_model(
     spec: ModelSpec, input_shape: Sequence[int], n_classes: int, *, base_dir: Path = Path(".")
 ) -> nn.Module:
-    """Call the factory `model.import` names; SpecError naming the field when it fails."""
+    """Call the factory `model.import` names; UserCodeError naming the field when it raises
+    (SystemExit too) or returns what is not a module."""
     factory = load_factory(spec, base_dir=base_dir)
     try:
         model = factory(**factory_kwargs(spec, factory, input_shape, n_classes))
-    except Exception as exc:
-        raise SpecError(f"model.import: {spec.import_!r} failed to build: {describe(exc)}") from exc
+    except USER_ERRORS as exc:
+        raise factory_failed(spec, exc) from exc
     if not isinstance(model, nn.Module):
-        raise SpecError(
+        raise UserCodeError(
             f"model.import: {spec.import_!r} returned {type(model).__name__}, not a torch nn.Module"
         )
     return model
+
+
+def factory_failed(spec: ModelSpec, exc: BaseException) -> UserCodeError:
+    """What the factory `model.import` names raised, said in one line, wherever it was called."""
+    return UserCodeError(f"model.import: {spec.import_!r} failed to build: {describe(exc)}")
+
+
+def user_blocks(
+    spec: ModelSpec, model: nn.Module, input_shape: Sequence[int]
+) -> tuple[FoundBlock, ...]:
+    """find_blocks on the model `model.import` built; UserCodeError naming the field when its
+    forward() fails on an example of the data's shape."""
+    try:
+        return find_blocks(model, input_shape)
+    except USER_ERRORS as exc:  # a shape that does not fit, ...
+        raise UserCodeError(
+            f"model.import: {spec.import_!r} fails on an example of the data's shape "
+            f"{tuple(input_shape)}: {describe(exc)}"
+        ) from exc
 
 
 def load_factory(spec: ModelSpec, *, base_dir: Path = Path(".")) -> Any:

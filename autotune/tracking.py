@@ -25,10 +25,9 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from optuna.trial import TrialState
-
-from autotune.errors import first_line
+from autotune.errors import WriteError, first_line
 from autotune.redaction import redact, redact_params
+from autotune.writes import write_failure
 
 PARENT_ROLE = "parent"
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -58,7 +57,6 @@ HTTP_DEFAULTS = {
 # in the URI; autotune says where to compare trials itself, redacted (progress.print_summary)
 QUIET_URL = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 T = TypeVar("T")
-_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 class Tracker:
@@ -90,6 +88,8 @@ class Tracker:
         self.missed: set[int] = set()  # trials whose logging was cut short in this process
         self.run_trial: dict[str, int] = {}  # child run id -> trial number
         self.on_return: Callable[[], None] | None = None
+        # a local store (sqlite) whose disk refused a write: the run stops after its trial
+        self.fault: WriteError | None = None
         if not enabled:
             return
         _make_sqlite_folder(tracking_uri)
@@ -100,6 +100,9 @@ class Tracker:
 
         for name in ("mlflow", "alembic"):  # after the import, which sets mlflow's own levels
             logging.getLogger(name).setLevel(logging.WARNING)
+        # its sqlite store logs each failed query with a traceback before raising it: the error
+        # is said here, once (went_down, or a WriteError for a full disk)
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
         self.client = MlflowClient(tracking_uri=tracking_uri)
         if self.remote:
@@ -191,7 +194,8 @@ class Tracker:
         figures: Iterable[Path] = (),
     ) -> None:
         """Best value, recommendation, files and pictures (under figures/) on the parent run;
-        then FINISHED (or KILLED when interrupted: a rerun sets it RUNNING again)."""
+        then `status` (study.parent_status: FINISHED only for a study that reached its budget;
+        a rerun sets a KILLED one RUNNING again)."""
         if not self.enabled:
             return
 
@@ -289,6 +293,11 @@ class Tracker:
             result = call()
         except Exception as exc:
             self.last_try = time.monotonic()  # a server that times out takes long to fail
+            failed = None if self.remote else write_failure(exc)
+            if failed is not None:  # the local store's disk: not a server that comes back
+                self.fault = self.fault or WriteError(f"{_store_path(self.tracking_uri)}: {failed}")
+                self.down_since = self.down_since or time.monotonic()
+                return None
             self.went_down(exc)
             return None
         if self.down_since is not None:
@@ -439,8 +448,8 @@ def sync_study(tracker: Tracker, study: Any, metric: str, only: Iterable[int] | 
     """Log to MLflow what it misses of the study, from the Optuna storage: a child run for each
     finished trial that has none whole (its run missing, or cut short because the server went
     away or its worker died: that run is deleted and the trial logged again), and no second
-    run of any trial. `only`: these trial numbers. When no trial is running, a parent run still
-    RUNNING is ended with the study's best. Returns how many trials were logged.
+    run of any trial. `only`: these trial numbers. Returns how many trials were logged; the
+    parent run is left as it is (study.sync_parent_run ends one a run could not end).
 
     Raises when MLflow does not answer."""
     if not tracker.enabled:
@@ -468,8 +477,6 @@ def sync_study(tracker: Tracker, study: Any, metric: str, only: Iterable[int] | 
         if kept is not None and kept != trial_run_id(study_attrs, trial):
             study.set_user_attr(RELOGGED_RUN.format(trial.number), kept)
         tracker.missed.discard(trial.number)
-    if not any(t.state == TrialState.RUNNING for t in trials):
-        _end_parent(tracker, study, metric)
     return logged
 
 
@@ -508,23 +515,6 @@ def _is_whole(run: Any, state: str) -> bool:
     )
 
 
-def _end_parent(tracker: Tracker, study: Any, metric: str) -> None:
-    """A parent left RUNNING by a run that could not reach MLflow at its end: end it now."""
-    parent = tracker.client.get_run(tracker.parent_run_id)
-    if parent.info.status != "RUNNING":
-        return
-    finished = [t for t in study.get_trials(deepcopy=False) if t.state in _FINISHED]
-    complete = [t for t in finished if t.state == TrialState.COMPLETE and t.value is not None]
-    metrics: dict[str, float] = {"finished_trials": len(finished)}
-    tags: dict[str, Any] = {}
-    if complete:
-        best = study.best_trial
-        metrics[f"best_{metric}"] = best.value
-        tags["autotune.best_trial"] = best.number
-    tracker._log(parent.info.run_id, metrics=metrics, tags=tags)
-    tracker.client.set_terminated(parent.info.run_id, status="FINISHED")
-
-
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'data': {'name': 'digits'}} -> {'data.name': 'digits'}, for MLflow params."""
     flat: dict[str, Any] = {}
@@ -552,6 +542,11 @@ def _artifact_location(uri: str) -> str | None:
     if not uri.startswith("sqlite:///"):
         return None
     return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+
+
+def _store_path(uri: str) -> str:
+    """A local store's file, for a message."""
+    return uri.removeprefix("sqlite:///")
 
 
 def _make_sqlite_folder(uri: str) -> None:

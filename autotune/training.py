@@ -35,7 +35,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from autotune.data import hold_on_device
-from autotune.export import WEIGHTS_DIGEST, file_digest
+from autotune.errors import UserCodeError, WriteError
+from autotune.export import WEIGHTS_DIGEST, save_tensors
 from autotune.models import build_model
 from autotune.prediction import NetworkPrediction, predict_shift, probe_batch
 from autotune.pruners import DELTA_KEY, VarianceShiftPruner
@@ -51,6 +52,7 @@ from autotune.space import TrialConfig
 from autotune.spec import Spec, TrainSpec
 from autotune.study import STARTED
 from autotune.tracking import measured_metrics, predicted_metrics
+from autotune.user_code import describe
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 # batches of the training data BN recalibration sees: enough for exact population statistics of
@@ -402,6 +404,20 @@ def stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(sig, handler)
 
 
+def _user_code(spec: Spec) -> str:
+    """The user's code a spec names, for a message: `model.import 'pkg.mod:build'` and or
+    `data.datamodule ...`; `the trial's code` when it names none."""
+    named = [
+        f"{field} {target!r}"
+        for field, target in (
+            ("model.import", spec.model.import_),
+            ("data.datamodule", spec.data.datamodule),
+        )
+        if target
+    ]
+    return " or ".join(named) or "the trial's code"
+
+
 def _explores(trial: optuna.Trial, prediction: NetworkPrediction) -> bool:
     """Whether the gate let this trial through only because it is one that explores."""
     pruner = trial.study.pruner
@@ -448,6 +464,8 @@ class Objective:
         self.admit = admit
         # the trials a signal stopped after their configuration was sampled
         self.cut_short: list[int] = []
+        # a write the disk refused in a trial: the loop stops after it (see study.work)
+        self.fault: WriteError | None = None
 
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr(STARTED, trial.number)
@@ -481,12 +499,21 @@ class Objective:
         except optuna.TrialPruned as exc:
             self._pruned(trial, run_id, int(history[-1]["epoch"]) if history else 0, str(exc))
             raise
-        except (TrialInterrupted, KeyboardInterrupt, SystemExit):
-            # a second Ctrl-C inside Lightning arrives as its sys.exit(1): still an interrupt
+        except (TrialInterrupted, KeyboardInterrupt, SystemExit) as exc:
+            if isinstance(exc, SystemExit) and not self._interrupt(exc):
+                # the user's code called sys.exit(): the trial fails, the study goes on
+                failure = UserCodeError(f"{_user_code(self.spec)} raised {describe(exc)}")
+                self._fail(trial, run_id, failure)
+                raise failure from None
+            # Ctrl-C or SIGTERM, or Lightning's sys.exit(1) on a second Ctrl-C: an interrupt
             trial.set_user_attr("interrupted", True)
             self.cut_short.append(trial.number)
             self.tracker.end_trial(run_id, "INTERRUPTED")
             raise KeyboardInterrupt from None
+        except WriteError as exc:  # the disk: every later trial would fail the same way
+            self.fault = exc
+            self._fail(trial, run_id, exc)
+            raise
         except Exception as exc:  # whatever raised, the trial's run is not left RUNNING
             self._fail(trial, run_id, exc)
             raise
@@ -528,6 +555,11 @@ class Objective:
         self.tracker.end_trial(run_id, "COMPLETE")
         return result.value
 
+    def _interrupt(self, exc: SystemExit) -> bool:
+        """Whether a SystemExit is an interrupt: Lightning's sys.exit(1) on a second Ctrl-C (the
+        first set `stop`), or on a Ctrl-C that no handler of ours turned into `stop`."""
+        return self.stop.is_set() or isinstance(exc.__context__, KeyboardInterrupt)
+
     def _pruned(self, trial: optuna.Trial, run_id: str | None, epoch: int, reason: str) -> None:
         """The epoch a trial was stopped after (0: before training) and why, in both stores."""
         trial.set_user_attr("pruned_epoch", epoch)
@@ -568,12 +600,8 @@ class Objective:
             # >=: a trial that ties the best may be the one Optuna names best; keep its weights
             result.value >= best if study.direction.name == "MAXIMIZE" else result.value <= best
         )
-        if better:
-            folder = self.spec.output_dir / "weights"
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"trial_{trial.number}.pt"
-            partial = path.with_suffix(f".{os.getpid()}.tmp")
-            torch.save(result.model.state_dict(), partial)
+        if better:  # whole or not there: never a file cut short (WriteError when the disk refuses)
+            path = self.spec.output_dir / "weights" / f"trial_{trial.number}.pt"
+            digest = save_tensors(result.model.state_dict(), path)
             # the export checks the file is this trial's: another study may share the folder
-            trial.set_user_attr(WEIGHTS_DIGEST, file_digest(partial))
-            partial.replace(path)  # whole or not there: never a file cut short
+            trial.set_user_attr(WEIGHTS_DIGEST, digest)

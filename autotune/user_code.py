@@ -13,7 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from autotune.errors import SpecError, abbreviate, first_line, shorten
+from autotune.errors import SpecError, UserCodeError, abbreviate, first_line, shorten
+
+# what the user's code may raise that autotune reports in one line and goes on from: any
+# exception, and SystemExit (a factory that calls sys.exit() does not choose autotune's exit
+# code). KeyboardInterrupt is left alone, so that Ctrl-C still interrupts.
+USER_ERRORS = (Exception, SystemExit)
 
 
 def import_object(target: str, *, field: str, base_dir: Path = Path(".")) -> Any:
@@ -24,15 +29,28 @@ def import_object(target: str, *, field: str, base_dir: Path = Path(".")) -> Any
     importlib.invalidate_caches()
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:
-        said = shorten(first_line(exc), 200)  # it may quote the name
-        raise SpecError(f"{field}: cannot import {abbreviate(target)}: {said}") from exc
+    except USER_ERRORS as exc:  # a module that is not there, or whose code raises
+        said = shorten(message_of(exc), 200)  # it may quote the name
+        raise UserCodeError(f"{field}: cannot import {abbreviate(target)}: {said}") from exc
     if not hasattr(module, attribute):
         raise SpecError(
             f"{field}: cannot import {abbreviate(target)}: "
             f"module {abbreviate(module_name)} has no attribute {abbreviate(attribute)}"
         )
     return getattr(module, attribute)
+
+
+def raised_in(exc: BaseException, target: str) -> bool:
+    """Whether `exc` came through the code of the module "package.module:name" names: an error
+    of the user's own, not of the code that called it."""
+    module = sys.modules.get(target.partition(":")[0])
+    path = getattr(module, "__file__", None)
+    frame = exc.__traceback__
+    while frame is not None:
+        if path is not None and frame.tb_frame.f_code.co_filename == path:
+            return True
+        frame = frame.tb_next
+    return False
 
 
 def put_first_on_path(folders: Sequence[Path]) -> None:
@@ -43,6 +61,14 @@ def put_first_on_path(folders: Sequence[Path]) -> None:
         sys.path.insert(0, entry)
 
 
+def message_of(exc: BaseException) -> str:
+    """The first line of what the user's code raised; `SystemExit(code)` for an exit, whose
+    message is only its code."""
+    return describe(exc) if isinstance(exc, SystemExit) else first_line(exc)
+
+
 def describe(exc: BaseException) -> str:
-    """`Type: first line`, for errors raised by the user's own code."""
+    """`Type: first line`, for errors raised by the user's own code; `SystemExit(code)`."""
+    if isinstance(exc, SystemExit):
+        return f"SystemExit({exc.code!r})"
     return f"{type(exc).__name__}: {first_line(exc)}"

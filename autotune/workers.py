@@ -48,6 +48,7 @@ from autotune.study import (
     finish_study,
     open_session,
 )
+from autotune.writes import open_to_append
 
 WORKER_ENV = "AUTOTUNE_WORKER"  # the worker's index, for its log lines
 # set in a worker when its launcher's pipe closed: the launcher is gone
@@ -252,7 +253,6 @@ def start_workers(
     timeout: float | None,
 ) -> list[Worker]:
     logs = spec.output_dir / "workers"
-    logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, STORAGE_ENV: spec.storage_url, TRACKING_ENV: spec.tracking_uri}
     threads = max(1, (os.cpu_count() or 1) // n_workers)
     command = [sys.executable, "-m", "autotune.cli", "run", str(spec_file), "--worker"]
@@ -269,7 +269,7 @@ def start_workers(
         else:  # CPU workers share the cores instead of each spinning a pool over all of them
             worker_env.setdefault("OMP_NUM_THREADS", str(threads))
         log = logs / f"worker-{index}.log"
-        with log.open("a") as out:
+        with open_to_append(log) as out:
             process = subprocess.Popen(
                 command,
                 env=worker_env,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,31 @@ def tiny_spec(**sections) -> dict:
     for key, value in sections.items():
         spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
     return spec
+
+
+class ReadOnly:
+    """Makes folders take no new file, for real: `chattr +i` (immutable), which stops root too,
+    where chmod does not (the tests run as root). Every folder is made writable again at the
+    end of the test; a test skips where the file system has no immutable flag."""
+
+    def __init__(self) -> None:
+        self.folders: list[Path] = []
+
+    def on(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            subprocess.run(["chattr", "+i", str(folder)], check=True, capture_output=True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            pytest.skip(f"no immutable folders here (chattr +i): {exc}")
+        self.folders.append(folder)
+
+    def off(self) -> None:
+        while self.folders:
+            subprocess.run(["chattr", "-i", str(self.folders.pop())], check=True)
+
+
+@pytest.fixture
+def read_only():
+    folders = ReadOnly()
+    yield folders
+    folders.off()

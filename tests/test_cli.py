@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import signal
@@ -9,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import optuna
@@ -525,3 +528,262 @@ def test_an_interrupted_study_resumes_with_more_trials_and_no_duplicates(write_s
     assert roles == ["parent"] + ["trial"] * (budget + 1)
     killed = next(r for r in runs if r.data.tags.get("autotune.trial") == "1")
     assert (killed.info.status, killed.data.tags["autotune.state"]) == ("KILLED", "INTERRUPTED")
+
+
+# --- the output folder or the disk refuses a write: one line, exit 3, the study resumable -----
+
+POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def study_section(request):
+    """The spec's study section for each storage: sqlite in the output folder (the default), or
+    this machine's PostgreSQL under a name no other test uses, deleted afterwards."""
+    if request.param == "sqlite":
+        yield {}
+        return
+    name = f"faults-{uuid.uuid4().hex[:12]}"
+    yield {"name": name, "storage": POSTGRES}
+    with contextlib.suppress(KeyError):
+        optuna.delete_study(study_name=name, storage=POSTGRES)
+
+
+def stored_study(spec_file: Path) -> optuna.Study:
+    spec = load_spec(spec_file)
+    return optuna.load_study(study_name=spec.study.name, storage=spec.storage_url)
+
+
+def assert_write_error(result, *fragments: str) -> None:
+    # exit code 3, no traceback, and one error line: the last line on stderr
+    assert result.exit_code == 3, (result.output, result.exception)
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == errors[0]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def test_a_read_only_output_folder_is_one_line_and_exit_3(
+    write_spec, tmp_path, read_only, study_section
+):
+    path = write_spec(tiny_spec(study={**study_section, "n_trials": 2}))
+    out = tmp_path / "out"
+    read_only.on(out)
+    result = invoke("run", path)
+    # the line names the folder and the file system's reason; nothing was written there
+    assert_write_error(result, f"{out}: Operation not permitted")
+    assert list(out.iterdir()) == []
+    # once the folder takes files, the same command runs the study
+    read_only.off()
+    assert invoke("run", path).exit_code == 0
+    assert (out / "recommended.yaml").is_file()
+
+
+def test_input_stats_that_cannot_be_written_are_one_line_and_exit_3(
+    write_spec, tmp_path, study_section
+):
+    path = write_spec(tiny_spec(study={**study_section, "n_trials": 2}))
+    stats = tmp_path / "out" / "input_stats.pt"
+    stats.mkdir(parents=True)  # a folder where the file must go: a real failed write
+    result = invoke("run", path)
+    assert_write_error(result, f"{stats}: Is a directory")
+    stats.rmdir()
+    assert invoke("run", path).exit_code == 0
+    assert stats.is_file()
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_mid_study_is_one_line_and_a_rerun_finishes(
+    write_spec, tmp_path, monkeypatch, study_section
+):
+    budget = 4
+    path = write_spec(tiny_spec(study={**study_section, "n_trials": budget}))
+    weights = tmp_path / "out" / "weights"
+    real_replace, saved = os.replace, []
+
+    def second_weights_fill_the_disk(source, target, **kwargs):
+        if Path(target).parent == weights:
+            saved.append(Path(target))
+            if len(saved) == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(source, target, **kwargs)
+
+    monkeypatch.setattr(os, "replace", second_weights_fill_the_disk)
+    result = invoke("run", path)
+    monkeypatch.undo()
+    full = saved[1]
+    assert_write_error(result, f"{full}: No space left on device")
+    # the trial whose weights met the full disk failed, with the reason; the run stopped there
+    study = stored_study(path)
+    last = study.trials[-1]
+    assert [t.state for t in study.trials[:-1]] == [TrialState.COMPLETE] * (len(study.trials) - 1)
+    assert last.state == TrialState.FAIL and str(full) in last.user_attrs["fail_reason"]
+    assert full.name == f"trial_{last.number}.pt"
+    # no file cut short, and no temporary file, is left behind
+    assert sorted(p.name for p in weights.iterdir()) == [saved[0].name]
+    # the same command, with room on the disk again, finishes the budget
+    assert invoke("run", path).exit_code == 0
+    study = stored_study(path)
+    assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == budget
+    assert (tmp_path / "out" / "recommended.yaml").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["optuna", "mlflow"])
+def test_a_database_whose_folder_turns_read_only_mid_study_is_one_line(
+    write_spec, tmp_path, monkeypatch, read_only, store
+):
+    from autotune.progress import RichProgress
+
+    budget = 4
+    folder = tmp_path / "db"  # the sqlite database this test makes read-only, alone there
+    study = {"n_trials": budget, "heartbeat_interval": 1, "heartbeat_grace": 2}
+    if store == "optuna":
+        spec = tiny_spec(
+            study={**study, "storage": f"sqlite:///{folder}/autotune.db"},
+            mlflow={"enabled": False},
+        )
+    else:
+        spec = tiny_spec(study=study, mlflow={"tracking_uri": f"sqlite:///{folder}/mlflow.db"})
+    path = write_spec(spec)
+    real_trial_done = RichProgress.trial_done
+
+    def then_read_only(self, study, trial) -> None:  # sqlite can make no journal file there
+        real_trial_done(self, study, trial)
+        if trial.number == 1:
+            read_only.on(folder)
+
+    monkeypatch.setattr(RichProgress, "trial_done", then_read_only)
+    result = invoke("run", path)
+    monkeypatch.undo()
+    assert_write_error(result, f"{folder}/{store if store == 'mlflow' else 'autotune'}.db: ")
+    read_only.off()
+    # the same command resumes the study and finishes its budget
+    assert invoke("run", path).exit_code == 0
+    finished = [t for t in stored_study(path).trials if t.state == TrialState.COMPLETE]
+    assert len(finished) == budget
+
+
+# --- the user's own code fails: one line naming it, never its exit code; the outputs kept ---
+
+FACTORY = """
+from torch import nn
+
+CALLS = 0  # constructions in this process: 1 and 2 check the spec, then 2 a trial
+
+
+def build(input_shape, n_classes):
+    global CALLS
+    CALLS += 1
+    if {fails}:
+        {raises}
+    return Net(n_classes)
+
+
+class Net(nn.Module):
+    def __init__(self, n_classes):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, n_classes)
+        )
+
+    def forward(self, x):
+        if self.training and {forward_fails}:
+            raise SystemExit(4)
+        return self.body(x)
+"""
+
+
+def factory_spec(
+    write_spec, tmp_path: Path, fails: str = "False", raises: str = "pass", forward: str = "False"
+) -> tuple[Path, str]:
+    """A spec whose model.import is a factory written beside it, and the factory's name. Each
+    gets a module name of its own: a module stays imported in this process, with its count."""
+    module = f"factory_{uuid.uuid4().hex[:8]}"
+    code = FACTORY.format(fails=fails, raises=raises, forward_fails=forward)
+    (tmp_path / f"{module}.py").write_text(code)
+    spec = tiny_spec(study={"n_trials": 3})
+    spec["model"] = {"import": f"{module}:build"}
+    return write_spec(spec), f"'{module}:build'"
+
+
+@pytest.mark.parametrize(
+    "verb, fails, raises",
+    [
+        ("validate", "CALLS == 1", "raise SystemExit(3)"),  # the first construction
+        ("run", "CALLS == 2", "raise SystemExit(3)"),  # the check before any trial
+        ("validate", "True", "raise SystemExit"),  # sys.exit() without a code
+    ],
+)
+def test_a_factory_that_exits_is_one_line_and_exit_2(write_spec, tmp_path, verb, fails, raises):
+    path, factory = factory_spec(write_spec, tmp_path, fails, raises)
+    result = invoke(verb, path)
+    # bad input, said in one line naming the factory: not an exit with the code it chose
+    code = "3" if "3" in raises else "None"
+    assert_one_line_error(result, f"model.import: {factory} failed to build: SystemExit({code})")
+
+
+def test_a_module_that_exits_as_it_is_imported_is_one_line_and_exit_2(write_spec, tmp_path):
+    (tmp_path / "exits_on_import.py").write_text("raise SystemExit(3)\n")
+    spec = tiny_spec()
+    spec["model"] = {"import": "exits_on_import:build"}
+    result = invoke("validate", write_spec(spec))
+    assert_one_line_error(
+        result, "model.import: cannot import 'exits_on_import:build': SystemExit(3)"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "fails, forward, reason",
+    [
+        # the factory exits in the first trial's construction
+        ("CALLS == 3", "False", "model.import: {factory} failed to build: SystemExit(3)"),
+        # the model it built exits in the first trial's first pass in training mode
+        ("False", "CALLS == 3", "model.import {factory} raised SystemExit(4)"),
+    ],
+)
+def test_user_code_that_exits_in_a_trial_fails_that_trial_and_the_study_goes_on(
+    write_spec, tmp_path, fails, forward, reason
+):
+    path, factory = factory_spec(write_spec, tmp_path, fails, "raise SystemExit(3)", forward)
+    result = invoke("run", path)
+    # the study finished its budget: exit 0, nothing interrupted
+    assert result.exit_code == 0, (result.output, result.exception)
+    study = stored_study(path)
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.FAIL] + [TrialState.COMPLETE] * 3
+    # the failed trial says which code exited, and how
+    assert study.trials[0].user_attrs["fail_reason"] == (
+        "UserCodeError: " + reason.format(factory=factory)
+    )
+    assert "interrupted" not in study.trials[0].user_attrs
+
+
+@pytest.mark.slow
+def test_a_factory_that_fails_after_a_trial_completed_still_leaves_a_recommendation(
+    write_spec, tmp_path
+):
+    # the first trial completes (constructions 3 and 4); every construction after fails
+    path, factory = factory_spec(
+        write_spec, tmp_path, "CALLS >= 5", "raise ValueError('out of memory')"
+    )
+    result = invoke("run", path)
+    # five failures in a row stop the run (exit 1), as ever, with no traceback
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert "Traceback" not in result.output
+    failed = f"model.import: {factory} failed to build: ValueError: out of memory"
+    # one line says what the export could not do, naming the factory
+    said = [line for line in result.stderr.splitlines() if "written unverified" in line]
+    assert said == [f"{failed}; recommended.yaml written unverified, best_model.py not written"]
+    # recommended.yaml is written from the trial that completed, and says it is unverified
+    out = tmp_path / "out"
+    recommended = yaml.safe_load((out / "recommended.yaml").read_text())
+    assert recommended["best"]["trial"] == 0
+    assert recommended["model"]["blocks_at"] == ["body.2"]
+    assert recommended["verified"] == {
+        "best_model.py": f"not written: {failed}",
+        "recommended.yaml": f"not verified: {failed}",
+    }
+    assert not (out / "best_model.py").exists()

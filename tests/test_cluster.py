@@ -628,3 +628,111 @@ def test_trials_per_device_and_workers_do_not_mix(write_spec):
     # one line, exit 2, before anything starts
     assert result.returncode == 2
     assert result.stderr == "error: --trials-per-device: give it or --workers, not both\n"
+
+
+def test_a_launcher_whose_workers_were_all_killed_does_not_finish_its_parent_run(
+    write_spec, tmp_path: Path
+):
+    budget = 6
+    spec = write_spec(tiny_spec(study={"n_trials": budget}, train={"max_epochs": 8}))
+    storage = make_storage(f"sqlite:///{tmp_path / 'out' / 'autotune.db'}")
+    launcher = autotune("run", spec, "--workers", "2", wait=False)
+
+    # SIGKILL each worker once it trains a trial, as a scheduler that preempts both would
+    killed: set[int] = set()
+    deadline = time.monotonic() + 180
+    while len(killed) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        with contextlib.suppress(KeyError):
+            study = optuna.load_study(study_name="tiny", storage=storage)
+            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                pid = int(trial.user_attrs.get("worker", ":0").rsplit(":", 1)[1])
+                if pid and pid not in killed and trial.intermediate_values:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.add(pid)
+    assert len(killed) == 2, "both workers did not get to train"
+    _, err = launcher.communicate(timeout=300)
+
+    # the launcher names both and fails: the budget was not reached
+    assert launcher.returncode == 1, err
+    assert err.count("was killed by signal 9") == 2
+    finished = len(
+        optuna.load_study(study_name="tiny", storage=storage).get_trials(states=FINISHED)
+    )
+    assert finished < budget
+    # the parent run is KILLED, not FINISHED as if the study were done, and says how far it got
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    [parent] = client.search_runs(
+        [client.get_experiment_by_name("tiny").experiment_id],
+        filter_string="tags.`autotune.role` = 'parent'",
+    )
+    assert parent.info.status == "KILLED"
+    assert parent.data.tags["autotune.finished"] == f"{finished}/{budget}"
+
+
+def _parent(uri: str, study: str):
+    [parent], _ = mlflow_runs(uri, study)
+    client = MlflowClient(uri)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    artifacts |= {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
+    return parent, artifacts
+
+
+def test_sync_ends_a_parent_run_left_running_as_the_end_of_a_run_would(
+    tmp_path: Path, write_spec, mlflow_server: MlflowServer
+):
+    def spec_file(name: str) -> Path:
+        return write_spec(
+            tiny_spec(
+                study={"name": name, "n_trials": 3},
+                mlflow={"tracking_uri": mlflow_server.uri},
+                output=str(tmp_path / name),
+            ),
+            name=f"{name}.yaml",
+        )
+
+    # the same study twice: once with the server up to the end, once with it gone after a trial
+    run_study(load_spec(spec_file("normal")))
+    outage = spec_file("outage")
+    run_study(load_spec(outage), progress=KillsTheServer(mlflow_server, kill_after=1))
+    mlflow_server.start()
+    parent, _ = _parent(mlflow_server.uri, "outage")
+    assert parent.info.status == "RUNNING"  # its run could not end it
+
+    result = CliRunner().invoke(main, ["sync", str(outage)])
+    assert result.exit_code == 0, result.output
+    # the parent now holds what a normal end gives it: status, metrics, tags and artifacts
+    normal, normal_artifacts = _parent(mlflow_server.uri, "normal")
+    synced, synced_artifacts = _parent(mlflow_server.uri, "outage")
+    assert synced.info.status == normal.info.status == "FINISHED"
+    assert set(synced.data.metrics) == set(normal.data.metrics)
+    assert synced.data.metrics["finished_trials"] == 3
+    assert set(synced.data.tags) - {"mlflow.runName"} == set(normal.data.tags) - {"mlflow.runName"}
+    assert any(key.startswith("autotune.recommended.") for key in synced.data.tags)
+    assert synced.data.tags["autotune.finished"] == "3/3"
+    assert synced_artifacts == normal_artifacts
+    assert {"recommended.yaml", "best_model.py", "figures/history.png"} <= synced_artifacts
+    assert "ended FINISHED (3/3 trials)" in result.output
+    # a second sync finds the parent ended and leaves it so
+    result = CliRunner().invoke(main, ["sync", str(outage)])
+    assert "parent run" not in result.output
+
+
+def test_sync_does_not_finish_a_parent_run_whose_study_is_short_of_its_budget(
+    write_spec, mlflow_server: MlflowServer
+):
+    spec_file = write_spec(
+        tiny_spec(
+            study={"name": "short", "n_trials": 3}, mlflow={"tracking_uri": mlflow_server.uri}
+        )
+    )
+    # one trial, then the timeout; the server went away before the run could end its parent
+    run_study(load_spec(spec_file), timeout=0.01, progress=KillsTheServer(mlflow_server, 1))
+    mlflow_server.start()
+
+    result = CliRunner().invoke(main, ["sync", str(spec_file)])
+    assert result.exit_code == 0, result.output
+    parent, _ = _parent(mlflow_server.uri, "short")
+    # KILLED, as the run itself would have ended it: a rerun goes on
+    assert parent.info.status == "KILLED"
+    assert parent.data.tags["autotune.finished"] == "1/3"

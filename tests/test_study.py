@@ -17,6 +17,7 @@ from torch import nn
 
 from autotune import training
 from autotune.data import load_data
+from autotune.errors import WriteError
 from autotune.export import load_snippet
 from autotune.models import build_model
 from autotune.space import TrialConfig
@@ -567,15 +568,15 @@ def test_data_path_output_is_relative_to_the_working_directory(tmp_path, monkeyp
 def test_a_failure_after_training_fails_the_trial_and_ends_its_run(write_spec, monkeypatch):
     spec = load_spec(write_spec(tiny_spec(study={"n_trials": 1})))
 
-    def full_disk(self, trial, result):
-        raise OSError("No space left on device")
+    def fails(self, trial, result):
+        raise RuntimeError("after training")
 
-    monkeypatch.setattr(training.Objective, "_save_if_best", full_disk)
+    monkeypatch.setattr(training.Objective, "_save_if_best", fails)
     outcome = run_study(spec)
     trial = outcome.study.trials[0]
     # the trial fails with the reason, and the run stops after five such failures in a row
     assert trial.state == TrialState.FAIL
-    assert trial.user_attrs["fail_reason"] == "OSError: No space left on device"
+    assert trial.user_attrs["fail_reason"] == "RuntimeError: after training"
     assert outcome.stopped_by_failures
     # its MLflow run is FAILED, not left RUNNING
     run = MlflowClient(spec.tracking_uri).get_run(trial.user_attrs["mlflow_run_id"])
@@ -604,3 +605,45 @@ def test_a_queued_retry_of_an_interrupted_trial_runs_as_a_trial_of_its_own(write
     retry = study.trials[2]
     assert retry.state == TrialState.COMPLETE and retry.params == first.params
     assert retry.user_attrs["interrupted"] is False
+
+
+def test_a_write_the_disk_refuses_fails_its_trial_and_stops_the_run(write_spec, monkeypatch):
+    spec = load_spec(write_spec(tiny_spec(study={"n_trials": 3})))
+    full = f"{spec.output_dir}/weights/trial_0.pt: No space left on device"
+
+    def full_disk(state, path):
+        raise WriteError(full)
+
+    monkeypatch.setattr(training, "save_tensors", full_disk)
+    with pytest.raises(WriteError, match="No space left on device"):
+        run_study(spec)
+    study = optuna.load_study(study_name="tiny", storage=spec.storage_url)
+    # the trial fails with the reason, and no trial starts after it: each would fail the same way
+    [trial] = study.trials
+    assert trial.state == TrialState.FAIL
+    assert trial.user_attrs["fail_reason"] == f"WriteError: {full}"
+    # MLflow: the trial's run FAILED, and the parent run FAILED, not left RUNNING
+    parents, children = _mlflow_runs(spec)
+    assert [run.info.status for run in children] == ["FAILED"]
+    assert [run.info.status for run in parents] == ["FAILED"]
+
+
+@pytest.mark.parametrize(
+    "how, status, finished",
+    [
+        ("budget", "FINISHED", "3/3"),  # the study reached its budget
+        ("timeout", "KILLED", "1/3"),  # cut short: a rerun goes on
+        ("failures", "FAILED", "0/3"),  # five failures in a row
+    ],
+)
+def test_the_parent_run_is_finished_only_when_the_study_reached_its_budget(
+    write_spec, how, status, finished
+):
+    train = {"optimizer": "sgd", "lr": 1e30, "weight_decay": 0} if how == "failures" else {}
+    spec = load_spec(write_spec(tiny_spec(study={"n_trials": 3}, train=train)))
+    outcome = run_study(spec, timeout=0.01 if how == "timeout" else None)
+    [parent], _ = _mlflow_runs(spec)
+    # its status says how the study ended; a tag says how far it got
+    assert parent.info.status == status
+    assert parent.data.tags["autotune.finished"] == finished
+    assert f"{outcome.finished}/{outcome.budget}" == finished

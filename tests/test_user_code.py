@@ -1,13 +1,55 @@
-"""autotune.user_code: the user's `package.module:name`, or one line naming the field."""
+"""autotune.user_code: the user's own code, imported by name, its failures said in one line naming
+the field and told from ours."""
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
 
-from autotune.errors import SpecError
-from autotune.user_code import import_object
+from autotune.errors import SpecError, UserCodeError
+from autotune.user_code import describe, import_object, message_of, raised_in
+
+
+def _module(tmp_path: Path, code: str) -> str:
+    """A module written to tmp_path under a name of its own; returns "module:build"."""
+    name = f"user_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(code)
+    return f"{name}:build"
+
+
+def test_an_exit_is_said_with_its_code():
+    # SystemExit's message is only its code: it is named as the call it was
+    assert describe(SystemExit(3)) == message_of(SystemExit(3)) == "SystemExit(3)"
+    assert describe(SystemExit()) == "SystemExit(None)"
+    assert describe(ValueError("bad\nmore")) == "ValueError: bad"
+    assert message_of(ValueError("bad\nmore")) == "bad"
+
+
+def test_a_module_that_exits_on_import_is_a_user_code_error(tmp_path: Path):
+    target = _module(tmp_path, "raise SystemExit(3)\n")
+    # one line naming the field; SystemExit does not leave the process
+    with pytest.raises(UserCodeError, match=r"^model\.import: cannot import .*: SystemExit\(3\)$"):
+        import_object(target, field="model.import", base_dir=tmp_path)
+    # a UserCodeError is bad input like any SpecError
+    assert issubclass(UserCodeError, SpecError)
+
+
+def test_an_error_is_told_to_come_from_the_user_s_module_or_not(tmp_path: Path):
+    target = _module(tmp_path, "def build():\n    raise SystemExit(4)\n")
+    build = import_object(target, field="model.import", base_dir=tmp_path)
+    with pytest.raises(SystemExit) as theirs:
+        build()
+    # raised in the user's module: theirs
+    assert raised_in(theirs.value, target)
+    # raised here, in autotune's own code (or a snippet it rendered): not theirs
+    try:
+        raise NameError("name 'drop_output' is not defined")
+    except NameError as exc:
+        assert not raised_in(exc, target)
+    # a module that was never imported has no code to have raised anything
+    assert not raised_in(theirs.value, "never_imported_xyz:build")
 
 
 def test_a_module_that_is_not_there_names_the_field(tmp_path: Path) -> None:
