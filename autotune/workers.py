@@ -35,9 +35,11 @@ from autotune.cli import (
     DEVICE_WORKERS_ENV,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
+    EXIT_WRITE,
     STORAGE_ENV,
     TRACKING_ENV,
 )
+from autotune.errors import WriteError
 from autotune.spec import Spec
 from autotune.study import (
     MAX_RETRIES,
@@ -71,6 +73,20 @@ class Worker:
             return None
         how = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
         return f"worker {self.index} {how}; its log: {self.log}"
+
+    @property
+    def write_error(self) -> str:
+        """What this worker said of the file it could not write (its log's last `error:` line),
+        or where to look when its log could not take even that."""
+        with contextlib.suppress(OSError):
+            said = [
+                line.removeprefix("error: ").strip()
+                for line in self.log.read_text(errors="replace").splitlines()
+                if line.startswith("error: ")
+            ]
+            if said:
+                return said[-1]
+        return f"worker {self.index} could not write a file; its log: {self.log}"
 
 
 def device_count(devices: list[str] | None, accelerator: str) -> int:
@@ -169,6 +185,9 @@ def launch(
     outcome.stopped_by_failures = EXIT_FAILED in codes
     outcome.finished = count_finished(study)
     finish_study(session, outcome)
+    unwritten = [w for w in workers if w.process.returncode == EXIT_WRITE]
+    if unwritten:  # a disk that refused one worker's file: the run ends as that worker's did
+        raise WriteError(unwritten[0].write_error)
     return outcome, [t for t in (w.trouble for w in workers) if t is not None]
 
 

@@ -480,12 +480,21 @@ def test_an_interrupted_study_resumes_with_more_trials_and_no_duplicates(write_s
     path = write_spec(tiny_spec(study={"n_trials": budget}, train={"max_epochs": 25}))
     storage = f"sqlite:///{Path(path).parent / 'out' / 'autotune.db'}"
 
-    def states() -> list[TrialState]:
+    def trials() -> list:
         try:
-            study = optuna.load_study(study_name="tiny", storage=storage)
+            return optuna.load_study(study_name="tiny", storage=storage).trials
         except Exception:  # not created yet
             return []
-        return [t.state for t in study.trials]
+
+    def states() -> list[TrialState]:
+        return [t.state for t in trials()]
+
+    def second_mid_training() -> bool:
+        # a trial done, and the next one well inside its 25 epochs: a signal now finds it training
+        found = trials()
+        return [t.state for t in found] == [TrialState.COMPLETE, TrialState.RUNNING] and 1 <= len(
+            found[1].intermediate_values
+        ) <= 15
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
@@ -496,11 +505,7 @@ def test_an_interrupted_study_resumes_with_more_trials_and_no_duplicates(write_s
         stderr=subprocess.PIPE,
     )
     # interrupt while the second trial trains, after the first completed
-    _wait_for(
-        lambda: states()[:1] == [TrialState.COMPLETE] and len(states()) == 2,
-        120,
-        "a completed trial and a running one",
-    )
+    _wait_for(second_mid_training, 120, "a completed trial and one mid-training")
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
 

@@ -429,6 +429,20 @@ def test_the_launcher_killed_stops_its_workers_and_queues_their_trials_again(
         assert retried[trial.number].params == trial.params
 
 
+def test_a_worker_that_cannot_write_ends_the_launcher_with_its_line_and_exit_3(
+    write_spec, tmp_path: Path
+):
+    spec = write_spec(tiny_spec(study={"name": "full", "n_trials": 4}))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "weights").write_text("a file where the weights' folder must go\n")
+    result = autotune("run", spec, "--workers", "2")
+
+    # the launcher says what its worker said, in one line, and exits as a worker did: 3
+    assert result.returncode == 3, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert "weights" in line and "Traceback" not in result.stderr
+
+
 # --- the pieces, without servers --------------------------------------------------------------
 
 
