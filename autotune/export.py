@@ -72,7 +72,7 @@ def file_digest(path: Path) -> str:
 
 
 def save_tensors(obj: Any, path: Path) -> str:
-    """torch.save(obj) to `path`, whole or not at all (files.write_atomic); returns the sha256
+    """torch.save(obj) to `path`, whole or not at all (writes.write_atomic); returns the sha256
     of what was written, which the export checks a trial's weights against. Raises WriteError
     when the file cannot be written."""
     buffer = io.BytesIO()

@@ -620,15 +620,6 @@ def work(
                 outcome.finished = count_finished(study)
                 study.stop()
 
-        objective = Objective(
-            spec,
-            session.space,
-            session.datamodule,
-            tracker,
-            stop=stop,
-            on_epoch=progress.epoch,
-            admit=budget.admits,
-        )
         progress.start(study, session.budget)
         try:
             if budget.wait_for_room():
