@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import reprlib
 
+from autotune.redaction import redact
+
 
 class SpecError(ValueError):
     """A spec, search space or data file the user gave is wrong.
@@ -58,9 +60,11 @@ PATH_LIMIT = 240
 
 
 def shorten(text: str, limit: int = ECHO_LIMIT) -> str:
-    """`text` on one line (line breaks escaped, as in a repr), cut to `limit` characters, the
-    last one "…" where it was longer: a name or a file's path echoed in an error."""
-    text = text.translate(_LINE_BREAKS)
+    """`text` on one line (line breaks escaped, as in a repr), redacted, cut to `limit`
+    characters, the last one "…" where it was longer: a name or a file's path echoed in an
+    error. Redacted before it is cut: a URL cut inside its password would no longer be seen as
+    one."""
+    text = redact(text.translate(_LINE_BREAKS))
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from autotune.errors import MAX_LINE, one_line
+import pytest
+
+from autotune.errors import MAX_LINE, abbreviate, one_line, shorten
 
 
 def test_a_short_line_is_left_as_it_is() -> None:
@@ -24,3 +26,11 @@ def test_a_long_line_keeps_its_start_and_end_and_says_what_it_left_out() -> None
     assert line.endswith("xxx'); expected a mapping")
     left_out = len(text) - MAX_LINE * 2 // 3 - MAX_LINE // 4
     assert f"... [{left_out} characters left out] ..." in line
+
+
+@pytest.mark.parametrize("cut", [20, 30, 40])
+def test_a_secret_is_redacted_before_its_value_is_cut(cut: int) -> None:
+    # an echoed URL cut inside its password would no longer look like a URL with a password
+    url = "postgresql://user:" + "s3cr3t" * 10 + "@db/x"
+    for shown in (shorten(url, cut), abbreviate(url, cut), abbreviate({"storage": url}, cut)):
+        assert "s3cr3t" not in shown
