@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from autotune.errors import PATH_LIMIT, SpecError, abbreviate, shorten
+from autotune.errors import PATH_LIMIT, SpecError, abbreviate, first_line, shorten
 
 # a spec is a few kilobytes; 1 MiB leaves room for long inline kwargs and still parses in
 # about a second on a slow machine
@@ -51,6 +51,24 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 _INT_TAG = "tag:yaml.org,2002:int"
 # libyaml's parser (fast) where PyYAML was built with it, PyYAML's own otherwise
 _BaseLoader: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(_BaseLoader):  # type: ignore[misc,valid-type]
+    """The safe loader, whose constructors' own errors are YAML errors at the value's line: a
+    date that is not one (`2020-13-45`), `!!int abc`, `!!float x`, `!!binary` that is not base64
+    raise a bare ValueError or TypeError in PyYAML."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, ArithmeticError, LookupError) as exc:
+            what = (
+                f"the value {abbreviate(node.value)}" if isinstance(node.value, str) else "a value"
+            )
+            problem = f"{what} cannot be read as {node.tag.rsplit(':', 1)[-1]}: {first_line(exc)}"
+            raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
 
 
 def file_problem(path: Path) -> str | None:
@@ -109,13 +127,13 @@ def read_yaml(path: Path, *, what: str = "file") -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         problem = getattr(exc, "problem", None)
-        said = f": {shorten(problem)}" if problem else ""
+        said = f": {shorten(problem, 200)}" if problem else ""
         raise SpecError(f"{shown}: not valid YAML{where}{said}") from None
 
 
 def _load(text: str, shown: str) -> Any:
     """Compose the document, check its node graph, then construct Python objects from it."""
-    loader = _BaseLoader(text)
+    loader = _Loader(text)
     try:
         try:
             node = loader.get_single_node()

@@ -271,3 +271,23 @@ def test_abbreviate_keeps_error_lines_short() -> None:
     assert abbreviate(10**5000) == "an integer of 16,610 bits"
     # line breaks in a name are escaped: an error stays one line
     assert shorten("a\nb\u2028c") == "a\\nb\\u2028c"
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("2020-13-45", "'2020-13-45' cannot be read as timestamp: month must be in 1..12"),
+        ("!!timestamp 2020-02-30", "cannot be read as timestamp: day is out of range"),
+        ("!!int abc", "'abc' cannot be read as int"),
+        ("!!float xyz", "'xyz' cannot be read as float"),
+        ('!!binary "a"', "failed to decode base64 data"),  # PyYAML says this one itself
+    ],
+)
+def test_a_value_yaml_cannot_construct_is_one_line_with_its_line(
+    tmp_path: Path, value: str, said: str
+) -> None:
+    # PyYAML raises a bare ValueError for these, which was a traceback
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"study:\n  name: x\ndata:\n  name: {value}\n")
+    message, _ = refusal(spec)
+    assert "not valid YAML (line 4)" in message and said in message
