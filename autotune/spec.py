@@ -10,6 +10,7 @@ databases) are relative to the working directory, as sqlite URLs are.
 
 from __future__ import annotations
 
+import ast
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -67,6 +68,14 @@ Int = Annotated[int, Strict(), AfterValidator(_int64)]
 # a number: an int or a float (or a string such as "1e-3", which YAML 1.1 reads as text), not a
 # bool; NaN and infinity are refused by the sections' allow_inf_nan=False
 Float = Annotated[float, BeforeValidator(_no_bool)]
+
+
+def _reads_back(value: Any) -> bool:
+    """Whether `value`'s repr is a Python literal that reads back as `value`."""
+    try:
+        return bool(ast.literal_eval(repr(value)) == value)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return False
 
 
 class _Section(BaseModel):
@@ -284,6 +293,19 @@ class ModelSpec(_Section):
         return widths
 
     _factory_path = field_validator("import_")(_import_path("function"))
+
+    @field_validator("kwargs")
+    @classmethod
+    def _literals(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        # best_model.py writes them out as a Python literal (KWARGS = {...}), which must read
+        # back as what the factory got: a YAML date or a NaN would not
+        for key, value in kwargs.items():
+            if not _reads_back(value):
+                raise ValueError(
+                    f"{abbreviate(key)} is a {type(value).__name__}, {abbreviate(value)}; "
+                    "expected numbers, text, true/false, null, lists and mappings"
+                )
+        return kwargs
 
     @model_validator(mode="after")
     def _import_or_template(self) -> ModelSpec:

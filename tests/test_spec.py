@@ -675,3 +675,25 @@ def test_binary_kwargs_dump_for_the_mlflow_params(tmp_path: Path) -> None:
     params = flatten(spec.model_dump(mode="json", by_alias=True))
     # dumped as base64 text
     assert params["data.kwargs.blob"] == "__4="
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [("2020-01-01", "date"), (".nan", "float"), ("!!timestamp 2020-01-01 10:00:00", "datetime")],
+)
+def test_model_kwargs_must_read_back_as_a_literal(tmp_path: Path, value: str, kind: str) -> None:
+    # best_model.py writes them as KWARGS = {...}: a date passed validate and the whole study,
+    # then the export could not render it
+    path = tmp_path / "spec.yaml"
+    path.write_text(f"model:\n  import: 'pkg.mod:build'\n  kwargs: {{when: {value}}}\n")
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    assert f"model.kwargs: 'when' is a {kind}," in str(caught.value)
+    assert str(caught.value).endswith(
+        "expected numbers, text, true/false, null, lists and mappings"
+    )
+    # numbers, text, lists and mappings pass
+    path.write_text(
+        "model:\n  import: 'pkg.mod:build'\n  kwargs: {a: 1, b: [x, 2.5], c: {d: null}}\n"
+    )
+    assert load_spec(path).model.kwargs == {"a": 1, "b": ["x", 2.5], "c": {"d": None}}
