@@ -270,10 +270,13 @@ class NotRendered(RuntimeError):
 
 
 def check_rendered(code: str, source: Path, header: str | None = None) -> None:
-    """Raise NotRendered unless every top-level statement of `code` is one a snippet has: the
-    docstring first (beginning with `header`, whole, where given), imports, constants whose
-    values are literals, functions and classes, and the `if __name__ == "__main__":` block (which
-    does not run on verification)."""
+    """Raise NotRendered unless every top-level statement of `code` is one a snippet has, so
+    that executing it runs nothing but imports until build_model() is called: the docstring first
+    (beginning with `header`, whole, where given), imports (no `*`), constants whose values are
+    literals, functions and classes that call nothing where they are defined (no decorators;
+    defaults, annotations, bases and class-level values without a call), and the
+    `if __name__ == "__main__":` block (which does not run on verification). No statement binds
+    a dunder name (`__builtins__`, `__getattr__`)."""
     try:
         tree = ast.parse(code, str(source))
     except SyntaxError as exc:
@@ -290,19 +293,69 @@ def check_rendered(code: str, source: Path, header: str | None = None) -> None:
 
 
 def _snippet_statement(node: ast.stmt, *, first: bool) -> bool:
-    if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef)):
-        return True
+    if isinstance(node, ast.Import | ast.ImportFrom):
+        return all(
+            alias.name != "*" and not _dunder(alias.asname or alias.name) for alias in node.names
+        )
+    if isinstance(node, ast.FunctionDef | ast.ClassDef):
+        return not _dunder(node.name) and _plain_definition(node)
     if isinstance(node, ast.Expr):  # the docstring
-        return first and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+        return first and _is_docstring(node)
     if isinstance(node, ast.Assign):
-        try:
-            ast.literal_eval(node.value)
-        except (ValueError, TypeError):
-            return False
-        return all(isinstance(target, ast.Name) for target in node.targets)
+        return _literal_assignment(node)
     if isinstance(node, ast.If):
         return ast.unparse(node.test) == "__name__ == '__main__'"
     return False
+
+
+def _plain_definition(node: ast.FunctionDef | ast.ClassDef) -> bool:
+    """Whether a def or class statement runs nothing when it is executed: no decorator, and its
+    defaults, annotations, bases and class-level statements call nothing. Function bodies run
+    only when called."""
+    if node.decorator_list:
+        return False
+    if isinstance(node, ast.FunctionDef):
+        args = node.args
+        evaluated = [*args.defaults, *(d for d in args.kw_defaults if d is not None)]
+        every = [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]
+        evaluated += [a.annotation for a in every if a is not None and a.annotation is not None]
+        evaluated += [node.returns] if node.returns is not None else []
+        return not any(_calls(part) for part in evaluated)
+    if any(_calls(part) for part in (*node.bases, *node.keywords)):
+        return False
+    for i, statement in enumerate(node.body):
+        if isinstance(statement, ast.FunctionDef):
+            if not _plain_definition(statement):
+                return False
+        elif not (
+            (i == 0 and isinstance(statement, ast.Expr) and _is_docstring(statement))
+            or (isinstance(statement, ast.Assign) and _literal_assignment(statement))
+            or isinstance(statement, ast.Pass)
+        ):
+            return False
+    return True
+
+
+def _literal_assignment(node: ast.Assign) -> bool:
+    try:
+        ast.literal_eval(node.value)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return False
+    return all(isinstance(t, ast.Name) and not _dunder(t.id) for t in node.targets)
+
+
+def _is_docstring(node: ast.Expr) -> bool:
+    return isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+
+
+def _calls(node: ast.AST) -> bool:
+    """Whether evaluating the expression `node` may call something or bind a name."""
+    unsafe = (ast.Call, ast.NamedExpr, ast.Lambda, ast.Await, ast.Yield, ast.YieldFrom)
+    return any(isinstance(part, unsafe) for part in ast.walk(node))
+
+
+def _dunder(name: str) -> bool:
+    return name.startswith("__") and name.endswith("__")
 
 
 def run_snippet(code: str, source: Path, header: str | None = None) -> nn.Module:

@@ -416,6 +416,36 @@ def test_the_verification_refuses_code_autotune_did_not_render(one_trial, tmp_pa
     assert not (tmp_path / "pwned").exists()
 
 
+RUNS = '__import__("os").system("touch pwned")'
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        f"@{RUNS}\ndef f():\n    pass",  # a decorator runs where the function is defined
+        f"def f(x={RUNS}):\n    pass",  # so does a default
+        f"def f(x: {RUNS}):\n    pass",  # and an annotation
+        f"def f() -> {RUNS}:\n    pass",
+        f"class C({RUNS}):\n    pass",  # a base
+        f"class C:\n    x = {RUNS}",  # a class body runs where it is defined
+        f"class C:\n    {RUNS}",
+        f"class C:\n    def f(self, x={RUNS}):\n        pass",
+        "from os import *",
+        "__builtins__ = {}",
+        f"def __getattr__(name):\n    return {RUNS}",
+        f"X = [{RUNS}]",
+    ],
+)
+def test_check_rendered_refuses_whatever_runs_at_definition(statement: str, tmp_path) -> None:
+    # statements of the kinds a snippet has, which would run code when the module is executed
+    code = f'"""doc"""\n\nimport torch\n\n{statement}\n'
+    with pytest.raises(NotRendered, match="is not what autotune renders"):
+        export.check_rendered(code, tmp_path / "best_model.py")
+    # what a snippet does have passes: defaults, annotations and bases that call nothing
+    plain = 'class C(torch.nn.Module):\n    """c"""\n\n    def f(self, x: float = 0.5) -> None:\n        print(x)'
+    export.check_rendered(f'"""doc"""\n\nimport torch\n\n{plain}\n', tmp_path / "best_model.py")
+
+
 @pytest.mark.parametrize(
     "text", [HOSTILE, 'ends in a quote"', "ends in a backslash\\", "a\x00nul", "tab\tand\u2028"]
 )
