@@ -55,15 +55,15 @@ _BaseLoader: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 class _Loader(_BaseLoader):  # type: ignore[misc,valid-type]
     """The safe loader, whose constructors' own errors are YAML errors at the value's line: a
-    date that is not one (`2020-13-45`), `!!int abc`, `!!float x`, `!!binary` that is not base64
-    raise a bare ValueError or TypeError in PyYAML."""
+    date that is not one (`2020-13-45`), `!!int abc`, `!!float x`, `!!timestamp x` raise a bare
+    ValueError, TypeError or AttributeError in PyYAML."""
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
             return super().construct_object(node, deep)
         except yaml.YAMLError:
             raise
-        except (ValueError, TypeError, ArithmeticError, LookupError) as exc:
+        except Exception as exc:  # ValueError, TypeError, even AttributeError (!!timestamp x)
             what = (
                 f"the value {abbreviate(node.value)}" if isinstance(node.value, str) else "a value"
             )

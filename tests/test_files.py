@@ -280,6 +280,7 @@ def test_abbreviate_keeps_error_lines_short() -> None:
         ("!!timestamp 2020-02-30", "cannot be read as timestamp: day is out of range"),
         ("!!int abc", "'abc' cannot be read as int"),
         ("!!float xyz", "'xyz' cannot be read as float"),
+        ("!!timestamp x", "'x' cannot be read as timestamp"),
         ('!!binary "a"', "failed to decode base64 data"),  # PyYAML says this one itself
     ],
 )

@@ -4,8 +4,8 @@ not fail where validate passed.
 Each case is drawn from its own seed, so `pytest tests/test_fuzz.py -k "case_137"` replays it: a
 spec (the shipped examples and small ones) with seeded mutations: wrong types, huge, negative,
 NaN and infinite numbers, bools for ints, long strings, unknown keys, deep nesting, aliases,
-duplicate keys, binary junk, huge files, paths that are too long, folders or missing, bad data
-files, bad import paths, unicode. `validate` runs in-process (CliRunner) with the case's own
+duplicate keys, binary junk, YAML tags and scalars that do not construct, huge files, paths that
+are too long, folders or missing, bad data files, bad import paths, unicode. `validate` runs in-process (CliRunner) with the case's own
 folder as the working directory, and must end with exit code 0 or 2; exit 2 prints exactly one
 `error:` line on stderr, without a traceback; nothing is written anywhere, the case's folder
 and the repository included. An alarm turns a hang into a failure.
@@ -345,6 +345,33 @@ def characters(rng: random.Random, spec: dict, folder: Path) -> str:
     return "".join(text)
 
 
+# scalars as written in YAML that PyYAML's constructors choke on, or tags it has no constructor for
+RAW_SCALARS = [
+    "2020-13-45",
+    "2001-02-30 10:00:00",
+    "!!timestamp x",
+    "!!int abc",
+    "!!float x",
+    "!!bool maybe",
+    "!!binary a",
+    "!!null x",
+    "!!set [1]",
+    "!!omap {a: 1}",
+    "!!python/object/apply:os.system [touch pwned]",
+    "!custom 3",
+    "0o99",
+    "1_000",
+]
+
+
+def tags(rng: random.Random, spec: dict, folder: Path) -> str:
+    lines = yaml.safe_dump(spec).splitlines()
+    values = [i for i, line in enumerate(lines) if ": " in line and not line.endswith(":")]
+    at = rng.choice(values)
+    lines[at] = lines[at].split(": ", 1)[0] + ": " + rng.choice(RAW_SCALARS)
+    return "\n".join(lines) + "\n"
+
+
 def unicode(rng: random.Random, spec: dict, folder: Path) -> dict:
     field = rng.choice(["study.name", "mlflow.experiment", "data.label", "study.storage"])
     put(spec, field, rng.choice(["日本語", "Ω≈ç√", "\u200b", "\U0001f600" * 50, "a\u2028b"]))
@@ -371,6 +398,7 @@ MUTATIONS: list[tuple[Mutation, int]] = [
     (paths, 12),
     (imports, 5),
     (characters, 8),
+    (tags, 5),
     (unicode, 3),
     (several, 10),
 ]
