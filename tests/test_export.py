@@ -442,7 +442,10 @@ def test_check_rendered_refuses_whatever_runs_at_definition(statement: str, tmp_
     with pytest.raises(NotRendered, match="is not what autotune renders"):
         export.check_rendered(code, tmp_path / "best_model.py")
     # what a snippet does have passes: defaults, annotations and bases that call nothing
-    plain = 'class C(torch.nn.Module):\n    """c"""\n\n    def f(self, x: float = 0.5) -> None:\n        print(x)'
+    plain = (
+        'class C(torch.nn.Module):\n    """c"""\n\n'
+        "    def f(self, x: float = 0.5) -> None:\n        print(x)"
+    )
     export.check_rendered(f'"""doc"""\n\nimport torch\n\n{plain}\n', tmp_path / "best_model.py")
 
 

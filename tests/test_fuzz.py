@@ -5,10 +5,11 @@ Each case is drawn from its own seed, so `pytest tests/test_fuzz.py -k "case_137
 spec (the shipped examples and small ones) with seeded mutations: wrong types, huge, negative,
 NaN and infinite numbers, bools for ints, long strings, unknown keys, deep nesting, aliases,
 duplicate keys, binary junk, YAML tags and scalars that do not construct, huge files, paths that
-are too long, folders or missing, bad data files, bad import paths, unicode. `validate` runs in-process (CliRunner) with the case's own
-folder as the working directory, and must end with exit code 0 or 2; exit 2 prints exactly one
-`error:` line on stderr, without a traceback; nothing is written anywhere, the case's folder
-and the repository included. An alarm turns a hang into a failure.
+are too long, folders or missing, bad data files, bad import paths, unicode. `validate` runs
+in-process (CliRunner) with the case's own folder as the working directory, and must end with
+exit code 0 or 2; exit 2 prints exactly one `error:` line on stderr, without a traceback; nothing
+is written anywhere, the case's folder and the repository included.
+An alarm turns a hang into a failure.
 
 Import paths are always of modules that do not exist: `validate` imports the module a spec
 names, as any Python import would run it.
