@@ -192,13 +192,16 @@ def run(
 
 @main.command()
 @click.argument("spec_file", type=click.Path(path_type=Path))
+@storage_option
+@tracking_option
 @_friendly
-def validate(spec_file: Path) -> None:
-    """Check SPEC_FILE, its search space and its data without training anything."""
+def validate(spec_file: Path, storage: str | None, tracking_uri: str | None) -> None:
+    """Check SPEC_FILE, its search space and its data without training anything, with the
+    storage and tracking URI that `run` would take."""
     from autotune.checks import check_spec
     from autotune.spec import load_spec
 
-    spec = load_spec(spec_file)
+    spec = load_spec(spec_file, overrides=_overrides(storage, tracking_uri))
     space, data = check_spec(spec)
     model = spec.model.import_ or spec.model.template
     click.echo(

@@ -102,6 +102,20 @@ def _import_path(what: str) -> Callable[[str | None], str | None]:
     return check
 
 
+# the URL schemes whose rest is a file's path: sqlite:///runs/x.db, journal:///runs/x.journal
+FILE_SCHEMES = ("sqlite:///", "journal:///")
+
+
+def _file_url_fits(url: str | None) -> str | None:
+    """A storage or tracking URL whose file's path the file system can hold (None passes)."""
+    for scheme in FILE_SCHEMES:
+        if url is not None and url.startswith(scheme):
+            path = url.removeprefix(scheme)
+            if path_too_long(Path(path)):
+                raise ValueError(f"path too long for the file system: {quote_path(path)}")
+    return url
+
+
 class PrunerSpec(_Section):
     # variance_shift: autotune's pruner (autotune.pruners.VarianceShiftPruner): a gate on the
     # predicted Δ before training, then `base` during training, stricter far from Δ = 1 and more
@@ -170,6 +184,7 @@ class StudySpec(_Section):
     heartbeat_grace: Int = Field(120, ge=2, le=MAX_HEARTBEAT)
 
     _pruner_shorthand = field_validator("pruner", mode="before")(_shorthand)
+    _storage_fits = field_validator("storage")(_file_url_fits)
 
     @model_validator(mode="after")
     def _grace_outlasts_a_beat(self) -> StudySpec:
@@ -398,6 +413,8 @@ class MlflowSpec(_Section):
     experiment: str | None = None
     # false: log nothing to MLflow
     enabled: bool = True
+
+    _tracking_uri_fits = field_validator("tracking_uri")(_file_url_fits)
 
 
 class RecommendSpec(_Section):

@@ -198,6 +198,10 @@ LONG = "a" * 300  # one name longer than the 255 bytes a file system holds
         ({"data": {"path": f"{LONG}.csv"}}, "data.path"),
         ({"recommend": {"current": f"{LONG}.yaml"}}, "recommend.current"),
         ({"output": f"runs/{LONG}"}, "output"),
+        # a storage or tracking file: validate said ok, and run failed opening it
+        ({"study": {"storage": f"sqlite:///runs/{LONG}.db"}}, "study.storage"),
+        ({"study": {"storage": f"journal:///runs/{LONG}.journal"}}, "study.storage"),
+        ({"mlflow": {"tracking_uri": f"sqlite:///{LONG}/mlflow.db"}}, "mlflow.tracking_uri"),
     ],
 )
 def test_a_path_too_long_names_its_field(tmp_path: Path, section: dict, field: str) -> None:
@@ -208,6 +212,15 @@ def test_a_path_too_long_names_its_field(tmp_path: Path, section: dict, field: s
     # the path is echoed by its start only
     assert "…" in message and len(message) < 400
     assert seconds < FAST
+
+
+def test_a_storage_path_too_long_in_the_environment_is_refused_at_validate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AUTOTUNE_STORAGE", f"sqlite:///{LONG}.db")
+    result = CliRunner().invoke(main, ["validate", str(write(tmp_path, "study: {name: x}\n"))])
+    assert result.exit_code == 2, result.output
+    assert "study.storage: path too long for the file system" in result.stderr
 
 
 def test_a_search_space_path_too_long_names_its_field(tmp_path: Path) -> None:
