@@ -32,12 +32,12 @@ from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from autotune.checks import check_accelerator, check_sampler, check_size, resolve_space
-from autotune.errors import SpecError, UserCodeError, WriteError, first_line
+from autotune.errors import SpecError, UserCodeError, WriteError, abbreviate, first_line
 from autotune.redaction import redact
 from autotune.space import SearchSpace
 from autotune.spec import PrunerSpec, Spec
 from autotune.tracking import PARENT_ATTR
-from autotune.user_code import USER_ERRORS, message_of
+from autotune.user_code import USER_ERRORS, describe, message_of
 from autotune.writes import check_writable, write_failure
 
 # heartbeats, RetryHeartbeatStaleTrialCallback and TPE's `group` are marked experimental; we
@@ -340,8 +340,14 @@ def check_runnable(spec: Spec, space: SearchSpace, datamodule: Any) -> None:
     check_size(spec.model, shape, n_classes)  # before torch allocates it
     build_model(spec.model, space.defaults(), shape, n_classes, base_dir=spec.base_dir)
     check_accelerator(spec.train.accelerator, spec.train.precision)
-    loader = datamodule.train_dataloader()
-    if hasattr(loader, "__len__") and len(loader) == 0:
+    try:  # a user's DataModule may fail here, or give a loader whose len() raises
+        loader = datamodule.train_dataloader()
+        empty = hasattr(loader, "__len__") and len(loader) == 0
+    except USER_ERRORS as exc:
+        code = spec.data.datamodule
+        where = f"data.datamodule: {abbreviate(code)}" if code else "data"
+        raise UserCodeError(f"{where}: its training loader failed: {describe(exc)}") from None
+    if empty:
         raise SpecError("data.val_fraction: the training split is too small for one batch")
     try:  # the metric needs validation batches; a DataModule without them fails every trial
         next(iter(datamodule.val_dataloader()))

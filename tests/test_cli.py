@@ -129,6 +129,38 @@ def test_a_datamodule_without_validation_data_is_bad_input(tmp_path):
     assert_one_line_error(invoke("run", path), "data: no validation batch")
 
 
+@pytest.mark.parametrize(
+    ("module", "loader", "said"),
+    [
+        ("badtrain", "raise OSError('shard 3 is gone')", "OSError: shard 3 is gone"),
+        ("badlength", "return BadLength()", "TypeError: a stream has no length"),
+    ],
+)
+def test_a_datamodule_whose_training_loader_fails_is_named(tmp_path, module, loader, said):
+    (tmp_path / f"{module}.py").write_text(
+        "import torch\n"
+        "import lightning.pytorch as pl\n"
+        "class BadLength:\n"
+        "    def __iter__(self):\n"
+        "        yield torch.randn(8, 4), torch.zeros(8, dtype=torch.long)\n"
+        "    def __len__(self):\n"
+        "        raise TypeError('a stream has no length')\n"
+        "class BadTrain(pl.LightningDataModule):\n"
+        "    n_classes = 2\n"
+        "    input_shape = (4,)\n"
+        "    def train_dataloader(self):\n"
+        f"        {loader}\n"
+    )
+    path = tmp_path / "spec.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {"data": {"datamodule": f"{module}:BadTrain"}, "output": str(tmp_path / "o")}
+        )
+    )
+    # the user's code is named, in one line: a len() that raised was a traceback
+    assert_one_line_error(invoke("run", path), f"data.datamodule: '{module}:BadTrain'", said)
+
+
 def test_a_missing_spec_file_is_named(tmp_path):
     result = invoke("run", tmp_path / "nowhere.yaml")
 
