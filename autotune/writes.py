@@ -8,8 +8,8 @@ written leaves the file as it was, or absent, never cut short, and no temporary 
 failure is a WriteError that names the file and the reason (the CLI's exit code 3).
 
 `write_failure` finds a failed write in what a library raised (the Optuna storage, MLflow): an
-OSError of the disk (ENOSPC, EDQUOT, EROFS, EACCES, ...) or sqlite's codes for a full or
-read-only database, anywhere in the exception's chain. A refused connection is not one.
+OSError of the disk (ENOSPC, EDQUOT, EROFS, EACCES, ...), sqlite's codes for a full or
+read-only database, or PostgreSQL's SQLSTATEs for the same, anywhere in the exception's chain. A refused connection is not one.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ DISK_ERRNOS = frozenset(
 # sqlite's primary result codes for the same (sqlite3.Error.sqlite_errorcode, Python 3.11+):
 # SQLITE_PERM, SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN
 SQLITE_DISK_CODES = frozenset({3, 8, 10, 13, 14})
+# PostgreSQL's SQLSTATEs for the same, as psycopg (sqlstate) and psycopg2 (pgcode) carry them:
+# disk_full, io_error, read_only_sql_transaction (a server that takes no writes, a standby)
+POSTGRES_DISK_STATES = frozenset({"53100", "58030", "25006"})
 
 
 def write_atomic(path: Path, data: bytes | str) -> Path:
@@ -70,7 +73,7 @@ def check_writable(folder: Path) -> None:
     """Create `folder` and a file in it, so that a folder that takes no file fails here, in one
     line, before a trial runs. Raises WriteError naming the folder."""
     folder = Path(folder)
-    probe = folder / f".autotune-write-check.{os.getpid()}"
+    probe = folder / f".autotune-write-check.{os.getpid()}.{secrets.token_hex(4)}"  # per worker
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe.open("wb").close()
@@ -91,8 +94,8 @@ def open_to_append(path: Path) -> TextIO:
 
 def write_failure(exc: BaseException) -> str | None:
     """Why a write failed, when `exc` is, or was raised in handling or because of, an error of
-    the disk: an OSError in DISK_ERRNOS, or a sqlite error in SQLITE_DISK_CODES. None for any
-    other error."""
+    the disk: an OSError in DISK_ERRNOS, a sqlite error in SQLITE_DISK_CODES, or a PostgreSQL
+    error in POSTGRES_DISK_STATES. None for any other error."""
     seen: set[int] = set()
     pending: list[BaseException | None] = [exc]
     while pending:
@@ -109,6 +112,9 @@ def write_failure(exc: BaseException) -> str | None:
             else None
         )
         if code is not None and code & 0xFF in SQLITE_DISK_CODES:
+            return first_line(current)
+        state = getattr(current, "sqlstate", None) or getattr(current, "pgcode", None)
+        if state in POSTGRES_DISK_STATES:
             return first_line(current)
         pending += [current.__cause__, current.__context__]
     return None

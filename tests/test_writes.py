@@ -112,3 +112,25 @@ def test_errors_that_are_not_the_disk_are_not_write_failures():
     assert writes.write_failure(ConnectionRefusedError(errno.ECONNREFUSED, "refused")) is None
     assert writes.write_failure(ValueError("bad value")) is None
     assert writes.write_failure(sqlite3.OperationalError("no such table: trials")) is None
+
+
+def test_a_postgresql_server_that_takes_no_writes_is_a_write_failure():
+    # a real server's refusal, as SQLAlchemy raises it (psycopg's error as its cause): a
+    # read-only transaction stands in for a standby or a full disk (SQLSTATE 25006, 53100)
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    engine = sqlalchemy.create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    try:
+        with engine.connect() as connection:
+            connection.exec_driver_sql("SET TRANSACTION READ ONLY")
+            with pytest.raises(sqlalchemy.exc.InternalError) as caught:
+                connection.exec_driver_sql("CREATE TEMPORARY TABLE autotune_probe (x int)")
+    except sqlalchemy.exc.OperationalError:
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
+    finally:
+        engine.dispose()
+    assert "read-only transaction" in writes.write_failure(caught.value)
+    # a statement the server refuses for another reason is not the disk's
+    with engine.connect() as connection, pytest.raises(sqlalchemy.exc.ProgrammingError) as other:
+        connection.exec_driver_sql("SELECT * FROM autotune_no_such_table")
+    engine.dispose()
+    assert writes.write_failure(other.value) is None
