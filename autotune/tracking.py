@@ -79,7 +79,9 @@ class Tracker:
         self.study_name = study_name
         self.tracking_uri = tracking_uri
         self.experiment = experiment
-        self.notify = notify or logging.getLogger("autotune").warning
+        say = notify or logging.getLogger("autotune").warning
+        # what the study says on the way, redacted: a note may quote an exception's repr
+        self.notify: Callable[[str], None] = lambda message: say(redact(message))
         self.parent_run_id: str | None = None
         self.experiment_id: str | None = None
         self.down_since: float | None = None  # monotonic time the server stopped answering

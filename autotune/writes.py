@@ -9,7 +9,8 @@ failure is a WriteError that names the file and the reason (the CLI's exit code 
 
 `write_failure` finds a failed write in what a library raised (the Optuna storage, MLflow): an
 OSError of the disk (ENOSPC, EDQUOT, EROFS, EACCES, ...), sqlite's codes for a full or
-read-only database, or PostgreSQL's SQLSTATEs for the same, anywhere in the exception's chain. A refused connection is not one.
+read-only database, or PostgreSQL's SQLSTATEs for the same, anywhere in the exception's chain.
+A refused connection is not one.
 """
 
 from __future__ import annotations

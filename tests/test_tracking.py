@@ -50,3 +50,11 @@ def test_a_stored_run_id_counts_only_in_mlflow_s_form() -> None:
         run_id
     )
     assert trial_run_id({}, Trial(3, mlflow_run_id="")) is None
+
+
+def test_what_the_tracker_says_is_redacted() -> None:
+    # a note may quote an exception's repr, and the exception a URL with its password
+    said: list[str] = []
+    tracker = Tracker("sqlite:///unused.db", "exp", "study", notify=said.append)
+    tracker.notify("no robust recommendation (OperationalError('postgresql://u:s3cret@db/x'))")
+    assert said == ["no robust recommendation (OperationalError('postgresql://u:***@db/x'))"]
