@@ -412,7 +412,6 @@ def open_session(
 
     Everything that can be wrong with the input fails here, before any training."""
     from autotune.data import load_data
-    from autotune.tracking import Tracker, flatten
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     datamodule = load_data(spec.data, seed=spec.train.seed, base_dir=spec.base_dir)
@@ -424,6 +423,34 @@ def open_session(
 
         baselines(spec, space)
     study, created = open_study(spec, space, datamodule)
+    try:
+        tracker = _start_parent_run(study, spec, space, datamodule, created, notify)
+    except BaseException:
+        # a creator that fails before its parent run is stored (a write fault, MLflow away)
+        # says so: the rerun makes the parent at once instead of waiting for this process
+        if created and PARENT_ATTR not in study.user_attrs:
+            with contextlib.suppress(Exception):
+                study.set_user_attr(PARENT_ATTR, None)
+        raise
+    pruner = spec.study.pruner
+    if created and pruner.name == "variance_shift" and pruner.seed_trials:
+        enqueue_low_shift(study, spec, space, datamodule, pruner.seed_trials)
+    budget = n_trials if n_trials is not None else spec.study.n_trials
+    return Session(spec, space, datamodule, study, tracker, budget, created)
+
+
+def _start_parent_run(
+    study: optuna.Study,
+    spec: Spec,
+    space: SearchSpace,
+    datamodule: Any,
+    created: bool,
+    notify: Callable[[str], None] | None,
+) -> Any:
+    """The study's attrs for this run, the input statistics saved, and the MLflow parent run
+    found or started (its id stored in the study by its creator): the Tracker."""
+    from autotune.tracking import Tracker, flatten
+
     if study.user_attrs.get("search_space") != space.name:
         study.set_user_attr("search_space", space.name)
     blocks_at = [slot.label for slot in space.slots]
@@ -452,16 +479,13 @@ def open_session(
     parent = tracker.start_study(params, known=known)
     if parent is not None and parent != known:
         study.set_user_attr(PARENT_ATTR, parent)
-    pruner = spec.study.pruner
-    if created and pruner.name == "variance_shift" and pruner.seed_trials:
-        enqueue_low_shift(study, spec, space, datamodule, pruner.seed_trials)
-    budget = n_trials if n_trials is not None else spec.study.n_trials
-    return Session(spec, space, datamodule, study, tracker, budget, created)
+    return tracker
 
 
 def _parent_run_id(study: optuna.Study) -> str | None:
     """The MLflow parent run id the study's creator stored. A worker that joins a study created a
-    moment ago waits for it, so that all workers log under one parent."""
+    moment ago waits for it, so that all workers log under one parent; None where the creator
+    made none (it failed first, or the study is older than MLflow logging)."""
     deadline = time.monotonic() + PARENT_WAIT_SECONDS
     while PARENT_ATTR not in study.user_attrs:
         if study.get_trials(deepcopy=False) or time.monotonic() > deadline:

@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 from autotune.cli import main
 from autotune.spec import load_spec
-from autotune.study import run_study
+from autotune.study import PARENT_WAIT_SECONDS, run_study
 
 AUTOTUNE = [sys.executable, "-m", "autotune.cli"]
 
@@ -628,8 +628,11 @@ def test_input_stats_that_cannot_be_written_are_one_line_and_exit_3(
     result = invoke("run", path)
     assert_write_error(result, f"{stats}: Is a directory")
     stats.rmdir()
+    started = time.monotonic()
     assert invoke("run", path).exit_code == 0
     assert stats.is_file()
+    # the failed run said it made no parent run: the rerun did not wait for one
+    assert time.monotonic() - started < PARENT_WAIT_SECONDS
 
 
 @pytest.mark.slow
