@@ -4,6 +4,7 @@ environment. PostgreSQL and Redis are the real servers on this machine's loopbac
 from __future__ import annotations
 
 import contextlib
+import os
 import uuid
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from autotune.spec import parse_spec
 from autotune.study import make_storage, run_study
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
-REDIS = "redis://127.0.0.1:6379/15"  # database 15: the tests' own, emptied after each
+# database 15 (14 for the second of `make test`'s pytest-xdist processes, ...): the tests' own,
+# emptied after each
+REDIS = f"redis://127.0.0.1:6379/{15 - int(os.environ.get('PYTEST_XDIST_WORKER', 'gw0')[2:])}"
 
 
 @pytest.fixture
