@@ -18,16 +18,16 @@ from typing import Any, NoReturn
 import click
 
 from autotune.errors import SpecError, WriteError, first_line, one_line
+from autotune.names import (
+    DEVICES_ENV,
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_WRITE,
+    STORAGE_ENV,
+    TRACKING_ENV,
+)
 from autotune.redaction import redact
-
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
-EXIT_WRITE = 3  # the output folder or the disk could not be written
-# the storage URL and the tracking URI can come from the environment, so that a password never
-# has to be in a spec, and every node of a cluster can run the same spec
-STORAGE_ENV = "AUTOTUNE_STORAGE"
-TRACKING_ENV = "MLFLOW_TRACKING_URI"
-# how many workers the launcher started on a worker's GPU: they share its memory
-DEVICE_WORKERS_ENV = "AUTOTUNE_WORKERS_ON_DEVICE"
 
 storage_option = click.option(
     "--storage",
@@ -169,7 +169,7 @@ def run(
 
             [device] = plan_devices(1, devices, spec.train.accelerator)
             if device is not None:
-                os.environ["CUDA_VISIBLE_DEVICES"] = device
+                os.environ[DEVICES_ENV] = device
         outcome = run_study(
             spec, n_trials=n_trials, timeout=timeout, progress=progress, finish=not as_worker
         )

@@ -17,6 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from autotune.names import CONFIG_ATTR, FAIL_REASON_ATTR, MEASURED_SHIFT_ATTR, PREDICTED_SHIFT_ATTR
 from autotune.redaction import redact
 from autotune.spec import Spec
 from autotune.study import (
@@ -81,7 +82,7 @@ class RichProgress(ProgressBase):
         self.bar.update(self.epochs, visible=False, completed=0)
         if not self.console.is_terminal:
             value = "" if trial.value is None else f" {self.metric}={trial.value:.4f}"
-            reason = trial.user_attrs.get("fail_reason", "")
+            reason = trial.user_attrs.get(FAIL_REASON_ATTR, "")
             self.console.print(
                 f"trial {trial.number} {trial.state.name}{value} {reason}".rstrip()
                 + f" | {self._best(study)}"
@@ -117,14 +118,15 @@ def print_summary(console: Console, spec: Spec, outcome: StudyOutcome, k: int = 
     table.add_column("trial", justify="right")
     table.add_column(spec.study.metric, justify="right")
     top = top_trials(study, k)
-    for i in range(max((len(t.user_attrs.get("config", [])) for t in top), default=0)):
+    for i in range(max((len(t.user_attrs.get(CONFIG_ATTR, [])) for t in top), default=0)):
         table.add_column(f"block{i}")
     table.add_column("worst Δ\npredicted", justify="right")
     table.add_column("worst Δ\nmeasured", justify="right")
     for trial in top:
-        blocks = [_block_cell(block) for block in trial.user_attrs.get("config", [])]
+        blocks = [_block_cell(block) for block in trial.user_attrs.get(CONFIG_ATTR, [])]
         shifts = [
-            _delta_cell(trial.user_attrs.get(key)) for key in ("predicted_shift", "measured_shift")
+            _delta_cell(trial.user_attrs.get(key))
+            for key in (PREDICTED_SHIFT_ATTR, MEASURED_SHIFT_ATTR)
         ]
         table.add_row(str(trial.number), f"{trial.value:.4f}", *blocks, *shifts)
     console.print(table)
@@ -189,4 +191,4 @@ def _block_cell(block: dict) -> str:
 
 def _last_failure(study: optuna.Study) -> str:
     failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-    return failed[-1].user_attrs.get("fail_reason", "unknown") if failed else "unknown"
+    return failed[-1].user_attrs.get(FAIL_REASON_ATTR, "unknown") if failed else "unknown"

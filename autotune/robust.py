@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import optuna
 
 from autotune.files import read_yaml
+from autotune.names import CONFIG_ATTR, RECALIBRATE_ATTR, ROBUST_ATTR, WEIGHTS_DIGEST, trial_weights
 from autotune.space import (
     BlockConfig,
     SearchSpace,
@@ -37,7 +38,6 @@ from autotune.space import (
 from autotune.spec import Spec
 from autotune.study import Session, best_trial, top_trials
 
-ROBUST_ATTR = "robust"  # the study user attr that keeps the result
 BASELINE_RATE = 0.5  # Srivastava et al. (JMLR 2014) for hidden units
 
 
@@ -79,7 +79,6 @@ def robust_recommendation(session: Session) -> dict[str, Any] | None:
     """Train the top configurations and the baselines again over the seeds; keep the result in
     the study (trained again only when what would be trained changes); None when the spec asks
     for none. A fit that fails (a diverging seed) marks its row failed, out of the choice."""
-    from autotune.export import WEIGHTS_DIGEST
     from autotune.training import fit
 
     spec, study = session.spec, session.study
@@ -118,7 +117,7 @@ def robust_recommendation(session: Session) -> dict[str, Any] | None:
             values.append(float(result.value))
             if number is not None and seed == spec.train.seed:
                 own = study.trials[number].user_attrs.get(WEIGHTS_DIGEST)
-                row["weights_sha256"] = _keep_weights(spec, number, result.model, own)
+                row[WEIGHTS_DIGEST] = _keep_weights(spec, number, result.model, own)
         row["values"] = values
         if "failed" not in row:
             row.update(summary(values, maximize))
@@ -199,7 +198,7 @@ def recommended_trial(study: optuna.Study, spec: Spec) -> optuna.trial.FrozenTri
 
 def _config(trial: optuna.trial.FrozenTrial) -> TrialConfig:
     return TrialConfig.from_dicts(
-        trial.user_attrs["config"], recalibrate_bn=trial.user_attrs.get("recalibrate_bn", False)
+        trial.user_attrs[CONFIG_ATTR], recalibrate_bn=trial.user_attrs.get(RECALIBRATE_ATTR, False)
     )
 
 
@@ -210,7 +209,7 @@ def _keep_weights(spec: Spec, number: int, model: Any, own: str | None) -> str:
     the file kept, which the export checks."""
     from autotune.export import file_digest, save_tensors
 
-    path = spec.output_dir / "weights" / f"trial_{number}.pt"
+    path = trial_weights(spec.output_dir, number)
     if path.exists() and own is not None and file_digest(path) == own:
         return own
     return save_tensors(model.state_dict(), path)
@@ -221,5 +220,5 @@ def kept_digest(study: optuna.Study, number: int) -> str | None:
     stored = study.user_attrs.get(ROBUST_ATTR) or {}
     for row in stored.get("rows", []):
         if row["trial"] == number:
-            return row.get("weights_sha256")
+            return row.get(WEIGHTS_DIGEST)
     return None

@@ -33,10 +33,28 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autotune.checks import check_accelerator, check_sampler, check_size, resolve_space
 from autotune.errors import SpecError, UserCodeError, WriteError, abbreviate, first_line
+from autotune.names import (
+    BEST_TRIAL_TAG,
+    BLOCKS_AT,
+    BUDGET_TAG,
+    CONFIG_ATTR,
+    FAIL_REASON_ATTR,
+    FIGURES_DIR,
+    INPUT_SHAPE_ATTR,
+    INPUT_STATS,
+    METRIC_ATTR,
+    N_CLASSES_ATTR,
+    PARENT_ATTR,
+    RECALIBRATE_ATTR,
+    RECOMMENDED_TAG,
+    SEARCH_SPACE_ATTR,
+    STANDARDISED_ATTR,
+    STARTED,
+    SURPLUS_ATTR,
+)
 from autotune.redaction import redact
 from autotune.space import SearchSpace
 from autotune.spec import PrunerSpec, Spec
-from autotune.tracking import PARENT_ATTR
 from autotune.user_code import USER_ERRORS, describe, message_of
 from autotune.writes import check_writable, write_failure
 
@@ -44,11 +62,8 @@ from autotune.writes import check_writable, write_failure
 # rely on them knowingly and the notice would greet every user on every run
 warnings.filterwarnings("ignore", category=ExperimentalWarning)
 
-INPUT_STATS = "input_stats.pt"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_FAILURES_IN_A_ROW = 5
-# the parent run's tag of how far the study got: finished trials / budget, e.g. 7/20
-BUDGET_TAG = "autotune.finished"
 # a worker that has not beaten its heart for grace_period seconds is taken for dead, and its trial
 # is failed and run again (RetryHeartbeatStaleTrialCallback); the spec may set both
 HEARTBEAT_INTERVAL, HEARTBEAT_GRACE, MAX_RETRIES = 30, 120, 2
@@ -56,12 +71,6 @@ HEARTBEAT_INTERVAL, HEARTBEAT_GRACE, MAX_RETRIES = 30, 120, 2
 POLL_SECONDS = 1.0
 # how long a worker that joins a new study waits for its creator to name the MLflow parent run
 PARENT_WAIT_SECONDS = 30.0
-# the user attr the objective sets first, to its trial's number (a retried trial inherits the
-# attrs of the one it retries, so the number tells whether this trial itself got that far)
-STARTED = "started"
-# the study attr naming the BN layer of each block of an imported model, in block order: what
-# recommended.yaml says even when the model's factory fails at the export
-BLOCKS_AT = "blocks_at"
 
 
 class Progress:
@@ -301,11 +310,11 @@ def check_stored(study: optuna.Study, spec: Spec, datamodule: Any | None = None)
             "import": None,
         }
     )
-    identity["metric"] = spec.study.metric
+    identity[METRIC_ATTR] = spec.study.metric
     if datamodule is not None:
-        identity["input_shape"] = list(datamodule.input_shape)
-        identity["n_classes"] = int(datamodule.n_classes)
-    sections = {"metric": "study", "input_shape": "data", "n_classes": "data"}
+        identity[INPUT_SHAPE_ATTR] = list(datamodule.input_shape)
+        identity[N_CLASSES_ATTR] = int(datamodule.n_classes)
+    sections = {METRIC_ATTR: "study", INPUT_SHAPE_ATTR: "data", N_CLASSES_ATTR: "data"}
     for key, value in identity.items():
         stored = study.user_attrs.get(key)
         if stored is not None and stored != value:
@@ -451,12 +460,12 @@ def _start_parent_run(
     found or started (its id stored in the study by its creator): the Tracker."""
     from autotune.tracking import Tracker, flatten
 
-    if study.user_attrs.get("search_space") != space.name:
-        study.set_user_attr("search_space", space.name)
+    if study.user_attrs.get(SEARCH_SPACE_ATTR) != space.name:
+        study.set_user_attr(SEARCH_SPACE_ATTR, space.name)
     blocks_at = [slot.label for slot in space.slots]
     if spec.model.imported and study.user_attrs.get(BLOCKS_AT) != blocks_at:
         study.set_user_attr(BLOCKS_AT, blocks_at)
-    study.set_user_attr("standardised", save_input_stats(datamodule, spec.output_dir))
+    study.set_user_attr(STANDARDISED_ATTR, save_input_stats(datamodule, spec.output_dir))
 
     # the parent run before any trial exists: a joining worker that finds trials takes the
     # study for an older one and does not wait for the creator's parent run id
@@ -558,7 +567,7 @@ class Budget:
             if (now - begun).total_seconds() > self.grace:
                 with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
                     storage.set_trial_user_attr(
-                        trial._trial_id, "fail_reason", "its worker stopped before it started"
+                        trial._trial_id, FAIL_REASON_ATTR, "its worker stopped before it started"
                     )
                     storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
 
@@ -632,7 +641,7 @@ def work(
         )
 
         def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-            if trial.user_attrs.get("surplus"):
+            if trial.user_attrs.get(SURPLUS_ATTR):
                 pass  # not a failure of the configuration: it never ran
             elif trial.state == TrialState.FAIL:
                 failures.append(trial.number)
@@ -747,7 +756,7 @@ def end_parent_run(study: optuna.Study, spec: Spec, tracker: Any, outcome: Study
     if best is not None:
         outcome.outputs = files_written(lambda: write_outputs(study, spec))
     try:  # pictures are a courtesy: a run that finished must still end in MLflow
-        figures = write_figures(study, spec.output_dir / "figures", spec.study.metric)
+        figures = write_figures(study, spec.output_dir / FIGURES_DIR, spec.study.metric)
     except WriteError:
         raise
     except Exception as exc:
@@ -812,10 +821,10 @@ def recommendation_tags(best: FrozenTrial) -> dict[str, Any]:
     from autotune.space import TrialConfig
 
     config = TrialConfig.from_dicts(
-        best.user_attrs["config"], recalibrate_bn=best.user_attrs.get("recalibrate_bn", False)
+        best.user_attrs[CONFIG_ATTR], recalibrate_bn=best.user_attrs.get(RECALIBRATE_ATTR, False)
     )
-    tags: dict[str, Any] = {"autotune.best_trial": best.number}
-    tags.update({f"autotune.recommended.{k}": v for k, v in config.to_params().items()})
+    tags: dict[str, Any] = {BEST_TRIAL_TAG: best.number}
+    tags.update({RECOMMENDED_TAG.format(k): v for k, v in config.to_params().items()})
     return tags
 
 

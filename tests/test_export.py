@@ -25,10 +25,10 @@ from autotune.export import (
     write_outputs,
 )
 from autotune.models import build_model
+from autotune.names import PARENT_ATTR, RELOGGED_RUN
 from autotune.space import BlockConfig, TrialConfig
 from autotune.spec import ModelSpec, parse_spec
 from autotune.study import load_existing_study, run_study
-from autotune.tracking import PARENT_ATTR, RELOGGED_RUN
 
 DIGITS = (1, 8, 8)
 

@@ -15,8 +15,9 @@ from click.testing import CliRunner
 from conftest import tiny_spec
 from optuna.trial import TrialState
 
-from autotune.cli import STORAGE_ENV, main
+from autotune.cli import main
 from autotune.errors import SpecError
+from autotune.names import STORAGE_ENV
 from autotune.spec import parse_spec
 from autotune.study import make_storage, run_study
 
