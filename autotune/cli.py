@@ -198,7 +198,7 @@ def run(
 def validate(spec_file: Path, storage: str | None, tracking_uri: str | None) -> None:
     """Check SPEC_FILE, its search space and its data without training anything, with the
     storage and tracking URI that `run` would take."""
-    from autotune.checks import check_spec
+    from autotune.preflight import check_spec
     from autotune.spec import load_spec
 
     spec = load_spec(spec_file, overrides=_overrides(storage, tracking_uri))
@@ -261,10 +261,10 @@ def predict(spec_file: Path, config_file: Path | None, as_json: bool) -> None:
 
     from autotune.data import load_data
     from autotune.files import read_yaml
+    from autotune.preflight import check_runnable, resolve_space
     from autotune.progress import print_prediction
     from autotune.space import config_from_mapping
     from autotune.spec import load_spec
-    from autotune.study import check_runnable, resolve_space
     from autotune.training import predict as predict_config
 
     spec = load_spec(spec_file)

@@ -31,8 +31,8 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from autotune.checks import check_accelerator, check_sampler, check_size, resolve_space
-from autotune.errors import SpecError, UserCodeError, WriteError, abbreviate, first_line
+from autotune.checks import check_sampler
+from autotune.errors import SpecError, WriteError, first_line
 from autotune.names import (
     BEST_TRIAL_TAG,
     BLOCKS_AT,
@@ -52,10 +52,10 @@ from autotune.names import (
     STARTED,
     SURPLUS_ATTR,
 )
+from autotune.preflight import check_runnable, resolve_space
 from autotune.redaction import redact
 from autotune.space import SearchSpace
 from autotune.spec import PrunerSpec, Spec
-from autotune.user_code import USER_ERRORS, describe, message_of
 from autotune.writes import check_writable, write_failure
 
 # heartbeats, RetryHeartbeatStaleTrialCallback and TPE's `group` are marked experimental; we
@@ -340,30 +340,6 @@ def load_existing_study(spec: Spec) -> optuna.Study:
     return study
 
 
-def check_runnable(spec: Spec, space: SearchSpace, datamodule: Any) -> None:
-    """Fail on input before any training: the template must fit the data, the sampler the space."""
-    from autotune.models import build_model
-
-    make_sampler(spec.study.sampler, spec.train.seed, space)
-    shape, n_classes = datamodule.input_shape, datamodule.n_classes
-    check_size(spec.model, shape, n_classes)  # before torch allocates it
-    build_model(spec.model, space.defaults(), shape, n_classes, base_dir=spec.base_dir)
-    check_accelerator(spec.train.accelerator, spec.train.precision)
-    try:  # a user's DataModule may fail here, or give a loader whose len() raises
-        loader = datamodule.train_dataloader()
-        empty = hasattr(loader, "__len__") and len(loader) == 0
-    except USER_ERRORS as exc:
-        code = spec.data.datamodule
-        where = f"data.datamodule: {abbreviate(code)}" if code else "data"
-        raise UserCodeError(f"{where}: its training loader failed: {describe(exc)}") from None
-    if empty:
-        raise SpecError("data.val_fraction: the training split is too small for one batch")
-    try:  # the metric needs validation batches; a DataModule without them fails every trial
-        next(iter(datamodule.val_dataloader()))
-    except USER_ERRORS as exc:
-        raise UserCodeError(f"data: no validation batch: {message_of(exc)}") from None
-
-
 def enqueue_low_shift(
     study: optuna.Study, spec: Spec, space: SearchSpace, datamodule: Any, n: int
 ) -> list[dict[str, Any]]:
@@ -611,7 +587,8 @@ def work(
     A write the disk refuses (the trial's weights, the storage, a local MLflow store) fails or
     ends the trial it happens in, stops the loop, and is raised as a WriteError: every later
     trial would fail the same way."""
-    from autotune.training import Objective, quiet_lightning, stop_on_signals
+    from autotune.checks import quiet_lightning
+    from autotune.training import Objective, stop_on_signals
 
     spec, study, tracker = session.spec, session.study, session.tracker
     progress = progress or Progress()

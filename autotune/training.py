@@ -15,13 +15,11 @@ eval mode's on the validation data.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import signal
 import socket
 import threading
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -393,13 +391,6 @@ def _first(batches: Any, limit: int) -> Iterator[Any]:
         if i >= limit:
             return
         yield batch
-
-
-def quiet_lightning() -> None:
-    """Lightning's per-fit banners ("GPU available ...") and hints would drown the progress bar."""
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="lightning")
 
 
 @contextmanager

@@ -63,6 +63,7 @@ from _report import machine, spread
 from torch.nn import functional as F
 
 import autotune.training as training
+from autotune.checks import quiet_lightning
 from autotune.models import build_model
 from autotune.space import SearchSpace, TrialConfig
 from autotune.spec import Spec, load_spec
@@ -540,7 +541,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.report:
         return print_report(json.loads(out.read_text()))
     pl.seed_everything(0, verbose=False)
-    training.quiet_lightning()
+    quiet_lightning()
 
     def wanted(part: str) -> bool:
         return args.only is None or args.only == part

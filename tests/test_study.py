@@ -20,13 +20,13 @@ from autotune.data import load_data
 from autotune.errors import WriteError
 from autotune.export import load_snippet
 from autotune.models import build_model
+from autotune.preflight import resolve_space
 from autotune.space import TrialConfig
 from autotune.spec import Spec, load_spec
 from autotune.study import (
     count_finished,
     enqueue_low_shift,
     open_study,
-    resolve_space,
     run_study,
 )
 from autotune.tracking import Tracker

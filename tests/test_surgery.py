@@ -329,7 +329,7 @@ def test_a_placement_a_block_has_no_room_for_names_the_block(tmp_path):
     # layers.0.bn2 feeds the residual sum, not an activation
     with pytest.raises(SpecError, match=r"after_act does not apply to layers\.0\.bn2"):
         from autotune.data import load_data
-        from autotune.study import resolve_space
+        from autotune.preflight import resolve_space
 
         spec = parse_spec(raw, base_dir=tmp_path)
         resolve_space(spec, load_data(spec.data, seed=0))
