@@ -49,7 +49,6 @@ from autotune.models import ResidualBlock, build_model
 from autotune.names import (
     BEST_MODEL,
     BLOCKS_AT,
-    CONFIG_ATTR,
     INPUT_SHAPE_ATTR,
     INPUT_STATS,
     MEASURED_SHIFT_ATTR,
@@ -57,7 +56,6 @@ from autotune.names import (
     N_CLASSES_ATTR,
     PARENT_ATTR,
     PREDICTED_SHIFT_ATTR,
-    RECALIBRATE_ATTR,
     RECOMMENDED_JSON,
     RECOMMENDED_YAML,
     ROBUST_ATTR,
@@ -65,12 +63,11 @@ from autotune.names import (
     WEIGHTS_DIGEST,
     trial_weights,
 )
+from autotune.queries import best_trial, kept_digest, recommended_trial, state_counts, trial_config
 from autotune.redaction import redact
 from autotune.regularizers import CUSTOM_MODULES, make_regularizer
-from autotune.robust import kept_digest, recommended_trial
 from autotune.space import TrialConfig, config_from_mapping
 from autotune.spec import ModelSpec, Spec
-from autotune.study import best_trial, state_counts
 from autotune.tracking import run_id_or_none, trial_run_id
 from autotune.user_code import USER_ERRORS, raised_in
 from autotune.writes import write_atomic
@@ -539,9 +536,7 @@ def write_outputs(
     if trial is None:
         raise RuntimeError(f"study {study.study_name!r} has no completed trial to recommend")
     attrs = study.user_attrs
-    config = TrialConfig.from_dicts(
-        trial.user_attrs[CONFIG_ATTR], recalibrate_bn=trial.user_attrs.get(RECALIBRATE_ATTR, False)
-    )
+    config = trial_config(trial)
     shape, n_classes = tuple(attrs[INPUT_SHAPE_ATTR]), attrs[N_CLASSES_ATTR]
 
     def tuned() -> nn.Module:  # a fresh copy each time: verification loads weights into it

@@ -18,16 +18,10 @@ from rich.progress import (
 from rich.table import Table
 
 from autotune.names import CONFIG_ATTR, FAIL_REASON_ATTR, MEASURED_SHIFT_ATTR, PREDICTED_SHIFT_ATTR
+from autotune.queries import FINISHED, best_trial, state_counts, top_trials
 from autotune.redaction import redact
 from autotune.spec import Spec
-from autotune.study import (
-    FINISHED,
-    MAX_FAILURES_IN_A_ROW,
-    StudyOutcome,
-    best_trial,
-    state_counts,
-    top_trials,
-)
+from autotune.study import MAX_FAILURES_IN_A_ROW, StudyOutcome
 from autotune.study import Progress as ProgressBase
 
 if TYPE_CHECKING:  # no torch at import time: the CLI's start-up stays fast

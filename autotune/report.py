@@ -40,8 +40,7 @@ from autotune.names import (
     REPORT,
     ROBUST_ATTR,
 )
-from autotune.robust import recommended_trial
-from autotune.study import state_counts, top_trials
+from autotune.queries import recommended_trial, state_counts, top_trials
 from autotune.writes import write_atomic
 
 FIGURES = {

@@ -16,7 +16,6 @@ FAIL before anything runs, marked `surplus`.
 from __future__ import annotations
 
 import contextlib
-import math
 import secrets
 import time
 import warnings
@@ -31,13 +30,13 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from autotune.baselines import baselines
 from autotune.checks import check_sampler
 from autotune.errors import SpecError, WriteError, first_line
 from autotune.names import (
     BEST_TRIAL_TAG,
     BLOCKS_AT,
     BUDGET_TAG,
-    CONFIG_ATTR,
     FAIL_REASON_ATTR,
     FIGURES_DIR,
     INPUT_SHAPE_ATTR,
@@ -45,7 +44,6 @@ from autotune.names import (
     METRIC_ATTR,
     N_CLASSES_ATTR,
     PARENT_ATTR,
-    RECALIBRATE_ATTR,
     RECOMMENDED_TAG,
     SEARCH_SPACE_ATTR,
     STANDARDISED_ATTR,
@@ -53,6 +51,14 @@ from autotune.names import (
     SURPLUS_ATTR,
 )
 from autotune.preflight import check_runnable, resolve_space
+from autotune.queries import (
+    FINISHED,
+    best_trial,
+    count_finished,
+    current_ranking,
+    recommended_trial,
+    trial_config,
+)
 from autotune.redaction import redact
 from autotune.space import SearchSpace
 from autotune.spec import PrunerSpec, Spec
@@ -62,7 +68,6 @@ from autotune.writes import check_writable, write_failure
 # rely on them knowingly and the notice would greet every user on every run
 warnings.filterwarnings("ignore", category=ExperimentalWarning)
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_FAILURES_IN_A_ROW = 5
 # a worker that has not beaten its heart for grace_period seconds is taken for dead, and its trial
 # is failed and run again (RetryHeartbeatStaleTrialCallback); the spec may set both
@@ -373,10 +378,6 @@ def prepare_output(spec: Spec) -> None:
     check_writable(spec.output_dir)
 
 
-def count_finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
-
-
 @dataclass
 class Session:
     """A process's hold on a study: the checked input, the opened study and its tracker."""
@@ -404,8 +405,6 @@ def open_session(
     check_runnable(spec, space, datamodule)
     prepare_output(spec)
     if spec.recommend.current is not None:  # read now, not after the whole study
-        from autotune.robust import baselines
-
         baselines(spec, space)
     study, created = open_study(spec, space, datamodule)
     try:
@@ -717,7 +716,6 @@ def end_parent_run(study: optuna.Study, spec: Spec, tracker: Any, outcome: Study
     Raises WriteError, before the parent run is touched, when a file cannot be written."""
     from autotune.export import Unverified, rewrite_if_run_moved, write_outputs
     from autotune.report import write_figures
-    from autotune.robust import current_ranking, recommended_trial
     from autotune.tracking import sync_study
 
     def files_written(write: Callable[[], list[Path]]) -> list[Path]:
@@ -795,11 +793,7 @@ def recommendation_tags(best: FrozenTrial) -> dict[str, Any]:
     """The recommendation on the parent run, under the names the child runs use for their
     params (`autotune.recommended.block0.placement`, ...): tags, since a resumed study may come
     to recommend another configuration and MLflow params cannot change."""
-    from autotune.space import TrialConfig
-
-    config = TrialConfig.from_dicts(
-        best.user_attrs[CONFIG_ATTR], recalibrate_bn=best.user_attrs.get(RECALIBRATE_ATTR, False)
-    )
+    config = trial_config(best)
     tags: dict[str, Any] = {BEST_TRIAL_TAG: best.number}
     tags.update({RECOMMENDED_TAG.format(k): v for k, v in config.to_params().items()})
     return tags
@@ -817,32 +811,3 @@ def save_input_stats(datamodule: Any, output_dir: Path) -> bool:
     if stats is not None:
         save_tensors(stats, output_dir / INPUT_STATS)
     return stats is not None
-
-
-def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """The best COMPLETE trial, or None when no trial has completed."""
-    try:
-        return study.best_trial
-    except ValueError:
-        return None
-
-
-def state_counts(study: optuna.Study) -> dict[str, int]:
-    """How many trials are in each state, by state name."""
-    counts: dict[str, int] = {}
-    for trial in study.get_trials(deepcopy=False):
-        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
-    return counts
-
-
-def top_trials(study: optuna.Study, k: int = 5) -> list[FrozenTrial]:
-    """The k best COMPLETE trials, best first."""
-    complete = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.value is not None and math.isfinite(t.value)
-    ]
-    sign: Callable[[FrozenTrial], Any] = (
-        (lambda t: -t.value) if study.direction.name == "MAXIMIZE" else (lambda t: t.value)
-    )
-    return sorted(complete, key=sign)[:k]

@@ -46,7 +46,6 @@ from autotune.names import (
     PRUNED_EPOCH_TAG,
     PRUNED_REASON_ATTR,
     PRUNED_REASON_TAG,
-    RECALIBRATE_ATTR,
     RELOGGED_RUN,
     ROLE_TAG,
     RUN_ID_ATTR,
@@ -57,8 +56,8 @@ from autotune.names import (
     WORKER_ATTR,
     WORKER_TAG,
 )
+from autotune.queries import trial_config
 from autotune.redaction import redact, redact_params
-from autotune.space import TrialConfig
 from autotune.writes import write_failure
 
 # what MLflow names a run: 32 hex digits (a uuid4). A stored value of any other form is not taken
@@ -417,14 +416,7 @@ class TrialRecord:
         self.number = trial.number
         self.state = "INTERRUPTED" if attrs.get(INTERRUPTED_ATTR) else trial.state.name
         self.worker = attrs.get(WORKER_ATTR, "")
-        config = attrs.get(CONFIG_ATTR)
-        self.params = (
-            {}
-            if config is None
-            else TrialConfig.from_dicts(
-                config, recalibrate_bn=attrs.get(RECALIBRATE_ATTR, False)
-            ).to_params()
-        )
+        self.params = {} if attrs.get(CONFIG_ATTR) is None else trial_config(trial).to_params()
         self.start_ms = _ms(trial.datetime_start)
         self.end_ms = _ms(trial.datetime_complete) or self.start_ms
         self.metrics: list[tuple[int, dict[str, float]]] = []

@@ -18,8 +18,9 @@ from scipy import stats
 from autotune import training
 from autotune.cli import main
 from autotune.names import ROBUST_ATTR
+from autotune.queries import recommended_trial
 from autotune.report import write_report
-from autotune.robust import recommended_trial, summary
+from autotune.robust import summary
 from autotune.spec import load_spec
 from autotune.study import run_study
 
