@@ -137,9 +137,9 @@ def run(
 ) -> None:
     """Run the study in SPEC_FILE, or resume it where it stopped, or join it: the same command
     on another node works on the same study when its storage is shared."""
+    from autotune.loop import run_study
     from autotune.progress import RichProgress, print_summary
     from autotune.spec import load_spec
-    from autotune.study import run_study
 
     if as_worker:
         from autotune.workers import await_launcher
@@ -231,7 +231,7 @@ def export(spec_file: Path, formats: tuple[str, ...], storage: str | None) -> No
     against the tuned network and its saved weights."""
     from autotune.export import DEFAULT_FORMATS, write_outputs
     from autotune.spec import load_spec
-    from autotune.study import load_existing_study
+    from autotune.storage import load_existing_study
 
     spec = load_spec(spec_file, overrides=_overrides(storage))
     study = load_existing_study(spec)
@@ -296,8 +296,9 @@ def sync(spec_file: Path, storage: str | None, tracking_uri: str | None) -> None
     finished while the tracking server was away, or whose worker died; and end the parent run,
     as the end of a run would have, where that run could not."""
     from autotune.export import rewrite_if_run_moved
+    from autotune.finish import parent_status, sync_parent_run
     from autotune.spec import load_spec
-    from autotune.study import load_existing_study, parent_status, raise_if_disk, sync_parent_run
+    from autotune.storage import load_existing_study, raise_if_disk
     from autotune.tracking import Tracker, sync_study
 
     spec = load_spec(spec_file, overrides=_overrides(storage, tracking_uri))
@@ -349,7 +350,7 @@ def report(spec_file: Path, storage: str | None) -> None:
     embedded, and the pictures as PNG beside it."""
     from autotune.report import write_report
     from autotune.spec import load_spec
-    from autotune.study import load_existing_study
+    from autotune.storage import load_existing_study
 
     spec = load_spec(spec_file, overrides=_overrides(storage))
     study = load_existing_study(spec)

@@ -125,7 +125,7 @@ def model_slots(spec: Spec, shape: tuple[int, ...], n_classes: int) -> tuple[Slo
 def check_runnable(spec: Spec, space: SearchSpace, datamodule: Any) -> None:
     """Fail on input before any training: the template must fit the data, the sampler the space."""
     from autotune.models import build_model  # torch
-    from autotune.study import make_sampler  # optuna
+    from autotune.storage import make_sampler  # optuna
 
     make_sampler(spec.study.sampler, spec.train.seed, space)
     shape, n_classes = datamodule.input_shape, datamodule.n_classes

@@ -17,19 +17,19 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from autotune.loop import MAX_FAILURES_IN_A_ROW, Observer
 from autotune.names import CONFIG_ATTR, FAIL_REASON_ATTR, MEASURED_SHIFT_ATTR, PREDICTED_SHIFT_ATTR
 from autotune.queries import FINISHED, best_trial, state_counts, top_trials
 from autotune.redaction import redact
+from autotune.session import StudyOutcome
 from autotune.spec import Spec
-from autotune.study import MAX_FAILURES_IN_A_ROW, StudyOutcome
-from autotune.study import Progress as ProgressBase
 
 if TYPE_CHECKING:  # no torch at import time: the CLI's start-up stays fast
     from autotune.prediction import NetworkPrediction
     from autotune.space import TrialConfig
 
 
-class RichProgress(ProgressBase):
+class RichProgress(Observer):
     def __init__(self, console: Console, metric: str, max_epochs: int) -> None:
         self.console, self.metric, self.max_epochs = console, metric, max_epochs
         self.bar = Progress(

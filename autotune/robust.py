@@ -20,8 +20,8 @@ import optuna
 from autotune.baselines import Candidate, baselines
 from autotune.names import ROBUST_ATTR, WEIGHTS_DIGEST, trial_weights
 from autotune.queries import best_trial, distinct_top, trial_config
+from autotune.session import Session
 from autotune.spec import Spec
-from autotune.study import Session
 
 
 def robust_recommendation(session: Session) -> dict[str, Any] | None:

@@ -221,7 +221,7 @@ class Tracker:
         figures: Iterable[Path] = (),
     ) -> None:
         """Best value, recommendation, files and pictures (under figures/) on the parent run;
-        then `status` (study.parent_status: FINISHED only for a study that reached its budget;
+        then `status` (finish.parent_status: FINISHED only for a study that reached its budget;
         a rerun sets a KILLED one RUNNING again)."""
         if not self.enabled:
             return
@@ -468,7 +468,7 @@ def sync_study(tracker: Tracker, study: Any, metric: str, only: Iterable[int] | 
     finished trial that has none whole (its run missing, or cut short because the server went
     away or its worker died: that run is deleted and the trial logged again), and no second
     run of any trial. `only`: these trial numbers. Returns how many trials were logged; the
-    parent run is left as it is (study.sync_parent_run ends one a run could not end).
+    parent run is left as it is (finish.sync_parent_run ends one a run could not end).
 
     Raises when MLflow does not answer."""
     if not tracker.enabled:

@@ -479,7 +479,7 @@ class Objective:
         self.admit = admit
         # the trials a signal stopped after their configuration was sampled
         self.cut_short: list[int] = []
-        # a write the disk refused in a trial: the loop stops after it (see study.work)
+        # a write the disk refused in a trial: the loop stops after it (see loop.run_trials)
         self.fault: WriteError | None = None
 
     def __call__(self, trial: optuna.Trial) -> float:

@@ -32,6 +32,8 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from autotune.errors import WriteError
+from autotune.finish import finish_study
+from autotune.loop import Observer
 from autotune.names import (
     DEVICE_WORKERS_ENV,
     DEVICES_ENV,
@@ -43,16 +45,10 @@ from autotune.names import (
     WORKER_ENV,
     worker_log,
 )
+from autotune.queries import count_finished
+from autotune.session import StudyOutcome, open_session
 from autotune.spec import Spec
-from autotune.study import (
-    MAX_RETRIES,
-    POLL_SECONDS,
-    Progress,
-    StudyOutcome,
-    count_finished,
-    finish_study,
-    open_session,
-)
+from autotune.storage import MAX_RETRIES, POLL_SECONDS
 from autotune.writes import open_to_append
 
 # set in a worker when its launcher's pipe closed: the launcher is gone
@@ -132,13 +128,13 @@ def launch(
     *,
     n_trials: int | None = None,
     timeout: float | None = None,
-    progress: Progress | None = None,
+    progress: Observer | None = None,
 ) -> tuple[StudyOutcome, list[str]]:
     """Run the study with n_workers processes; returns the outcome and what went wrong with
     any worker (a worker killed while the others finished the study is not a failed study)."""
     from autotune.training import stop_on_signals
 
-    progress = progress or Progress()
+    progress = progress or Observer()
     budget = n_trials if n_trials is not None else spec.study.n_trials
     began = datetime.now()
     # the workers start first and import torch, Lightning and MLflow while the launcher checks
@@ -311,7 +307,7 @@ def _signal(workers: list[Worker], sig: signal.Signals) -> None:
             worker.process.send_signal(sig)
 
 
-def _report_new(study: optuna.Study, seen: set[int], progress: Progress) -> None:
+def _report_new(study: optuna.Study, seen: set[int], progress: Observer) -> None:
     """Tell `progress` of each trial that finished since the last look, and add it to `seen`."""
     for trial in study.get_trials(deepcopy=False):
         if trial.state.is_finished() and trial.number not in seen:

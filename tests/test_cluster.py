@@ -26,8 +26,10 @@ from optuna.trial import TrialState
 
 from autotune import names, tracking
 from autotune.cli import main
+from autotune.loop import Observer, run_study
+from autotune.queries import FINISHED
 from autotune.spec import load_spec
-from autotune.study import FINISHED, Progress, make_storage, run_study
+from autotune.storage import make_storage
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 SERVER_START_SECONDS = 90
@@ -216,7 +218,7 @@ def test_a_worker_killed_mid_trial_has_its_trial_run_again(
     assert_mlflow_holds_the_study(mlflow_server.uri, study)
 
 
-class KillsTheServer(Progress):
+class KillsTheServer(Observer):
     """Kills the tracking server after `kill_after` trials, starts it again after `back_after`."""
 
     def __init__(self, server: MlflowServer, kill_after: int, back_after: int | None = None):
@@ -557,7 +559,7 @@ def test_sync_writes_the_outputs_again_when_the_recommended_trials_run_moved(wri
     assert "written again" not in result.output
 
 
-class CutsRunsShort(Progress):
+class CutsRunsShort(Observer):
     """Tags every finished trial's run as one that missed some calls, as a server that went
     away for a moment would leave it."""
 
