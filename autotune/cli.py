@@ -4,6 +4,9 @@ Bad input (SpecError) is one line on stderr and exit code 2; a file that could n
 read-only or full disk: WriteError) is one line and exit code 3; an interrupted study exits with
 130. Either of the last two resumes when the same command runs again. Every error line goes out
 through `fail`: one line, at most MAX_LINE characters, no secret in it.
+
+Each verb imports what it runs inside itself: `autotune --help` imports click alone, and
+`validate` of a built-in dataset neither torch nor Optuna.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ the same data, epochs, optimiser and learning rate, only the seed of the initial
 configuration with the best mean, or the best one-sided 95 % confidence bound of the mean
 (Student's t). Baselines are reported, never recommended. The result is kept in the study
 (names.ROBUST_ATTR), where `autotune.queries` reads it.
+
+Training imports Lightning, which takes seconds: it is imported by the function that trains, not
+with this module, which the end of every study (autotune.finish) imports.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def robust_recommendation(session: Session) -> dict[str, Any] | None:
     """Train the top configurations and the baselines again over the seeds; keep the result in
     the study (trained again only when what would be trained changes); None when the spec asks
     for none. A fit that fails (a diverging seed) marks its row failed, out of the choice."""
-    from autotune.training import fit
+    from autotune.training import fit  # Lightning: imported when the fits begin
 
     spec, study = session.spec, session.study
     wanted = spec.recommend
@@ -113,7 +116,7 @@ def _keep_weights(spec: Spec, number: int, model: Any, own: str | None) -> str:
     data come in the same order, as autotune's own datasets do). Where the trial's own weights
     are not here, or cannot be told to be its own (no digest), keep these; return the digest of
     the file kept, which the export checks."""
-    from autotune.export import file_digest, save_tensors
+    from autotune.export import file_digest, save_tensors  # torch
 
     path = trial_weights(spec.output_dir, number)
     if path.exists() and own is not None and file_digest(path) == own:
