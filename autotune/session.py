@@ -40,6 +40,9 @@ PARENT_WAIT_SECONDS = 30.0
 
 @dataclass
 class StudyOutcome:
+    """What a process's work on a study came to: the study's finished trials against its
+    budget, how the loop stopped, and the files the end of the study wrote."""
+
     study: optuna.Study
     finished: int
     budget: int
