@@ -1,25 +1,24 @@
-"""What can be wrong with a spec before any training, checked without torch where it can be.
+"""What can be wrong with a spec before any training, as facts and checks that need no torch.
 
-`check_spec` is `autotune validate`: the search space, the data (`describe` reads a file as
-training would, and knows the built-in datasets without loading them), the template
-against the data's shape, the sampler against the space, the accelerator and the batches. torch,
-Lightning and MLflow take seconds to import, and none of these checks needs them, with two
-exceptions: whether a gpu, cuda or mps device is there (or takes a precision other than
-float32), which only torch can tell, and the user's own code, a LightningDataModule or an
-imported model, whose blocks a forward pass finds. Those take the path `autotune run` takes
-(`study.check_runnable`). `run` makes the same checks, with the data loaded.
+The split sizes and the rows an epoch serves, a generated dataset's shape, the template against
+the data's shape, a template network's size counted without building it, the sampler against
+the space, the accelerator and the batches. `autotune.preflight` puts them together (`validate`,
+and `run`'s checks with the data loaded); `sources`, `data` and `models` use the same facts, so
+that a refusal reads the same wherever it is made. Only `check_accelerator` may import
+Lightning, and only for a gpu, cuda or mps device or a precision other than float32.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from autotune.errors import SpecError, first_line
-from autotune.space import SearchSpace, Slot, load_space
-from autotune.spec import BUILTIN_DATASETS, DataSpec, ModelSpec, Spec, SyntheticSpec
+from autotune.space import SearchSpace
+from autotune.spec import ModelSpec, SyntheticSpec
 
 # samplers that model numeric parameters only
 NUMERIC_SAMPLERS = ("cmaes", "gp")
@@ -62,91 +61,6 @@ class DataShape:
     n_classes: int
     train_rows: int | None = None  # None: a user datamodule, which serves what it serves
     val_rows: int | None = None
-
-
-# the bundled datasets: rows, one example's shape, classes (a test checks them against the data)
-BUNDLED = {
-    "digits": (1797, (1, 8, 8), 10),
-    "breast_cancer": (569, (30,), 2),
-    "wine": (178, (13,), 3),
-}
-
-
-def describe(spec: DataSpec) -> DataShape:
-    """The shape, classes and split sizes `load_data` will give, with the same SpecErrors, for a
-    built-in dataset or a file; not for a user datamodule (that needs its own code).
-
-    Built-in datasets are not loaded: the bundled ones are known, and the generated ones are what
-    their spec says (`n_classes` is the classes the generator draws from). Files are read and
-    checked as `load_data` reads them.
-    """
-    if spec.datamodule is not None:
-        raise ValueError("describe() cannot tell a user datamodule's shape; use load_data()")
-    if spec.path is not None:
-        import numpy as np
-
-        from autotune.sources import read_file
-
-        x, y = read_file(spec)
-        name, rows, shape, classes = spec.path.name, len(y), tuple(x.shape[1:]), len(np.unique(y))
-    else:
-        name = spec.name or "digits"
-        rows, shape, classes = _builtin_shape(name, spec.synthetic)
-    train, val = split_sizes(rows, spec.val_fraction)
-    return DataShape(name, tuple(int(size) for size in shape), int(classes), train, val)
-
-
-def _builtin_shape(name: str, synthetic: SyntheticSpec) -> tuple[int, tuple[int, ...], int]:
-    if name in BUNDLED:
-        return BUNDLED[name]
-    if name == "synthetic_tabular":
-        informative_features(synthetic)
-    if name in ("synthetic_tabular", "synthetic_images"):
-        return synthetic.n_samples, generated_shape(name, synthetic), synthetic.n_classes
-    raise SpecError(
-        f"data.name: unknown dataset {name!r}; expected one of: {', '.join(BUILTIN_DATASETS)}"
-    )
-
-
-def resolve_space(spec: Spec, data: Any | None = None) -> SearchSpace:
-    """The spec's search space, overrides applied, for the model's blocks. An imported model's
-    blocks are found by a forward pass (torch): it needs `data`, a datamodule or a DataShape, for
-    the input shape and the classes."""
-    if not spec.model.imported:
-        return load_space(
-            spec.search_space.base,
-            params=spec.search_space.params,
-            blocks=spec.search_space.blocks,
-            n_blocks=len(spec.model.resolved_widths),
-            template=spec.model.template,
-            base_dir=spec.base_dir,
-        )
-    if data is None:
-        raise ValueError("an imported model's blocks come from its data: pass the data")
-    slots = model_slots(spec, tuple(data.input_shape), int(data.n_classes))
-    return load_space(
-        spec.search_space.base,
-        params=spec.search_space.params,
-        blocks=spec.search_space.blocks,
-        n_blocks=len(slots),
-        slots=slots,
-        base_dir=spec.base_dir,
-    )
-
-
-def model_slots(spec: Spec, shape: tuple[int, ...], n_classes: int) -> tuple[Slot, ...]:
-    """What each block of the imported model has room for; SpecError when it has no block."""
-    from autotune.surgery import make_user_model, user_blocks
-
-    target = spec.model.import_
-    model = make_user_model(spec.model, shape, n_classes, base_dir=spec.base_dir)
-    blocks = user_blocks(spec.model, model, shape)
-    if not blocks:
-        raise SpecError(
-            f"model.import: {target!r} uses no BatchNorm layer in its forward pass: "
-            "there is nothing to tune"
-        )
-    return tuple(block.slot() for block in blocks)
 
 
 def generated_shape(name: str, synthetic: SyntheticSpec) -> tuple[int, ...]:
@@ -206,9 +120,7 @@ def check_accelerator(accelerator: str, precision: str = "32-true") -> None:
     gpu, cuda and mps, or for a precision other than float32."""
     if accelerator in ALWAYS_THERE and precision == "32-true":
         return
-    import lightning.pytorch as pl
-
-    from autotune.training import quiet_lightning
+    import lightning.pytorch as pl  # only here: validate imports no Lightning otherwise
 
     quiet_lightning()
     try:
@@ -273,28 +185,8 @@ def check_batches(train_rows: int, batch_size: int) -> None:
         raise SpecError("data.val_fraction: the training split is too small for one batch")
 
 
-def check_spec(spec: Spec) -> tuple[SearchSpace, DataShape]:
-    """Everything `autotune validate` checks; SpecError, one line, on the first problem."""
-    seed, base_dir = spec.train.seed, spec.base_dir
-    if spec.data.datamodule is not None or spec.model.imported:  # the user's own code: as
-        from autotune.data import load_data  # `run` does it
-        from autotune.study import check_runnable
-
-        datamodule = load_data(spec.data, seed=seed, base_dir=base_dir)
-        space = resolve_space(spec, datamodule)
-        check_runnable(spec, space, datamodule)
-        shape = DataShape(
-            str(datamodule.name),  # type: ignore[attr-defined]
-            tuple(datamodule.input_shape),  # type: ignore[attr-defined]
-            int(datamodule.n_classes),  # type: ignore[attr-defined]
-        )
-        return space, shape
-    space = resolve_space(spec)
-    data = describe(spec.data)
-    check_sampler(spec.study.sampler, space)
-    check_template(spec.model.template, data.input_shape)
-    check_size(spec.model, data.input_shape, data.n_classes)
-    check_accelerator(spec.train.accelerator, spec.train.precision)
-    if data.train_rows is not None:
-        check_batches(data.train_rows, spec.data.batch_size)
-    return space, data
+def quiet_lightning() -> None:
+    """Lightning's per-fit banners ("GPU available ...") and hints would drown the progress bar."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")

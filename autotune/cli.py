@@ -4,6 +4,9 @@ Bad input (SpecError) is one line on stderr and exit code 2; a file that could n
 read-only or full disk: WriteError) is one line and exit code 3; an interrupted study exits with
 130. Either of the last two resumes when the same command runs again. Every error line goes out
 through `fail`: one line, at most MAX_LINE characters, no secret in it.
+
+Each verb imports what it runs inside itself: `autotune --help` imports click alone, and
+`validate` of a built-in dataset neither torch nor Optuna.
 """
 
 from __future__ import annotations
@@ -18,16 +21,16 @@ from typing import Any, NoReturn
 import click
 
 from autotune.errors import SpecError, WriteError, first_line, one_line
+from autotune.names import (
+    DEVICES_ENV,
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_WRITE,
+    STORAGE_ENV,
+    TRACKING_ENV,
+)
 from autotune.redaction import redact
-
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
-EXIT_WRITE = 3  # the output folder or the disk could not be written
-# the storage URL and the tracking URI can come from the environment, so that a password never
-# has to be in a spec, and every node of a cluster can run the same spec
-STORAGE_ENV = "AUTOTUNE_STORAGE"
-TRACKING_ENV = "MLFLOW_TRACKING_URI"
-# how many workers the launcher started on a worker's GPU: they share its memory
-DEVICE_WORKERS_ENV = "AUTOTUNE_WORKERS_ON_DEVICE"
 
 storage_option = click.option(
     "--storage",
@@ -137,9 +140,9 @@ def run(
 ) -> None:
     """Run the study in SPEC_FILE, or resume it where it stopped, or join it: the same command
     on another node works on the same study when its storage is shared."""
+    from autotune.loop import run_study
     from autotune.progress import RichProgress, print_summary
     from autotune.spec import load_spec
-    from autotune.study import run_study
 
     if as_worker:
         from autotune.workers import await_launcher
@@ -169,7 +172,7 @@ def run(
 
             [device] = plan_devices(1, devices, spec.train.accelerator)
             if device is not None:
-                os.environ["CUDA_VISIBLE_DEVICES"] = device
+                os.environ[DEVICES_ENV] = device
         outcome = run_study(
             spec, n_trials=n_trials, timeout=timeout, progress=progress, finish=not as_worker
         )
@@ -198,7 +201,7 @@ def run(
 def validate(spec_file: Path, storage: str | None, tracking_uri: str | None) -> None:
     """Check SPEC_FILE, its search space and its data without training anything, with the
     storage and tracking URI that `run` would take."""
-    from autotune.checks import check_spec
+    from autotune.preflight import check_spec
     from autotune.spec import load_spec
 
     spec = load_spec(spec_file, overrides=_overrides(storage, tracking_uri))
@@ -231,7 +234,7 @@ def export(spec_file: Path, formats: tuple[str, ...], storage: str | None) -> No
     against the tuned network and its saved weights."""
     from autotune.export import DEFAULT_FORMATS, write_outputs
     from autotune.spec import load_spec
-    from autotune.study import load_existing_study
+    from autotune.storage import load_existing_study
 
     spec = load_spec(spec_file, overrides=_overrides(storage))
     study = load_existing_study(spec)
@@ -261,10 +264,10 @@ def predict(spec_file: Path, config_file: Path | None, as_json: bool) -> None:
 
     from autotune.data import load_data
     from autotune.files import read_yaml
+    from autotune.preflight import check_runnable, resolve_space
     from autotune.progress import print_prediction
     from autotune.space import config_from_mapping
     from autotune.spec import load_spec
-    from autotune.study import check_runnable, resolve_space
     from autotune.training import predict as predict_config
 
     spec = load_spec(spec_file)
@@ -296,8 +299,9 @@ def sync(spec_file: Path, storage: str | None, tracking_uri: str | None) -> None
     finished while the tracking server was away, or whose worker died; and end the parent run,
     as the end of a run would have, where that run could not."""
     from autotune.export import rewrite_if_run_moved
+    from autotune.finish import parent_status, sync_parent_run
     from autotune.spec import load_spec
-    from autotune.study import load_existing_study, parent_status, raise_if_disk, sync_parent_run
+    from autotune.storage import load_existing_study, raise_if_disk
     from autotune.tracking import Tracker, sync_study
 
     spec = load_spec(spec_file, overrides=_overrides(storage, tracking_uri))
@@ -349,7 +353,7 @@ def report(spec_file: Path, storage: str | None) -> None:
     embedded, and the pictures as PNG beside it."""
     from autotune.report import write_report
     from autotune.spec import load_spec
-    from autotune.study import load_existing_study
+    from autotune.storage import load_existing_study
 
     spec = load_spec(spec_file, overrides=_overrides(storage))
     study = load_existing_study(spec)

@@ -26,6 +26,7 @@ import torch
 
 from autotune.checks import rows_served
 from autotune.errors import SpecError, UserCodeError
+from autotune.names import DEVICE_WORKERS_ENV
 from autotune.sources import (
     load_builtin,
     read_file,
@@ -190,8 +191,6 @@ def hold_on_device(datamodule: pl.LightningDataModule, device: torch.device) -> 
     if datamodule.device == device:
         return True
     if device.type == "cuda":
-        from autotune.cli import DEVICE_WORKERS_ENV
-
         free, _ = torch.cuda.mem_get_info(device)
         sharing = max(1, int(os.environ.get(DEVICE_WORKERS_ENV, "1")))
         if datamodule.nbytes > DEVICE_DATA_SHARE * free / sharing:

@@ -46,25 +46,39 @@ from torch import nn
 from autotune import surgery
 from autotune.errors import UserCodeError, first_line
 from autotune.models import ResidualBlock, build_model
+from autotune.names import (
+    BEST_MODEL,
+    BLOCKS_AT,
+    INPUT_SHAPE_ATTR,
+    INPUT_STATS,
+    MEASURED_SHIFT_ATTR,
+    METRIC_ATTR,
+    N_CLASSES_ATTR,
+    PARENT_ATTR,
+    PREDICTED_SHIFT_ATTR,
+    RECOMMENDED_JSON,
+    RECOMMENDED_YAML,
+    ROBUST_ATTR,
+    STANDARDISED_ATTR,
+    WEIGHTS_DIGEST,
+    trial_weights,
+)
+from autotune.queries import best_trial, kept_digest, recommended_trial, state_counts, trial_config
 from autotune.redaction import redact
 from autotune.regularizers import CUSTOM_MODULES, make_regularizer
-from autotune.robust import ROBUST_ATTR, kept_digest, recommended_trial
 from autotune.space import TrialConfig, config_from_mapping
 from autotune.spec import ModelSpec, Spec
-from autotune.study import BLOCKS_AT, best_trial, state_counts
-from autotune.tracking import PARENT_ATTR, run_id_or_none, trial_run_id
+from autotune.tracking import run_id_or_none, trial_run_id
 from autotune.user_code import USER_ERRORS, raised_in
 from autotune.writes import write_atomic
 
 # what `export --format` writes, and the files' names
-FORMATS = {"yaml": "recommended.yaml", "json": "recommended.json", "py": "best_model.py"}
+FORMATS = {"yaml": RECOMMENDED_YAML, "json": RECOMMENDED_JSON, "py": BEST_MODEL}
 DEFAULT_FORMATS = ("yaml", "py")
 # how close the rebuilt network's outputs must be to the tuned one's, in float32
 OUTPUT_TOLERANCE = 1e-5
 # what recommended.yaml keeps of each row of the robust ranking
 ROBUST_KEYS = ("name", "trial", "mean", "sd", "bound", "values", "blocks", "batchnorm", "failed")
-# the trial user attr holding the sha256 of its saved weights
-WEIGHTS_DIGEST = "weights_sha256"
 
 
 def file_digest(path: Path) -> str:
@@ -522,10 +536,8 @@ def write_outputs(
     if trial is None:
         raise RuntimeError(f"study {study.study_name!r} has no completed trial to recommend")
     attrs = study.user_attrs
-    config = TrialConfig.from_dicts(
-        trial.user_attrs["config"], recalibrate_bn=trial.user_attrs.get("recalibrate_bn", False)
-    )
-    shape, n_classes = tuple(attrs["input_shape"]), attrs["n_classes"]
+    config = trial_config(trial)
+    shape, n_classes = tuple(attrs[INPUT_SHAPE_ATTR]), attrs[N_CLASSES_ATTR]
 
     def tuned() -> nn.Module:  # a fresh copy each time: verification loads weights into it
         return build_model(spec.model, config, shape, n_classes, base_dir=spec.base_dir)
@@ -543,8 +555,8 @@ def write_outputs(
     blocks_at = [block.bn for block in blocks] if blocks else attrs.get(BLOCKS_AT)
     out = spec.output_dir
     digest = trial.user_attrs.get(WEIGHTS_DIGEST) or kept_digest(study, trial.number)
-    weights, absent = _trial_weights(out / "weights" / f"trial_{trial.number}.pt", digest)
-    metric = attrs.get("metric", spec.study.metric)
+    weights, absent = _trial_weights(trial_weights(out, trial.number), digest)
+    metric = attrs.get(METRIC_ATTR, spec.study.metric)
     provenance = {
         "study": study.study_name,
         "trial": trial.number,
@@ -588,7 +600,7 @@ def write_outputs(
     unverified: list[Path] = []
     verified: dict[str, str] = {}
     if "py" in formats and model is None:  # rendered from the network: there is none
-        verified["best_model.py"] = f"not written: {failed}"
+        verified[BEST_MODEL] = f"not written: {failed}"
     elif "py" in formats:
         py_path = out / FORMATS["py"]
         where = [
@@ -607,7 +619,7 @@ def write_outputs(
         else:
             code = render_snippet(model, header, shape)
         write_atomic(py_path, code)
-        verified["best_model.py"] = check(lambda: run_snippet(code, py_path, header), py_path)
+        verified[BEST_MODEL] = check(lambda: run_snippet(code, py_path, header), py_path)
         written.append(py_path)
 
     recommendation = {
@@ -631,11 +643,11 @@ def write_outputs(
         # weights hold them, so a production model loads them as they are
         "recalibrate_bn": config.recalibrate_bn,
         "shift": {
-            "predicted": trial.user_attrs.get("predicted_shift"),
-            "measured": trial.user_attrs.get("measured_shift"),
+            "predicted": trial.user_attrs.get(PREDICTED_SHIFT_ATTR),
+            "measured": trial.user_attrs.get(MEASURED_SHIFT_ATTR),
         },
         "train": spec.train.model_dump(mode="json"),
-        "inputs": _inputs(out, bool(attrs.get("standardised", False))),
+        "inputs": _inputs(out, bool(attrs.get(STANDARDISED_ATTR, False))),
         "robust": _robust_section(study, trial),
         "versions": provenance["versions"],
         "verified": verified,
@@ -714,7 +726,7 @@ def _inputs(out: Path, standardised: bool) -> dict[str, Any]:
     """Where the input standardisation lives, when autotune standardised the data itself."""
     if not standardised:
         return {"standardised": False}
-    stats = out / "input_stats.pt"
+    stats = out / INPUT_STATS
     return {
         "standardised": True,
         "stats": str(stats),

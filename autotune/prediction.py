@@ -58,6 +58,7 @@ from autotune.regularizers import (
     Uout,
 )
 from autotune.shift import channel_moments
+from autotune.surgery import trace
 
 PROBE_ROWS = 512  # rows of the probe batch: enough for stable moments, cheap at initialisation
 PROBE_VALUES = 1 << 15  # values per channel an image probe needs: rows x H x W
@@ -213,8 +214,6 @@ def trace_feeds(net: nn.Module, x: torch.Tensor) -> dict[str, list[Feed]]:
     through modules of one input, collecting the regularisers on the way, and stops at a BN, at a
     module of several inputs, or where a function rather than a module made the tensor: past
     those the closed forms do not follow, and the Monte Carlo estimate takes over."""
-    from autotune.surgery import trace
-
     devices = [x.device] if x.device.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=devices):  # the probe's draws unchanged
         calls = trace(net.train(), x)

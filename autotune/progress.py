@@ -17,24 +17,19 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from autotune.loop import MAX_FAILURES_IN_A_ROW, Observer
+from autotune.names import CONFIG_ATTR, FAIL_REASON_ATTR, MEASURED_SHIFT_ATTR, PREDICTED_SHIFT_ATTR
+from autotune.queries import FINISHED, best_trial, state_counts, top_trials
 from autotune.redaction import redact
+from autotune.session import StudyOutcome
 from autotune.spec import Spec
-from autotune.study import (
-    FINISHED,
-    MAX_FAILURES_IN_A_ROW,
-    StudyOutcome,
-    best_trial,
-    state_counts,
-    top_trials,
-)
-from autotune.study import Progress as ProgressBase
 
 if TYPE_CHECKING:  # no torch at import time: the CLI's start-up stays fast
     from autotune.prediction import NetworkPrediction
     from autotune.space import TrialConfig
 
 
-class RichProgress(ProgressBase):
+class RichProgress(Observer):
     def __init__(self, console: Console, metric: str, max_epochs: int) -> None:
         self.console, self.metric, self.max_epochs = console, metric, max_epochs
         self.bar = Progress(
@@ -81,7 +76,7 @@ class RichProgress(ProgressBase):
         self.bar.update(self.epochs, visible=False, completed=0)
         if not self.console.is_terminal:
             value = "" if trial.value is None else f" {self.metric}={trial.value:.4f}"
-            reason = trial.user_attrs.get("fail_reason", "")
+            reason = trial.user_attrs.get(FAIL_REASON_ATTR, "")
             self.console.print(
                 f"trial {trial.number} {trial.state.name}{value} {reason}".rstrip()
                 + f" | {self._best(study)}"
@@ -117,14 +112,15 @@ def print_summary(console: Console, spec: Spec, outcome: StudyOutcome, k: int = 
     table.add_column("trial", justify="right")
     table.add_column(spec.study.metric, justify="right")
     top = top_trials(study, k)
-    for i in range(max((len(t.user_attrs.get("config", [])) for t in top), default=0)):
+    for i in range(max((len(t.user_attrs.get(CONFIG_ATTR, [])) for t in top), default=0)):
         table.add_column(f"block{i}")
     table.add_column("worst Δ\npredicted", justify="right")
     table.add_column("worst Δ\nmeasured", justify="right")
     for trial in top:
-        blocks = [_block_cell(block) for block in trial.user_attrs.get("config", [])]
+        blocks = [_block_cell(block) for block in trial.user_attrs.get(CONFIG_ATTR, [])]
         shifts = [
-            _delta_cell(trial.user_attrs.get(key)) for key in ("predicted_shift", "measured_shift")
+            _delta_cell(trial.user_attrs.get(key))
+            for key in (PREDICTED_SHIFT_ATTR, MEASURED_SHIFT_ATTR)
         ]
         table.add_row(str(trial.number), f"{trial.value:.4f}", *blocks, *shifts)
     console.print(table)
@@ -189,4 +185,4 @@ def _block_cell(block: dict) -> str:
 
 def _last_failure(study: optuna.Study) -> str:
     failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-    return failed[-1].user_attrs.get("fail_reason", "unknown") if failed else "unknown"
+    return failed[-1].user_attrs.get(FAIL_REASON_ATTR, "unknown") if failed else "unknown"

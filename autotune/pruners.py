@@ -44,7 +44,7 @@ import optuna
 from optuna.pruners import BasePruner, MedianPruner, NopPruner, PercentilePruner
 from optuna.trial import FrozenTrial, TrialState
 
-DELTA_KEY = "predicted_delta"
+from autotune.names import DELTA_KEY
 
 
 class VarianceShiftPruner(BasePruner):

@@ -30,8 +30,17 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from autotune.robust import ROBUST_ATTR, recommended_trial
-from autotune.study import state_counts, top_trials
+from autotune.names import (
+    CONFIG_ATTR,
+    FIGURES_DIR,
+    HISTORY_ATTR,
+    MEASURED_SHIFT_ATTR,
+    PREDICTED_SHIFT_ATTR,
+    RECALIBRATE_ATTR,
+    REPORT,
+    ROBUST_ATTR,
+)
+from autotune.queries import recommended_trial, state_counts, top_trials
 from autotune.writes import write_atomic
 
 FIGURES = {
@@ -143,12 +152,12 @@ def _importances(ax: Any, study: optuna.Study, metric: str) -> None:
 def _shift(ax: Any, study: optuna.Study, metric: str) -> None:
     rows = [
         (
-            t.user_attrs["predicted_shift"]["summary"]["worst_delta"],
-            t.user_attrs["measured_shift"]["summary"]["worst_delta"],
+            t.user_attrs[PREDICTED_SHIFT_ATTR]["summary"]["worst_delta"],
+            t.user_attrs[MEASURED_SHIFT_ATTR]["summary"]["worst_delta"],
             t.value,
         )
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if "predicted_shift" in t.user_attrs and "measured_shift" in t.user_attrs
+        if PREDICTED_SHIFT_ATTR in t.user_attrs and MEASURED_SHIFT_ATTR in t.user_attrs
     ]
     if not rows:
         raise CannotDraw("no complete trial has both a predicted and a measured Δ")
@@ -166,12 +175,12 @@ def _shift(ax: Any, study: optuna.Study, metric: str) -> None:
 
 
 def _shift_layers(ax: Any, study: optuna.Study, metric: str) -> None:
-    top = [t for t in top_trials(study, TOP) if "measured_shift" in t.user_attrs]
+    top = [t for t in top_trials(study, TOP) if MEASURED_SHIFT_ATTR in t.user_attrs]
     if not top:
         raise CannotDraw("no complete trial has a measured Δ")
-    layers = list(top[0].user_attrs["measured_shift"]["layers"])
+    layers = list(top[0].user_attrs[MEASURED_SHIFT_ATTR]["layers"])
     grid = [
-        [t.user_attrs["measured_shift"]["layers"].get(name, math.nan) for name in layers]
+        [t.user_attrs[MEASURED_SHIFT_ATTR]["layers"].get(name, math.nan) for name in layers]
         for t in top
     ]
     logs = [[math.log(v) if v and v > 0 else math.nan for v in row] for row in grid]
@@ -193,7 +202,7 @@ def _learning_curves(ax: Any, study: optuna.Study, metric: str) -> None:
     if not top:
         raise CannotDraw("no trial has completed yet")
     for trial in top:
-        history = trial.user_attrs.get("history") or [
+        history = trial.user_attrs.get(HISTORY_ATTR) or [
             {"epoch": step, metric: value} for step, value in trial.intermediate_values.items()
         ]
         points = [(row["epoch"], row[metric]) for row in history if metric in row]
@@ -209,7 +218,7 @@ def write_report(study: optuna.Study, spec: Any) -> Path:
     trials. One file: it opens anywhere, offline."""
     out = spec.output_dir
     metric = spec.study.metric
-    figures = write_figures(study, out / "figures", metric)
+    figures = write_figures(study, out / FIGURES_DIR, metric)
     best = recommended_trial(study, spec)
     counts = state_counts(study)
     parts = [
@@ -223,10 +232,10 @@ def write_report(study: optuna.Study, spec: Any) -> Path:
                 ["block", "placement", "rate", "regularizer", "BN momentum"],
                 [
                     [i, b["placement"], f"{b['rate']:.3f}", b["regularizer"], b["bn_momentum"]]
-                    for i, b in enumerate(best.user_attrs.get("config", []))
+                    for i, b in enumerate(best.user_attrs.get(CONFIG_ATTR, []))
                 ],
             )
-            + f"<p>recalibrate_bn: {_e(best.user_attrs.get('recalibrate_bn', False))}</p>"
+            + f"<p>recalibrate_bn: {_e(best.user_attrs.get(RECALIBRATE_ATTR, False))}</p>"
         )
     robust = study.user_attrs.get(ROBUST_ATTR)
     if robust is not None and best is not None and robust.get("choice") == best.number:
@@ -258,14 +267,14 @@ def write_report(study: optuna.Study, spec: Any) -> Path:
             f"<figcaption>{_e(title)}</figcaption></figure>"
         )
     page = TEMPLATE.format(title=_e(f"autotune: {study.study_name}"), body="\n".join(parts))
-    return write_atomic(out / "report.html", page)
+    return write_atomic(out / REPORT, page)
 
 
 def _top_table(study: optuna.Study, metric: str) -> str:
     rows = []
     for trial in top_trials(study, TOP):
-        blocks = trial.user_attrs.get("config", [])
-        shift = trial.user_attrs.get("measured_shift", {}).get("summary", {})
+        blocks = trial.user_attrs.get(CONFIG_ATTR, [])
+        shift = trial.user_attrs.get(MEASURED_SHIFT_ATTR, {}).get("summary", {})
         rows.append(
             [
                 trial.number,

@@ -31,6 +31,7 @@ from pydantic import (
 
 from autotune.errors import SpecError, abbreviate, quote_path, shorten
 from autotune.files import file_problem, path_too_long, read_yaml
+from autotune.names import STORAGE_FILE, TRACKING_FILE
 
 BUILTIN_DATASETS = ("digits", "breast_cancer", "wine", "synthetic_tabular", "synthetic_images")
 METRICS = {"val_acc": "maximize", "val_loss": "minimize", "train_loss": "minimize"}
@@ -473,11 +474,11 @@ class Spec(_Section):
 
     @property
     def storage_url(self) -> str:
-        return self.study.storage or f"sqlite:///{self.output_dir / 'autotune.db'}"
+        return self.study.storage or f"sqlite:///{self.output_dir / STORAGE_FILE}"
 
     @property
     def tracking_uri(self) -> str:
-        return self.mlflow.tracking_uri or f"sqlite:///{self.output_dir / 'mlflow.db'}"
+        return self.mlflow.tracking_uri or f"sqlite:///{self.output_dir / TRACKING_FILE}"
 
     @property
     def experiment_name(self) -> str:

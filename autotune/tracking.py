@@ -26,15 +26,40 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from autotune.errors import WriteError, first_line
+from autotune.names import (
+    ARTIFACTS_DIR,
+    CONFIG_ATTR,
+    EXPLORED_ATTR,
+    EXPLORED_TAG,
+    FAIL_REASON_ATTR,
+    FAIL_REASON_TAG,
+    FIGURES_DIR,
+    FINAL_ATTR,
+    HISTORY_ATTR,
+    INTERRUPTED_ATTR,
+    MEASURED_SHIFT_ATTR,
+    PARENT_ATTR,
+    PARENT_ROLE,
+    PARTIAL,
+    PREDICTED_SHIFT_ATTR,
+    PRUNED_EPOCH_ATTR,
+    PRUNED_EPOCH_TAG,
+    PRUNED_REASON_ATTR,
+    PRUNED_REASON_TAG,
+    RELOGGED_RUN,
+    ROLE_TAG,
+    RUN_ID_ATTR,
+    STATE_TAG,
+    STUDY_TAG,
+    TRIAL_ROLE,
+    TRIAL_TAG,
+    WORKER_ATTR,
+    WORKER_TAG,
+)
+from autotune.queries import trial_config
 from autotune.redaction import redact, redact_params
 from autotune.writes import write_failure
 
-PARENT_ROLE = "parent"
-PARENT_ATTR = "mlflow_parent_run_id"
-PARTIAL = "autotune.partial"  # the tag of a run that missed some of its trial's calls
-# a finished trial's run once sync has logged it again: a study attr, one per trial (a finished
-# trial's own attrs cannot change, and its "mlflow_run_id" names the run sync replaced, or none)
-RELOGGED_RUN = "mlflow_run_id.trial_{}"
 # what MLflow names a run: 32 hex digits (a uuid4). A stored value of any other form is not taken
 # for one: sync copies run ids from the tracking server into the study, and export renders them
 RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -158,8 +183,8 @@ class Tracker:
         if run_id is None:
             runs = self.client.search_runs(
                 [experiment_id],
-                filter_string=f"tags.`autotune.study` = '{self.study_name}' "
-                f"and tags.`autotune.role` = '{PARENT_ROLE}'",
+                filter_string=f"tags.`{STUDY_TAG}` = '{self.study_name}' "
+                f"and tags.`{ROLE_TAG}` = '{PARENT_ROLE}'",
                 order_by=["attributes.start_time ASC"],
                 max_results=1,
             )
@@ -168,7 +193,7 @@ class Tracker:
             run = self.client.create_run(
                 experiment_id,
                 run_name=self.study_name,
-                tags={"autotune.study": self.study_name, "autotune.role": PARENT_ROLE},
+                tags={STUDY_TAG: self.study_name, ROLE_TAG: PARENT_ROLE},
             )
             self._log(run.info.run_id, params=params)
             return run.info.run_id
@@ -196,7 +221,7 @@ class Tracker:
         figures: Iterable[Path] = (),
     ) -> None:
         """Best value, recommendation, files and pictures (under figures/) on the parent run;
-        then `status` (study.parent_status: FINISHED only for a study that reached its budget;
+        then `status` (finish.parent_status: FINISHED only for a study that reached its budget;
         a rerun sets a KILLED one RUNNING again)."""
         if not self.enabled:
             return
@@ -210,7 +235,7 @@ class Tracker:
                 if path.exists():
                     self.client.log_artifact(parent, str(path))
             for path in figures:
-                self.client.log_artifact(parent, str(path), artifact_path="figures")
+                self.client.log_artifact(parent, str(path), artifact_path=FIGURES_DIR)
             self.client.set_terminated(parent, status=status)
 
         self._send(end, now=True)
@@ -240,10 +265,10 @@ class Tracker:
         if self.parent_run_id is None:  # the server was down when the study started
             self.parent_run_id = self.find_parent({}, None)
         tags = {
-            "autotune.study": self.study_name,
-            "autotune.role": "trial",
-            "autotune.trial": str(number),
-            "autotune.state": "RUNNING",
+            STUDY_TAG: self.study_name,
+            ROLE_TAG: TRIAL_ROLE,
+            TRIAL_TAG: str(number),
+            STATE_TAG: "RUNNING",
             "mlflow.parentRunId": self.parent_run_id,
             **{key: str(value) for key, value in (extra_tags or {}).items()},
         }
@@ -268,7 +293,7 @@ class Tracker:
         def end(run: str) -> None:
             # a run that missed some of its calls is not the trial's record: sync replaces it
             partial = {PARTIAL: "true"} if self.run_trial.get(run) in self.missed else {}
-            self._log(run, tags={"autotune.state": state, **(tags or {}), **partial})
+            self._log(run, tags={STATE_TAG: state, **(tags or {}), **partial})
             self.client.set_terminated(run, status=RUN_STATUS[state])
 
         self._trial_call(run_id, end)
@@ -334,18 +359,18 @@ class Tracker:
         runs left out."""
         runs: dict[int, list[Any]] = {}
         token = None
-        one = "" if number is None else f" and tags.`autotune.trial` = '{number}'"
+        one = "" if number is None else f" and tags.`{TRIAL_TAG}` = '{number}'"
         while True:
             page = self.client.search_runs(
                 [self._experiment()],
-                filter_string=f"tags.`autotune.study` = '{self.study_name}' "
-                f"and tags.`autotune.role` = 'trial'{one}",
+                filter_string=f"tags.`{STUDY_TAG}` = '{self.study_name}' "
+                f"and tags.`{ROLE_TAG}` = '{TRIAL_ROLE}'{one}",
                 order_by=["attributes.start_time ASC"],
                 max_results=1000,
                 page_token=token,
             )
             for run in page:
-                runs.setdefault(int(run.data.tags["autotune.trial"]), []).append(run)
+                runs.setdefault(int(run.data.tags[TRIAL_TAG]), []).append(run)
             token = page.token
             if not token:
                 return runs
@@ -354,11 +379,11 @@ class Tracker:
         """A child run holding all of a finished trial, as the trial itself would have logged
         it, with the trial's own start and end times."""
         run_id = self._create_trial_run(
-            record.number, record.params, {"autotune.worker": record.worker}, record.start_ms
+            record.number, record.params, {WORKER_TAG: record.worker}, record.start_ms
         )
         for step, metrics in record.metrics:
             self._log(run_id, metrics=metrics, step=step, timestamp=record.end_ms)
-        self._log(run_id, tags={"autotune.state": record.state, **record.tags})
+        self._log(run_id, tags={STATE_TAG: record.state, **record.tags})
         self.client.set_terminated(run_id, status=RUN_STATUS[record.state], end_time=record.end_ms)
         return run_id
 
@@ -387,44 +412,36 @@ class TrialRecord:
     """What a finished Optuna trial holds, in the names a live trial logs to MLflow."""
 
     def __init__(self, trial: Any, metric: str) -> None:
-        from autotune.space import TrialConfig
-
         attrs = trial.user_attrs
         self.number = trial.number
-        self.state = "INTERRUPTED" if attrs.get("interrupted") else trial.state.name
-        self.worker = attrs.get("worker", "")
-        config = attrs.get("config")
-        self.params = (
-            {}
-            if config is None
-            else TrialConfig.from_dicts(
-                config, recalibrate_bn=attrs.get("recalibrate_bn", False)
-            ).to_params()
-        )
+        self.state = "INTERRUPTED" if attrs.get(INTERRUPTED_ATTR) else trial.state.name
+        self.worker = attrs.get(WORKER_ATTR, "")
+        self.params = {} if attrs.get(CONFIG_ATTR) is None else trial_config(trial).to_params()
         self.start_ms = _ms(trial.datetime_start)
         self.end_ms = _ms(trial.datetime_complete) or self.start_ms
         self.metrics: list[tuple[int, dict[str, float]]] = []
-        if "predicted_shift" in attrs:
-            self.metrics.append((0, predicted_metrics(attrs["predicted_shift"])))
-        history = attrs.get("history") or [
+        if PREDICTED_SHIFT_ATTR in attrs:
+            self.metrics.append((0, predicted_metrics(attrs[PREDICTED_SHIFT_ATTR])))
+        history = attrs.get(HISTORY_ATTR) or [
             {"epoch": step, metric: value} for step, value in trial.intermediate_values.items()
         ]
         for row in history:
             self.metrics.append((int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"}))
-        if "measured_shift" in attrs:
+        if MEASURED_SHIFT_ATTR in attrs:
             last = max((step for step, _ in self.metrics), default=0)
-            self.metrics.append((last, measured_metrics(attrs["measured_shift"], attrs["final"])))
+            measured = measured_metrics(attrs[MEASURED_SHIFT_ATTR], attrs[FINAL_ATTR])
+            self.metrics.append((last, measured))
         self.tags: dict[str, Any] = {}
         if self.state == "PRUNED":
-            self.tags["autotune.pruned_epoch"] = attrs.get("pruned_epoch", 0)
-            self.tags["autotune.pruned_reason"] = attrs.get("pruned_reason", "")
+            self.tags[PRUNED_EPOCH_TAG] = attrs.get(PRUNED_EPOCH_ATTR, 0)
+            self.tags[PRUNED_REASON_TAG] = attrs.get(PRUNED_REASON_ATTR, "")
         if self.state == "FAIL":
             # the objective records every failure it sees: without a reason, the worker died
-            self.tags["autotune.fail_reason"] = attrs.get(
-                "fail_reason", "its worker stopped without a word (killed, or its node lost)"
+            self.tags[FAIL_REASON_TAG] = attrs.get(
+                FAIL_REASON_ATTR, "its worker stopped without a word (killed, or its node lost)"
             )
-        if attrs.get("explored"):
-            self.tags["autotune.explored"] = True
+        if attrs.get(EXPLORED_ATTR):
+            self.tags[EXPLORED_TAG] = True
 
 
 def predicted_metrics(prediction: Mapping[str, Any]) -> dict[str, float]:
@@ -451,7 +468,7 @@ def sync_study(tracker: Tracker, study: Any, metric: str, only: Iterable[int] | 
     finished trial that has none whole (its run missing, or cut short because the server went
     away or its worker died: that run is deleted and the trial logged again), and no second
     run of any trial. `only`: these trial numbers. Returns how many trials were logged; the
-    parent run is left as it is (study.sync_parent_run ends one a run could not end).
+    parent run is left as it is (finish.sync_parent_run ends one a run could not end).
 
     Raises when MLflow does not answer."""
     if not tracker.enabled:
@@ -468,7 +485,7 @@ def sync_study(tracker: Tracker, study: Any, metric: str, only: Iterable[int] | 
     for trial in trials:
         if wanted is not None and trial.number not in wanted:
             continue
-        if not trial.state.is_finished() or "config" not in trial.user_attrs:
+        if not trial.state.is_finished() or CONFIG_ATTR not in trial.user_attrs:
             continue  # still running, or ended before it had a configuration: nothing to log
         record = TrialRecord(trial, metric)
         if not any(_is_whole(run, record.state) for run in runs.get(trial.number, [])):
@@ -486,7 +503,7 @@ def trial_run_id(study_attrs: Mapping[str, Any], trial: Any) -> str | None:
     """The id of the MLflow run that holds `trial`, given the study's user attrs: the one sync
     logged, else the trial's own; None when neither is a run id."""
     return run_id_or_none(study_attrs.get(RELOGGED_RUN.format(trial.number))) or run_id_or_none(
-        trial.user_attrs.get("mlflow_run_id")
+        trial.user_attrs.get(RUN_ID_ATTR)
     )
 
 
@@ -511,7 +528,7 @@ def _keep_one(tracker: Tracker, runs: list[Any], state: str) -> str | None:
 def _is_whole(run: Any, state: str) -> bool:
     tags = run.data.tags
     return (
-        tags.get("autotune.state") == state
+        tags.get(STATE_TAG) == state
         and PARTIAL not in tags
         and run.info.status == RUN_STATUS[state]
     )
@@ -543,7 +560,7 @@ def _artifact_location(uri: str) -> str | None:
     """Artifacts of a sqlite store go beside the database; a server chooses its own."""
     if not uri.startswith("sqlite:///"):
         return None
-    return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return (Path(uri.removeprefix("sqlite:///")).parent / ARTIFACTS_DIR).resolve().as_uri()
 
 
 def _store_path(uri: str) -> str:

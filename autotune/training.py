@@ -15,13 +15,11 @@ eval mode's on the validation data.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import signal
 import socket
 import threading
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -36,10 +34,35 @@ from torch.nn import functional as F
 
 from autotune.data import hold_on_device
 from autotune.errors import UserCodeError, WriteError
-from autotune.export import WEIGHTS_DIGEST, save_tensors
+from autotune.export import save_tensors
 from autotune.models import build_model
+from autotune.names import (
+    CONFIG_ATTR,
+    DELTA_KEY,
+    EXPLORED_ATTR,
+    EXPLORED_TAG,
+    FAIL_REASON_ATTR,
+    FAIL_REASON_TAG,
+    FINAL_ATTR,
+    HISTORY_ATTR,
+    INTERRUPTED_ATTR,
+    MEASURED_SHIFT_ATTR,
+    PREDICTED_SHIFT_ATTR,
+    PRUNED_EPOCH_ATTR,
+    PRUNED_EPOCH_TAG,
+    PRUNED_REASON_ATTR,
+    PRUNED_REASON_TAG,
+    RECALIBRATE_ATTR,
+    RUN_ID_ATTR,
+    STARTED,
+    SURPLUS_ATTR,
+    WEIGHTS_DIGEST,
+    WORKER_ATTR,
+    WORKER_TAG,
+    trial_weights,
+)
 from autotune.prediction import NetworkPrediction, predict_shift, probe_batch
-from autotune.pruners import DELTA_KEY, VarianceShiftPruner
+from autotune.pruners import VarianceShiftPruner
 from autotune.redaction import redact
 from autotune.shift import (
     LayerShift,
@@ -50,7 +73,6 @@ from autotune.shift import (
 )
 from autotune.space import TrialConfig
 from autotune.spec import Spec, TrainSpec
-from autotune.study import STARTED
 from autotune.tracking import measured_metrics, predicted_metrics
 from autotune.user_code import describe
 
@@ -371,13 +393,6 @@ def _first(batches: Any, limit: int) -> Iterator[Any]:
         yield batch
 
 
-def quiet_lightning() -> None:
-    """Lightning's per-fit banners ("GPU available ...") and hints would drown the progress bar."""
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="lightning")
-
-
 @contextmanager
 def stop_on_signals() -> Iterator[threading.Event]:
     """Turn the first Ctrl-C or SIGTERM into an event the running trial checks between batches.
@@ -464,32 +479,30 @@ class Objective:
         self.admit = admit
         # the trials a signal stopped after their configuration was sampled
         self.cut_short: list[int] = []
-        # a write the disk refused in a trial: the loop stops after it (see study.work)
+        # a write the disk refused in a trial: the loop stops after it (see loop.run_trials)
         self.fault: WriteError | None = None
 
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr(STARTED, trial.number)
         if self.stop.is_set():  # the signal came between trials: start nothing new
-            trial.set_user_attr("interrupted", True)
+            trial.set_user_attr(INTERRUPTED_ATTR, True)
             if trial.params:  # a queued retry, its configuration given: still to be run
                 self.cut_short.append(trial.number)
             raise KeyboardInterrupt
         if self.admit is not None and not self.admit(trial):
             reason = "not started: other workers took the study's last trials at the same time"
-            trial.set_user_attr("surplus", True)
-            trial.set_user_attr("fail_reason", reason)
+            trial.set_user_attr(SURPLUS_ATTR, True)
+            trial.set_user_attr(FAIL_REASON_ATTR, reason)
             raise SurplusTrial(reason)
         config = self.space.sample(trial)
-        trial.set_user_attr("config", config.to_dicts())
-        trial.set_user_attr("recalibrate_bn", config.recalibrate_bn)
-        trial.set_user_attr("worker", WORKER)
-        run_id = self.tracker.start_trial(
-            trial.number, config.to_params(), {"autotune.worker": WORKER}
-        )
+        trial.set_user_attr(CONFIG_ATTR, config.to_dicts())
+        trial.set_user_attr(RECALIBRATE_ATTR, config.recalibrate_bn)
+        trial.set_user_attr(WORKER_ATTR, WORKER)
+        run_id = self.tracker.start_trial(trial.number, config.to_params(), {WORKER_TAG: WORKER})
         # a trial run again after its worker died inherits that trial's attrs: renew them
-        if run_id is not None or "mlflow_run_id" in trial.user_attrs:
-            trial.set_user_attr("mlflow_run_id", run_id or "")
-        for flag in ("explored", "interrupted"):
+        if run_id is not None or RUN_ID_ATTR in trial.user_attrs:
+            trial.set_user_attr(RUN_ID_ATTR, run_id or "")
+        for flag in (EXPLORED_ATTR, INTERRUPTED_ATTR):
             if trial.user_attrs.get(flag):
                 trial.set_user_attr(flag, False)
         # the epochs reported so far: a pruned trial's record, and what `autotune sync` logs
@@ -506,7 +519,7 @@ class Objective:
                 self._fail(trial, run_id, failure)
                 raise failure from None
             # Ctrl-C or SIGTERM, or Lightning's sys.exit(1) on a second Ctrl-C: an interrupt
-            trial.set_user_attr("interrupted", True)
+            trial.set_user_attr(INTERRUPTED_ATTR, True)
             self.cut_short.append(trial.number)
             self.tracker.end_trial(run_id, "INTERRUPTED")
             raise KeyboardInterrupt from None
@@ -518,7 +531,7 @@ class Objective:
             self._fail(trial, run_id, exc)
             raise
         finally:
-            trial.set_user_attr("history", history)
+            trial.set_user_attr(HISTORY_ATTR, history)
 
     def _trial(
         self,
@@ -530,15 +543,15 @@ class Objective:
         """Predict, gate, train, measure, record. __call__ records how it ended if it raises."""
         # 1. before any training: what the theory expects of this configuration
         prediction = predict(self.spec, config, self.datamodule)
-        trial.set_user_attr("predicted_shift", prediction.to_dict())
+        trial.set_user_attr(PREDICTED_SHIFT_ATTR, prediction.to_dict())
         trial.set_user_attr(DELTA_KEY, prediction.summary.worst_delta)
         self.tracker.log_metrics(run_id, predicted_metrics(prediction.to_dict()), step=0)
         # 2. the pruner's gate, before the first epoch
         if trial.should_prune():
             raise optuna.TrialPruned(gate_reason(trial.study, prediction))
         if _explores(trial, prediction):  # past the line, trained anyway: mark it
-            trial.set_user_attr("explored", True)
-            self.tracker.log_tags(run_id, {"autotune.explored": True})
+            trial.set_user_attr(EXPLORED_ATTR, True)
+            self.tracker.log_tags(run_id, {EXPLORED_TAG: True})
 
         def report(epoch: int, metrics: dict[str, float]) -> None:
             history.append({"epoch": epoch, **metrics})
@@ -562,15 +575,15 @@ class Objective:
 
     def _pruned(self, trial: optuna.Trial, run_id: str | None, epoch: int, reason: str) -> None:
         """The epoch a trial was stopped after (0: before training) and why, in both stores."""
-        trial.set_user_attr("pruned_epoch", epoch)
-        trial.set_user_attr("pruned_reason", reason)
-        tags = {"autotune.pruned_epoch": epoch, "autotune.pruned_reason": reason}
+        trial.set_user_attr(PRUNED_EPOCH_ATTR, epoch)
+        trial.set_user_attr(PRUNED_REASON_ATTR, reason)
+        tags = {PRUNED_EPOCH_TAG: epoch, PRUNED_REASON_TAG: reason}
         self.tracker.end_trial(run_id, "PRUNED", tags)
 
     def _fail(self, trial: optuna.Trial, run_id: str | None, exc: Exception) -> None:
         reason = redact(f"{type(exc).__name__}: {exc}")  # the user's code may name a URL
-        trial.set_user_attr("fail_reason", reason)
-        self.tracker.end_trial(run_id, "FAIL", {"autotune.fail_reason": reason})
+        trial.set_user_attr(FAIL_REASON_ATTR, reason)
+        self.tracker.end_trial(run_id, "FAIL", {FAIL_REASON_TAG: reason})
 
     def _record_measurements(
         self, trial: optuna.Trial, run_id: str | None, result: TrialResult
@@ -585,8 +598,8 @@ class Objective:
                 "product": summary.product,
             },
         }
-        trial.set_user_attr("measured_shift", measured)
-        trial.set_user_attr("final", result.final)
+        trial.set_user_attr(MEASURED_SHIFT_ATTR, measured)
+        trial.set_user_attr(FINAL_ATTR, result.final)
         metrics = measured_metrics(measured, result.final)
         self.tracker.log_metrics(run_id, metrics, step=self.spec.train.max_epochs)
 
@@ -601,7 +614,7 @@ class Objective:
             result.value >= best if study.direction.name == "MAXIMIZE" else result.value <= best
         )
         if better:  # whole or not there: never a file cut short (WriteError when the disk refuses)
-            path = self.spec.output_dir / "weights" / f"trial_{trial.number}.pt"
+            path = trial_weights(self.spec.output_dir, trial.number)
             digest = save_tensors(result.model.state_dict(), path)
             # the export checks the file is this trial's: another study may share the folder
             trial.set_user_attr(WEIGHTS_DIGEST, digest)

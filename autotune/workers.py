@@ -31,28 +31,26 @@ from pathlib import Path
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-from autotune.cli import (
+from autotune.errors import WriteError
+from autotune.finish import finish_study
+from autotune.loop import Observer
+from autotune.names import (
     DEVICE_WORKERS_ENV,
+    DEVICES_ENV,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_WRITE,
     STORAGE_ENV,
     TRACKING_ENV,
+    WORKER_ENV,
+    worker_log,
 )
-from autotune.errors import WriteError
+from autotune.queries import count_finished
+from autotune.session import StudyOutcome, open_session
 from autotune.spec import Spec
-from autotune.study import (
-    MAX_RETRIES,
-    POLL_SECONDS,
-    Progress,
-    StudyOutcome,
-    count_finished,
-    finish_study,
-    open_session,
-)
+from autotune.storage import MAX_RETRIES, POLL_SECONDS
 from autotune.writes import open_to_append
 
-WORKER_ENV = "AUTOTUNE_WORKER"  # the worker's index, for its log lines
 # set in a worker when its launcher's pipe closed: the launcher is gone
 LAUNCHER_GONE = threading.Event()
 
@@ -115,7 +113,7 @@ def plan_devices(n: int, devices: list[str] | None, accelerator: str) -> list[st
         devices = [str(i) for i in range(torch.cuda.device_count())]
     if not devices:
         return [None] * n
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = os.environ.get(DEVICES_ENV)
     if visible:
         seen = [d.strip() for d in visible.split(",") if d.strip()]
         devices = [seen[int(d)] if int(d) < len(seen) else d for d in devices]
@@ -130,13 +128,13 @@ def launch(
     *,
     n_trials: int | None = None,
     timeout: float | None = None,
-    progress: Progress | None = None,
+    progress: Observer | None = None,
 ) -> tuple[StudyOutcome, list[str]]:
     """Run the study with n_workers processes; returns the outcome and what went wrong with
     any worker (a worker killed while the others finished the study is not a failed study)."""
-    from autotune.training import stop_on_signals
+    from autotune.training import stop_on_signals  # Lightning: seconds, and only the launcher
 
-    progress = progress or Progress()
+    progress = progress or Observer()
     budget = n_trials if n_trials is not None else spec.study.n_trials
     began = datetime.now()
     # the workers start first and import torch, Lightning and MLflow while the launcher checks
@@ -271,7 +269,6 @@ def start_workers(
     devices: list[str] | None,
     timeout: float | None,
 ) -> list[Worker]:
-    logs = spec.output_dir / "workers"
     env = {**os.environ, STORAGE_ENV: spec.storage_url, TRACKING_ENV: spec.tracking_uri}
     threads = max(1, (os.cpu_count() or 1) // n_workers)
     command = [sys.executable, "-m", "autotune.cli", "run", str(spec_file), "--worker"]
@@ -283,11 +280,11 @@ def start_workers(
     for index, device in enumerate(plan):
         worker_env = {**env, WORKER_ENV: str(index)}
         if device is not None:
-            worker_env["CUDA_VISIBLE_DEVICES"] = device
+            worker_env[DEVICES_ENV] = device
             worker_env[DEVICE_WORKERS_ENV] = str(plan.count(device))
         else:  # CPU workers share the cores instead of each spinning a pool over all of them
             worker_env.setdefault("OMP_NUM_THREADS", str(threads))
-        log = logs / f"worker-{index}.log"
+        log = worker_log(spec.output_dir, index)
         with open_to_append(log) as out:
             process = subprocess.Popen(
                 command,
@@ -310,7 +307,7 @@ def _signal(workers: list[Worker], sig: signal.Signals) -> None:
             worker.process.send_signal(sig)
 
 
-def _report_new(study: optuna.Study, seen: set[int], progress: Progress) -> None:
+def _report_new(study: optuna.Study, seen: set[int], progress: Observer) -> None:
     """Tell `progress` of each trial that finished since the last look, and add it to `seen`."""
     for trial in study.get_trials(deepcopy=False):
         if trial.state.is_finished() and trial.number not in seen:

@@ -7,7 +7,7 @@ epochs, with a validation pass and one host sync of the metrics after each epoch
     by hand    a plain loop: forward, cross-entropy, backward, step; validation each epoch;
                when the configuration recalibrates BN, the plain PyTorch way (momentum=None,
                regularisers off) and validation again
-    by a trial one trial of a real study through autotune's own trial loop (study.work and
+    by a trial one trial of a real study through autotune's own trial loop (loop.run_trials and
                training.Objective): Optuna with sqlite storage, MLflow with sqlite tracking,
                Lightning, the prediction of the variance shift before training and the
                measurements after it, as `autotune run` does
@@ -63,10 +63,13 @@ from _report import machine, spread
 from torch.nn import functional as F
 
 import autotune.training as training
+from autotune.checks import quiet_lightning
+from autotune.loop import Observer, run_trials
 from autotune.models import build_model
+from autotune.queries import count_finished
+from autotune.session import Session, open_session
 from autotune.space import SearchSpace, TrialConfig
 from autotune.spec import Spec, load_spec
-from autotune.study import Progress, Session, count_finished, open_session, work
 from autotune.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -302,7 +305,7 @@ def one_trial(session: Session, params: dict[str, Any], parts: Parts) -> dict[st
     session.budget = count_finished(session.study) + 1
     parts.take()
     start = time.perf_counter()
-    outcome = work(session)
+    outcome = run_trials(session)
     wall = time.perf_counter() - start
     seconds = parts.take()
     seconds["the rest"] = wall - sum(seconds.values())
@@ -388,7 +391,7 @@ def rss_mib() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status: this measurement needs Linux")
 
 
-class MemoryProgress(Progress):
+class MemoryProgress(Observer):
     """Records resident memory after each finished trial."""
 
     def __init__(self) -> None:
@@ -409,7 +412,7 @@ def run_memory(
     session = open_session(spec)
     progress = MemoryProgress()
     start = time.perf_counter()
-    outcome = work(session, progress=progress)
+    outcome = run_trials(session, progress=progress)
     session.tracker.end_study({}, {}, [])
     return {
         "trials": outcome.finished,
@@ -540,7 +543,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.report:
         return print_report(json.loads(out.read_text()))
     pl.seed_everything(0, verbose=False)
-    training.quiet_lightning()
+    quiet_lightning()
 
     def wanted(part: str) -> bool:
         return args.only is None or args.only == part

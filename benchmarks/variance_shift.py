@@ -39,12 +39,13 @@ import torch
 from _report import machine, spread
 from scipy.stats import spearmanr
 
+from autotune.checks import quiet_lightning
 from autotune.data import load_data
 from autotune.prediction import predict_shift, probe_batch
+from autotune.preflight import resolve_space
 from autotune.space import BlockConfig, TrialConfig
 from autotune.spec import parse_spec
-from autotune.study import resolve_space
-from autotune.training import fit, predict, quiet_lightning
+from autotune.training import fit, predict
 
 TEMPLATES = {
     # the quickstart's mlp and the cnn template's defaults, both on scikit-learn's digits

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autotune.checks import check_batches, describe, split_sizes
+from autotune.checks import check_batches, split_sizes
 from autotune.data import load_data
 from autotune.errors import SpecError
+from autotune.preflight import describe
 from autotune.sources import split_rows
 from autotune.spec import BUILTIN_DATASETS, DataSpec
 
@@ -122,8 +123,8 @@ def test_parameters_are_counted_as_torch_counts_them(
 
 
 def test_a_network_too_big_to_allocate_is_refused_by_validate_and_run(tmp_path: Path) -> None:
+    from autotune.preflight import check_runnable, resolve_space
     from autotune.spec import parse_spec
-    from autotune.study import check_runnable, resolve_space
 
     # 60,000 × 60,000 weights: an allocation traceback in run before
     spec = parse_spec({"model": {"widths": [60_000, 60_000]}})

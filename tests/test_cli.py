@@ -24,8 +24,9 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from autotune.cli import main
+from autotune.loop import run_study
+from autotune.session import PARENT_WAIT_SECONDS
 from autotune.spec import load_spec
-from autotune.study import PARENT_WAIT_SECONDS, run_study
 
 AUTOTUNE = [sys.executable, "-m", "autotune.cli"]
 

@@ -24,10 +24,12 @@ from mlflow.tracking import MlflowClient
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from autotune import tracking
+from autotune import names, tracking
 from autotune.cli import main
+from autotune.loop import Observer, run_study
+from autotune.queries import FINISHED
 from autotune.spec import load_spec
-from autotune.study import FINISHED, Progress, make_storage, run_study
+from autotune.storage import make_storage
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 SERVER_START_SECONDS = 90
@@ -216,7 +218,7 @@ def test_a_worker_killed_mid_trial_has_its_trial_run_again(
     assert_mlflow_holds_the_study(mlflow_server.uri, study)
 
 
-class KillsTheServer(Progress):
+class KillsTheServer(Observer):
     """Kills the tracking server after `kill_after` trials, starts it again after `back_after`."""
 
     def __init__(self, server: MlflowServer, kill_after: int, back_after: int | None = None):
@@ -505,8 +507,8 @@ def test_sync_replaces_a_cut_short_run_and_removes_a_second_copy(tmp_path: Path,
     tracker = tracking.Tracker(spec.tracking_uri, spec.experiment_name, "tiny")
     runs = tracker.trial_runs()
     # trial 0's run missed some calls (it is tagged so); trial 1 was logged twice
-    tracker.client.set_tag(runs[0][0].info.run_id, tracking.PARTIAL, "true")
-    tracker.parent_run_id = study.user_attrs[tracking.PARENT_ATTR]
+    tracker.client.set_tag(runs[0][0].info.run_id, names.PARTIAL, "true")
+    tracker.parent_run_id = study.user_attrs[names.PARENT_ATTR]
     tracker.log_trial(tracking.TrialRecord(study.trials[1], "val_acc"))
     assert len(tracker.trial_runs()[1]) == 2
 
@@ -515,7 +517,7 @@ def test_sync_replaces_a_cut_short_run_and_removes_a_second_copy(tmp_path: Path,
     assert logged == 1
     after = tracker.trial_runs()
     assert [len(after[n]) for n in (0, 1, 2)] == [1, 1, 1]
-    assert tracking.PARTIAL not in after[0][0].data.tags
+    assert names.PARTIAL not in after[0][0].data.tags
     assert after[2][0].info.run_id == runs[2][0].info.run_id
     # the record is the trial's: its params, per-epoch metrics and final value
     history = tracker.client.get_metric_history(after[0][0].info.run_id, "val_acc")
@@ -542,7 +544,7 @@ def test_sync_writes_the_outputs_again_when_the_recommended_trials_run_moved(wri
         written["mlflow_run_id"]
     ]
     # the recommended trial's run missed some calls: sync logs the trial again
-    tracker.client.set_tag(written["mlflow_run_id"], tracking.PARTIAL, "true")
+    tracker.client.set_tag(written["mlflow_run_id"], names.PARTIAL, "true")
     result = CliRunner().invoke(main, ["sync", str(spec_file)])
     assert result.exit_code == 0, result.output
     assert "recommended.yaml, best_model.py written again" in result.output
@@ -557,7 +559,7 @@ def test_sync_writes_the_outputs_again_when_the_recommended_trials_run_moved(wri
     assert "written again" not in result.output
 
 
-class CutsRunsShort(Progress):
+class CutsRunsShort(Observer):
     """Tags every finished trial's run as one that missed some calls, as a server that went
     away for a moment would leave it."""
 
@@ -565,7 +567,7 @@ class CutsRunsShort(Progress):
         self.client = MlflowClient(tracking_uri)
 
     def trial_done(self, study, trial) -> None:
-        self.client.set_tag(trial.user_attrs["mlflow_run_id"], tracking.PARTIAL, "true")
+        self.client.set_tag(trial.user_attrs["mlflow_run_id"], names.PARTIAL, "true")
 
 
 def test_the_end_of_a_run_writes_the_outputs_again_when_its_sync_moved_a_run(write_spec):
@@ -575,7 +577,7 @@ def test_the_end_of_a_run_writes_the_outputs_again_when_its_sync_moved_a_run(wri
     best = yaml.safe_load((spec.output_dir / "recommended.yaml").read_text())["best"]
     tracker = tracking.Tracker(spec.tracking_uri, spec.experiment_name, "tiny")
     (run,) = tracker.trial_runs()[best["trial"]]
-    assert tracking.PARTIAL not in run.data.tags
+    assert names.PARTIAL not in run.data.tags
     assert best["mlflow_run_id"] == run.info.run_id
     assert best["mlflow_run_id"] != outcome.study.trials[best["trial"]].user_attrs["mlflow_run_id"]
 
@@ -618,7 +620,7 @@ def test_trials_per_device_runs_that_many_workers_on_each_device(write_spec, mon
 
 def test_each_worker_is_told_how_many_share_its_gpu(write_spec, monkeypatch):
     from autotune import workers
-    from autotune.cli import DEVICE_WORKERS_ENV
+    from autotune.names import DEVICE_WORKERS_ENV
 
     started = []
     monkeypatch.setattr(

@@ -300,7 +300,7 @@ def test_an_in_memory_dataset_is_held_on_the_training_device() -> None:
 
 
 def test_a_dataset_too_big_for_the_gpu_stays_in_host_memory(monkeypatch) -> None:
-    from autotune.cli import DEVICE_WORKERS_ENV
+    from autotune.names import DEVICE_WORKERS_ENV
 
     dm = load_data(DataSpec(name="wine"), seed=0)
     free = dm.nbytes / DEVICE_DATA_SHARE

@@ -10,8 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from autotune.cli import main
+from autotune.loop import run_study
+from autotune.queries import count_finished
 from autotune.spec import load_spec
-from autotune.study import count_finished, run_study
 
 EXAMPLES = sorted(Path(__file__).resolve().parents[1].glob("examples/**/*.yaml"))
 

@@ -24,11 +24,12 @@ from autotune.export import (
     verify_weights,
     write_outputs,
 )
+from autotune.loop import run_study
 from autotune.models import build_model
+from autotune.names import PARENT_ATTR, RELOGGED_RUN
 from autotune.space import BlockConfig, TrialConfig
 from autotune.spec import ModelSpec, parse_spec
-from autotune.study import load_existing_study, run_study
-from autotune.tracking import PARENT_ATTR, RELOGGED_RUN
+from autotune.storage import load_existing_study
 
 DIGITS = (1, 8, 8)
 

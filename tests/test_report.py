@@ -17,9 +17,9 @@ from conftest import tiny_spec
 from mlflow.tracking import MlflowClient
 
 from autotune.cli import main
+from autotune.loop import run_study
 from autotune.report import FIGURES, write_figures
 from autotune.spec import load_spec
-from autotune.study import run_study
 
 
 def _chromium() -> str | None:

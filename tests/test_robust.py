@@ -17,10 +17,12 @@ from scipy import stats
 
 from autotune import training
 from autotune.cli import main
+from autotune.loop import run_study
+from autotune.names import ROBUST_ATTR
+from autotune.queries import recommended_trial
 from autotune.report import write_report
-from autotune.robust import ROBUST_ATTR, recommended_trial, summary
+from autotune.robust import summary
 from autotune.spec import load_spec
-from autotune.study import run_study
 
 
 @pytest.mark.parametrize("maximize", [True, False])

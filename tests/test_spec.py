@@ -12,7 +12,7 @@ from conftest import tiny_spec
 from autotune.errors import SpecError
 from autotune.pruners import VarianceShiftPruner
 from autotune.spec import DataSpec, load_spec, parse_spec
-from autotune.study import make_pruner
+from autotune.storage import make_pruner
 
 SIX_LINES = """\
 study:

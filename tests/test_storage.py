@@ -15,10 +15,12 @@ from click.testing import CliRunner
 from conftest import tiny_spec
 from optuna.trial import TrialState
 
-from autotune.cli import STORAGE_ENV, main
+from autotune.cli import main
 from autotune.errors import SpecError
+from autotune.loop import run_study
+from autotune.names import STORAGE_ENV
 from autotune.spec import parse_spec
-from autotune.study import make_storage, run_study
+from autotune.storage import make_storage
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 # database 15 (14 for the second of `make test`'s pytest-xdist processes, ...): the tests' own,

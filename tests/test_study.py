@@ -19,16 +19,14 @@ from autotune import training
 from autotune.data import load_data
 from autotune.errors import WriteError
 from autotune.export import load_snippet
+from autotune.loop import run_study
 from autotune.models import build_model
+from autotune.preflight import resolve_space
+from autotune.queries import count_finished
+from autotune.session import enqueue_low_shift
 from autotune.space import TrialConfig
 from autotune.spec import Spec, load_spec
-from autotune.study import (
-    count_finished,
-    enqueue_low_shift,
-    open_study,
-    resolve_space,
-    run_study,
-)
+from autotune.storage import open_study
 from autotune.tracking import Tracker
 
 pytestmark = pytest.mark.slow

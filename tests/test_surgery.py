@@ -18,11 +18,11 @@ from torch import nn
 from autotune.cli import main
 from autotune.errors import SpecError
 from autotune.export import load_snippet, verify_weights
+from autotune.loop import run_study
 from autotune.models import build_model
 from autotune.prediction import predict_shift
 from autotune.space import BlockConfig, TrialConfig
 from autotune.spec import ModelSpec, load_spec, parse_spec
-from autotune.study import run_study
 from autotune.surgery import apply_config, find_blocks, without_batchnorm
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "own_model"
@@ -329,7 +329,7 @@ def test_a_placement_a_block_has_no_room_for_names_the_block(tmp_path):
     # layers.0.bn2 feeds the residual sum, not an activation
     with pytest.raises(SpecError, match=r"after_act does not apply to layers\.0\.bn2"):
         from autotune.data import load_data
-        from autotune.study import resolve_space
+        from autotune.preflight import resolve_space
 
         spec = parse_spec(raw, base_dir=tmp_path)
         resolve_space(spec, load_data(spec.data, seed=0))
@@ -345,7 +345,7 @@ def test_a_placement_a_block_has_no_room_for_names_the_block(tmp_path):
 def test_a_study_of_one_kind_of_model_refuses_the_other(stored, model, field):
     import optuna
 
-    from autotune.study import check_stored
+    from autotune.storage import check_stored
 
     study = optuna.create_study()
     for key, value in stored.items():

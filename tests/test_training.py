@@ -13,8 +13,8 @@ import torch
 from autotune import training
 from autotune.data import load_data
 from autotune.errors import SpecError
+from autotune.preflight import check_runnable, resolve_space
 from autotune.spec import parse_spec
-from autotune.study import check_runnable, resolve_space
 
 
 def digits_spec(model, *, batch_size, max_epochs, **train):
