@@ -264,11 +264,11 @@ def predict(spec_file: Path, config_file: Path | None, as_json: bool) -> None:
 
     from autotune.data import load_data
     from autotune.files import read_yaml
+    from autotune.fitting import predict as predict_config
     from autotune.preflight import check_runnable, resolve_space
     from autotune.progress import print_prediction
     from autotune.space import config_from_mapping
     from autotune.spec import load_spec
-    from autotune.training import predict as predict_config
 
     spec = load_spec(spec_file)
     data = load_data(spec.data, seed=spec.train.seed, base_dir=spec.base_dir)

@@ -14,7 +14,7 @@ a running trial may still fail, or its worker die, and then its slot is free aga
 that take the last slot at the same moment are told apart by trial number: the later trial ends
 FAIL before anything runs, marked `surplus`.
 
-The trial itself (autotune.training) imports Lightning, which takes seconds: it is imported when
+The trial itself (autotune.objective) imports Lightning, which takes seconds: it is imported when
 the loop starts, not with this module, which the progress bar imports.
 """
 
@@ -159,7 +159,8 @@ def run_trials(
     A write the disk refuses (the trial's weights, the storage, a local MLflow store) fails or
     ends the trial it happens in, stops the loop, and is raised as a WriteError: every later
     trial would fail the same way."""
-    from autotune.training import Objective, stop_on_signals  # Lightning: seconds to import
+    from autotune.objective import Objective  # Lightning: seconds to import
+    from autotune.signals import stop_on_signals
 
     spec, study, tracker = session.spec, session.study, session.tracker
     progress = progress or Observer()

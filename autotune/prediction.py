@@ -33,7 +33,7 @@ estimates of Δ come out of that:
 `exact` is the covariance estimate where it applies, else the Monte Carlo one; the network
 summary (worst layer, product along the path) uses `exact`. Shifts are per channel; a layer
 reports the mean over its channels that carry signal. The probe runs where the trial will train
-(training.predict picks the GPU when there is one): the Monte Carlo draws come from that
+(fitting.predict picks the GPU when there is one): the Monte Carlo draws come from that
 device's generator, so a GPU and a CPU give slightly different Monte Carlo estimates.
 """
 

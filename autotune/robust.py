@@ -31,7 +31,7 @@ def robust_recommendation(session: Session) -> dict[str, Any] | None:
     """Train the top configurations and the baselines again over the seeds; keep the result in
     the study (trained again only when what would be trained changes); None when the spec asks
     for none. A fit that fails (a diverging seed) marks its row failed, out of the choice."""
-    from autotune.training import fit  # Lightning: imported when the fits begin
+    from autotune.fitting import fit  # Lightning: imported when the fits begin
 
     spec, study = session.spec, session.study
     wanted = spec.recommend

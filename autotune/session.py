@@ -160,7 +160,7 @@ def enqueue_low_shift(
 
     Meant for the one process that starts a study: workers that start an empty study at the same
     moment may each enqueue them."""
-    from autotune.training import predict  # Lightning: seconds to import
+    from autotune.fitting import predict  # Lightning: seconds to import
 
     candidates = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=spec.train.seed))
     scored = []

@@ -132,7 +132,7 @@ def launch(
 ) -> tuple[StudyOutcome, list[str]]:
     """Run the study with n_workers processes; returns the outcome and what went wrong with
     any worker (a worker killed while the others finished the study is not a failed study)."""
-    from autotune.training import stop_on_signals  # Lightning: seconds, and only the launcher
+    from autotune.signals import stop_on_signals
 
     progress = progress or Observer()
     budget = n_trials if n_trials is not None else spec.study.n_trials

@@ -8,7 +8,7 @@ epochs, with a validation pass and one host sync of the metrics after each epoch
                when the configuration recalibrates BN, the plain PyTorch way (momentum=None,
                regularisers off) and validation again
     by a trial one trial of a real study through autotune's own trial loop (loop.run_trials and
-               training.Objective): Optuna with sqlite storage, MLflow with sqlite tracking,
+               objective.Objective): Optuna with sqlite storage, MLflow with sqlite tracking,
                Lightning, the prediction of the variance shift before training and the
                measurements after it, as `autotune run` does
 
@@ -62,7 +62,8 @@ import yaml
 from _report import machine, spread
 from torch.nn import functional as F
 
-import autotune.training as training
+import autotune.fitting as fitting
+import autotune.objective as objective
 from autotune.checks import quiet_lightning
 from autotune.loop import Observer, run_trials
 from autotune.models import build_model
@@ -186,7 +187,7 @@ def recalibrate(model: torch.nn.Module, train: Any, device: torch.device) -> Non
             module.momentum = None
             module.train()
     with torch.no_grad():
-        for x, _ in itertools.islice(train, training.RECALIBRATION_BATCHES):
+        for x, _ in itertools.islice(train, fitting.RECALIBRATION_BATCHES):
             model(x.to(device, non_blocking=True))
 
 
@@ -197,7 +198,7 @@ def _device(spec: Spec) -> torch.device:
 
 def _optimizer(spec: Spec, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The optimizer Classifier.configure_optimizers makes."""
-    return training.make_optimizer(spec.train, model.parameters())
+    return fitting.make_optimizer(spec.train, model.parameters())
 
 
 # --- where a trial's time goes -------------------------------------------------------------------
@@ -264,21 +265,21 @@ SHIFT_PARTS = ("prediction", "train-mode accuracy")
 def timed_parts() -> Iterator[Parts]:
     parts = Parts()
     parts.wrap(SearchSpace, "sample", "sampling")
-    parts.wrap(training, "predict", "prediction")
+    parts.wrap(fitting, "predict", "prediction")
     # fit's own time is building the network and the Trainer; the loop is Trainer.fit, and the
     # measurements after it are wrapped apart
-    parts.wrap(training, "fit", "building the network and the Trainer")
+    parts.wrap(fitting, "fit", "building the network and the Trainer")
     parts.wrap(pl.Trainer, "fit", "training (Lightning)")
     # after_training: recalibration and validating again, where Δ is observed; the train-mode
     # pass is wrapped apart. Where Δ is observed in the last validation, its hooks' time is in
     # the training part
-    parts.wrap(training, "after_training", "recalibration")
-    parts.wrap(training, "train_mode_accuracy", "train-mode accuracy")
+    parts.wrap(fitting, "after_training", "recalibration")
+    parts.wrap(fitting, "train_mode_accuracy", "train-mode accuracy")
     for method in ("start_trial", "log_metrics", "log_tags", "end_trial"):
         parts.wrap(Tracker, method, "MLflow")
     for method in ("report", "should_prune", "set_user_attr"):
         parts.wrap(optuna.Trial, method, "Optuna report and attrs")
-    parts.wrap(training.Objective, "_save_if_best", "saving weights")
+    parts.wrap(objective.Objective, "_save_if_best", "saving weights")
     try:
         yield parts
     finally:

@@ -1,7 +1,7 @@
 """Does the theory predict what training measures? The validation study of the variance shift.
 
-Three questions, each answered with autotune's own code path (training.predict before training,
-training.fit after it, which measures Δ the paper's way and recalibrates BN when asked):
+Three questions, each answered with autotune's own code path (fitting.predict before training,
+fitting.fit after it, which measures Δ the paper's way and recalibrates BN when asked):
 
 1. Over randomly sampled configurations, how well does the Δ predicted before training rank the
    Δ measured after it? Spearman's ρ over every BN layer that a regulariser reaches, and over the
@@ -41,11 +41,11 @@ from scipy.stats import spearmanr
 
 from autotune.checks import quiet_lightning
 from autotune.data import load_data
+from autotune.fitting import fit, predict
 from autotune.prediction import predict_shift, probe_batch
 from autotune.preflight import resolve_space
 from autotune.space import BlockConfig, TrialConfig
 from autotune.spec import parse_spec
-from autotune.training import fit, predict
 
 TEMPLATES = {
     # the quickstart's mlp and the cnn template's defaults, both on scikit-learn's digits

@@ -461,7 +461,7 @@ def test_devices_go_round_robin_through_what_the_scheduler_gave(monkeypatch):
 
 
 def test_a_second_sigterm_changes_nothing_a_second_ctrl_c_interrupts():
-    from autotune.training import stop_on_signals
+    from autotune.signals import stop_on_signals
 
     with stop_on_signals() as stop:
         # a scheduler's SIGTERM and the launcher's forwarded one: still a clean stop

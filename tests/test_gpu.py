@@ -67,19 +67,19 @@ def digits_on_the_gpu():
 
 
 def test_after_training_runs_on_the_gpu(monkeypatch) -> None:
-    from autotune import training
+    from autotune import fitting
     from autotune.data import load_data
 
     spec = digits_on_the_gpu()
     seen = []
-    after = training.after_training
+    after = fitting.after_training
     monkeypatch.setattr(
-        training,
+        fitting,
         "after_training",
         lambda model, *args: seen.append(next(model.parameters()).device) or after(model, *args),
     )
     config = TrialConfig((BlockConfig("before_bn", 0.3, "dropout"),), recalibrate_bn=True)
-    result = training.fit(spec, config, load_data(spec.data, seed=0))
+    result = fitting.fit(spec, config, load_data(spec.data, seed=0))
     # recalibration and measurement ran where the model trained, though Lightning's teardown
     # moves a module to the CPU; the trained model comes back on the CPU
     assert seen and seen[0].type == "cuda"
@@ -87,7 +87,7 @@ def test_after_training_runs_on_the_gpu(monkeypatch) -> None:
 
 
 def test_bf16_channels_last_and_compile_train_on_the_gpu() -> None:
-    from autotune import training
+    from autotune import fitting
     from autotune.data import load_data
     from autotune.spec import parse_spec
 
@@ -101,7 +101,7 @@ def test_bf16_channels_last_and_compile_train_on_the_gpu() -> None:
             }
         )
         config = TrialConfig((BlockConfig("after_act", 0.1, "dropout"),) * 2)
-        return training.fit(spec, config, load_data(spec.data, seed=0))
+        return fitting.fit(spec, config, load_data(spec.data, seed=0))
 
     plain = fit()
     fast = fit(precision="bf16-mixed", channels_last=True, compile=True)
@@ -111,7 +111,7 @@ def test_bf16_channels_last_and_compile_train_on_the_gpu() -> None:
 
 
 def test_the_data_is_held_on_the_gpu_and_batches_arrive_there(monkeypatch) -> None:
-    from autotune import training
+    from autotune import fitting
     from autotune.data import load_data
 
     spec = digits_on_the_gpu()
@@ -122,9 +122,9 @@ def test_the_data_is_held_on_the_gpu_and_batches_arrive_there(monkeypatch) -> No
         arrived.append(batch[0].device.type)
         return batch
 
-    monkeypatch.setattr(training.Classifier, "on_before_batch_transfer", before_transfer)
+    monkeypatch.setattr(fitting.Classifier, "on_before_batch_transfer", before_transfer)
     config = TrialConfig((BlockConfig("after_act", 0.3, "dropout"),))
-    training.fit(spec, config, datamodule)
+    fitting.fit(spec, config, datamodule)
     # moved once, before the first batch: every batch was born on the GPU
     assert datamodule.device.type == "cuda"
     assert arrived and set(arrived) == {"cuda"}

@@ -31,16 +31,26 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "user_code",
         "baselines",
         "checks",
+        "signals",
     ),
-    # the network, its regularisers and the data (torch; sources is numpy only)
-    "nn": ("regularizers", "surgery", "models", "shift", "prediction", "sources", "data"),
+    # the network, its regularisers, the data and the fit (torch; sources is numpy only)
+    "nn": (
+        "regularizers",
+        "surgery",
+        "models",
+        "shift",
+        "prediction",
+        "sources",
+        "data",
+        "fitting",
+    ),
     # where a study lives and how it is read and logged (optuna, mlflow)
     "search": ("pruners", "storage", "queries", "tracking"),
     # what a study hands back
     "outputs": ("export", "report"),
     # running a study
     "run": (
-        "training",
+        "objective",
         "preflight",
         "session",
         "robust",

@@ -15,7 +15,7 @@ from conftest import tiny_spec
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from autotune import training
+from autotune import fitting
 from autotune.cli import main
 from autotune.loop import run_study
 from autotune.names import ROBUST_ATTR
@@ -121,7 +121,7 @@ def test_the_choice_is_what_the_outputs_and_the_parent_run_recommend(robust_stud
 def test_a_rerun_with_nothing_new_does_not_train_again(robust_study, monkeypatch):
     spec, study = robust_study
     calls = []
-    monkeypatch.setattr(training, "fit", lambda *a, **k: calls.append(a) or None)
+    monkeypatch.setattr(fitting, "fit", lambda *a, **k: calls.append(a) or None)
     run_study(spec)
     # the budget was spent and the top trials are the same: the stored ranking stands
     assert calls == []
@@ -140,14 +140,14 @@ def test_a_bad_current_configuration_is_refused_before_any_training(tmp_path: Pa
 
 
 def test_a_configuration_that_diverges_on_a_seed_is_reported_not_fatal(write_spec, monkeypatch):
-    real_fit = training.fit
+    real_fit = fitting.fit
 
     def fit(spec, config, datamodule, **kwargs):
         if config.blocks[0].placement == "after_act" and config.blocks[0].rate == 0.5:
-            raise training.NonFiniteLossError("training loss became nan in epoch 1")
+            raise fitting.NonFiniteLossError("training loss became nan in epoch 1")
         return real_fit(spec, config, datamodule, **kwargs)
 
-    monkeypatch.setattr(training, "fit", fit)
+    monkeypatch.setattr(fitting, "fit", fit)
     spec = load_spec(
         write_spec(tiny_spec(study={"n_trials": 2}, recommend={"top_k": 1, "seeds": 2}))
     )

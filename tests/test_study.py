@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from autotune import training
+from autotune import fitting, objective
 from autotune.data import load_data
 from autotune.errors import WriteError
 from autotune.export import load_snippet
@@ -341,7 +341,7 @@ def test_a_rerun_refuses_other_data(write_spec):
 
 def test_a_diverging_trial_fails_and_the_study_goes_on(write_spec, monkeypatch):
     spec = load_spec(write_spec(tiny_spec(study={"n_trials": 3})))
-    real_fit, calls = training.fit, []
+    real_fit, calls = fitting.fit, []
 
     def fit_diverging_once(spec, *args, **kwargs):
         calls.append(1)
@@ -351,7 +351,7 @@ def test_a_diverging_trial_fails_and_the_study_goes_on(write_spec, monkeypatch):
             )
         return real_fit(spec, *args, **kwargs)
 
-    monkeypatch.setattr(training, "fit", fit_diverging_once)
+    monkeypatch.setattr(fitting, "fit", fit_diverging_once)
     outcome = run_study(spec)
     states = [t.state for t in outcome.study.trials]
 
@@ -397,7 +397,7 @@ def test_pruning_is_honoured_after_the_first_epoch_and_recorded(write_spec):
     study = optuna.create_study(direction="maximize", pruner=_AlwaysPrune())
     tracker = Tracker(spec.tracking_uri, spec.experiment_name, "pruning")
     tracker.start_study({})
-    study.optimize(training.Objective(spec, space, data, tracker), n_trials=1)
+    study.optimize(objective.Objective(spec, space, data, tracker), n_trials=1)
     trial = study.trials[0]
 
     # the trial stopped after its first epoch, with the epoch and the reason recorded
@@ -417,8 +417,8 @@ def test_a_fit_is_reproducible_with_the_same_seed(write_spec):
     data = load_data(spec.data, seed=0)
 
     # same seed, same configuration: the same learning curve
-    first = training.fit(spec, config, data).history
-    second = training.fit(spec, config, data).history
+    first = fitting.fit(spec, config, data).history
+    second = fitting.fit(spec, config, data).history
     assert first == second
 
 
@@ -474,7 +474,7 @@ def _gated_spec(write_spec, threshold: float | None, n_trials: int) -> Spec:
 def test_the_gate_prunes_a_hopeless_configuration_before_training(write_spec, monkeypatch):
     spec = _gated_spec(write_spec, threshold=0.5, n_trials=2)
     fits = []
-    monkeypatch.setattr(training, "fit", lambda *args, **kwargs: fits.append(1))
+    monkeypatch.setattr(fitting, "fit", lambda *args, **kwargs: fits.append(1))
     study = run_study(spec).study
     _, children = _mlflow_runs(spec)
 
@@ -535,7 +535,7 @@ def test_seed_trials_start_the_study_with_the_least_shifted_candidates(write_spe
     distances = []
     for _ in range(20):
         config = space.sample(candidates.ask())
-        distances.append(abs(math.log(training.predict(spec, config, data).summary.worst_delta)))
+        distances.append(abs(math.log(fitting.predict(spec, config, data).summary.worst_delta)))
     queue = optuna.create_study()
     chosen = enqueue_low_shift(queue, spec, space, data, 2)
 
@@ -569,7 +569,7 @@ def test_a_failure_after_training_fails_the_trial_and_ends_its_run(write_spec, m
     def fails(self, trial, result):
         raise RuntimeError("after training")
 
-    monkeypatch.setattr(training.Objective, "_save_if_best", fails)
+    monkeypatch.setattr(objective.Objective, "_save_if_best", fails)
     outcome = run_study(spec)
     trial = outcome.study.trials[0]
     # the trial fails with the reason, and the run stops after five such failures in a row
@@ -612,7 +612,7 @@ def test_a_write_the_disk_refuses_fails_its_trial_and_stops_the_run(write_spec, 
     def full_disk(state, path):
         raise WriteError(full)
 
-    monkeypatch.setattr(training, "save_tensors", full_disk)
+    monkeypatch.setattr(objective, "save_tensors", full_disk)
     with pytest.raises(WriteError, match="No space left on device"):
         run_study(spec)
     study = optuna.load_study(study_name="tiny", storage=spec.storage_url)

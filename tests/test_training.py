@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from autotune import training
+from autotune import fitting
 from autotune.data import load_data
 from autotune.errors import SpecError
 from autotune.preflight import check_runnable, resolve_space
@@ -36,8 +36,8 @@ def fit(spec, watch=None):
     data = load_data(spec.data, seed=0)
     config = resolve_space(spec).defaults()
     if watch is None:
-        return training.fit(spec, config, data)
-    original = training.build_seeded
+        return fitting.fit(spec, config, data)
+    original = fitting.build_seeded
 
     def build_and_watch(*args, **kwargs):
         model = original(*args, **kwargs)
@@ -45,8 +45,8 @@ def fit(spec, watch=None):
         return model
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(training, "build_seeded", build_and_watch)
-        return training.fit(spec, config, data)
+        patch.setattr(fitting, "build_seeded", build_and_watch)
+        return fitting.fit(spec, config, data)
 
 
 def test_bf16_mixed_trains_under_bfloat16_autocast():
@@ -113,9 +113,9 @@ def test_a_precision_the_machine_refuses_is_bad_input(monkeypatch):
 
 def test_the_fit_holds_the_data_on_the_device_it_trains_on(monkeypatch):
     held = []
-    hold = training.hold_on_device
+    hold = fitting.hold_on_device
     monkeypatch.setattr(
-        training, "hold_on_device", lambda dm, device: held.append(device) or hold(dm, device)
+        fitting, "hold_on_device", lambda dm, device: held.append(device) or hold(dm, device)
     )
     fit(cnn_spec())
     # the Trainer's own device, asked before the first batch
@@ -142,7 +142,7 @@ def test_delta_taken_in_a_pass_the_trial_runs_anyway_is_measure_shifts(recalibra
     from autotune.shift import measure_shift
 
     data = load_data(mlp_spec().data, seed=0)
-    result = training.fit(mlp_spec(), dropout_before_bn(recalibrate), data)
+    result = fitting.fit(mlp_spec(), dropout_before_bn(recalibrate), data)
     # the last validation (or, after recalibration, the validation again) observed the final
     # network on the validation data: measuring it afresh gives the same Δ, layer by layer
     again = measure_shift(result.model, data.val_dataloader())
@@ -159,12 +159,12 @@ def test_delta_taken_in_a_pass_the_trial_runs_anyway_is_measure_shifts(recalibra
 
 def test_delta_takes_a_float32_pass_where_validation_ran_another_precision(monkeypatch):
     calls = []
-    evaluate = training.evaluate
-    monkeypatch.setattr(training, "evaluate", lambda *a: calls.append(1) or evaluate(*a))
+    evaluate = fitting.evaluate
+    monkeypatch.setattr(fitting, "evaluate", lambda *a: calls.append(1) or evaluate(*a))
     data = load_data(mlp_spec().data, seed=0)
-    training.fit(mlp_spec(), dropout_before_bn(False), data)
+    fitting.fit(mlp_spec(), dropout_before_bn(False), data)
     assert calls == []  # taken in the last validation
-    result = training.fit(mlp_spec(precision="bf16-mixed"), dropout_before_bn(False), data)
+    result = fitting.fit(mlp_spec(precision="bf16-mixed"), dropout_before_bn(False), data)
     # bfloat16 validation is not the float32 network: one float32 pass gives Δ and eval mode's
     # accuracy, while the trial's value stays its last epoch's
     assert calls == [1] and set(result.measured) == {"block0.bn", "block1.bn"}
@@ -177,15 +177,15 @@ def test_delta_takes_a_float32_pass_where_validation_ran_another_precision(monke
 def test_train_and_eval_mode_accuracy_are_taken_on_the_validation_data(monkeypatch):
     data = load_data(mlp_spec().data, seed=0)
     served = []
-    take = training.train_mode_accuracy
+    take = fitting.train_mode_accuracy
 
     def seeded(model, batches):  # the dropout masks seeded, so the figure can be taken again
         served.append(batches)
         torch.manual_seed(5)
         return take(model, batches)
 
-    monkeypatch.setattr(training, "train_mode_accuracy", seeded)
-    result = training.fit(mlp_spec(), dropout_before_bn(False), data)
+    monkeypatch.setattr(fitting, "train_mode_accuracy", seeded)
+    result = fitting.fit(mlp_spec(), dropout_before_bn(False), data)
     final = result.final
     # one pass in train mode over the validation rows; eval mode's is the trial's val_acc
     (batches,) = served
@@ -200,9 +200,9 @@ def test_delta_is_measured_after_the_fit_when_the_last_validation_was_not_observ
     from autotune.shift import measure_shift
 
     # as if the last epoch's validation had not run: the float32 pass after the fit measures
-    monkeypatch.setattr(training.LastValidationShift, "on_validation_epoch_start", lambda *a: None)
+    monkeypatch.setattr(fitting.LastValidationShift, "on_validation_epoch_start", lambda *a: None)
     data = load_data(mlp_spec().data, seed=0)
-    result = training.fit(mlp_spec(), dropout_before_bn(False), data)
+    result = fitting.fit(mlp_spec(), dropout_before_bn(False), data)
     again = measure_shift(result.model, data.val_dataloader())
     assert list(result.measured) == list(again)
     for name, shift in again.items():
@@ -211,21 +211,21 @@ def test_delta_is_measured_after_the_fit_when_the_last_validation_was_not_observ
 
 def test_no_observing_hook_is_left_when_the_last_validation_fails(monkeypatch):
     built = []
-    build = training.build_seeded
+    build = fitting.build_seeded
     monkeypatch.setattr(
-        training, "build_seeded", lambda *a, **k: built.append(build(*a, **k)) or built[-1]
+        fitting, "build_seeded", lambda *a, **k: built.append(build(*a, **k)) or built[-1]
     )
-    validate = training.Classifier.validation_step
+    validate = fitting.Classifier.validation_step
 
     def fails_in_the_last_epoch(self, batch, batch_idx):
         if self.trainer.current_epoch == 1 and batch_idx == 1:
             raise RuntimeError("the device went away")
         return validate(self, batch, batch_idx)
 
-    monkeypatch.setattr(training.Classifier, "validation_step", fails_in_the_last_epoch)
+    monkeypatch.setattr(fitting.Classifier, "validation_step", fails_in_the_last_epoch)
     data = load_data(mlp_spec().data, seed=0)
     with pytest.raises(RuntimeError, match="the device went away"):
-        training.fit(mlp_spec(), dropout_before_bn(False), data)
+        fitting.fit(mlp_spec(), dropout_before_bn(False), data)
     # the error came through as it was, and the BN layers carry no hook of ours
     (model,) = built
     assert not any(module._forward_hooks for module in model.modules())
