@@ -232,17 +232,19 @@ def validate(spec_file: Path, storage: str | None, tracking_uri: str | None) -> 
 def export(spec_file: Path, formats: tuple[str, ...], storage: str | None) -> None:
     """Write the study's recommendation again from SPEC_FILE's storage, each file verified
     against the tuned network and its saved weights."""
-    from autotune.export import DEFAULT_FORMATS, write_outputs
+    from autotune.export import DEFAULT_FORMATS, NothingToRecommend, write_outputs
     from autotune.spec import load_spec
     from autotune.storage import load_existing_study
+    from autotune.weights import CheckFailed
 
     spec = load_spec(spec_file, overrides=_overrides(storage))
     study = load_existing_study(spec)
     try:
         paths = write_outputs(study, spec, formats or DEFAULT_FORMATS)
-    except RuntimeError as exc:  # a failed check names its file; else there is no best trial
-        named = str(exc).startswith(str(spec.output_dir))
-        raise SpecError(str(exc) if named else f"study.name: {exc}") from None
+    except CheckFailed as exc:  # a file that failed its check: the message names it
+        raise SpecError(str(exc)) from None
+    except NothingToRecommend as exc:
+        raise SpecError(f"study.name: {exc}") from None
     for path in paths:
         click.echo(f"wrote {path}")
 

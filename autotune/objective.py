@@ -19,7 +19,6 @@ import optuna
 
 from autotune import fitting
 from autotune.errors import UserCodeError, WriteError
-from autotune.export import save_tensors
 from autotune.names import (
     CONFIG_ATTR,
     DELTA_KEY,
@@ -54,6 +53,7 @@ from autotune.space import TrialConfig
 from autotune.spec import Spec
 from autotune.tracking import measured_metrics, predicted_metrics
 from autotune.user_code import describe
+from autotune.weights import save_tensors
 
 # which process ran a trial, when several share a study: host and process id
 WORKER = f"{socket.gethostname()}:{os.getpid()}"

@@ -116,7 +116,7 @@ def _keep_weights(spec: Spec, number: int, model: Any, own: str | None) -> str:
     data come in the same order, as autotune's own datasets do). Where the trial's own weights
     are not here, or cannot be told to be its own (no digest), keep these; return the digest of
     the file kept, which the export checks."""
-    from autotune.export import file_digest, save_tensors  # torch
+    from autotune.weights import file_digest, save_tensors  # torch
 
     path = trial_weights(spec.output_dir, number)
     if path.exists() and own is not None and file_digest(path) == own:

@@ -190,7 +190,7 @@ def save_input_stats(datamodule: Any, output_dir: Path) -> bool:
     Returns whether autotune standardised the inputs (a user DataModule prepares its own).
     Raises WriteError when the file cannot be written.
     """
-    from autotune.export import save_tensors  # torch
+    from autotune.weights import save_tensors  # torch
 
     stats = getattr(datamodule, "input_stats", None)
     if stats is not None:

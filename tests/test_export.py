@@ -14,22 +14,22 @@ import yaml
 from conftest import tiny_spec
 from torch import nn
 
-from autotune import export
-from autotune.export import (
+from autotune import export, snippet
+from autotune.export import write_outputs
+from autotune.loop import run_study
+from autotune.models import build_model
+from autotune.names import PARENT_ATTR, RELOGGED_RUN
+from autotune.snippet import (
     NotRendered,
     load_snippet,
     render_module,
     render_snippet,
     verify_snippet,
-    verify_weights,
-    write_outputs,
 )
-from autotune.loop import run_study
-from autotune.models import build_model
-from autotune.names import PARENT_ATTR, RELOGGED_RUN
 from autotune.space import BlockConfig, TrialConfig
 from autotune.spec import ModelSpec, parse_spec
 from autotune.storage import load_existing_study
+from autotune.weights import verify_weights
 
 DIGITS = (1, 8, 8)
 
@@ -441,13 +441,13 @@ def test_check_rendered_refuses_whatever_runs_at_definition(statement: str, tmp_
     # statements of the kinds a snippet has, which would run code when the module is executed
     code = f'"""doc"""\n\nimport torch\n\n{statement}\n'
     with pytest.raises(NotRendered, match="is not what autotune renders"):
-        export.check_rendered(code, tmp_path / "best_model.py")
+        snippet.check_rendered(code, tmp_path / "best_model.py")
     # what a snippet does have passes: defaults, annotations and bases that call nothing
     plain = (
         'class C(torch.nn.Module):\n    """c"""\n\n'
         "    def f(self, x: float = 0.5) -> None:\n        print(x)"
     )
-    export.check_rendered(f'"""doc"""\n\nimport torch\n\n{plain}\n', tmp_path / "best_model.py")
+    snippet.check_rendered(f'"""doc"""\n\nimport torch\n\n{plain}\n', tmp_path / "best_model.py")
 
 
 @pytest.mark.parametrize(
@@ -455,7 +455,7 @@ def test_check_rendered_refuses_whatever_runs_at_definition(statement: str, tmp_
 )
 def test_docstring_reads_back_as_the_text(text: str) -> None:
     # a string literal whatever the text holds: it evaluates to the text and nothing else
-    literal = export.docstring(text)
+    literal = snippet.docstring(text)
     assert ast.literal_eval(literal) == text
     [node] = ast.parse(literal).body
     assert isinstance(node, ast.Expr)

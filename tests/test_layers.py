@@ -43,11 +43,12 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "sources",
         "data",
         "fitting",
+        "weights",
     ),
     # where a study lives and how it is read and logged (optuna, mlflow)
     "search": ("pruners", "storage", "queries", "tracking"),
     # what a study hands back
-    "outputs": ("export", "report"),
+    "outputs": ("snippet", "recommendation", "export", "report"),
     # running a study
     "run": (
         "objective",

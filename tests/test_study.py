@@ -18,12 +18,12 @@ from torch import nn
 from autotune import fitting, objective
 from autotune.data import load_data
 from autotune.errors import WriteError
-from autotune.export import load_snippet
 from autotune.loop import run_study
 from autotune.models import build_model
 from autotune.preflight import resolve_space
 from autotune.queries import count_finished
 from autotune.session import enqueue_low_shift
+from autotune.snippet import load_snippet
 from autotune.space import TrialConfig
 from autotune.spec import Spec, load_spec
 from autotune.storage import open_study

@@ -17,13 +17,14 @@ from torch import nn
 
 from autotune.cli import main
 from autotune.errors import SpecError
-from autotune.export import load_snippet, verify_weights
 from autotune.loop import run_study
 from autotune.models import build_model
 from autotune.prediction import predict_shift
+from autotune.snippet import load_snippet
 from autotune.space import BlockConfig, TrialConfig
 from autotune.spec import ModelSpec, load_spec, parse_spec
 from autotune.surgery import apply_config, find_blocks, without_batchnorm
+from autotune.weights import verify_weights
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "own_model"
 SHAPE = (1, 8, 8)
