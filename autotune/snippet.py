@@ -97,19 +97,6 @@ def render_imported_snippet(
     returns (with `kwargs`), by the same surgery autotune did (copied in), so the state_dict keys
     stay the user's own."""
     module_name, _, factory = (spec.import_ or "").partition(":")
-    lines = []
-    for found, block in zip(blocks, config.blocks, strict=True):
-        bn = f"model.get_submodule({found.bn!r})"
-        lines.append(f"    {bn}.momentum = {block.bn_momentum!r}")
-        if not block.active:
-            continue
-        host, where = {
-            "before_bn": (found.bn, "input"),
-            "after_bn": (found.bn, "output"),
-            "after_act": (found.act, "output"),
-        }[block.placement]
-        drop = render_module(make_regularizer(block.regularizer, block.rate))
-        lines.append(f"    add_regularizer(model.get_submodule({host!r}), {drop}, {where!r})")
     classes = custom_classes(model)
     carried = "".join(f"\n\n\n{inspect.getsource(cls).rstrip()}" for cls in classes)
     surgery_code = "\n\n\n".join(
@@ -117,7 +104,7 @@ def render_imported_snippet(
         for f in (surgery.add_regularizer, surgery.drop_input, surgery.drop_output)
     )
     functional = "import torch.nn.functional as F\n" if classes else ""
-    body = "\n".join(lines)
+    body = _recommendation_body(blocks, config)
     doc = f"""{header}
 
 Your own model ({spec.import_}) with the recommended BN momenta and regularisers: imports torch
@@ -157,6 +144,24 @@ if __name__ == "__main__":
     print(sum(p.numel() for p in model.parameters()), "parameters")
     print("output of a batch of 2:", tuple(model(torch.zeros(2, *INPUT_SHAPE)).shape))
 '''
+
+
+def _recommendation_body(blocks: tuple[surgery.FoundBlock, ...], config: TrialConfig) -> str:
+    """apply_recommendation()'s statements: each block's BN momentum, then its regulariser."""
+    lines = []
+    for found, block in zip(blocks, config.blocks, strict=True):
+        bn = f"model.get_submodule({found.bn!r})"
+        lines.append(f"    {bn}.momentum = {block.bn_momentum!r}")
+        if not block.active:
+            continue
+        host, where = {
+            "before_bn": (found.bn, "input"),
+            "after_bn": (found.bn, "output"),
+            "after_act": (found.act, "output"),
+        }[block.placement]
+        drop = render_module(make_regularizer(block.regularizer, block.rate))
+        lines.append(f"    add_regularizer(model.get_submodule({host!r}), {drop}, {where!r})")
+    return "\n".join(lines)
 
 
 def custom_classes(model: nn.Module) -> list[type]:
