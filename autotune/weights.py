@@ -54,7 +54,10 @@ def verify_weights(
     """Load the saved state_dict into both networks and compare their eval-mode outputs on a
     seeded batch; return the largest difference. Raise when a key does not load or the outputs
     differ: then the file does not describe the trained network."""
-    state = torch.load(weights, map_location="cpu", weights_only=True)  # data: no pickled code
+    try:  # data only: no pickled code runs
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:  # cut short, not torch's, ...
+        raise WeightsDoNotLoad(f"{weights}: cannot be read: {first_line(exc)}") from None
     try:
         rebuilt.load_state_dict(state)
     except RuntimeError as exc:

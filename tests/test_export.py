@@ -29,7 +29,7 @@ from autotune.snippet import (
 from autotune.space import BlockConfig, TrialConfig
 from autotune.spec import ModelSpec, parse_spec
 from autotune.storage import load_existing_study
-from autotune.weights import verify_weights
+from autotune.weights import WeightsDoNotLoad, verify_weights
 
 DIGITS = (1, 8, 8)
 
@@ -459,3 +459,11 @@ def test_docstring_reads_back_as_the_text(text: str) -> None:
     assert ast.literal_eval(literal) == text
     [node] = ast.parse(literal).body
     assert isinstance(node, ast.Expr)
+
+
+def test_verify_weights_names_a_file_that_cannot_be_read(tmp_path: Path) -> None:
+    weights, path, reference, shape = saved(tmp_path, "mlp-gelu-mixed")
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short, as by a full disk
+    # a check that failed, naming the file: `export` prints it in one line, not a traceback
+    with pytest.raises(WeightsDoNotLoad, match=rf"^{re.escape(str(weights))}: cannot be read"):
+        verify_weights(load_snippet(path), reference, weights, shape, path)
