@@ -25,6 +25,7 @@ import optuna
 from autotune.baselines import baselines
 from autotune.errors import SpecError, first_line
 from autotune.names import BLOCKS_AT, INPUT_STATS, PARENT_ATTR, SEARCH_SPACE_ATTR, STANDARDISED_ATTR
+from autotune.optuna_private import reload_study
 from autotune.preflight import check_runnable, resolve_space
 from autotune.pruners import shift_distance
 from autotune.redaction import redact
@@ -148,7 +149,7 @@ def _parent_run_id(study: optuna.Study) -> str | None:
         if study.get_trials(deepcopy=False) or time.monotonic() > deadline:
             return None  # an older study run without MLflow, or a creator that gave up
         time.sleep(POLL_SECONDS / 4)
-        study = optuna.load_study(study_name=study.study_name, storage=study._storage)
+        study = reload_study(study)
     return study.user_attrs[PARENT_ATTR]
 
 

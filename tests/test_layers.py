@@ -35,7 +35,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # the network, its regularisers and the data (torch; sources is numpy only)
     "nn": ("regularizers", "surgery", "models", "shift", "prediction", "sources", "data"),
     # where a study lives and how it is read and logged (optuna, mlflow)
-    "search": ("pruners", "storage", "queries", "tracking"),
+    "search": ("optuna_private", "pruners", "storage", "queries", "tracking"),
     # what a study hands back
     "outputs": ("export", "report"),
     # running a study
