@@ -44,6 +44,7 @@ import optuna
 from optuna.pruners import BasePruner, MedianPruner, NopPruner, PercentilePruner
 from optuna.trial import FrozenTrial, TrialState
 
+from autotune.direction import best_first, maximizes
 from autotune.names import DELTA_KEY
 from autotune.optuna_private import percentile_settings
 
@@ -141,8 +142,7 @@ class VarianceShiftPruner(BasePruner):
         ]
         if len(complete) < self.learn_after:
             return None
-        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-        ranked = sorted(complete, key=lambda t: -t.value if maximize else t.value)  # type: ignore[operator]
+        ranked = best_first(complete, maximizes(study), key=lambda t: t.value)
         best = ranked[: max(1, len(ranked) // 4)]
         widest = max(shift_distance(t.user_attrs[self.delta_key]) for t in best)
         return max(widest, MIN_LEARNED_DISTANCE) * self.margin

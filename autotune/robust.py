@@ -21,6 +21,7 @@ from typing import Any
 import optuna
 
 from autotune.baselines import Candidate, baselines
+from autotune.direction import best_of, maximizes
 from autotune.names import ROBUST_ATTR, WEIGHTS_DIGEST, trial_weights
 from autotune.queries import best_trial, distinct_top, trial_config
 from autotune.session import Session
@@ -51,7 +52,7 @@ def robust_recommendation(session: Session) -> dict[str, Any] | None:
         f"recommending by the {wanted.by} over {len(seeds)} seeds: training "
         f"{len(candidates)} configurations again, {len(candidates) * len(seeds)} fits"
     )
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    maximize = maximizes(study)
     rows = []
     for name, number, config, batchnorm in candidates:
         row: dict[str, Any] = {"name": name, "trial": number, "blocks": config.to_dicts()}
@@ -80,10 +81,9 @@ def robust_recommendation(session: Session) -> dict[str, Any] | None:
 
 def _choose(result: dict[str, Any], by: str, study: optuna.Study) -> dict[str, Any]:
     """The tuned configuration with the best mean or bound (None when every one failed)."""
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     tuned = [r for r in result["rows"] if r["trial"] is not None and "failed" not in r]
     key = "mean" if by == "mean" else "bound"
-    pick = (max if maximize else min)(tuned, key=lambda r: r[key]) if tuned else None
+    pick = best_of(tuned, maximizes(study), key=lambda r: r[key]) if tuned else None
     result = {**result, "by": by, "choice": None if pick is None else pick["trial"]}
     study.set_user_attr(ROBUST_ATTR, result)
     return result

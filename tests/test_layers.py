@@ -31,6 +31,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "user_code",
         "baselines",
         "checks",
+        "direction",
     ),
     # the network, its regularisers and the data (torch; sources is numpy only)
     "nn": ("regularizers", "surgery", "models", "shift", "prediction", "sources", "data"),
