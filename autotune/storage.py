@@ -22,7 +22,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 
 from autotune.checks import check_sampler
-from autotune.errors import SpecError, WriteError
+from autotune.errors import SpecError, WriteError, first_line_with_type
 from autotune.names import INPUT_SHAPE_ATTR, METRIC_ATTR, N_CLASSES_ATTR
 from autotune.pruners import VarianceShiftPruner
 from autotune.redaction import redact
@@ -81,9 +81,8 @@ def make_storage(
         raise
     except Exception as exc:  # bad URL, missing driver, unreachable server, a full disk
         raise_if_disk(exc, url)
-        reason = str(exc).splitlines()[0] if str(exc) else ""
         raise SpecError(  # the reason may quote the URL: SQLAlchemy's does
-            redact(f"study.storage: cannot open {url!r}: {type(exc).__name__}: {reason}")
+            redact(f"study.storage: cannot open {url!r}: {first_line_with_type(exc)}")
         ) from None
 
 

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from autotune.errors import WriteError, first_line
+from autotune.errors import WriteError, first_line_with_type
 from autotune.names import (
     ARTIFACTS_DIR,
     CONFIG_ATTR,
@@ -343,7 +343,7 @@ class Tracker:
         return redact(self.tracking_uri)
 
     def went_down(self, exc: BaseException) -> None:
-        self.last_error = redact(_first_line(exc))
+        self.last_error = redact(first_line_with_type(exc))
         if self.down_since is None:
             self.down_since = time.monotonic()
             self.notify(
@@ -548,12 +548,6 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _ms(moment: Any) -> int | None:
     return None if moment is None else int(moment.timestamp() * 1000)
-
-
-def _first_line(exc: BaseException) -> str:
-    """`Type: first line`, or the type's name alone when the message is empty."""
-    name = type(exc).__name__
-    return f"{name}: {first_line(exc)}" if str(exc).strip() else name
 
 
 def _artifact_location(uri: str) -> str | None:
