@@ -86,6 +86,16 @@ def make_storage(
         ) from None
 
 
+def failed_to_connect(exc: BaseException) -> bool:
+    """Whether opening an RDB storage failed before any statement ran: the server or file could
+    not be reached, or refused the login. SQLAlchemy raises a DBAPIError whose `statement` is
+    None only for an error while connecting (the driver's own, psycopg's with no sqlstate or
+    class 08 or 28, MySQL's 2003, ...); a race to create the tables fails in a statement."""
+    from sqlalchemy.exc import DBAPIError  # Optuna's RDB storage needs it: there when it raised
+
+    return isinstance(exc, DBAPIError) and exc.statement is None
+
+
 def _rdb_storage(url: str, interval: int, grace: int) -> optuna.storages.RDBStorage:
     def open_() -> optuna.storages.RDBStorage:
         return optuna.storages.RDBStorage(
@@ -104,7 +114,7 @@ def _rdb_storage(url: str, interval: int, grace: int) -> optuna.storages.RDBStor
         except Exception as exc:
             # workers that open a fresh database at once race to create its tables: the loser
             # finds them made on a second look. A server that is not there is not worth one.
-            if "connect" in str(exc).lower():
+            if failed_to_connect(exc):
                 raise
             time.sleep(0.1 + secrets.randbelow(500) / 1000)
     return open_()

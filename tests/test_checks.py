@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autotune.checks import check_batches, split_sizes
+from autotune.checks import check_accelerator, check_batches, split_sizes
 from autotune.data import load_data
 from autotune.errors import SpecError
 from autotune.preflight import describe
@@ -173,3 +173,29 @@ def test_generated_data_too_big_is_refused_both_ways(synthetic: dict, message: s
     with pytest.raises(SpecError) as loaded:
         load_data(spec, seed=0)
     assert str(described.value) == str(loaded.value) == message
+
+
+@pytest.mark.parametrize(
+    ("refuses", "field"),
+    [
+        # Lightning raises the same exception type for both: the accelerator in float32 decides
+        (lambda accelerator, precision: precision != "32-true", "train.precision: 'bf16-mixed'"),
+        (lambda accelerator, precision: True, "train.accelerator: 'cuda'"),
+    ],
+)
+def test_a_refused_precision_is_told_from_a_missing_accelerator(
+    monkeypatch, refuses, field: str
+) -> None:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from autotune import checks
+
+    def trainer(accelerator: str, precision: str) -> None:
+        if refuses(accelerator, precision):
+            raise MisconfigurationException("no can do\nmore")
+
+    monkeypatch.setattr(checks, "_trainer", trainer)
+    with pytest.raises(SpecError) as caught:
+        check_accelerator("cuda", "bf16-mixed")
+    assert str(caught.value) == f"{field}: no can do"
+    check_accelerator("cpu")  # nothing asked: always there in float32
