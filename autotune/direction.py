@@ -8,12 +8,15 @@ ranking and every pick of the best goes through these functions. Duck-typed on t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import optuna  # core imports no Optuna at run time
 
 T = TypeVar("T")
 
 
-def maximizes(study: Any) -> bool:
+def maximizes(study: optuna.Study) -> bool:
     """Whether an Optuna study maximises its value (its `direction` is MAXIMIZE)."""
     return study.direction.name == "MAXIMIZE"
 

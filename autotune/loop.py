@@ -21,9 +21,9 @@ the loop starts, not with this module, which the progress bar imports.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from datetime import datetime
-from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -36,7 +36,7 @@ from autotune.queries import FINISHED, count_finished
 from autotune.session import Session, StudyOutcome, open_session
 from autotune.spec import Spec
 from autotune.storage import HEARTBEAT_GRACE, POLL_SECONDS, raise_if_disk
-from autotune.tracking import sync_study
+from autotune.tracking import Tracker, sync_study
 
 MAX_FAILURES_IN_A_ROW = 5
 
@@ -60,7 +60,7 @@ class Budget:
         self,
         study: optuna.Study,
         total: int,
-        stop: Any,
+        stop: threading.Event,
         progress: Observer,
         *,
         timeout: float | None = None,
@@ -230,7 +230,7 @@ def run_trials(
     return outcome
 
 
-def _log_missed(tracker: Any, study: optuna.Study, metric: str, progress: Observer) -> None:
+def _log_missed(tracker: Tracker, study: optuna.Study, metric: str, progress: Observer) -> None:
     """The trials this process could not log while MLflow was away, logged whole now."""
     missed = sorted(tracker.missed)
     try:

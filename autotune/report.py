@@ -42,6 +42,7 @@ from autotune.names import (
     ROBUST_ATTR,
 )
 from autotune.queries import recommended_trial, state_counts, top_trials
+from autotune.spec import Spec
 from autotune.writes import write_atomic
 
 FIGURES = {
@@ -214,7 +215,7 @@ def _learning_curves(ax: Any, study: optuna.Study, metric: str) -> None:
     ax.legend(loc="best", fontsize=7, ncol=2)
 
 
-def write_report(study: optuna.Study, spec: Any) -> Path:
+def write_report(study: optuna.Study, spec: Spec) -> Path:
     """<output>/report.html: the study's pictures, embedded, with its recommendation and top
     trials. One file: it opens anywhere, offline."""
     out = spec.output_dir

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
@@ -26,6 +26,9 @@ from autotune.names import ROBUST_ATTR, WEIGHTS_DIGEST, trial_weights
 from autotune.queries import best_trial, distinct_top, trial_config
 from autotune.session import Session
 from autotune.spec import Spec
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def robust_recommendation(session: Session) -> dict[str, Any] | None:
@@ -111,7 +114,7 @@ def summary(values: list[float], maximize: bool) -> dict[str, float]:
     return {"mean": mean, "sd": sd, "bound": mean - margin if maximize else mean + margin}
 
 
-def _keep_weights(spec: Spec, number: int, model: Any, own: str | None) -> str:
+def _keep_weights(spec: Spec, number: int, model: nn.Module, own: str | None) -> str:
     """The run with the spec's own seed trained the trial's network again (exactly, where the
     data come in the same order, as autotune's own datasets do). Where the trial's own weights
     are not here, or cannot be told to be its own (no digest), keep these; return the digest of
