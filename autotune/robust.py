@@ -76,7 +76,7 @@ def robust_recommendation(session: Session) -> dict[str, Any] | None:
                 row[WEIGHTS_DIGEST] = _keep_weights(spec, number, result.model, own)
         row["values"] = values
         if "failed" not in row:
-            row.update(summary(values, maximize))
+            row.update(seed_statistics(values, maximize))
         rows.append(row)
     result = {"seeds": seeds, "signature": signature, "rows": rows}
     return _choose(result, wanted.by, study)
@@ -104,7 +104,7 @@ def signature_of(spec: Spec, candidates: list[Candidate], seeds: list[int]) -> d
     }
 
 
-def summary(values: list[float], maximize: bool) -> dict[str, float]:
+def seed_statistics(values: list[float], maximize: bool) -> dict[str, float]:
     """mean, standard deviation, and the one-sided 95 % bound of the mean on the side that
     counts against it (lower for a value to maximise)."""
     from scipy import stats

@@ -71,11 +71,15 @@ def put_first_on_path(folders: Sequence[Path]) -> None:
 def message_of(exc: BaseException) -> str:
     """The first line of what the user's code raised; `SystemExit(code)` for an exit, whose
     message is only its code."""
-    return describe(exc) if isinstance(exc, SystemExit) else first_line(exc)
+    return raised_line(exc) if isinstance(exc, SystemExit) else first_line(exc)
 
 
-def describe(exc: BaseException) -> str:
+def raised_line(exc: BaseException) -> str:
     """`Type: first line`, for errors raised by the user's own code; `SystemExit(code)`."""
     if isinstance(exc, SystemExit):
         return f"SystemExit({exc.code!r})"
     return first_line_with_type(exc)
+
+
+# the old name, kept while autotune/training.py imports it
+describe = raised_line
