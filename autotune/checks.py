@@ -120,25 +120,39 @@ def check_accelerator(accelerator: str, precision: str = "32-true") -> None:
     gpu, cuda and mps, or for a precision other than float32."""
     if accelerator in ALWAYS_THERE and precision == "32-true":
         return
+    try:
+        _trainer(accelerator, precision)
+    except Exception as exc:  # MisconfigurationException: no such device, or precision, here
+        # Lightning raises the same MisconfigurationException (or ValueError) for either: the
+        # precision is at fault when the accelerator alone, in float32, is taken
+        field, value = ("accelerator", accelerator)
+        if precision != "32-true" and _takes(accelerator):
+            field, value = ("precision", precision)
+        raise SpecError(f"train.{field}: {value!r}: {first_line(exc)}") from None
+
+
+def _trainer(accelerator: str, precision: str) -> None:
+    """Make (and drop) a Lightning Trainer for one device of `accelerator` at `precision`."""
     import lightning.pytorch as pl  # only here: validate imports no Lightning otherwise
 
     quiet_lightning()
+    pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def _takes(accelerator: str) -> bool:
+    """Whether Lightning takes `accelerator` in float32."""
     try:
-        pl.Trainer(
-            accelerator=accelerator,
-            devices=1,
-            precision=precision,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-    except Exception as exc:  # MisconfigurationException: no such device, or precision, here
-        field, value = (
-            ("precision", precision)
-            if "precision" in str(exc).lower()
-            else ("accelerator", accelerator)
-        )
-        raise SpecError(f"train.{field}: {value!r}: {first_line(exc)}") from None
+        _trainer(accelerator, "32-true")
+    except Exception:
+        return False
+    return True
 
 
 def count_parameters(model: ModelSpec, input_shape: Sequence[int], n_classes: int) -> int:

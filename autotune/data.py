@@ -35,7 +35,7 @@ from autotune.sources import (
     standardise,
 )
 from autotune.spec import DataSpec
-from autotune.user_code import USER_ERRORS, describe, import_object
+from autotune.user_code import USER_ERRORS, import_object, raised_line
 
 __all__ = [  # split_rows and the readers live in autotune.sources; kept here for old imports
     "TensorBatches",
@@ -273,7 +273,7 @@ def load_user_datamodule(spec: DataSpec, *, base_dir: Path = Path(".")) -> pl.Li
         datamodule = cls(**spec.kwargs)
     except USER_ERRORS as exc:
         raise UserCodeError(
-            f"data.datamodule: {target!r} failed to build with data.kwargs: {describe(exc)}"
+            f"data.datamodule: {target!r} failed to build with data.kwargs: {raised_line(exc)}"
         ) from exc
     shape = _first_batch_shape(datamodule, target)
     n_classes = _user_n_classes(datamodule, spec)
@@ -304,7 +304,7 @@ def _first_batch_shape(datamodule: pl.LightningDataModule, target: str) -> tuple
         batch = next(iter(datamodule.train_dataloader()), None)
     except USER_ERRORS as exc:
         raise UserCodeError(
-            f"data.datamodule: {target!r} failed to set up its training data: {describe(exc)}"
+            f"data.datamodule: {target!r} failed to set up its training data: {raised_line(exc)}"
         ) from exc
     if batch is None:
         raise SpecError(f"data.datamodule: {target!r}: train_dataloader() yielded no batches")

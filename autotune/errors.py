@@ -38,6 +38,13 @@ def first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def first_line_with_type(exc: BaseException) -> str:
+    """`Type: first line`, or the type's name alone when the message is empty: an error
+    quoted where its type says as much as its message (a library's or the user's own)."""
+    name = type(exc).__name__
+    return f"{name}: {first_line(exc)}" if str(exc).strip() else name
+
+
 # the longest error line the CLI prints: a longer one keeps its start (the field) and its end
 # (the rule), and says how much of the middle (a long bad value, as a rule) it left out
 MAX_LINE = 300

@@ -30,7 +30,7 @@ from autotune.report import write_figures
 from autotune.robust import robust_recommendation
 from autotune.session import Session, StudyOutcome
 from autotune.spec import Spec
-from autotune.tracking import sync_study
+from autotune.tracking import Tracker, sync_study
 
 
 def finish_study(session: Session, outcome: StudyOutcome) -> None:
@@ -62,7 +62,9 @@ def finish_study(session: Session, outcome: StudyOutcome) -> None:
         )
 
 
-def end_parent_run(study: optuna.Study, spec: Spec, tracker: Any, outcome: StudyOutcome) -> None:
+def end_parent_run(
+    study: optuna.Study, spec: Spec, tracker: Tracker, outcome: StudyOutcome
+) -> None:
     """What the end of a study gives its parent run, at the end of a run (finish_study) or
     later by `autotune sync` (sync_parent_run): the recommendation written from the trials that
     completed (write_outputs: weights trained on another node are said to be absent), the
@@ -120,7 +122,7 @@ def end_parent_run(study: optuna.Study, spec: Spec, tracker: Any, outcome: Study
     )
 
 
-def sync_parent_run(study: optuna.Study, spec: Spec, tracker: Any) -> StudyOutcome | None:
+def sync_parent_run(study: optuna.Study, spec: Spec, tracker: Tracker) -> StudyOutcome | None:
     """`autotune sync`, after the trials: a parent run that its run left RUNNING (MLflow did not
     answer at its end) is ended as that run would have ended it (end_parent_run), against the
     spec's budget, when no trial is running. Returns the outcome it ended the parent with, or

@@ -21,9 +21,9 @@ the loop starts, not with this module, which the progress bar imports.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from datetime import datetime
-from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -31,11 +31,12 @@ from optuna.trial import FrozenTrial, TrialState
 from autotune.checks import quiet_lightning
 from autotune.finish import finish_study
 from autotune.names import FAIL_REASON_ATTR, STARTED, SURPLUS_ATTR
+from autotune.optuna_private import fail_trial, heartbeats
 from autotune.queries import FINISHED, count_finished
 from autotune.session import Session, StudyOutcome, open_session
 from autotune.spec import Spec
 from autotune.storage import HEARTBEAT_GRACE, POLL_SECONDS, raise_if_disk
-from autotune.tracking import sync_study
+from autotune.tracking import Tracker, sync_study
 
 MAX_FAILURES_IN_A_ROW = 5
 
@@ -59,7 +60,7 @@ class Budget:
         self,
         study: optuna.Study,
         total: int,
-        stop: Any,
+        stop: threading.Event,
         progress: Observer,
         *,
         timeout: float | None = None,
@@ -72,7 +73,7 @@ class Budget:
         self.grace = grace
         # without heartbeats (journal storages) a dead worker's trial looks alive forever, so a
         # running trial holds no slot there: workers may overshoot by a trial each, never hang
-        self.heartbeats = optuna.storages._heartbeat.is_heartbeat_enabled(study._storage)
+        self.heartbeats = heartbeats(study)
 
     def counts(self) -> tuple[int, int]:
         """Trials finished (COMPLETE, PRUNED), and running trials that hold a slot."""
@@ -107,17 +108,16 @@ class Budget:
         first heartbeat: the heartbeat check cannot see it. Such a trial never reached the
         objective (which records `started`) though it began longer than the grace period ago.
         """
-        storage, now = self.study._storage, datetime.now()
+        now = datetime.now()
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             begun = trial.datetime_start
             if trial.user_attrs.get(STARTED) == trial.number or begun is None:
                 continue
             if (now - begun).total_seconds() > self.grace:
                 with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                    storage.set_trial_user_attr(
-                        trial._trial_id, FAIL_REASON_ATTR, "its worker stopped before it started"
+                    fail_trial(
+                        self.study, trial, FAIL_REASON_ATTR, "its worker stopped before it started"
                     )
-                    storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
 
     def admits(self, trial: optuna.Trial) -> bool:
         """Whether `trial` fits the budget: fewer than `total` trials that hold a slot (see
@@ -231,7 +231,7 @@ def run_trials(
     return outcome
 
 
-def _log_missed(tracker: Any, study: optuna.Study, metric: str, progress: Observer) -> None:
+def _log_missed(tracker: Tracker, study: optuna.Study, metric: str, progress: Observer) -> None:
     """The trials this process could not log while MLflow was away, logged whole now."""
     missed = sorted(tracker.missed)
     try:

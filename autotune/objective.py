@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import optuna
 
 from autotune import fitting
+from autotune.direction import better, maximizes
 from autotune.errors import UserCodeError, WriteError
 from autotune.names import (
     CONFIG_ATTR,
@@ -47,12 +48,12 @@ from autotune.names import (
 from autotune.prediction import NetworkPrediction
 from autotune.pruners import VarianceShiftPruner
 from autotune.redaction import redact
-from autotune.shift import summarize
+from autotune.shift import summarize_measured
 from autotune.signals import TrialInterrupted
 from autotune.space import TrialConfig
 from autotune.spec import Spec
 from autotune.tracking import measured_metrics, predicted_metrics
-from autotune.user_code import describe
+from autotune.user_code import raised_line
 from autotune.weights import save_tensors
 
 # which process ran a trial, when several share a study: host and process id
@@ -140,7 +141,7 @@ class Objective:
         except (TrialInterrupted, KeyboardInterrupt, SystemExit) as exc:
             if isinstance(exc, SystemExit) and not self._interrupt(exc):
                 # the user's code called sys.exit(): the trial fails, the study goes on
-                failure = UserCodeError(f"{_user_code(self.spec)} raised {describe(exc)}")
+                failure = UserCodeError(f"{_user_code(self.spec)} raised {raised_line(exc)}")
                 self._fail(trial, run_id, failure)
                 raise failure from None
             # Ctrl-C or SIGTERM, or Lightning's sys.exit(1) on a second Ctrl-C: an interrupt
@@ -244,7 +245,7 @@ class Objective:
         self, trial: optuna.Trial, run_id: str | None, result: fitting.TrialResult
     ) -> None:
         """Measured Δ per BN layer, its summary, and the final metrics: Optuna and MLflow."""
-        summary = summarize(result.measured)
+        summary = summarize_measured(result.measured)
         measured = {
             "layers": {name: layer.delta for name, layer in result.measured.items()},
             "summary": {
@@ -264,11 +265,8 @@ class Objective:
             best = study.best_value
         except ValueError:  # no trial has completed yet
             best = None
-        better = best is None or (
-            # >=: a trial that ties the best may be the one Optuna names best; keep its weights
-            result.value >= best if study.direction.name == "MAXIMIZE" else result.value <= best
-        )
-        if better:  # whole or not there: never a file cut short (WriteError when the disk refuses)
+        # or_equal: a trial that ties the best may be the one Optuna names best; keep its weights
+        if best is None or better(result.value, best, maximizes(study), or_equal=True):  # whole or not there: never a file cut short (WriteError when the disk refuses)
             path = trial_weights(self.spec.output_dir, trial.number)
             digest = save_tensors(result.model.state_dict(), path)
             # the export checks the file is this trial's: another study may share the folder

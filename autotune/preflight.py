@@ -1,7 +1,7 @@
 """What is checked and resolved before any trial: the first steps of `run`, `validate` and
 `predict`.
 
-`check_spec` is `autotune validate`: the search space, the data (`describe` reads a file as
+`check_spec` is `autotune validate`: the search space, the data (`data_shape` reads a file as
 training would, and knows the built-in datasets without loading them), the template against the
 data's shape, the sampler against the space, the accelerator and the batches. torch, Lightning,
 Optuna and MLflow take seconds to import, and none of these checks needs them, with two
@@ -34,8 +34,7 @@ from autotune.checks import (
 from autotune.errors import SpecError, UserCodeError, abbreviate
 from autotune.space import SearchSpace, Slot, load_space
 from autotune.spec import BUILTIN_DATASETS, DataSpec, Spec, SyntheticSpec
-from autotune.user_code import USER_ERRORS, message_of
-from autotune.user_code import describe as describe_raised
+from autotune.user_code import USER_ERRORS, message_of, raised_line
 
 # the bundled datasets: rows, one example's shape, classes (a test checks them against the data)
 BUNDLED = {
@@ -45,7 +44,7 @@ BUNDLED = {
 }
 
 
-def describe(spec: DataSpec) -> DataShape:
+def data_shape(spec: DataSpec) -> DataShape:
     """The shape, classes and split sizes `load_data` will give, with the same SpecErrors, for a
     built-in dataset or a file; not for a user datamodule (that needs its own code).
 
@@ -54,7 +53,7 @@ def describe(spec: DataSpec) -> DataShape:
     checked as `load_data` reads them.
     """
     if spec.datamodule is not None:
-        raise ValueError("describe() cannot tell a user datamodule's shape; use load_data()")
+        raise ValueError("data_shape() cannot tell a user datamodule's shape; use load_data()")
     if spec.path is not None:
         import numpy as np
 
@@ -138,9 +137,7 @@ def check_runnable(spec: Spec, space: SearchSpace, datamodule: Any) -> None:
     except USER_ERRORS as exc:
         code = spec.data.datamodule
         where = f"data.datamodule: {abbreviate(code)}" if code else "data"
-        raise UserCodeError(
-            f"{where}: its training loader failed: {describe_raised(exc)}"
-        ) from None
+        raise UserCodeError(f"{where}: its training loader failed: {raised_line(exc)}") from None
     if empty:
         raise SpecError("data.val_fraction: the training split is too small for one batch")
     try:  # the metric needs validation batches; a DataModule without them fails every trial
@@ -165,7 +162,7 @@ def check_spec(spec: Spec) -> tuple[SearchSpace, DataShape]:
         )
         return space, shape
     space = resolve_space(spec)
-    data = describe(spec.data)
+    data = data_shape(spec.data)
     check_sampler(spec.study.sampler, space)
     check_template(spec.model.template, data.input_shape)
     check_size(spec.model, data.input_shape, data.n_classes)

@@ -44,7 +44,9 @@ import optuna
 from optuna.pruners import BasePruner, MedianPruner, NopPruner, PercentilePruner
 from optuna.trial import FrozenTrial, TrialState
 
+from autotune.direction import best_first, maximizes
 from autotune.names import DELTA_KEY
+from autotune.optuna_private import percentile_settings
 
 
 class VarianceShiftPruner(BasePruner):
@@ -140,8 +142,7 @@ class VarianceShiftPruner(BasePruner):
         ]
         if len(complete) < self.learn_after:
             return None
-        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-        ranked = sorted(complete, key=lambda t: -t.value if maximize else t.value)  # type: ignore[operator]
+        ranked = best_first(complete, maximizes(study), key=lambda t: t.value)
         best = ranked[: max(1, len(ranked) // 4)]
         widest = max(shift_distance(t.user_attrs[self.delta_key]) for t in best)
         return max(widest, MIN_LEARNED_DISTANCE) * self.margin
@@ -169,15 +170,11 @@ class VarianceShiftPruner(BasePruner):
 
     def _percentile(self, closeness: float, grace: int) -> PercentilePruner:
         """The base's percentile rule, stricter as closeness falls, warmer by `grace` epochs."""
-        base = self.base
-        percentile = base._percentile * (1.0 - self.strictness * (1.0 - closeness))  # type: ignore[attr-defined]
-        return PercentilePruner(
-            percentile,
-            n_startup_trials=base._n_startup_trials,  # type: ignore[attr-defined]
-            n_warmup_steps=base._n_warmup_steps + grace,  # type: ignore[attr-defined]
-            interval_steps=base._interval_steps,  # type: ignore[attr-defined]
-            n_min_trials=base._n_min_trials,  # type: ignore[attr-defined]
-        )
+        assert isinstance(self.base, PercentilePruner)  # MedianPruner is one
+        settings = percentile_settings(self.base)
+        settings["percentile"] *= 1.0 - self.strictness * (1.0 - closeness)
+        settings["n_warmup_steps"] += grace
+        return PercentilePruner(**settings)
 
 
 # a learned line never closer to 1 than Δ = 0.9 (or 1/0.9): the best trials having Δ = 1 must not

@@ -9,12 +9,12 @@ end of a run ask the same questions of a study run anywhere. The robust ranking 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from autotune.direction import best_first, maximizes
 from autotune.names import CONFIG_ATTR, RECALIBRATE_ATTR, ROBUST_ATTR, WEIGHTS_DIGEST
 from autotune.space import TrialConfig
 from autotune.spec import Spec
@@ -50,10 +50,7 @@ def top_trials(study: optuna.Study, k: int = 5) -> list[FrozenTrial]:
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if t.value is not None and math.isfinite(t.value)
     ]
-    sign: Callable[[FrozenTrial], Any] = (
-        (lambda t: -t.value) if study.direction.name == "MAXIMIZE" else (lambda t: t.value)
-    )
-    return sorted(complete, key=sign)[:k]
+    return best_first(complete, maximizes(study), key=lambda t: t.value)[:k]
 
 
 def trial_config(trial: FrozenTrial) -> TrialConfig:

@@ -30,6 +30,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from autotune.direction import better, maximizes
 from autotune.names import (
     CONFIG_ATTR,
     FIGURES_DIR,
@@ -41,6 +42,7 @@ from autotune.names import (
     ROBUST_ATTR,
 )
 from autotune.queries import recommended_trial, state_counts, top_trials
+from autotune.spec import Spec
 from autotune.writes import write_atomic
 
 FIGURES = {
@@ -97,7 +99,7 @@ def _history(ax: Any, study: optuna.Study, metric: str) -> None:
         raise CannotDraw("no trial has finished yet")
     if all(_value(t) is None for t in trials):
         raise CannotDraw("no finished trial has a value yet: every one failed or stopped early")
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    maximize = maximizes(study)
     for state, color in COLORS.items():
         shown = [t for t in trials if t.state.name == state and _value(t) is not None]
         if shown:
@@ -110,9 +112,9 @@ def _history(ax: Any, study: optuna.Study, metric: str) -> None:
             )
     best, line = None, []
     for trial in sorted(trials, key=lambda t: t.number):
-        if trial.state == TrialState.COMPLETE and trial.value is not None:
-            better = best is None or (trial.value > best if maximize else trial.value < best)
-            best = trial.value if better else best
+        value = trial.value if trial.state == TrialState.COMPLETE else None
+        if value is not None and (best is None or better(value, best, maximize)):
+            best = value
         line.append((trial.number, best))
     drawn = [(n, b) for n, b in line if b is not None]
     if drawn:
@@ -213,7 +215,7 @@ def _learning_curves(ax: Any, study: optuna.Study, metric: str) -> None:
     ax.legend(loc="best", fontsize=7, ncol=2)
 
 
-def write_report(study: optuna.Study, spec: Any) -> Path:
+def write_report(study: optuna.Study, spec: Spec) -> Path:
     """<output>/report.html: the study's pictures, embedded, with its recommendation and top
     trials. One file: it opens anywhere, offline."""
     out = spec.output_dir

@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
 from autotune.baselines import Candidate, baselines
+from autotune.direction import best_of, maximizes
 from autotune.names import ROBUST_ATTR, WEIGHTS_DIGEST, trial_weights
 from autotune.queries import best_trial, distinct_top, trial_config
 from autotune.session import Session
 from autotune.spec import Spec
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def robust_recommendation(session: Session) -> dict[str, Any] | None:
@@ -51,7 +55,7 @@ def robust_recommendation(session: Session) -> dict[str, Any] | None:
         f"recommending by the {wanted.by} over {len(seeds)} seeds: training "
         f"{len(candidates)} configurations again, {len(candidates) * len(seeds)} fits"
     )
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    maximize = maximizes(study)
     rows = []
     for name, number, config, batchnorm in candidates:
         row: dict[str, Any] = {"name": name, "trial": number, "blocks": config.to_dicts()}
@@ -72,7 +76,7 @@ def robust_recommendation(session: Session) -> dict[str, Any] | None:
                 row[WEIGHTS_DIGEST] = _keep_weights(spec, number, result.model, own)
         row["values"] = values
         if "failed" not in row:
-            row.update(summary(values, maximize))
+            row.update(seed_statistics(values, maximize))
         rows.append(row)
     result = {"seeds": seeds, "signature": signature, "rows": rows}
     return _choose(result, wanted.by, study)
@@ -80,10 +84,9 @@ def robust_recommendation(session: Session) -> dict[str, Any] | None:
 
 def _choose(result: dict[str, Any], by: str, study: optuna.Study) -> dict[str, Any]:
     """The tuned configuration with the best mean or bound (None when every one failed)."""
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     tuned = [r for r in result["rows"] if r["trial"] is not None and "failed" not in r]
     key = "mean" if by == "mean" else "bound"
-    pick = (max if maximize else min)(tuned, key=lambda r: r[key]) if tuned else None
+    pick = best_of(tuned, maximizes(study), key=lambda r: r[key]) if tuned else None
     result = {**result, "by": by, "choice": None if pick is None else pick["trial"]}
     study.set_user_attr(ROBUST_ATTR, result)
     return result
@@ -101,7 +104,7 @@ def signature_of(spec: Spec, candidates: list[Candidate], seeds: list[int]) -> d
     }
 
 
-def summary(values: list[float], maximize: bool) -> dict[str, float]:
+def seed_statistics(values: list[float], maximize: bool) -> dict[str, float]:
     """mean, standard deviation, and the one-sided 95 % bound of the mean on the side that
     counts against it (lower for a value to maximise)."""
     from scipy import stats
@@ -111,7 +114,7 @@ def summary(values: list[float], maximize: bool) -> dict[str, float]:
     return {"mean": mean, "sd": sd, "bound": mean - margin if maximize else mean + margin}
 
 
-def _keep_weights(spec: Spec, number: int, model: Any, own: str | None) -> str:
+def _keep_weights(spec: Spec, number: int, model: nn.Module, own: str | None) -> str:
     """The run with the spec's own seed trained the trial's network again (exactly, where the
     data come in the same order, as autotune's own datasets do). Where the trial's own weights
     are not here, or cannot be told to be its own (no digest), keep these; return the digest of

@@ -18,13 +18,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
 from autotune.baselines import baselines
 from autotune.errors import SpecError, first_line
 from autotune.names import BLOCKS_AT, INPUT_STATS, PARENT_ATTR, SEARCH_SPACE_ATTR, STANDARDISED_ATTR
+from autotune.optuna_private import reload_study
 from autotune.preflight import check_runnable, resolve_space
 from autotune.pruners import shift_distance
 from autotune.redaction import redact
@@ -33,6 +34,9 @@ from autotune.spec import Spec
 from autotune.storage import POLL_SECONDS, open_study, raise_if_disk
 from autotune.tracking import Tracker, flatten
 from autotune.writes import check_writable
+
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningDataModule  # imported where the data is loaded
 
 # how long a worker that joins a new study waits for its creator to name the MLflow parent run
 PARENT_WAIT_SECONDS = 30.0
@@ -59,9 +63,9 @@ class Session:
 
     spec: Spec
     space: SearchSpace
-    datamodule: Any
+    datamodule: LightningDataModule
     study: optuna.Study
-    tracker: Any
+    tracker: Tracker
     budget: int
     created: bool
 
@@ -102,10 +106,10 @@ def _start_parent_run(
     study: optuna.Study,
     spec: Spec,
     space: SearchSpace,
-    datamodule: Any,
+    datamodule: LightningDataModule,
     created: bool,
     notify: Callable[[str], None] | None,
-) -> Any:
+) -> Tracker:
     """The study's attrs for this run, the input statistics saved, and the MLflow parent run
     found or started (its id stored in the study by its creator): the Tracker."""
     if study.user_attrs.get(SEARCH_SPACE_ATTR) != space.name:
@@ -148,12 +152,12 @@ def _parent_run_id(study: optuna.Study) -> str | None:
         if study.get_trials(deepcopy=False) or time.monotonic() > deadline:
             return None  # an older study run without MLflow, or a creator that gave up
         time.sleep(POLL_SECONDS / 4)
-        study = optuna.load_study(study_name=study.study_name, storage=study._storage)
+        study = reload_study(study)
     return study.user_attrs[PARENT_ATTR]
 
 
 def enqueue_low_shift(
-    study: optuna.Study, spec: Spec, space: SearchSpace, datamodule: Any, n: int
+    study: optuna.Study, spec: Spec, space: SearchSpace, datamodule: LightningDataModule, n: int
 ) -> list[dict[str, Any]]:
     """Enqueue the first n trials: the least shifted of 10·n random configurations, predicted
     (not trained). Returns the enqueued parameters, least shifted first.
@@ -184,7 +188,7 @@ def prepare_output(spec: Spec) -> None:
     check_writable(spec.output_dir)
 
 
-def save_input_stats(datamodule: Any, output_dir: Path) -> bool:
+def save_input_stats(datamodule: LightningDataModule, output_dir: Path) -> bool:
     """How raw inputs become model inputs ((x - mean) / std, label order), for production use.
 
     Returns whether autotune standardised the inputs (a user DataModule prepares its own).

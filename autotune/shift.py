@@ -89,7 +89,7 @@ def shift_observed(model: nn.Module) -> Iterator[dict[str, LayerShift]]:
     )
 
 
-def summarize(shifts: Mapping[str, LayerShift]) -> ShiftSummary:
+def summarize_measured(shifts: Mapping[str, LayerShift]) -> ShiftSummary:
     """The measured shifts in two numbers (worst layer by |log Δ|, product of Δ), as theory's
     summarize_shift gives them for predicted ones."""
     return summarize_shift({name: shift.delta for name, shift in shifts.items()})
@@ -300,3 +300,4 @@ def _forward_all(model: nn.Module, batches: Iterable) -> int:
     if n_batches == 0:
         raise ValueError("Got no batches; pass an iterable of tensors x or tuples (x, y, ...).")
     return n_batches
+

@@ -50,7 +50,9 @@ def split_rows(labels: np.ndarray, *, val_fraction: float, seed: int) -> Arrays:
     """Train and validation row indices; stratified where every class has two rows to split."""
     from sklearn.model_selection import train_test_split
 
-    split_sizes(len(labels), val_fraction)  # an empty split is said the way `describe` says it
+    split_sizes(
+        len(labels), val_fraction
+    )  # an empty split is said the way `preflight.data_shape` says it
     rows = np.arange(len(labels))
     stratify = labels if np.bincount(labels).min() >= 2 else None
     try:

@@ -16,12 +16,15 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from autotune.errors import SpecError, abbreviate, quote_path, shorten
 from autotune.files import file_problem, read_yaml
+
+if TYPE_CHECKING:
+    import optuna  # core imports no Optuna at run time
 
 PLACEMENTS = ("none", "before_bn", "after_bn", "after_act", "in_branch", "residual")
 # placements only a residual block has: in_branch (between its two convolutions, the Wide-ResNet
@@ -150,13 +153,13 @@ class SearchSpace:
     # what each block has room for: a hand-written configuration is checked against it
     slots: tuple[Slot, ...] = ()
 
-    def sample(self, trial: Any) -> TrialConfig:
+    def sample(self, trial: optuna.Trial) -> TrialConfig:
         """Ask an Optuna trial for every block's parameters (rate and kind only when placed)."""
         blocks = tuple(self._sample_block(trial, i) for i in range(len(self.blocks)))
         recalibrate = _suggest(trial, "recalibrate_bn", self.network["recalibrate_bn"])
         return TrialConfig(blocks, bool(recalibrate))
 
-    def _sample_block(self, trial: Any, i: int) -> BlockConfig:
+    def _sample_block(self, trial: optuna.Trial, i: int) -> BlockConfig:
         params = self.blocks[i]
         placement = _suggest(trial, f"block{i}.placement", params["placement"])
         momentum = _suggest(trial, f"block{i}.bn_momentum", params["bn_momentum"])
@@ -185,7 +188,7 @@ class SearchSpace:
         return any(isinstance(p, Range) for block in self.blocks for p in block.values())
 
 
-def _suggest(trial: Any, name: str, param: Param) -> Any:
+def _suggest(trial: optuna.Trial, name: str, param: Param) -> Any:
     if isinstance(param, Fixed):
         return param.value
     if isinstance(param, Choice):

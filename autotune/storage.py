@@ -22,7 +22,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 
 from autotune.checks import check_sampler
-from autotune.errors import SpecError, WriteError
+from autotune.errors import SpecError, WriteError, first_line_with_type
 from autotune.names import INPUT_SHAPE_ATTR, METRIC_ATTR, N_CLASSES_ATTR
 from autotune.pruners import VarianceShiftPruner
 from autotune.redaction import redact
@@ -81,10 +81,19 @@ def make_storage(
         raise
     except Exception as exc:  # bad URL, missing driver, unreachable server, a full disk
         raise_if_disk(exc, url)
-        reason = str(exc).splitlines()[0] if str(exc) else ""
         raise SpecError(  # the reason may quote the URL: SQLAlchemy's does
-            redact(f"study.storage: cannot open {url!r}: {type(exc).__name__}: {reason}")
+            redact(f"study.storage: cannot open {url!r}: {first_line_with_type(exc)}")
         ) from None
+
+
+def failed_to_connect(exc: BaseException) -> bool:
+    """Whether opening an RDB storage failed before any statement ran: the server or file could
+    not be reached, or refused the login. SQLAlchemy raises a DBAPIError whose `statement` is
+    None only for an error while connecting (the driver's own, psycopg's with no sqlstate or
+    class 08 or 28, MySQL's 2003, ...); a race to create the tables fails in a statement."""
+    from sqlalchemy.exc import DBAPIError  # Optuna's RDB storage needs it: there when it raised
+
+    return isinstance(exc, DBAPIError) and exc.statement is None
 
 
 def _rdb_storage(url: str, interval: int, grace: int) -> optuna.storages.RDBStorage:
@@ -105,7 +114,7 @@ def _rdb_storage(url: str, interval: int, grace: int) -> optuna.storages.RDBStor
         except Exception as exc:
             # workers that open a fresh database at once race to create its tables: the loser
             # finds them made on a second look. A server that is not there is not worth one.
-            if "connect" in str(exc).lower():
+            if failed_to_connect(exc):
                 raise
             time.sleep(0.1 + secrets.randbelow(500) / 1000)
     return open_()

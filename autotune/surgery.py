@@ -37,7 +37,7 @@ from autotune.errors import SpecError, UserCodeError
 from autotune.regularizers import make_regularizer
 from autotune.space import Slot, TrialConfig
 from autotune.spec import ModelSpec
-from autotune.user_code import USER_ERRORS, describe, import_object
+from autotune.user_code import USER_ERRORS, import_object, raised_line
 
 _BN = nn.modules.batchnorm._BatchNorm
 _WEIGHTS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -115,7 +115,7 @@ def make_user_model(
 
 def factory_failed(spec: ModelSpec, exc: BaseException) -> UserCodeError:
     """What the factory `model.import` names raised, said in one line, wherever it was called."""
-    return UserCodeError(f"model.import: {spec.import_!r} failed to build: {describe(exc)}")
+    return UserCodeError(f"model.import: {spec.import_!r} failed to build: {raised_line(exc)}")
 
 
 def user_blocks(
@@ -128,7 +128,7 @@ def user_blocks(
     except USER_ERRORS as exc:  # a shape that does not fit, ...
         raise UserCodeError(
             f"model.import: {spec.import_!r} fails on an example of the data's shape "
-            f"{tuple(input_shape)}: {describe(exc)}"
+            f"{tuple(input_shape)}: {raised_line(exc)}"
         ) from exc
 
 

@@ -23,9 +23,9 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from autotune.errors import WriteError, first_line
+from autotune.errors import WriteError, first_line_with_type
 from autotune.names import (
     ARTIFACTS_DIR,
     CONFIG_ATTR,
@@ -59,6 +59,10 @@ from autotune.names import (
 from autotune.queries import trial_config
 from autotune.redaction import redact, redact_params
 from autotune.writes import write_failure
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
 
 # what MLflow names a run: 32 hex digits (a uuid4). A stored value of any other form is not taken
 # for one: sync copies run ids from the tracking server into the study, and export renders them
@@ -343,7 +347,7 @@ class Tracker:
         return redact(self.tracking_uri)
 
     def went_down(self, exc: BaseException) -> None:
-        self.last_error = redact(_first_line(exc))
+        self.last_error = redact(first_line_with_type(exc))
         if self.down_since is None:
             self.down_since = time.monotonic()
             self.notify(
@@ -411,7 +415,7 @@ class Tracker:
 class TrialRecord:
     """What a finished Optuna trial holds, in the names a live trial logs to MLflow."""
 
-    def __init__(self, trial: Any, metric: str) -> None:
+    def __init__(self, trial: FrozenTrial, metric: str) -> None:
         attrs = trial.user_attrs
         self.number = trial.number
         self.state = "INTERRUPTED" if attrs.get(INTERRUPTED_ATTR) else trial.state.name
@@ -463,7 +467,9 @@ def measured_metrics(measured: Mapping[str, Any], final: Mapping[str, float]) ->
     return metrics
 
 
-def sync_study(tracker: Tracker, study: Any, metric: str, only: Iterable[int] | None = None) -> int:
+def sync_study(
+    tracker: Tracker, study: optuna.Study, metric: str, only: Iterable[int] | None = None
+) -> int:
     """Log to MLflow what it misses of the study, from the Optuna storage: a child run for each
     finished trial that has none whole (its run missing, or cut short because the server went
     away or its worker died: that run is deleted and the trial logged again), and no second
@@ -499,7 +505,7 @@ def sync_study(tracker: Tracker, study: Any, metric: str, only: Iterable[int] | 
     return logged
 
 
-def trial_run_id(study_attrs: Mapping[str, Any], trial: Any) -> str | None:
+def trial_run_id(study_attrs: Mapping[str, Any], trial: FrozenTrial) -> str | None:
     """The id of the MLflow run that holds `trial`, given the study's user attrs: the one sync
     logged, else the trial's own; None when neither is a run id."""
     return run_id_or_none(study_attrs.get(RELOGGED_RUN.format(trial.number))) or run_id_or_none(
@@ -548,12 +554,6 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _ms(moment: Any) -> int | None:
     return None if moment is None else int(moment.timestamp() * 1000)
-
-
-def _first_line(exc: BaseException) -> str:
-    """`Type: first line`, or the type's name alone when the message is empty."""
-    name = type(exc).__name__
-    return f"{name}: {first_line(exc)}" if str(exc).strip() else name
 
 
 def _artifact_location(uri: str) -> str | None:

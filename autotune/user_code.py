@@ -13,7 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from autotune.errors import SpecError, UserCodeError, abbreviate, first_line, shorten
+from autotune.errors import (
+    SpecError,
+    UserCodeError,
+    abbreviate,
+    first_line,
+    first_line_with_type,
+    shorten,
+)
 
 # what the user's code may raise that autotune reports in one line and goes on from: any
 # exception, and SystemExit (a factory that calls sys.exit() does not choose autotune's exit
@@ -64,11 +71,12 @@ def put_first_on_path(folders: Sequence[Path]) -> None:
 def message_of(exc: BaseException) -> str:
     """The first line of what the user's code raised; `SystemExit(code)` for an exit, whose
     message is only its code."""
-    return describe(exc) if isinstance(exc, SystemExit) else first_line(exc)
+    return raised_line(exc) if isinstance(exc, SystemExit) else first_line(exc)
 
 
-def describe(exc: BaseException) -> str:
+def raised_line(exc: BaseException) -> str:
     """`Type: first line`, for errors raised by the user's own code; `SystemExit(code)`."""
     if isinstance(exc, SystemExit):
         return f"SystemExit({exc.code!r})"
-    return f"{type(exc).__name__}: {first_line(exc)}"
+    return first_line_with_type(exc)
+

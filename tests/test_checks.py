@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autotune.checks import check_batches, split_sizes
+from autotune.checks import check_accelerator, check_batches, split_sizes
 from autotune.data import load_data
 from autotune.errors import SpecError
-from autotune.preflight import describe
+from autotune.preflight import data_shape
 from autotune.sources import split_rows
 from autotune.spec import BUILTIN_DATASETS, DataSpec
 
@@ -53,7 +53,7 @@ def test_validate_of_a_builtin_dataset_imports_no_torch_lightning_or_mlflow() ->
 def test_describe_tells_what_load_data_loads(name: str) -> None:
     spec = DataSpec(name=name, synthetic=SMALL)
     data = load_data(spec, seed=0)
-    shape = describe(spec)
+    shape = data_shape(spec)
 
     # the same shape, classes and split sizes, without loading the data
     assert shape.name == data.name
@@ -80,7 +80,7 @@ def test_an_empty_split_is_the_same_error_both_ways(tmp_path: Path) -> None:
 
     # validate's description and run's loading refuse it with one message
     with pytest.raises(SpecError, match="leaves a split empty") as described:
-        describe(spec)
+        data_shape(spec)
     with pytest.raises(SpecError, match="leaves a split empty") as loaded:
         load_data(spec, seed=0)
     assert str(described.value) == str(loaded.value)
@@ -169,7 +169,33 @@ def test_generated_data_too_big_is_refused_both_ways(synthetic: dict, message: s
     spec = DataSpec(**synthetic)
     # validate's description and run's loading refuse it alike, before numpy allocates it
     with pytest.raises(SpecError) as described:
-        describe(spec)
+        data_shape(spec)
     with pytest.raises(SpecError) as loaded:
         load_data(spec, seed=0)
     assert str(described.value) == str(loaded.value) == message
+
+
+@pytest.mark.parametrize(
+    ("refuses", "field"),
+    [
+        # Lightning raises the same exception type for both: the accelerator in float32 decides
+        (lambda accelerator, precision: precision != "32-true", "train.precision: 'bf16-mixed'"),
+        (lambda accelerator, precision: True, "train.accelerator: 'cuda'"),
+    ],
+)
+def test_a_refused_precision_is_told_from_a_missing_accelerator(
+    monkeypatch, refuses, field: str
+) -> None:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from autotune import checks
+
+    def trainer(accelerator: str, precision: str) -> None:
+        if refuses(accelerator, precision):
+            raise MisconfigurationException("no can do\nmore")
+
+    monkeypatch.setattr(checks, "_trainer", trainer)
+    with pytest.raises(SpecError) as caught:
+        check_accelerator("cuda", "bf16-mixed")
+    assert str(caught.value) == f"{field}: no can do"
+    check_accelerator("cpu")  # nothing asked: always there in float32

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from autotune.errors import MAX_LINE, abbreviate, one_line, shorten
+from autotune.errors import (
+    MAX_LINE,
+    abbreviate,
+    first_line,
+    first_line_with_type,
+    one_line,
+    shorten,
+)
 
 
 def test_a_short_line_is_left_as_it_is() -> None:
@@ -34,3 +41,19 @@ def test_a_secret_is_redacted_before_its_value_is_cut(cut: int) -> None:
     url = "postgresql://user:" + "s3cr3t" * 10 + "@db/x"
     for shown in (shorten(url, cut), abbreviate(url, cut), abbreviate({"storage": url}, cut)):
         assert "s3cr3t" not in shown
+
+
+@pytest.mark.parametrize(
+    ("exc", "line", "typed"),
+    [
+        (ValueError("bad\nmore"), "bad", "ValueError: bad"),
+        (ValueError("  \n bad "), "bad", "ValueError: bad"),
+        (ValueError(""), "ValueError", "ValueError"),
+        (ValueError(" \n "), "ValueError", "ValueError"),
+        (OSError(), "OSError", "OSError"),
+    ],
+)
+def test_an_error_is_quoted_by_its_first_line(exc: Exception, line: str, typed: str) -> None:
+    # an empty message is the type's name, never `Type: ` or `Type: Type`
+    assert first_line(exc) == line
+    assert first_line_with_type(exc) == typed

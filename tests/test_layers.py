@@ -32,6 +32,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "baselines",
         "checks",
         "signals",
+        "direction",
     ),
     # the network, its regularisers, the data and the fit (torch; sources is numpy only)
     "nn": (
@@ -46,7 +47,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "weights",
     ),
     # where a study lives and how it is read and logged (optuna, mlflow)
-    "search": ("pruners", "storage", "queries", "tracking"),
+    "search": ("optuna_private", "pruners", "storage", "queries", "tracking"),
     # what a study hands back
     "outputs": ("snippet", "recommendation", "export", "report"),
     # running a study

@@ -21,14 +21,14 @@ from autotune.loop import run_study
 from autotune.names import ROBUST_ATTR
 from autotune.queries import recommended_trial
 from autotune.report import write_report
-from autotune.robust import summary
+from autotune.robust import seed_statistics
 from autotune.spec import load_spec
 
 
 @pytest.mark.parametrize("maximize", [True, False])
 def test_the_bound_is_student_s_one_sided_95_percent_bound_on_the_side_that_counts(maximize):
     values = [0.91, 0.93, 0.96]
-    row = summary(values, maximize)
+    row = seed_statistics(values, maximize)
     margin = stats.t.ppf(0.95, 2) * statistics.stdev(values) / math.sqrt(3)
     assert row["mean"] == pytest.approx(statistics.mean(values))
     assert row["sd"] == pytest.approx(statistics.stdev(values))

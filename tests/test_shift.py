@@ -15,7 +15,7 @@ from autotune.shift import (
     measure_shift,
     mode_accuracy,
     recalibrate_bn,
-    summarize,
+    summarize_measured,
     train_mode_accuracy,
 )
 from autotune.theory import gaussian_dropout_noise_var, noise_variance_shift, variance_shift
@@ -356,7 +356,7 @@ def test_summarize_picks_the_layer_farthest_from_one():
         name: LayerShift(name, delta, (delta,), delta, 1.0)
         for name, delta in (("a", 0.9), ("b", 0.5), ("c", 1.5))
     }
-    summary = summarize(shifts)
+    summary = summarize_measured(shifts)
 
     # |log 0.5| = 0.69 beats |log 1.5| = 0.41; the product is 0.9 · 0.5 · 1.5
     assert summary.worst_layer == "b", f"worst layer {summary.worst_layer}"

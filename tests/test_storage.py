@@ -20,7 +20,7 @@ from autotune.errors import SpecError
 from autotune.loop import run_study
 from autotune.names import STORAGE_ENV
 from autotune.spec import parse_spec
-from autotune.storage import make_storage
+from autotune.storage import failed_to_connect, make_storage
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 # database 15 (14 for the second of `make test`'s pytest-xdist processes, ...): the tests' own,
@@ -127,3 +127,40 @@ def test_the_command_line_and_the_environment_choose_the_storage(
     missing = f"journal:///{tmp_path / 'none.journal'}"
     result = runner.invoke(main, ["export", str(spec), "--storage", missing])
     assert result.exit_code == 2
+
+
+def test_a_storage_that_cannot_be_reached_is_told_from_a_race_by_type(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import sqlalchemy.exc
+
+    from autotune import storage
+
+    # SQLAlchemy's error while connecting has no statement; the race to create tables has one
+    refused = sqlalchemy.exc.OperationalError(None, None, Exception("refused"))
+    race = sqlalchemy.exc.IntegrityError("CREATE TABLE studies ()", {}, Exception("exists"))
+    assert failed_to_connect(refused) and not failed_to_connect(race)
+    assert not failed_to_connect(RuntimeError("could not connect"))  # not SQLAlchemy's
+    with pytest.raises(sqlalchemy.exc.OperationalError) as caught:
+        optuna.storages.RDBStorage("postgresql://postgres@127.0.0.1:1/test")
+    assert failed_to_connect(caught.value)  # the real driver's refusal
+
+    calls = []
+
+    def opens(error: Exception):
+        def open_(*args, **kwargs):
+            calls.append(error)
+            if len(calls) == 1:
+                raise error
+            return "opened"
+
+        return open_
+
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    monkeypatch.setattr(storage.optuna.storages, "RDBStorage", opens(race))
+    assert storage._rdb_storage(url, 1, 2) == "opened" and len(calls) == 2  # tried again
+    calls.clear()
+    monkeypatch.setattr(storage.optuna.storages, "RDBStorage", opens(refused))
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        storage._rdb_storage(url, 1, 2)  # not tried again
+    assert len(calls) == 1

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from autotune.errors import SpecError, UserCodeError
-from autotune.user_code import describe, import_object, message_of, raised_in
+from autotune.user_code import import_object, message_of, raised_in, raised_line
 
 
 def _module(tmp_path: Path, code: str) -> str:
@@ -21,9 +21,9 @@ def _module(tmp_path: Path, code: str) -> str:
 
 def test_an_exit_is_said_with_its_code():
     # SystemExit's message is only its code: it is named as the call it was
-    assert describe(SystemExit(3)) == message_of(SystemExit(3)) == "SystemExit(3)"
-    assert describe(SystemExit()) == "SystemExit(None)"
-    assert describe(ValueError("bad\nmore")) == "ValueError: bad"
+    assert raised_line(SystemExit(3)) == message_of(SystemExit(3)) == "SystemExit(3)"
+    assert raised_line(SystemExit()) == "SystemExit(None)"
+    assert raised_line(ValueError("bad\nmore")) == "ValueError: bad"
     assert message_of(ValueError("bad\nmore")) == "bad"
 
 
