@@ -266,7 +266,8 @@ class Objective:
         except ValueError:  # no trial has completed yet
             best = None
         # or_equal: a trial that ties the best may be the one Optuna names best; keep its weights
-        if best is None or better(result.value, best, maximizes(study), or_equal=True):  # whole or not there: never a file cut short (WriteError when the disk refuses)
+        if best is None or better(result.value, best, maximizes(study), or_equal=True):
+            # whole or not there: never a file cut short (WriteError when the disk refuses)
             path = trial_weights(self.spec.output_dir, trial.number)
             digest = save_tensors(result.model.state_dict(), path)
             # the export checks the file is this trial's: another study may share the folder

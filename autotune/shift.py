@@ -300,4 +300,3 @@ def _forward_all(model: nn.Module, batches: Iterable) -> int:
     if n_batches == 0:
         raise ValueError("Got no batches; pass an iterable of tensors x or tuples (x, y, ...).")
     return n_batches
-

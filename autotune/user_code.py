@@ -79,4 +79,3 @@ def raised_line(exc: BaseException) -> str:
     if isinstance(exc, SystemExit):
         return f"SystemExit({exc.code!r})"
     return first_line_with_type(exc)
-
