@@ -20,7 +20,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from autotune.files import read_yaml
-from autotune.space import BlockConfig, SearchSpace, TrialConfig, block_slots, config_from_mapping
+from autotune.space import BlockConfig, SearchSpace, TrialConfig, block_slots
+from autotune.space_files import config_from_mapping
 from autotune.spec import Spec
 
 BASELINE_RATE = 0.5  # Srivastava et al. (JMLR 2014) for hidden units

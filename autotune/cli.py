@@ -269,7 +269,7 @@ def predict(spec_file: Path, config_file: Path | None, as_json: bool) -> None:
     from autotune.fitting import predict as predict_config
     from autotune.preflight import check_runnable, resolve_space
     from autotune.progress import print_prediction
-    from autotune.space import config_from_mapping
+    from autotune.space_files import config_from_mapping
     from autotune.spec import load_spec
 
     spec = load_spec(spec_file)
@@ -366,7 +366,7 @@ def report(spec_file: Path, storage: str | None) -> None:
 @_friendly
 def spaces() -> None:
     """List the search spaces in search_spaces/ and what they search."""
-    from autotune.space import describe_space, list_spaces, load_space
+    from autotune.space_files import describe_space, list_spaces, load_space
 
     for name, path, description in list_spaces():
         click.echo(f"{name} ({path.name}): {description}")

@@ -32,7 +32,8 @@ from autotune.checks import (
     split_sizes,
 )
 from autotune.errors import SpecError, UserCodeError, abbreviate
-from autotune.space import SearchSpace, Slot, load_space
+from autotune.space import SearchSpace, Slot
+from autotune.space_files import load_space
 from autotune.spec import BUILTIN_DATASETS, DataSpec, Spec, SyntheticSpec
 from autotune.user_code import USER_ERRORS, message_of, raised_line
 

@@ -18,7 +18,7 @@ from autotune import surgery
 from autotune.models import build_model
 from autotune.names import INPUT_STATS, ROBUST_ATTR
 from autotune.queries import best_trial
-from autotune.space import config_from_mapping
+from autotune.space_files import config_from_mapping
 from autotune.spec import ModelSpec
 
 # what recommended.yaml keeps of each row of the robust ranking

@@ -28,6 +28,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "theory",
         "spec",
         "space",
+        "space_files",
         "user_code",
         "baselines",
         "checks",
