@@ -6,212 +6,56 @@ has a default, so `data: {name: digits}` alone is a valid spec. Unknown keys are
 Paths the spec *reads* (data.path, a search space file) are relative to the spec file's folder, so
 a spec works from any working directory. Paths the spec *writes* (output, the default sqlite
 databases) are relative to the working directory, as sqlite URLs are.
+
+The field types and shared validators are in autotune.spec_fields, the study section in
+autotune.spec_study, and a pydantic error's one line in autotune.spec_errors.
 """
 
 from __future__ import annotations
 
-import ast
-import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator,
-    BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
-    Strict,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from autotune.errors import SpecError, abbreviate, quote_path, shorten
-from autotune.files import file_problem, path_too_long, read_yaml
+from autotune.errors import SpecError, abbreviate, quote_path
+from autotune.files import path_too_long, read_yaml
 from autotune.names import STORAGE_FILE, TRACKING_FILE
+from autotune.spec_errors import describe_error
+from autotune.spec_fields import (
+    Float,
+    Int,
+    Section,
+    existing,
+    file_url_fits,
+    import_path,
+    no_bool,
+    reads_back,
+    resolve,
+    shorthand,
+)
+from autotune.spec_study import StudySpec
 
 BUILTIN_DATASETS = ("digits", "breast_cancer", "wine", "synthetic_tabular", "synthetic_images")
-METRICS = {"val_acc": "maximize", "val_loss": "minimize", "train_loss": "minimize"}
 # sections that may be written as one string: `pruner: median`, `search_space: dropout_bn`
 _SHORTHAND_KEYS = {"pruner": "name", "search_space": "base"}
-IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 # numpy's legacy RandomState (Optuna's samplers, scikit-learn's split) and Lightning's
 # seed_everything take seeds in [0, 2**32 - 1]; Lightning draws a random one past that
 MAX_SEED = 2**32 - 1
-# the most an int field holds: what numpy, torch and the storages' integer columns hold
-MAX_INT = 2**63 - 1
 # the widest template block: a Linear of 65,536 inputs and outputs is already 4.3e9 weights
 # (17 GB in float32); checks.MAX_PARAMETERS bounds the whole network
 MAX_WIDTH = 65_536
-# the longest a heartbeat setting may be: a worker silent for a day is dead; Optuna turns the
-# grace into a datetime.timedelta and its thread waits on the interval, both of bounded range
-MAX_HEARTBEAT = 86_400
 
 
-def _no_bool(value: Any) -> Any:
-    """YAML's true and false are Python bools, which are ints: refuse them where a number goes."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a number, got {value!r}")
-    return value
-
-
-def _int64(value: int) -> int:
-    if abs(value) > MAX_INT:
-        raise ValueError(f"expected an integer of at most 2**63 - 1, got {abbreviate(value)}")
-    return value
-
-
-# an integer as written (true, 2.0 or "2" are refused), within what int64 holds
-Int = Annotated[int, Strict(), AfterValidator(_int64)]
-# a number: an int or a float (or a string such as "1e-3", which YAML 1.1 reads as text), not a
-# bool; NaN and infinity are refused by the sections' allow_inf_nan=False
-Float = Annotated[float, BeforeValidator(_no_bool)]
-
-
-def _reads_back(value: Any) -> bool:
-    """Whether `value`'s repr is a Python literal that reads back as `value`."""
-    try:
-        return bool(ast.literal_eval(repr(value)) == value)
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        return False
-
-
-class _Section(BaseModel):
-    # NaN and infinity are refused in every float field; bytes in kwargs (YAML's !!binary) are
-    # dumped as base64 for the MLflow params, where they are not UTF-8 text
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, allow_inf_nan=False, ser_json_bytes="base64"
-    )
-
-
-def _shorthand(value: Any, key: str = "name") -> Any:
-    """Let `pruner: median` stand for `pruner: {name: median}`."""
-    return {key: value} if isinstance(value, str) else value
-
-
-def _import_path(what: str) -> Callable[[str | None], str | None]:
-    """A validator of "package.module:<what>" strings (None passes)."""
-
-    def check(value: str | None) -> str | None:
-        if value is not None and not IMPORT_PATH.match(value):
-            raise ValueError(f"expected 'package.module:{what}', got {abbreviate(value)}")
-        return value
-
-    return check
-
-
-# the URL schemes whose rest is a file's path: sqlite:///runs/x.db, journal:///runs/x.journal
-FILE_SCHEMES = ("sqlite:///", "journal:///")
-
-
-def _file_url_fits(url: str | None) -> str | None:
-    """A storage or tracking URL whose file's path the file system can hold (None passes)."""
-    for scheme in FILE_SCHEMES:
-        if url is not None and url.startswith(scheme):
-            path = url.removeprefix(scheme)
-            if path_too_long(Path(path)):
-                raise ValueError(f"path too long for the file system: {quote_path(path)}")
-    return url
-
-
-class PrunerSpec(_Section):
-    # variance_shift: autotune's pruner (autotune.pruners.VarianceShiftPruner): a gate on the
-    # predicted Δ before training, then `base` during training, stricter far from Δ = 1 and more
-    # patient near it. none: every trial trains to the end; median, percentile, hyperband,
-    # successive_halving: Optuna's pruners of those names, with epochs as the steps
-    name: Literal[
-        "variance_shift", "none", "median", "percentile", "hyperband", "successive_halving"
-    ] = "variance_shift"
-    # variance_shift: the pruner that decides during training
-    base: Literal["median", "percentile", "hyperband", "successive_halving", "none"] = "median"
-    # variance_shift: the worst predicted Δ past which a trial stops before it trains; 0.5 is
-    # dropout at rate 0.5 straight before BN on zero-mean inputs. null: no gate
-    threshold: Float | None = Field(0.5, gt=0, lt=1)
-    # variance_shift: the share of gated trials that train anyway, so the data can overrule the
-    # theory; a tenth costs little and shows whether the gate is right
-    exploration: Float = Field(0.1, ge=0, le=1)
-    # variance_shift: learn the threshold from completed trials (no trial more shifted than the
-    # best quarter's widest, with 25 % slack) once `learn_after` have completed; on by default:
-    # with it the pruner met its benchmark (docs/benchmarks.md, "What the pruner saves")
-    learn_threshold: bool = True
-    learn_after: Int = Field(10, ge=1)
-    # variance_shift: a median or percentile base keeps only the top quarter instead of the top
-    # half for trials at the threshold (strictness 0.5)
-    strictness: Float = Field(0.5, ge=0, lt=1)
-    # variance_shift: extra warm-up epochs before the base may stop a trial predicted at Δ = 1.
-    # 0: near Δ = 1 the base acts as it is; in the benchmark 2 trained 14 to 34 % more epochs
-    # than 0 for the same best metric. Far from 1 the base is stricter either way
-    patience: Int = Field(0, ge=0)
-    # variance_shift: enqueue this many first trials, the least shifted of 10 times as many
-    # random candidates (predicted, not trained); 0: the sampler starts as it likes
-    seed_trials: Int = Field(0, ge=0)
-    # median, percentile: trials that always run to the end before any is pruned
-    n_startup_trials: Int = Field(5, ge=0)
-    # median, percentile: epochs a trial always gets; the first epochs of a small net are noisy
-    n_warmup_epochs: Int = Field(3, ge=0)
-    # percentile: keep trials in the top `percentile` % at each epoch (50 is the median)
-    percentile: Float = Field(50.0, gt=0, lt=100)
-    # hyperband, successive_halving: the fewest epochs a trial gets before it can be stopped
-    min_epochs: Int = Field(1, ge=1)
-    # hyperband, successive_halving: keep 1/reduction_factor of the trials at each rung
-    reduction_factor: Int = Field(3, ge=2)
-
-
-class StudySpec(_Section):
-    # the Optuna study name and the MLflow parent run's name; a rerun with the same name resumes
-    # letters, digits, '.', '_' and '-': the name goes into storage keys and MLflow filters
-    name: str = Field("autotune", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
-    # what the study optimises, measured at the end of every epoch: val_* on the validation split,
-    # train_loss as the mean over the epoch's training batches
-    metric: Literal["val_acc", "val_loss", "train_loss"] = "val_acc"
-    # maximize or minimize; left out, it follows the metric (accuracy up, loss down)
-    direction: Literal["maximize", "minimize"] | None = None
-    # the study's total budget of finished (complete or pruned) trials, across reruns
-    n_trials: Int = Field(20, ge=1)
-    # stop starting new trials after this many seconds of this run; none: no limit
-    timeout: Float | None = Field(None, gt=0)
-    # tpe copes with the conditional per-block space; random is the honest baseline; gp and cmaes
-    # model the numeric parameters (cmaes samples categorical ones at random)
-    sampler: Literal["tpe", "random", "gp", "cmaes"] = "tpe"
-    pruner: PrunerSpec = PrunerSpec()
-    # an Optuna storage URL; none: sqlite in the output folder, so a rerun resumes the study
-    storage: str | None = None
-    # RDB storages: seconds between a running trial's heartbeats, and the silence after which
-    # its worker is taken for dead and the trial is failed and run again
-    heartbeat_interval: Int = Field(30, ge=1, le=MAX_HEARTBEAT)
-    heartbeat_grace: Int = Field(120, ge=2, le=MAX_HEARTBEAT)
-
-    _pruner_shorthand = field_validator("pruner", mode="before")(_shorthand)
-    _storage_fits = field_validator("storage")(_file_url_fits)
-
-    @model_validator(mode="after")
-    def _grace_outlasts_a_beat(self) -> StudySpec:
-        if self.heartbeat_grace <= self.heartbeat_interval:
-            raise ValueError(
-                f"heartbeat_grace ({self.heartbeat_grace}) must be longer than "
-                f"heartbeat_interval ({self.heartbeat_interval})"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _seed_trials_within_budget(self) -> StudySpec:
-        # each one costs 10 predictions up front, and more than the budget would never run
-        if self.pruner.seed_trials > self.n_trials:
-            raise ValueError(
-                f"pruner.seed_trials ({self.pruner.seed_trials}) must not exceed "
-                f"n_trials ({self.n_trials})"
-            )
-        return self
-
-    @property
-    def resolved_direction(self) -> Literal["maximize", "minimize"]:
-        return self.direction or METRICS[self.metric]  # type: ignore[return-value]
-
-
-class SyntheticSpec(_Section):
+class SyntheticSpec(Section):
     # rows drawn for synthetic_tabular and synthetic_images
     n_samples: Int = Field(2000, ge=20)
     # synthetic_tabular: columns; synthetic_images: ignored (the image size sets the features)
@@ -226,7 +70,7 @@ class SyntheticSpec(_Section):
     flip_y: Float = Field(0.02, ge=0, lt=1)
 
 
-class DataSpec(_Section):
+class DataSpec(Section):
     # a built-in dataset: digits, breast_cancer, wine (scikit-learn's bundled copies),
     # synthetic_tabular or synthetic_images (generated, seeded)
     name: str | None = None
@@ -261,12 +105,12 @@ class DataSpec(_Section):
     def _existing_file(cls, path: Path | None, info: ValidationInfo) -> Path | None:
         if path is None:
             return None
-        path = _resolve(path, info)
+        path = resolve(path, info)
         if path.suffix not in (".csv", ".npz"):
             raise ValueError(f"expected a .csv or .npz file, got {quote_path(path)}")
-        return _existing(path)
+        return existing(path)
 
-    _datamodule_path = field_validator("datamodule")(_import_path("Class"))
+    _datamodule_path = field_validator("datamodule")(import_path("Class"))
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
@@ -278,8 +122,8 @@ class DataSpec(_Section):
         return self
 
 
-class ModelSpec(_Section):
-    model_config = ConfigDict(**_Section.model_config, populate_by_name=True)
+class ModelSpec(Section):
+    model_config = ConfigDict(**Section.model_config, populate_by_name=True)
 
     # mlp: Linear blocks on flattened input; cnn: 3x3 Conv2d blocks on (C, H, W) images;
     # resnet: residual blocks of two 3x3 convolutions on images (where stochastic depth applies)
@@ -308,7 +152,7 @@ class ModelSpec(_Section):
                 raise ValueError(f"widths[{i}] must be at least 1, got {width}")
         return widths
 
-    _factory_path = field_validator("import_")(_import_path("function"))
+    _factory_path = field_validator("import_")(import_path("function"))
 
     @field_validator("kwargs")
     @classmethod
@@ -316,7 +160,7 @@ class ModelSpec(_Section):
         # best_model.py writes them out as a Python literal (KWARGS = {...}), which must read
         # back as what the factory got: a YAML date or a NaN would not
         for key, value in kwargs.items():
-            if not _reads_back(value):
+            if not reads_back(value):
                 raise ValueError(
                     f"{abbreviate(key)} is a {type(value).__name__}, {abbreviate(value)}; "
                     "expected numbers, text, true/false, null, lists and mappings"
@@ -348,7 +192,7 @@ class ModelSpec(_Section):
         return {"mlp": [256, 256, 128], "cnn": [32, 64], "resnet": [16, 32, 64]}[self.template]
 
 
-class TrainSpec(_Section):
+class TrainSpec(Section):
     # 15 epochs bring a small mlp on digits close to its plateau; raise it for real work
     max_epochs: Int = Field(15, ge=1)
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
@@ -389,14 +233,14 @@ class TrainSpec(_Section):
         return self
 
 
-class SearchSpaceSpec(_Section):
+class SearchSpaceSpec(Section):
     # a file in search_spaces/ by name, or a path to a YAML file (relative to the spec's folder)
     base: str = "dropout_bn"
     # overrides for every block: a list sets the choices, a scalar fixes the value, a mapping
     # changes the range (e.g. rate: {high: 0.3})
     params: dict[str, Any] = Field(default_factory=dict)
     # overrides for one block, by index: {1: {placement: after_act}}
-    blocks: dict[Annotated[int, BeforeValidator(_no_bool)], dict[str, Any]] = Field(
+    blocks: dict[Annotated[int, BeforeValidator(no_bool)], dict[str, Any]] = Field(
         default_factory=dict
     )
 
@@ -404,10 +248,10 @@ class SearchSpaceSpec(_Section):
     @classmethod
     def _base_shorthand(cls, value: Any) -> Any:
         """Let `search_space: dropout_bn` stand for `search_space: {base: dropout_bn}`."""
-        return _shorthand(value, "base")
+        return shorthand(value, "base")
 
 
-class MlflowSpec(_Section):
+class MlflowSpec(Section):
     # none: sqlite in the output folder (MLflow 3 refuses the ./mlruns file store by default)
     tracking_uri: str | None = None
     # none: the study's name
@@ -415,10 +259,10 @@ class MlflowSpec(_Section):
     # false: log nothing to MLflow
     enabled: bool = True
 
-    _tracking_uri_fits = field_validator("tracking_uri")(_file_url_fits)
+    _tracking_uri_fits = field_validator("tracking_uri")(file_url_fits)
 
 
-class RecommendSpec(_Section):
+class RecommendSpec(Section):
     # retrain the top_k configurations over `seeds` seeds and recommend by `by`; 0: recommend
     # the best trial as it is
     top_k: Int = Field(0, ge=0)
@@ -435,10 +279,10 @@ class RecommendSpec(_Section):
     @field_validator("current")
     @classmethod
     def _existing_current(cls, path: Path | None, info: ValidationInfo) -> Path | None:
-        return None if path is None else _existing(_resolve(path, info))
+        return None if path is None else existing(resolve(path, info))
 
 
-class Spec(_Section):
+class Spec(Section):
     study: StudySpec = StudySpec()
     data: DataSpec = DataSpec()
     model: ModelSpec = ModelSpec()
@@ -503,26 +347,7 @@ def parse_spec(raw: dict[str, Any], *, base_dir: Path = Path("."), source: str =
     try:
         return Spec.model_validate({**raw, "base_dir": base_dir}, context={"base_dir": base_dir})
     except ValidationError as exc:
-        raise SpecError(f"{source}: {describe_error(exc)}") from None
-
-
-def describe_error(exc: ValidationError) -> str:
-    """The first error of a ValidationError as `field.path: what is wrong (got value)`."""
-    errors = exc.errors()
-    first = errors[0]
-    # a key of the user's own (an unknown one, or one in kwargs) may be any length
-    where = ".".join(
-        shorten(part, 40) if isinstance(part, str) else str(part) for part in first["loc"]
-    )
-    if first["type"] == "extra_forbidden":
-        message = "unknown key" + _allowed_keys(first["loc"][:-1])
-    else:
-        message = first["msg"].removeprefix("Value error, ")
-        if first["type"] not in ("value_error", "missing") and "input" in first:
-            message += f" (got {abbreviate(first['input'])})"
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    # a check across sections (Spec's own validators) names its fields itself
-    return f"{where}: {message}{more}" if where else f"{message}{more}"
+        raise SpecError(f"{source}: {describe_error(exc, Spec)}") from None
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -539,31 +364,3 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
             raise SpecError(f"{dotted}: {key} is not a section (got {abbreviate(child)})")
         node = child
     node[last] = value
-
-
-def _resolve(path: Path, info: ValidationInfo) -> Path:
-    """A path the spec reads, relative to the spec file's folder (the validation context's)."""
-    base = Path((info.context or {}).get("base_dir", "."))
-    return path if path.is_absolute() else base / path
-
-
-def _existing(path: Path) -> Path:
-    """The path of a file that can be read; ValueError saying why not, for the field's error."""
-    problem = file_problem(path)
-    if problem is not None:
-        raise ValueError(f"file {problem}: {quote_path(path)}")
-    return path
-
-
-def _allowed_keys(loc: tuple[Any, ...]) -> str:
-    """'; expected one of: ...' for the section at loc, or '' where it is not a section."""
-    model: Any = Spec
-    for part in loc:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        if field is None or not isinstance(field.annotation, type):
-            return ""
-        model = field.annotation
-    if not (isinstance(model, type) and issubclass(model, BaseModel)):
-        return ""
-    keys = [field.alias or name for name, field in model.model_fields.items() if not field.exclude]
-    return f"; expected one of: {', '.join(keys)}"

@@ -27,7 +27,8 @@ from autotune.names import INPUT_SHAPE_ATTR, METRIC_ATTR, N_CLASSES_ATTR
 from autotune.pruners import VarianceShiftPruner
 from autotune.redaction import redact
 from autotune.space import SearchSpace
-from autotune.spec import PrunerSpec, Spec
+from autotune.spec import Spec
+from autotune.spec_study import PrunerSpec
 from autotune.writes import write_failure
 
 # heartbeats, RetryHeartbeatStaleTrialCallback and TPE's `group` are marked experimental; we
