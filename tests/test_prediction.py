@@ -13,7 +13,9 @@ from torch import nn
 
 from autotune import theory
 from autotune.models import build_model
-from autotune.prediction import find_feeds, predict_shift, probe_batch
+from autotune.feeds import find_feeds
+from autotune.prediction import predict_shift
+from autotune.probe import probe_batch
 from autotune.regularizers import GaussianDropout, Uout
 from autotune.shift import measure_shift
 from autotune.space import BlockConfig, TrialConfig
