@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from autotune import theory
-from autotune.models import build_model
 from autotune.feeds import find_feeds
+from autotune.models import build_model
 from autotune.prediction import predict_shift
 from autotune.probe import probe_batch
 from autotune.regularizers import GaussianDropout, Uout
