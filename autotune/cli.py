@@ -304,7 +304,8 @@ def sync(spec_file: Path, storage: str | None, tracking_uri: str | None) -> None
     from autotune.finish import parent_status, sync_parent_run
     from autotune.spec import load_spec
     from autotune.storage import load_existing_study, raise_if_disk
-    from autotune.tracking import Tracker, sync_study
+    from autotune.sync import sync_study
+    from autotune.tracking import Tracker
 
     spec = load_spec(spec_file, overrides=_overrides(storage, tracking_uri))
     if not spec.mlflow.enabled:

@@ -36,7 +36,8 @@ from autotune.queries import FINISHED, count_finished
 from autotune.session import Session, StudyOutcome, open_session
 from autotune.spec import Spec
 from autotune.storage import HEARTBEAT_GRACE, POLL_SECONDS, raise_if_disk
-from autotune.tracking import Tracker, sync_study
+from autotune.sync import sync_study
+from autotune.tracking import Tracker
 
 MAX_FAILURES_IN_A_ROW = 5
 

@@ -50,7 +50,15 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "weights",
     ),
     # where a study lives and how it is read and logged (optuna, mlflow)
-    "search": ("optuna_private", "pruners", "storage", "queries", "tracking"),
+    "search": (
+        "optuna_private",
+        "pruners",
+        "storage",
+        "queries",
+        "run_fields",
+        "tracking",
+        "sync",
+    ),
     # what a study hands back
     "outputs": ("snippet", "recommendation", "export", "report"),
     # running a study
