@@ -236,6 +236,30 @@ def watch_launcher() -> threading.Thread:
     return thread
 
 
+def run_here(
+    spec: Spec,
+    n_trials: int | None,
+    timeout: float | None,
+    devices: list[str] | None,
+    progress: Observer,
+    as_worker: bool,
+) -> StudyOutcome:
+    """`run` without --workers, or one of --workers' processes: the study run in this process,
+    on the device `devices` names; a worker retries the trials it cut short."""
+    from autotune.loop import run_study
+
+    if devices:  # before anything initialises CUDA
+        [device] = plan_devices(1, devices, spec.train.accelerator)
+        if device is not None:
+            os.environ[DEVICES_ENV] = device
+    outcome = run_study(
+        spec, n_trials=n_trials, timeout=timeout, progress=progress, finish=not as_worker
+    )
+    if as_worker:
+        retry_cut_short(outcome)
+    return outcome
+
+
 def retry_cut_short(outcome: StudyOutcome) -> list[int]:
     """When the launcher is gone: queue each trial this worker cut short to run again (as a
     worker's death by heartbeat would, up to MAX_RETRIES times a configuration); return their
