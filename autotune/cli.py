@@ -16,13 +16,12 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from autotune.errors import SpecError, WriteError, first_line, one_line
 from autotune.names import (
-    DEVICES_ENV,
     EXIT_BAD_INPUT,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -31,6 +30,11 @@ from autotune.names import (
     TRACKING_ENV,
 )
 from autotune.redaction import redact
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from autotune.session import StudyOutcome
 
 storage_option = click.option(
     "--storage",
@@ -140,7 +144,6 @@ def run(
 ) -> None:
     """Run the study in SPEC_FILE, or resume it where it stopped, or join it: the same command
     on another node works on the same study when its storage is shared."""
-    from autotune.loop import run_study
     from autotune.progress import RichProgress, print_summary
     from autotune.spec import load_spec
 
@@ -167,21 +170,16 @@ def run(
             spec_file, spec, workers, devices, n_trials=n_trials, timeout=timeout, progress=progress
         )
     else:
-        if devices:  # before anything initialises CUDA
-            from autotune.workers import plan_devices
+        from autotune.workers import run_here
 
-            [device] = plan_devices(1, devices, spec.train.accelerator)
-            if device is not None:
-                os.environ[DEVICES_ENV] = device
-        outcome = run_study(
-            spec, n_trials=n_trials, timeout=timeout, progress=progress, finish=not as_worker
-        )
-        if as_worker:
-            from autotune.workers import retry_cut_short
-
-            retry_cut_short(outcome)
+        outcome = run_here(spec, n_trials, timeout, devices, progress, as_worker)
     if not as_worker:
         print_summary(console, spec, outcome)
+    _end_run(console, spec_file, outcome, troubles)
+
+
+def _end_run(console: Console, spec_file: Path, outcome: StudyOutcome, troubles: list[str]) -> None:
+    """What `run` says at its end, and its exit code: interrupted, or failed."""
     for trouble in troubles:
         console.print(f"[yellow]{trouble}[/]", soft_wrap=True)
     if outcome.interrupted:
@@ -304,7 +302,8 @@ def sync(spec_file: Path, storage: str | None, tracking_uri: str | None) -> None
     from autotune.finish import parent_status, sync_parent_run
     from autotune.spec import load_spec
     from autotune.storage import load_existing_study, raise_if_disk
-    from autotune.tracking import Tracker, sync_study
+    from autotune.sync import sync_study
+    from autotune.tracking import Tracker
 
     spec = load_spec(spec_file, overrides=_overrides(storage, tracking_uri))
     if not spec.mlflow.enabled:

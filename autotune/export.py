@@ -5,7 +5,7 @@ Every file is verified as it is written: the network rebuilt from it (the snippe
 recommendation's blocks built again) must have the tuned network's layers, names and parameter
 count, load the trained best model's saved state_dict, and then give the same outputs
 (autotune.weights). Each file carries its provenance: study, trial, MLflow run ids, seed and
-library versions. Run ids are taken only in MLflow's form (tracking.RUN_ID).
+library versions. Run ids are taken only in MLflow's form (run_fields.RUN_ID).
 """
 
 from __future__ import annotations
@@ -52,10 +52,10 @@ from autotune.recommendation import (
     robust_section,
 )
 from autotune.redaction import redact
+from autotune.run_fields import run_id_or_none, trial_run_id
 from autotune.snippet import render_imported_snippet, render_snippet, run_snippet
 from autotune.space import TrialConfig
 from autotune.spec import Spec
-from autotune.tracking import run_id_or_none, trial_run_id
 from autotune.user_code import USER_ERRORS, raised_in
 from autotune.weights import WeightsDoNotLoad, own_weights, verify_network, verify_weights
 from autotune.writes import write_atomic

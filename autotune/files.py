@@ -11,7 +11,7 @@ anyone may have written. `read_yaml` refuses, in one line and before any of it i
   each copy): more than MAX_ALIASES aliases, or more than MAX_ALIAS_NODES nodes added by them;
   an alias inside its own anchor (a cycle) too;
 - nesting deeper than MAX_DEPTH, aliases expanded, so that neither the constructor nor anything
-  that walks the result recursively (pydantic, tracking.flatten) reaches Python's recursion
+  that walks the result recursively (pydantic, run_fields.flatten) reaches Python's recursion
   limit. libyaml itself refuses nesting past 1000 levels.
 
 `file_problem` says what is wrong with a path that should name a readable file, for any OSError

@@ -30,7 +30,8 @@ from autotune.report import write_figures
 from autotune.robust import robust_recommendation
 from autotune.session import Session, StudyOutcome
 from autotune.spec import Spec
-from autotune.tracking import Tracker, sync_study
+from autotune.sync import sync_study
+from autotune.tracking import Tracker
 
 
 def finish_study(session: Session, outcome: StudyOutcome) -> None:

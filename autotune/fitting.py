@@ -32,7 +32,8 @@ from torch.nn import functional as F
 
 from autotune.data import hold_on_device
 from autotune.models import build_model
-from autotune.prediction import NetworkPrediction, predict_shift, probe_batch
+from autotune.prediction import NetworkPrediction, predict_shift
+from autotune.probe import probe_batch
 from autotune.shift import LayerShift, recalibrate_bn, shift_observed, train_mode_accuracy
 from autotune.signals import TrialInterrupted
 from autotune.space import TrialConfig

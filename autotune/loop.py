@@ -23,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -36,7 +38,11 @@ from autotune.queries import FINISHED, count_finished
 from autotune.session import Session, StudyOutcome, open_session
 from autotune.spec import Spec
 from autotune.storage import HEARTBEAT_GRACE, POLL_SECONDS, raise_if_disk
-from autotune.tracking import Tracker, sync_study
+from autotune.sync import sync_study
+from autotune.tracking import Tracker
+
+if TYPE_CHECKING:
+    from autotune.objective import Objective
 
 MAX_FAILURES_IN_A_ROW = 5
 
@@ -167,7 +173,6 @@ def run_trials(
     timeout = timeout if timeout is not None else spec.study.timeout
     quiet_lightning()
     outcome = StudyOutcome(study, count_finished(study), session.budget)
-    failures: list[int] = []
     tracker.on_return = lambda: _log_missed(tracker, study, spec.study.metric, progress)
 
     with stop_on_signals() as stop:
@@ -188,47 +193,87 @@ def run_trials(
             on_epoch=progress.epoch,
             admit=budget.admits,
         )
-
-        def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-            if trial.user_attrs.get(SURPLUS_ATTR):
-                pass  # not a failure of the configuration: it never ran
-            elif trial.state == TrialState.FAIL:
-                failures.append(trial.number)
-            else:
-                failures.clear()
-            outcome.finished = count_finished(study)
-            progress.trial_done(study, trial)
-            if objective.fault is not None or tracker.fault is not None:
-                study.stop()
-            elif len(failures) >= MAX_FAILURES_IN_A_ROW and not stop.is_set():
-                outcome.stopped_by_failures = True
-                study.stop()
-            elif not budget.wait_for_room():
-                outcome.interrupted = stop.is_set()  # a signal after the trial's last batch
-                outcome.finished = count_finished(study)
-                study.stop()
-
+        after_trial = _after_trial(outcome, objective, tracker, budget, stop, progress)
         progress.start(study, session.budget)
-        try:
-            if budget.wait_for_room():
-                study.optimize(
-                    objective, timeout=timeout, catch=(Exception,), callbacks=[after_trial]
-                )
-            outcome.interrupted = outcome.interrupted or stop.is_set()
-        except KeyboardInterrupt:
-            outcome.interrupted = True
-        except Exception as exc:  # the storage could not record a trial: Optuna's own error
-            raise_if_disk(exc, spec.storage_url)
-            raise
-        finally:
-            outcome.cut_short = list(objective.cut_short)
-            progress.close()
+        _optimize(
+            study,
+            objective,
+            outcome,
+            budget,
+            after_trial,
+            stop,
+            progress,
+            timeout=timeout,
+            storage_url=spec.storage_url,
+        )
     fault = objective.fault or tracker.fault
     if fault is not None:
         raise fault
     if tracker.missed:
         _log_missed(tracker, study, spec.study.metric, progress)
     return outcome
+
+
+def _after_trial(
+    outcome: StudyOutcome,
+    objective: Objective,
+    tracker: Tracker,
+    budget: Budget,
+    stop: threading.Event,
+    progress: Observer,
+) -> Callable[[optuna.Study, FrozenTrial], None]:
+    """The callback after each trial: counts failures in a row, and stops the study on a fault,
+    on too many failures, or when the budget has no room left."""
+    failures: list[int] = []
+
+    def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.user_attrs.get(SURPLUS_ATTR):
+            pass  # not a failure of the configuration: it never ran
+        elif trial.state == TrialState.FAIL:
+            failures.append(trial.number)
+        else:
+            failures.clear()
+        outcome.finished = count_finished(study)
+        progress.trial_done(study, trial)
+        if objective.fault is not None or tracker.fault is not None:
+            study.stop()
+        elif len(failures) >= MAX_FAILURES_IN_A_ROW and not stop.is_set():
+            outcome.stopped_by_failures = True
+            study.stop()
+        elif not budget.wait_for_room():
+            outcome.interrupted = stop.is_set()  # a signal after the trial's last batch
+            outcome.finished = count_finished(study)
+            study.stop()
+
+    return after_trial
+
+
+def _optimize(
+    study: optuna.Study,
+    objective: Objective,
+    outcome: StudyOutcome,
+    budget: Budget,
+    after_trial: Callable[[optuna.Study, FrozenTrial], None],
+    stop: threading.Event,
+    progress: Observer,
+    *,
+    timeout: float | None,
+    storage_url: str,
+) -> None:
+    """Optuna's loop over the trials, once the budget has room; a storage error about the disk
+    raised as a WriteError."""
+    try:
+        if budget.wait_for_room():
+            study.optimize(objective, timeout=timeout, catch=(Exception,), callbacks=[after_trial])
+        outcome.interrupted = outcome.interrupted or stop.is_set()
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+    except Exception as exc:  # the storage could not record a trial: Optuna's own error
+        raise_if_disk(exc, storage_url)
+        raise
+    finally:
+        outcome.cut_short = list(objective.cut_short)
+        progress.close()
 
 
 def _log_missed(tracker: Tracker, study: optuna.Study, metric: str, progress: Observer) -> None:

@@ -48,11 +48,11 @@ from autotune.names import (
 from autotune.prediction import NetworkPrediction
 from autotune.pruners import VarianceShiftPruner
 from autotune.redaction import redact
+from autotune.run_fields import measured_metrics, predicted_metrics
 from autotune.shift import summarize_measured
 from autotune.signals import TrialInterrupted
 from autotune.space import TrialConfig
 from autotune.spec import Spec
-from autotune.tracking import measured_metrics, predicted_metrics
 from autotune.user_code import raised_line
 from autotune.weights import save_tensors
 

@@ -29,10 +29,11 @@ from autotune.optuna_private import reload_study
 from autotune.preflight import check_runnable, resolve_space
 from autotune.pruners import shift_distance
 from autotune.redaction import redact
+from autotune.run_fields import flatten
 from autotune.space import SearchSpace
 from autotune.spec import Spec
 from autotune.storage import POLL_SECONDS, open_study, raise_if_disk
-from autotune.tracking import Tracker, flatten
+from autotune.tracking import Tracker
 from autotune.writes import check_writable
 
 if TYPE_CHECKING:

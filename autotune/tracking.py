@@ -10,7 +10,7 @@ or INTERRUPTED for a trial stopped by Ctrl-C or SIGTERM (FAIL in Optuna, KILLED 
 MLflow is a record, not the source of truth: the Optuna storage is. When the tracking server does
 not answer, trials go on, the user is told once, and calls are dropped; one is tried again every
 RETRY_SECONDS. The trials whose logging was cut short are logged whole from the Optuna storage when
-the server answers again, at the end of the run, or by `autotune sync` (`sync_study`).
+the server answers again, at the end of the run, or by `autotune sync` (`sync.sync_study`).
 
 MlflowClient is used directly: it needs no global active run, so nothing leaks between trials.
 """
@@ -19,60 +19,28 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from autotune.errors import WriteError, first_line_with_type
 from autotune.names import (
     ARTIFACTS_DIR,
-    CONFIG_ATTR,
-    EXPLORED_ATTR,
-    EXPLORED_TAG,
-    FAIL_REASON_ATTR,
-    FAIL_REASON_TAG,
     FIGURES_DIR,
-    FINAL_ATTR,
-    HISTORY_ATTR,
-    INTERRUPTED_ATTR,
-    MEASURED_SHIFT_ATTR,
-    PARENT_ATTR,
     PARENT_ROLE,
     PARTIAL,
-    PREDICTED_SHIFT_ATTR,
-    PRUNED_EPOCH_ATTR,
-    PRUNED_EPOCH_TAG,
-    PRUNED_REASON_ATTR,
-    PRUNED_REASON_TAG,
-    RELOGGED_RUN,
     ROLE_TAG,
-    RUN_ID_ATTR,
     STATE_TAG,
     STUDY_TAG,
     TRIAL_ROLE,
     TRIAL_TAG,
-    WORKER_ATTR,
     WORKER_TAG,
 )
-from autotune.queries import trial_config
 from autotune.redaction import redact, redact_params
+from autotune.run_fields import RUN_STATUS, TrialRecord
 from autotune.writes import write_failure
 
-if TYPE_CHECKING:
-    import optuna
-    from optuna.trial import FrozenTrial
-
-# what MLflow names a run: 32 hex digits (a uuid4). A stored value of any other form is not taken
-# for one: sync copies run ids from the tracking server into the study, and export renders them
-RUN_ID = re.compile(r"[0-9a-f]{32}")
-RUN_STATUS = {
-    "COMPLETE": "FINISHED",
-    "PRUNED": "FINISHED",
-    "FAIL": "FAILED",
-    "INTERRUPTED": "KILLED",
-}
 # while the server does not answer, one call in this many seconds tries again
 RETRY_SECONDS = 30.0
 # MLflow's HTTP client retries a refused request 7 times over about four minutes by default; a
@@ -410,150 +378,6 @@ class Tracker:
             params=[Param(k, v) for k, v in redact_params(params or {}).items()],
             tags=[RunTag(k, v) for k, v in redact_params(tags or {}).items()],
         )
-
-
-class TrialRecord:
-    """What a finished Optuna trial holds, in the names a live trial logs to MLflow."""
-
-    def __init__(self, trial: FrozenTrial, metric: str) -> None:
-        attrs = trial.user_attrs
-        self.number = trial.number
-        self.state = "INTERRUPTED" if attrs.get(INTERRUPTED_ATTR) else trial.state.name
-        self.worker = attrs.get(WORKER_ATTR, "")
-        self.params = {} if attrs.get(CONFIG_ATTR) is None else trial_config(trial).to_params()
-        self.start_ms = _ms(trial.datetime_start)
-        self.end_ms = _ms(trial.datetime_complete) or self.start_ms
-        self.metrics: list[tuple[int, dict[str, float]]] = []
-        if PREDICTED_SHIFT_ATTR in attrs:
-            self.metrics.append((0, predicted_metrics(attrs[PREDICTED_SHIFT_ATTR])))
-        history = attrs.get(HISTORY_ATTR) or [
-            {"epoch": step, metric: value} for step, value in trial.intermediate_values.items()
-        ]
-        for row in history:
-            self.metrics.append((int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"}))
-        if MEASURED_SHIFT_ATTR in attrs:
-            last = max((step for step, _ in self.metrics), default=0)
-            measured = measured_metrics(attrs[MEASURED_SHIFT_ATTR], attrs[FINAL_ATTR])
-            self.metrics.append((last, measured))
-        self.tags: dict[str, Any] = {}
-        if self.state == "PRUNED":
-            self.tags[PRUNED_EPOCH_TAG] = attrs.get(PRUNED_EPOCH_ATTR, 0)
-            self.tags[PRUNED_REASON_TAG] = attrs.get(PRUNED_REASON_ATTR, "")
-        if self.state == "FAIL":
-            # the objective records every failure it sees: without a reason, the worker died
-            self.tags[FAIL_REASON_TAG] = attrs.get(
-                FAIL_REASON_ATTR, "its worker stopped without a word (killed, or its node lost)"
-            )
-        if attrs.get(EXPLORED_ATTR):
-            self.tags[EXPLORED_TAG] = True
-
-
-def predicted_metrics(prediction: Mapping[str, Any]) -> dict[str, float]:
-    """`predicted_delta.<bn layer>`, `.worst`, `.product`, from a prediction's dict form."""
-    metrics = {
-        f"predicted_delta.{name}": layer["exact"] for name, layer in prediction["layers"].items()
-    }
-    metrics["predicted_delta.worst"] = prediction["summary"]["worst_delta"]
-    metrics["predicted_delta.product"] = prediction["summary"]["product"]
-    return metrics
-
-
-def measured_metrics(measured: Mapping[str, Any], final: Mapping[str, float]) -> dict[str, float]:
-    """`measured_delta.<bn layer>`, `.worst`, `.product` and `final.<name>`."""
-    metrics = {f"measured_delta.{name}": delta for name, delta in measured["layers"].items()}
-    metrics["measured_delta.worst"] = measured["summary"]["worst_delta"]
-    metrics["measured_delta.product"] = measured["summary"]["product"]
-    metrics.update({f"final.{name}": value for name, value in final.items()})
-    return metrics
-
-
-def sync_study(
-    tracker: Tracker, study: optuna.Study, metric: str, only: Iterable[int] | None = None
-) -> int:
-    """Log to MLflow what it misses of the study, from the Optuna storage: a child run for each
-    finished trial that has none whole (its run missing, or cut short because the server went
-    away or its worker died: that run is deleted and the trial logged again), and no second
-    run of any trial. `only`: these trial numbers. Returns how many trials were logged; the
-    parent run is left as it is (finish.sync_parent_run ends one a run could not end).
-
-    Raises when MLflow does not answer."""
-    if not tracker.enabled:
-        return 0
-    known = study.user_attrs.get(PARENT_ATTR)
-    tracker.parent_run_id = tracker.find_parent({}, known, resume=False)
-    if known != tracker.parent_run_id:
-        study.set_user_attr(PARENT_ATTR, tracker.parent_run_id)
-    wanted = None if only is None else set(only)
-    runs = tracker.trial_runs()
-    logged = 0
-    trials = study.get_trials(deepcopy=False)
-    study_attrs = study.user_attrs  # read once: each read is a query of the storage
-    for trial in trials:
-        if wanted is not None and trial.number not in wanted:
-            continue
-        if not trial.state.is_finished() or CONFIG_ATTR not in trial.user_attrs:
-            continue  # still running, or ended before it had a configuration: nothing to log
-        record = TrialRecord(trial, metric)
-        if not any(_is_whole(run, record.state) for run in runs.get(trial.number, [])):
-            tracker.log_trial(record)
-            logged += 1
-            runs[trial.number] = tracker.trial_runs(trial.number).get(trial.number, [])
-        kept = _keep_one(tracker, runs.get(trial.number, []), record.state)
-        if kept is not None and kept != trial_run_id(study_attrs, trial):
-            study.set_user_attr(RELOGGED_RUN.format(trial.number), kept)
-        tracker.missed.discard(trial.number)
-    return logged
-
-
-def trial_run_id(study_attrs: Mapping[str, Any], trial: FrozenTrial) -> str | None:
-    """The id of the MLflow run that holds `trial`, given the study's user attrs: the one sync
-    logged, else the trial's own; None when neither is a run id."""
-    return run_id_or_none(study_attrs.get(RELOGGED_RUN.format(trial.number))) or run_id_or_none(
-        trial.user_attrs.get(RUN_ID_ATTR)
-    )
-
-
-def run_id_or_none(value: Any) -> str | None:
-    """`value` when it is an MLflow run id (RUN_ID), else None."""
-    return value if isinstance(value, str) and RUN_ID.fullmatch(value) else None
-
-
-def _keep_one(tracker: Tracker, runs: list[Any], state: str) -> str | None:
-    """Delete every run of a trial but one whole run, and return its id. Two processes that log
-    the same trial at once each keep the same one: the oldest, then the smallest id."""
-    whole = sorted(
-        (run for run in runs if _is_whole(run, state)),
-        key=lambda run: (run.info.start_time, run.info.run_id),
-    )
-    for run in runs:
-        if not whole or run is not whole[0]:
-            tracker.client.delete_run(run.info.run_id)
-    return whole[0].info.run_id if whole else None
-
-
-def _is_whole(run: Any, state: str) -> bool:
-    tags = run.data.tags
-    return (
-        tags.get(STATE_TAG) == state
-        and PARTIAL not in tags
-        and run.info.status == RUN_STATUS[state]
-    )
-
-
-def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'data': {'name': 'digits'}} -> {'data.name': 'digits'}, for MLflow params."""
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def _ms(moment: Any) -> int | None:
-    return None if moment is None else int(moment.timestamp() * 1000)
 
 
 def _artifact_location(uri: str) -> str | None:

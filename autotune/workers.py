@@ -46,7 +46,7 @@ from autotune.names import (
     worker_log,
 )
 from autotune.queries import count_finished
-from autotune.session import StudyOutcome, open_session
+from autotune.session import Session, StudyOutcome, open_session
 from autotune.spec import Spec
 from autotune.storage import MAX_RETRIES, POLL_SECONDS
 from autotune.writes import open_to_append
@@ -154,29 +154,7 @@ def launch(
         if t.datetime_complete is not None and t.datetime_complete < began
     }
     with stop_on_signals() as stop:
-        forwarded = False
-        try:
-            _release(workers, go=True)
-            progress.start(study, session.budget)
-            while any(w.process.poll() is None for w in workers):
-                if stop.is_set() and not forwarded:
-                    _signal(workers, signal.SIGTERM)  # each ends its running trial cleanly
-                    forwarded = outcome.interrupted = True
-                _report_new(study, seen, progress)
-                _wait_any(workers, POLL_SECONDS)
-        except BaseException as exc:
-            # a second Ctrl-C, or the launcher's own failure: no worker goes on alone. A
-            # SIGTERM lets a worker end its trial cleanly; the SIGINT after it, at once
-            outcome.interrupted = True
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                _signal(workers, sig)
-            for worker in workers:
-                worker.process.wait()
-            if not isinstance(exc, KeyboardInterrupt):
-                session.tracker.end_study({}, {}, [], status="FAILED")  # not left RUNNING
-                raise
-        finally:
-            progress.close()
+        _supervise(workers, session, outcome, seen, stop, progress)
     _report_new(study, seen, progress)
     codes = [w.process.returncode for w in workers]
     outcome.interrupted = outcome.interrupted or EXIT_INTERRUPTED in codes
@@ -187,6 +165,43 @@ def launch(
     if unwritten:  # a disk that refused one worker's file: the run ends as that worker's did
         raise WriteError(unwritten[0].write_error)
     return outcome, [t for t in (w.trouble for w in workers) if t is not None]
+
+
+def _supervise(
+    workers: list[Worker],
+    session: Session,
+    outcome: StudyOutcome,
+    seen: set[int],
+    stop: threading.Event,
+    progress: Observer,
+) -> None:
+    """Let the workers go and watch them until the last one ends: a signal forwarded to them
+    once, new trials reported; on the launcher's own failure, or a second Ctrl-C, every worker
+    stopped."""
+    study = session.study
+    forwarded = False
+    try:
+        _release(workers, go=True)
+        progress.start(study, session.budget)
+        while any(w.process.poll() is None for w in workers):
+            if stop.is_set() and not forwarded:
+                _signal(workers, signal.SIGTERM)  # each ends its running trial cleanly
+                forwarded = outcome.interrupted = True
+            _report_new(study, seen, progress)
+            _wait_any(workers, POLL_SECONDS)
+    except BaseException as exc:
+        # a second Ctrl-C, or the launcher's own failure: no worker goes on alone. A
+        # SIGTERM lets a worker end its trial cleanly; the SIGINT after it, at once
+        outcome.interrupted = True
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            _signal(workers, sig)
+        for worker in workers:
+            worker.process.wait()
+        if not isinstance(exc, KeyboardInterrupt):
+            session.tracker.end_study({}, {}, [], status="FAILED")  # not left RUNNING
+            raise
+    finally:
+        progress.close()
 
 
 def await_launcher() -> bool:
@@ -219,6 +234,30 @@ def watch_launcher() -> threading.Thread:
     thread = threading.Thread(target=watch, name="watch-launcher", daemon=True)
     thread.start()
     return thread
+
+
+def run_here(
+    spec: Spec,
+    n_trials: int | None,
+    timeout: float | None,
+    devices: list[str] | None,
+    progress: Observer,
+    as_worker: bool,
+) -> StudyOutcome:
+    """`run` without --workers, or one of --workers' processes: the study run in this process,
+    on the device `devices` names; a worker retries the trials it cut short."""
+    from autotune.loop import run_study
+
+    if devices:  # before anything initialises CUDA
+        [device] = plan_devices(1, devices, spec.train.accelerator)
+        if device is not None:
+            os.environ[DEVICES_ENV] = device
+    outcome = run_study(
+        spec, n_trials=n_trials, timeout=timeout, progress=progress, finish=not as_worker
+    )
+    if as_worker:
+        retry_cut_short(outcome)
+    return outcome
 
 
 def retry_cut_short(outcome: StudyOutcome) -> list[int]:

@@ -42,8 +42,9 @@ from scipy.stats import spearmanr
 from autotune.checks import quiet_lightning
 from autotune.data import load_data
 from autotune.fitting import fit, predict
-from autotune.prediction import predict_shift, probe_batch
+from autotune.prediction import predict_shift
 from autotune.preflight import resolve_space
+from autotune.probe import probe_batch
 from autotune.space import BlockConfig, TrialConfig
 from autotune.spec import parse_spec
 

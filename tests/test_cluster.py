@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from autotune import names, tracking
+from autotune import names, run_fields, sync, tracking
 from autotune.cli import main
 from autotune.loop import Observer, run_study
 from autotune.queries import FINISHED
@@ -130,7 +130,7 @@ def assert_mlflow_holds_the_study(uri: str, study: optuna.Study) -> None:
         [run] = children[trial.number]
         state = "INTERRUPTED" if trial.user_attrs.get("interrupted") else trial.state.name
         assert run.data.tags["autotune.state"] == state
-        assert run.info.status == tracking.RUN_STATUS[state]
+        assert run.info.status == run_fields.RUN_STATUS[state]
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         if trial.state == TrialState.COMPLETE:  # the whole record, not only the end state
             assert run.data.metrics["final.val_acc"] == pytest.approx(trial.value)
@@ -509,10 +509,10 @@ def test_sync_replaces_a_cut_short_run_and_removes_a_second_copy(tmp_path: Path,
     # trial 0's run missed some calls (it is tagged so); trial 1 was logged twice
     tracker.client.set_tag(runs[0][0].info.run_id, names.PARTIAL, "true")
     tracker.parent_run_id = study.user_attrs[names.PARENT_ATTR]
-    tracker.log_trial(tracking.TrialRecord(study.trials[1], "val_acc"))
+    tracker.log_trial(run_fields.TrialRecord(study.trials[1], "val_acc"))
     assert len(tracker.trial_runs()[1]) == 2
 
-    logged = tracking.sync_study(tracker, study, "val_acc")
+    logged = sync.sync_study(tracker, study, "val_acc")
     # trial 0 logged again whole; of trial 1's two runs one is left; trial 2 untouched
     assert logged == 1
     after = tracker.trial_runs()
@@ -528,10 +528,10 @@ def test_sync_replaces_a_cut_short_run_and_removes_a_second_copy(tmp_path: Path,
     )
     # the study knows which run holds each trial now: trial 0's new one, though the trial's own
     # attr still names the run sync replaced, and whichever of trial 1's copies was kept
-    assert tracking.trial_run_id(study.user_attrs, study.trials[0]) == after[0][0].info.run_id
+    assert run_fields.trial_run_id(study.user_attrs, study.trials[0]) == after[0][0].info.run_id
     assert study.trials[0].user_attrs["mlflow_run_id"] == runs[0][0].info.run_id
-    assert tracking.trial_run_id(study.user_attrs, study.trials[1]) == after[1][0].info.run_id
-    assert tracking.trial_run_id(study.user_attrs, study.trials[2]) == runs[2][0].info.run_id
+    assert run_fields.trial_run_id(study.user_attrs, study.trials[1]) == after[1][0].info.run_id
+    assert run_fields.trial_run_id(study.user_attrs, study.trials[2]) == runs[2][0].info.run_id
 
 
 def test_sync_writes_the_outputs_again_when_the_recommended_trials_run_moved(write_spec):

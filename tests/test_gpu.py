@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from autotune.models import build_model
-from autotune.prediction import predict_shift, probe_batch
+from autotune.prediction import predict_shift
+from autotune.probe import probe_batch
 from autotune.shift import measure_shift, mode_accuracy, recalibrate_bn
 from autotune.space import BlockConfig, TrialConfig
 from autotune.spec import ModelSpec

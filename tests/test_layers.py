@@ -44,6 +44,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "surgery",
         "models",
         "shift",
+        "feeds",
+        "probe",
+        "estimates",
         "prediction",
         "sources",
         "data",
@@ -51,7 +54,15 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "weights",
     ),
     # where a study lives and how it is read and logged (optuna, mlflow)
-    "search": ("optuna_private", "pruners", "storage", "queries", "tracking"),
+    "search": (
+        "optuna_private",
+        "pruners",
+        "storage",
+        "queries",
+        "run_fields",
+        "tracking",
+        "sync",
+    ),
     # what a study hands back
     "outputs": ("snippet", "recommendation", "export", "report"),
     # running a study

@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 from autotune import theory
+from autotune.feeds import find_feeds
 from autotune.models import build_model
-from autotune.prediction import find_feeds, predict_shift, probe_batch
+from autotune.prediction import predict_shift
+from autotune.probe import probe_batch
 from autotune.regularizers import GaussianDropout, Uout
 from autotune.shift import measure_shift
 from autotune.space import BlockConfig, TrialConfig

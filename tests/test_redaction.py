@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from autotune.redaction import MASK, SECRET_NAME, is_secret_name, redact, redact_params
+from autotune.run_fields import flatten
 from autotune.spec import Spec
-from autotune.tracking import flatten
 
 SECRET = "s3cr3t-Pw"
 

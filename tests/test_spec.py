@@ -664,7 +664,7 @@ def test_a_long_bad_value_is_abbreviated() -> None:
 
 
 def test_binary_kwargs_dump_for_the_mlflow_params(tmp_path: Path) -> None:
-    from autotune.tracking import flatten
+    from autotune.run_fields import flatten
 
     path = tmp_path / "spec.yaml"
     # YAML's !!binary makes bytes, here not UTF-8 text: `run` failed with a UnicodeDecodeError

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from autotune.tracking import Tracker, run_id_or_none, trial_run_id
+from autotune.run_fields import run_id_or_none, trial_run_id
+from autotune.tracking import Tracker
 
 SECRET = "s3cr3t-Pw"
 
