@@ -93,6 +93,21 @@ def file_problem(path: Path) -> str | None:
     return None
 
 
+# the URL schemes whose rest is a file's path: sqlite:///runs/x.db, journal:///runs/x.journal
+# (three slashes: a relative path; four: journal:////abs/x.journal, an absolute one)
+SQLITE = "sqlite:///"
+JOURNAL = "journal:///"
+
+
+def url_file(url: str, schemes: tuple[str, ...] = (SQLITE, JOURNAL)) -> str | None:
+    """The file a storage or tracking URL of one of `schemes` keeps its data in, as written
+    after the scheme; None for any other URL (a server's)."""
+    for scheme in schemes:
+        if url.startswith(scheme):
+            return url.removeprefix(scheme)
+    return None
+
+
 def path_too_long(path: Path) -> bool:
     """Whether a path has a name (one folder or the file) or a whole length the file system
     cannot hold: opening it would fail with ENAMETOOLONG."""

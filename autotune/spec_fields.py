@@ -17,7 +17,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Strict, ValidationInfo
 
 from autotune.errors import abbreviate, quote_path
-from autotune.files import file_problem, path_too_long
+from autotune.files import file_problem, path_too_long, url_file
 
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 # the most an int field holds: what numpy, torch and the storages' integer columns hold
@@ -76,17 +76,11 @@ def import_path(what: str) -> Callable[[str | None], str | None]:
     return check
 
 
-# the URL schemes whose rest is a file's path: sqlite:///runs/x.db, journal:///runs/x.journal
-FILE_SCHEMES = ("sqlite:///", "journal:///")
-
-
 def file_url_fits(url: str | None) -> str | None:
     """A storage or tracking URL whose file's path the file system can hold (None passes)."""
-    for scheme in FILE_SCHEMES:
-        if url is not None and url.startswith(scheme):
-            path = url.removeprefix(scheme)
-            if path_too_long(Path(path)):
-                raise ValueError(f"path too long for the file system: {quote_path(path)}")
+    path = None if url is None else url_file(url)
+    if path is not None and path_too_long(Path(path)):
+        raise ValueError(f"path too long for the file system: {quote_path(path)}")
     return url
 
 

@@ -23,6 +23,7 @@ from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 
 from autotune.checks import check_sampler
 from autotune.errors import SpecError, WriteError, first_line_with_type
+from autotune.files import JOURNAL, url_file
 from autotune.names import INPUT_SHAPE_ATTR, METRIC_ATTR, N_CLASSES_ATTR
 from autotune.pruners import VarianceShiftPruner
 from autotune.redaction import redact
@@ -41,7 +42,6 @@ HEARTBEAT_INTERVAL, HEARTBEAT_GRACE, MAX_RETRIES = 30, 120, 2
 # how often a process waiting on the storage (for room in the budget, for the parent run's id,
 # for its workers) looks again
 POLL_SECONDS = 1.0
-JOURNAL = "journal:///"  # journal:///runs/x.journal is relative, journal:////abs/x.journal absolute
 
 
 def spec_storage(spec: Spec) -> optuna.storages.BaseStorage:
@@ -69,14 +69,13 @@ def make_storage(
     RUNNING and is not retried.
     """
     try:
-        if url.startswith(JOURNAL):
-            path = Path(url.removeprefix(JOURNAL))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
         if url.startswith(("redis://", "rediss://")):
             return optuna.storages.JournalStorage(_redis_backend(url))
-        if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        path = url_file(url)
+        if path is not None:  # sqlite or a journal file: its folder first
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if url.startswith(JOURNAL):
+            return optuna.storages.JournalStorage(JournalFileBackend(path))
         return _rdb_storage(url, heartbeat_interval, heartbeat_grace)
     except SpecError:
         raise
@@ -143,10 +142,7 @@ def raise_if_disk(exc: Exception, url: str) -> None:
 
 def storage_place(url: str) -> str:
     """Where a storage keeps its data, for a message: a file's path, else the URL redacted."""
-    for prefix in ("sqlite:///", JOURNAL):
-        if url.startswith(prefix):
-            return url.removeprefix(prefix)
-    return redact(url)
+    return url_file(url) or redact(url)
 
 
 def make_sampler(name: str, seed: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
@@ -282,9 +278,9 @@ def check_stored(study: optuna.Study, spec: Spec, datamodule: Any | None = None)
 def load_existing_study(spec: Spec) -> optuna.Study:
     """The spec's stored study, checked against the spec; SpecError when there is none."""
     url = spec.storage_url
-    for prefix in ("sqlite:///", JOURNAL):
-        if url.startswith(prefix) and not Path(url.removeprefix(prefix)).is_file():
-            raise SpecError(f"study.name: no study {spec.study.name!r}: {url} does not exist")
+    path = url_file(url)
+    if path is not None and not Path(path).is_file():
+        raise SpecError(f"study.name: no study {spec.study.name!r}: {url} does not exist")
     try:
         study = optuna.load_study(study_name=spec.study.name, storage=spec_storage(spec))
     except KeyError:

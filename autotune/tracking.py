@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from autotune.errors import WriteError, first_line_with_type
+from autotune.files import SQLITE, url_file
 from autotune.names import (
     ARTIFACTS_DIR,
     FIGURES_DIR,
@@ -382,17 +383,17 @@ class Tracker:
 
 def _artifact_location(uri: str) -> str | None:
     """Artifacts of a sqlite store go beside the database; a server chooses its own."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return (Path(uri.removeprefix("sqlite:///")).parent / ARTIFACTS_DIR).resolve().as_uri()
+    path = url_file(uri, (SQLITE,))
+    return None if path is None else (Path(path).parent / ARTIFACTS_DIR).resolve().as_uri()
 
 
 def _store_path(uri: str) -> str:
     """A local store's file, for a message."""
-    return uri.removeprefix("sqlite:///")
+    return url_file(uri, (SQLITE,)) or uri
 
 
 def _make_sqlite_folder(uri: str) -> None:
     """sqlite:///runs/x/mlflow.db needs runs/x/ to exist before MLflow opens it."""
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    path = url_file(uri, (SQLITE,))
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
