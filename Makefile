@@ -30,7 +30,7 @@ browser:
 		|| echo "note: no chromium here; the report's browser test will be skipped"; }
 
 # one pytest process per core (pytest-xdist): most tests wait on processes they started, so on
-# two cores the suite takes about half the time of one process (7.3 against 13.8 minutes)
+# two cores the suite takes under half the time of one process (docs/benchmarks.md)
 test: install browser
 	$(BIN)/python -m pytest -q -n auto --dist worksteal
 

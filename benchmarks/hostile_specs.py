@@ -21,7 +21,6 @@ Writes the rows to benchmarks/results/hostile_specs.json and prints a markdown t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -30,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _report import machine
+from _report import timed_against_older
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "hostile_specs.json"
@@ -132,15 +131,13 @@ def main() -> None:
     parser.add_argument("--limit", type=float, default=20.0, help="seconds before a run is stopped")
     parser.add_argument("--report", action="store_true", help="print the table of the last run")
     args = parser.parse_args()
-    if args.report:
-        saved = json.loads(RESULTS.read_text())
-        print(table(saved["rows"], saved["limit"]))
-        return
-    rows = run(args.old, args.repeats, args.limit)
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"rows": rows, "limit": args.limit, "machine": machine()}))
-    print(machine())
-    print(table(rows, args.limit))
+    timed_against_older(
+        RESULTS,
+        args.limit,
+        lambda: run(args.old, args.repeats, args.limit),
+        table,
+        report=args.report,
+    )
 
 
 if __name__ == "__main__":

@@ -23,13 +23,12 @@ Writes the rows to benchmarks/results/redaction.json and prints a markdown table
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from _report import machine
+from _report import timed_against_older
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "redaction.json"
@@ -103,17 +102,9 @@ def main() -> None:
     parser.add_argument("--limit", type=float, default=60.0, help="seconds before a run is stopped")
     parser.add_argument("--report", action="store_true", help="print the table of the last run")
     args = parser.parse_args()
-    if args.report:
-        saved = json.loads(RESULTS.read_text())
-        print(table(saved["rows"], saved["limit"]))
-        return
-    rows = run(args.old, args.limit)
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(
-        json.dumps({"machine": machine(), "limit": args.limit, "rows": rows}, indent=1) + "\n"
+    timed_against_older(
+        RESULTS, args.limit, lambda: run(args.old, args.limit), table, report=args.report
     )
-    print(machine())
-    print(table(rows, args.limit))
 
 
 if __name__ == "__main__":
