@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from autotune.errors import SpecError, WriteError, first_line, one_line
-from autotune.names import (
+from autotune.core.errors import SpecError, WriteError, first_line, one_line
+from autotune.core.names import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -29,12 +29,12 @@ from autotune.names import (
     STORAGE_ENV,
     TRACKING_ENV,
 )
-from autotune.redaction import redact
+from autotune.core.redaction import redact
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from autotune.session import StudyOutcome
+    from autotune.run.session import StudyOutcome
 
 storage_option = click.option(
     "--storage",
@@ -144,11 +144,11 @@ def run(
 ) -> None:
     """Run the study in SPEC_FILE, or resume it where it stopped, or join it: the same command
     on another node works on the same study when its storage is shared."""
-    from autotune.progress import RichProgress, print_summary
-    from autotune.spec import load_spec
+    from autotune.core.spec import load_spec
+    from autotune.run.progress import RichProgress, print_summary
 
     if as_worker:
-        from autotune.workers import await_launcher
+        from autotune.run.workers import await_launcher
 
         if not await_launcher():
             sys.exit(EXIT_BAD_INPUT)
@@ -156,7 +156,7 @@ def run(
         raise SpecError("--trials-per-device: give it or --workers, not both")
     spec = load_spec(spec_file, overrides=_overrides(storage, tracking_uri))
     if trials_per_device is not None:
-        from autotune.workers import device_count
+        from autotune.run.workers import device_count
 
         workers = trials_per_device * device_count(devices, spec.train.accelerator)
     workers = workers or 1
@@ -164,13 +164,13 @@ def run(
     progress = RichProgress(console, spec.study.metric, spec.train.max_epochs)
     troubles: list[str] = []
     if workers > 1:
-        from autotune.workers import launch
+        from autotune.run.workers import launch
 
         outcome, troubles = launch(
             spec_file, spec, workers, devices, n_trials=n_trials, timeout=timeout, progress=progress
         )
     else:
-        from autotune.workers import run_here
+        from autotune.run.workers import run_here
 
         outcome = run_here(spec, n_trials, timeout, devices, progress, as_worker)
     if not as_worker:
@@ -199,8 +199,8 @@ def _end_run(console: Console, spec_file: Path, outcome: StudyOutcome, troubles:
 def validate(spec_file: Path, storage: str | None, tracking_uri: str | None) -> None:
     """Check SPEC_FILE, its search space and its data without training anything, with the
     storage and tracking URI that `run` would take."""
-    from autotune.preflight import check_spec
-    from autotune.spec import load_spec
+    from autotune.core.spec import load_spec
+    from autotune.run.preflight import check_spec
 
     spec = load_spec(spec_file, overrides=_overrides(storage, tracking_uri))
     space, data = check_spec(spec)
@@ -230,10 +230,10 @@ def validate(spec_file: Path, storage: str | None, tracking_uri: str | None) -> 
 def export(spec_file: Path, formats: tuple[str, ...], storage: str | None) -> None:
     """Write the study's recommendation again from SPEC_FILE's storage, each file verified
     against the tuned network and its saved weights."""
-    from autotune.export import DEFAULT_FORMATS, NothingToRecommend, write_outputs
-    from autotune.spec import load_spec
-    from autotune.storage import load_existing_study
-    from autotune.weights import CheckFailed
+    from autotune.core.spec import load_spec
+    from autotune.nn.weights import CheckFailed
+    from autotune.outputs.export import DEFAULT_FORMATS, NothingToRecommend, write_outputs
+    from autotune.search.storage import load_existing_study
 
     spec = load_spec(spec_file, overrides=_overrides(storage))
     study = load_existing_study(spec)
@@ -262,13 +262,13 @@ def predict(spec_file: Path, config_file: Path | None, as_json: bool) -> None:
     """Predict each BN layer's variance shift Δ for a configuration, without training."""
     import json
 
-    from autotune.data import load_data
-    from autotune.files import read_yaml
-    from autotune.fitting import predict as predict_config
-    from autotune.preflight import check_runnable, resolve_space
-    from autotune.progress import print_prediction
-    from autotune.space_files import config_from_mapping
-    from autotune.spec import load_spec
+    from autotune.core.files import read_yaml
+    from autotune.core.space_files import config_from_mapping
+    from autotune.core.spec import load_spec
+    from autotune.nn.data import load_data
+    from autotune.nn.fitting import predict as predict_config
+    from autotune.run.preflight import check_runnable, resolve_space
+    from autotune.run.progress import print_prediction
 
     spec = load_spec(spec_file)
     data = load_data(spec.data, seed=spec.train.seed, base_dir=spec.base_dir)
@@ -298,12 +298,12 @@ def sync(spec_file: Path, storage: str | None, tracking_uri: str | None) -> None
     """Log to MLflow what it misses of the study in SPEC_FILE, from the Optuna storage: trials
     finished while the tracking server was away, or whose worker died; and end the parent run,
     as the end of a run would have, where that run could not."""
-    from autotune.export import rewrite_if_run_moved
-    from autotune.finish import parent_status, sync_parent_run
-    from autotune.spec import load_spec
-    from autotune.storage import load_existing_study, raise_if_disk
-    from autotune.sync import sync_study
-    from autotune.tracking import Tracker
+    from autotune.core.spec import load_spec
+    from autotune.outputs.export import rewrite_if_run_moved
+    from autotune.run.finish import parent_status, sync_parent_run
+    from autotune.search.storage import load_existing_study, raise_if_disk
+    from autotune.search.sync import sync_study
+    from autotune.search.tracking import Tracker
 
     spec = load_spec(spec_file, overrides=_overrides(storage, tracking_uri))
     if not spec.mlflow.enabled:
@@ -352,9 +352,9 @@ def sync(spec_file: Path, storage: str | None, tracking_uri: str | None) -> None
 def report(spec_file: Path, storage: str | None) -> None:
     """Write the study in SPEC_FILE's storage as one self-contained HTML page, its pictures
     embedded, and the pictures as PNG beside it."""
-    from autotune.report import write_report
-    from autotune.spec import load_spec
-    from autotune.storage import load_existing_study
+    from autotune.core.spec import load_spec
+    from autotune.outputs.report import write_report
+    from autotune.search.storage import load_existing_study
 
     spec = load_spec(spec_file, overrides=_overrides(storage))
     study = load_existing_study(spec)
@@ -365,7 +365,7 @@ def report(spec_file: Path, storage: str | None) -> None:
 @_friendly
 def spaces() -> None:
     """List the search spaces in search_spaces/ and what they search."""
-    from autotune.space_files import describe_space, list_spaces, load_space
+    from autotune.core.space_files import describe_space, list_spaces, load_space
 
     for name, path, description in list_spaces():
         click.echo(f"{name} ({path.name}): {description}")

@@ -1,6 +1,6 @@
 """The tuner's own overhead: one autotune trial against a hand-written PyTorch loop, side by side.
 
-For each task, the same network (autotune.models.build_model from the same TrialConfig, the same
+For each task, the same network (autotune.nn.models.build_model from the same TrialConfig, the same
 seed), the same optimizer, the same batches (the datamodule's own TensorBatches) and the same
 epochs, with a validation pass and one host sync of the metrics after each epoch, are trained
 
@@ -62,16 +62,16 @@ import yaml
 from _report import machine, spread
 from torch.nn import functional as F
 
-import autotune.fitting as fitting
-import autotune.objective as objective
-from autotune.checks import quiet_lightning
-from autotune.loop import Observer, run_trials
-from autotune.models import build_model
-from autotune.queries import count_finished
-from autotune.session import Session, open_session
-from autotune.space import SearchSpace, TrialConfig
-from autotune.spec import Spec, load_spec
-from autotune.tracking import Tracker
+import autotune.nn.fitting as fitting
+import autotune.run.objective as objective
+from autotune.core.checks import quiet_lightning
+from autotune.core.space import SearchSpace, TrialConfig
+from autotune.core.spec import Spec, load_spec
+from autotune.nn.models import build_model
+from autotune.run.loop import Observer, run_trials
+from autotune.run.session import Session, open_session
+from autotune.search.queries import count_finished
+from autotune.search.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

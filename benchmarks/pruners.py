@@ -44,8 +44,8 @@ import torch
 from _report import machine, spread
 from optuna.trial import TrialState
 
-from autotune.loop import run_study
-from autotune.spec import parse_spec
+from autotune.core.spec import parse_spec
+from autotune.run.loop import run_study
 
 TASKS = {
     # the quickstart's mlp on scikit-learn's 8x8 digits

@@ -1,6 +1,6 @@
 """How long the redaction takes on hostile text, against an older checkout side by side.
 
-Every MLflow param, error line and note goes through `autotune.redaction.redact`. A spec may
+Every MLflow param, error line and note goes through `autotune.core.redaction.redact`. A spec may
 hold a long value (a string under `data.kwargs` is logged as a param of the parent run), so the
 redaction must take time linear in the text. Each case is a text of a repeated piece, at three
 sizes, each doubling the one before:
@@ -41,7 +41,7 @@ PIECES = {
 SIZES = (60_000, 120_000, 240_000)  # characters
 TIMED = """
 import sys, time
-from autotune.redaction import redact
+from autotune.core.redaction import redact
 piece, end, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
 text = piece * (size // len(piece)) + end
 start = time.perf_counter()

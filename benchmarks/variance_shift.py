@@ -39,14 +39,14 @@ import torch
 from _report import machine, spread
 from scipy.stats import spearmanr
 
-from autotune.checks import quiet_lightning
-from autotune.data import load_data
-from autotune.fitting import fit, predict
-from autotune.prediction import predict_shift
-from autotune.preflight import resolve_space
-from autotune.probe import probe_batch
-from autotune.space import BlockConfig, TrialConfig
-from autotune.spec import parse_spec
+from autotune.core.checks import quiet_lightning
+from autotune.core.space import BlockConfig, TrialConfig
+from autotune.core.spec import parse_spec
+from autotune.nn.data import load_data
+from autotune.nn.fitting import fit, predict
+from autotune.nn.prediction import predict_shift
+from autotune.nn.probe import probe_batch
+from autotune.run.preflight import resolve_space
 
 TEMPLATES = {
     # the quickstart's mlp and the cnn template's defaults, both on scikit-learn's digits

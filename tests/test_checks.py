@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autotune.checks import check_accelerator, check_batches, split_sizes
-from autotune.data import load_data
-from autotune.errors import SpecError
-from autotune.preflight import data_shape
-from autotune.sources import split_rows
-from autotune.spec import BUILTIN_DATASETS, DataSpec
+from autotune.core.checks import check_accelerator, check_batches, split_sizes
+from autotune.core.errors import SpecError
+from autotune.core.spec import BUILTIN_DATASETS, DataSpec
+from autotune.nn.data import load_data
+from autotune.nn.sources import split_rows
+from autotune.run.preflight import data_shape
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "lightning", "mlflow", "sklearn")
@@ -110,10 +110,10 @@ def test_one_training_row_is_too_few_for_a_batch() -> None:
 def test_parameters_are_counted_as_torch_counts_them(
     template: str, shape: tuple, widths: list, pool: bool
 ) -> None:
-    from autotune.checks import count_parameters
-    from autotune.models import build_model
-    from autotune.space import BlockConfig, TrialConfig
-    from autotune.spec import ModelSpec
+    from autotune.core.checks import count_parameters
+    from autotune.core.space import BlockConfig, TrialConfig
+    from autotune.core.spec import ModelSpec
+    from autotune.nn.models import build_model
 
     model = ModelSpec(template=template, widths=widths, pool=pool)
     config = TrialConfig(tuple(BlockConfig() for _ in widths))
@@ -123,8 +123,8 @@ def test_parameters_are_counted_as_torch_counts_them(
 
 
 def test_a_network_too_big_to_allocate_is_refused_by_validate_and_run(tmp_path: Path) -> None:
-    from autotune.preflight import check_runnable, resolve_space
-    from autotune.spec import parse_spec
+    from autotune.core.spec import parse_spec
+    from autotune.run.preflight import check_runnable, resolve_space
 
     # 60,000 × 60,000 weights: an allocation traceback in run before
     spec = parse_spec({"model": {"widths": [60_000, 60_000]}})
@@ -188,7 +188,7 @@ def test_a_refused_precision_is_told_from_a_missing_accelerator(
 ) -> None:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from autotune import checks
+    from autotune.core import checks
 
     def trainer(accelerator: str, precision: str) -> None:
         if refuses(accelerator, precision):

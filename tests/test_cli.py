@@ -24,9 +24,9 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from autotune.cli import main
-from autotune.loop import run_study
-from autotune.session import PARENT_WAIT_SECONDS
-from autotune.spec import load_spec
+from autotune.core.spec import load_spec
+from autotune.run.loop import run_study
+from autotune.run.session import PARENT_WAIT_SECONDS
 
 AUTOTUNE = [sys.executable, "-m", "autotune.cli"]
 
@@ -677,7 +677,7 @@ def test_a_disk_that_fills_mid_study_is_one_line_and_a_rerun_finishes(
 def test_a_database_whose_folder_turns_read_only_mid_study_is_one_line(
     write_spec, tmp_path, monkeypatch, read_only, store
 ):
-    from autotune.progress import RichProgress
+    from autotune.run.progress import RichProgress
 
     budget = 4
     folder = tmp_path / "db"  # the sqlite database this test makes read-only, alone there

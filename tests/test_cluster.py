@@ -24,12 +24,13 @@ from mlflow.tracking import MlflowClient
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from autotune import names, run_fields, sync, tracking
 from autotune.cli import main
-from autotune.loop import Observer, run_study
-from autotune.queries import FINISHED
-from autotune.spec import load_spec
-from autotune.storage import make_storage
+from autotune.core import names
+from autotune.core.spec import load_spec
+from autotune.run.loop import Observer, run_study
+from autotune.search import run_fields, sync, tracking
+from autotune.search.queries import FINISHED
+from autotune.search.storage import make_storage
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 SERVER_START_SECONDS = 90
@@ -449,7 +450,7 @@ def test_a_worker_that_cannot_write_ends_the_launcher_with_its_line_and_exit_3(
 
 
 def test_devices_go_round_robin_through_what_the_scheduler_gave(monkeypatch):
-    from autotune.workers import plan_devices
+    from autotune.run.workers import plan_devices
 
     # on the CPU: plain processes, no device
     assert plan_devices(3, ["0", "1"], "cpu") == [None, None, None]
@@ -461,7 +462,7 @@ def test_devices_go_round_robin_through_what_the_scheduler_gave(monkeypatch):
 
 
 def test_a_second_sigterm_changes_nothing_a_second_ctrl_c_interrupts():
-    from autotune.signals import stop_on_signals
+    from autotune.core.signals import stop_on_signals
 
     with stop_on_signals() as stop:
         # a scheduler's SIGTERM and the launcher's forwarded one: still a clean stop
@@ -597,8 +598,8 @@ def test_bad_input_with_workers_is_one_line_and_no_worker_trains(write_spec, tmp
 def test_trials_per_device_runs_that_many_workers_on_each_device(write_spec, monkeypatch):
     from click.testing import CliRunner
 
-    from autotune import workers
     from autotune.cli import main
+    from autotune.run import workers
 
     planned = []
 
@@ -619,8 +620,8 @@ def test_trials_per_device_runs_that_many_workers_on_each_device(write_spec, mon
 
 
 def test_each_worker_is_told_how_many_share_its_gpu(write_spec, monkeypatch):
-    from autotune import workers
-    from autotune.names import DEVICE_WORKERS_ENV
+    from autotune.core.names import DEVICE_WORKERS_ENV
+    from autotune.run import workers
 
     started = []
     monkeypatch.setattr(

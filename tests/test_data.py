@@ -1,4 +1,4 @@
-"""autotune.data: built-in datasets, csv/npz files, user datamodules and TensorBatches."""
+"""autotune.nn.data: built-in datasets, csv/npz files, user datamodules and TensorBatches."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import pytest
 import torch
 from sklearn.datasets import load_wine
 
-from autotune.data import (
+from autotune.core.errors import SpecError
+from autotune.core.spec import DataSpec, load_spec
+from autotune.nn.data import (
     DEVICE_DATA_SHARE,
     TensorBatches,
     TensorDataModule,
@@ -22,8 +24,6 @@ from autotune.data import (
     load_data,
     split_rows,
 )
-from autotune.errors import SpecError
-from autotune.spec import DataSpec, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"n_samples": 300}
@@ -300,7 +300,7 @@ def test_an_in_memory_dataset_is_held_on_the_training_device() -> None:
 
 
 def test_a_dataset_too_big_for_the_gpu_stays_in_host_memory(monkeypatch) -> None:
-    from autotune.names import DEVICE_WORKERS_ENV
+    from autotune.core.names import DEVICE_WORKERS_ENV
 
     dm = load_data(DataSpec(name="wine"), seed=0)
     free = dm.nbytes / DEVICE_DATA_SHARE

@@ -1,4 +1,4 @@
-"""autotune.direction: one "is this better" for every comparison of trial values."""
+"""autotune.core.direction: one "is this better" for every comparison of trial values."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import optuna
 import pytest
 
-from autotune.direction import best_first, best_of, better, maximizes
+from autotune.core.direction import best_first, best_of, better, maximizes
 
 
 def test_a_study_maximizes_by_its_direction() -> None:

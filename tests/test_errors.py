@@ -1,10 +1,10 @@
-"""autotune.errors: the one-line form of an error."""
+"""autotune.core.errors: the one-line form of an error."""
 
 from __future__ import annotations
 
 import pytest
 
-from autotune.errors import (
+from autotune.core.errors import (
     MAX_LINE,
     abbreviate,
     first_line,

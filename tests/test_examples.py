@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from autotune.cli import main
-from autotune.loop import run_study
-from autotune.queries import count_finished
-from autotune.spec import load_spec
+from autotune.core.spec import load_spec
+from autotune.run.loop import run_study
+from autotune.search.queries import count_finished
 
 EXAMPLES = sorted(Path(__file__).resolve().parents[1].glob("examples/**/*.yaml"))
 

@@ -1,4 +1,4 @@
-"""autotune.export: the standalone best_model.py snippet and its verification."""
+"""autotune.outputs.export: the standalone best_model.py snippet and its verification."""
 
 from __future__ import annotations
 
@@ -14,22 +14,22 @@ import yaml
 from conftest import tiny_spec
 from torch import nn
 
-from autotune import export, snippet
-from autotune.export import write_outputs
-from autotune.loop import run_study
-from autotune.models import build_model
-from autotune.names import PARENT_ATTR, RELOGGED_RUN
-from autotune.snippet import (
+from autotune.core.names import PARENT_ATTR, RELOGGED_RUN
+from autotune.core.space import BlockConfig, TrialConfig
+from autotune.core.spec import ModelSpec, parse_spec
+from autotune.nn.models import build_model
+from autotune.nn.weights import WeightsDoNotLoad, verify_weights
+from autotune.outputs import export, snippet
+from autotune.outputs.export import write_outputs
+from autotune.outputs.snippet import (
     NotRendered,
     load_snippet,
     render_module,
     render_snippet,
     verify_snippet,
 )
-from autotune.space import BlockConfig, TrialConfig
-from autotune.spec import ModelSpec, parse_spec
-from autotune.storage import load_existing_study
-from autotune.weights import WeightsDoNotLoad, verify_weights
+from autotune.run.loop import run_study
+from autotune.search.storage import load_existing_study
 
 DIGITS = (1, 8, 8)
 

@@ -1,7 +1,7 @@
-"""autotune.files: hostile YAML and paths are refused in one line, in well under a second.
+"""autotune.core.files: hostile YAML and paths are refused in one line, in well under a second.
 
 The findings are tested through `load_spec` (the spec file) and `autotune validate`, the way a
-user meets them; the bounds themselves come from autotune.files.
+user meets them; the bounds themselves come from autotune.core.files.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import yaml
 from click.testing import CliRunner
 
 from autotune.cli import main
-from autotune.errors import SpecError
-from autotune.spec import load_spec
+from autotune.core.errors import SpecError
+from autotune.core.spec import load_spec
 
 # what "in well under a second" allows on a slow shared machine
 FAST = 1.0
@@ -71,7 +71,7 @@ def test_a_merged_key_may_be_overridden(tmp_path: Path) -> None:
     text = "x: &base {lr: 0.1, max_epochs: 3}\ntrain: {<<: *base, lr: 0.5}\n"
     # YAML's merge key brings the anchor's keys in, and a key beside it overrides one of them:
     # not a duplicate (x itself is an unknown section, so only the reading is checked here)
-    from autotune.files import read_yaml
+    from autotune.core.files import read_yaml
 
     assert read_yaml(write(tmp_path, text))["train"] == {"lr": 0.5, "max_epochs": 3}
 
@@ -253,7 +253,7 @@ def test_a_link_loop_names_the_field(tmp_path: Path) -> None:
 
 
 def test_file_problem_says_what_keeps_a_path_from_being_read(tmp_path: Path) -> None:
-    from autotune.files import file_problem
+    from autotune.core.files import file_problem
 
     (tmp_path / "file").write_text("x")
     # a regular file is fine
@@ -271,7 +271,7 @@ def test_file_problem_says_what_keeps_a_path_from_being_read(tmp_path: Path) -> 
 
 
 def test_abbreviate_keeps_error_lines_short() -> None:
-    from autotune.errors import abbreviate, shorten
+    from autotune.core.errors import abbreviate, shorten
 
     # a long value: its start, then "…", 80 characters in all
     text = abbreviate("x" * 1_000_000)

@@ -35,8 +35,8 @@ from conftest import tiny_spec
 from pydantic import BaseModel
 
 from autotune.cli import main
-from autotune.errors import MAX_LINE
-from autotune.spec import Spec
+from autotune.core.errors import MAX_LINE
+from autotune.core.spec import Spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 14

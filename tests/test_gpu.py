@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autotune.models import build_model
-from autotune.prediction import predict_shift
-from autotune.probe import probe_batch
-from autotune.shift import measure_shift, mode_accuracy, recalibrate_bn
-from autotune.space import BlockConfig, TrialConfig
-from autotune.spec import ModelSpec
+from autotune.core.space import BlockConfig, TrialConfig
+from autotune.core.spec import ModelSpec
+from autotune.nn.models import build_model
+from autotune.nn.prediction import predict_shift
+from autotune.nn.probe import probe_batch
+from autotune.nn.shift import measure_shift, mode_accuracy, recalibrate_bn
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -55,7 +55,7 @@ def test_measurement_and_recalibration_run_on_the_device() -> None:
 
 def digits_on_the_gpu():
     """A one-epoch mlp on the digits, trained on the GPU, logging nothing."""
-    from autotune.spec import parse_spec
+    from autotune.core.spec import parse_spec
 
     return parse_spec(
         {
@@ -68,8 +68,8 @@ def digits_on_the_gpu():
 
 
 def test_after_training_runs_on_the_gpu(monkeypatch) -> None:
-    from autotune import fitting
-    from autotune.data import load_data
+    from autotune.nn import fitting
+    from autotune.nn.data import load_data
 
     spec = digits_on_the_gpu()
     seen = []
@@ -88,9 +88,9 @@ def test_after_training_runs_on_the_gpu(monkeypatch) -> None:
 
 
 def test_bf16_channels_last_and_compile_train_on_the_gpu() -> None:
-    from autotune import fitting
-    from autotune.data import load_data
-    from autotune.spec import parse_spec
+    from autotune.core.spec import parse_spec
+    from autotune.nn import fitting
+    from autotune.nn.data import load_data
 
     def fit(**options):
         spec = parse_spec(
@@ -112,8 +112,8 @@ def test_bf16_channels_last_and_compile_train_on_the_gpu() -> None:
 
 
 def test_the_data_is_held_on_the_gpu_and_batches_arrive_there(monkeypatch) -> None:
-    from autotune import fitting
-    from autotune.data import load_data
+    from autotune.nn import fitting
+    from autotune.nn.data import load_data
 
     spec = digits_on_the_gpu()
     datamodule = load_data(spec.data, seed=0)

@@ -1,4 +1,4 @@
-"""autotune.models: the mlp, cnn and resnet templates, block layout and the regulariser slot.
+"""autotune.nn.models: the mlp, cnn and resnet templates, block layout and the regulariser slot.
 
 The dropout modules themselves are tested in test_regularizers.py.
 """
@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autotune.errors import SpecError
-from autotune.models import ResidualBlock, build_model
-from autotune.regularizers import DropBlock2d, GaussianDropout, StochasticDepth, Uout
-from autotune.space import BlockConfig, TrialConfig
-from autotune.spec import ModelSpec
+from autotune.core.errors import SpecError
+from autotune.core.space import BlockConfig, TrialConfig
+from autotune.core.spec import ModelSpec
+from autotune.nn.models import ResidualBlock, build_model
+from autotune.nn.regularizers import DropBlock2d, GaussianDropout, StochasticDepth, Uout
 
 
 def config(*blocks: BlockConfig) -> TrialConfig:

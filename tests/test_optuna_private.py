@@ -1,5 +1,5 @@
-"""autotune.optuna_private against the installed Optuna: each private attribute or function it
-relies on is still there and still does what the adapter says. A failure here after an Optuna
+"""autotune.search.optuna_private against the installed Optuna: each private attribute or function
+it relies on is still there and still does what the adapter says. A failure here after an Optuna
 upgrade names the function to rewrite."""
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from optuna.pruners import MedianPruner, PercentilePruner
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from autotune.optuna_private import (
+from autotune.search.optuna_private import (
     fail_trial,
     heartbeats,
     percentile_settings,
     reload_study,
     storage_of,
 )
-from autotune.storage import make_storage
+from autotune.search.storage import make_storage
 
 
 def _rdb(tmp_path: Path) -> optuna.Study:

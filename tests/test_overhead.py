@@ -35,7 +35,7 @@ def test_the_hand_loop_trains_what_a_real_trial_trains(tmp_path: Path) -> None:
             assert parts[part] > 0, part
         assert sum(parts.values()) == pytest.approx(row["trial_s"])
     # the wrapped calls are unwrapped again
-    assert overhead.fitting.fit.__module__ == "autotune.fitting"
+    assert overhead.fitting.fit.__module__ == "autotune.nn.fitting"
     assert not hasattr(overhead.fitting.fit, "__wrapped__")
 
 

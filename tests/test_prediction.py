@@ -1,4 +1,4 @@
-"""autotune.prediction: Δ per BN layer before training, against the closed forms, against Monte
+"""autotune.nn.prediction: Δ per BN layer before training, against the closed forms, against Monte
 Carlo through the network, and against what training then measures."""
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-from autotune import theory
-from autotune.feeds import find_feeds
-from autotune.models import build_model
-from autotune.prediction import predict_shift
-from autotune.probe import probe_batch
-from autotune.regularizers import GaussianDropout, Uout
-from autotune.shift import measure_shift
-from autotune.space import BlockConfig, TrialConfig
-from autotune.spec import ModelSpec
+from autotune.core import theory
+from autotune.core.space import BlockConfig, TrialConfig
+from autotune.core.spec import ModelSpec
+from autotune.nn.feeds import find_feeds
+from autotune.nn.models import build_model
+from autotune.nn.prediction import predict_shift
+from autotune.nn.probe import probe_batch
+from autotune.nn.regularizers import GaussianDropout, Uout
+from autotune.nn.shift import measure_shift
 
 
 def network(template: str, widths, *blocks: BlockConfig, shape=(1, 8, 8)) -> nn.Module:

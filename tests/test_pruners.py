@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import optuna
 import pytest
@@ -545,3 +547,15 @@ def test_the_defaults_are_the_benchmarked_ones() -> None:
     # over no base, a gate at Δ 0.5 with a tenth exploring
     assert isinstance(pruner.base, NopPruner)
     assert (pruner.threshold, pruner.exploration) == (0.5, 0.1)
+
+
+def test_the_public_path_needs_optuna_alone() -> None:
+    code = (
+        "import sys\n"
+        "from autotune.pruners import VarianceShiftPruner\n"
+        "from autotune.search.pruners import VarianceShiftPruner as inner\n"
+        "assert VarianceShiftPruner is inner\n"
+        "print(','.join(m for m in ('torch', 'lightning', 'mlflow') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == ""

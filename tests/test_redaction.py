@@ -1,12 +1,12 @@
-"""autotune.redaction: every form of secret in a URL or a text, and the MLflow params."""
+"""autotune.core.redaction: every form of secret in a URL or a text, and the MLflow params."""
 
 from __future__ import annotations
 
 import pytest
 
-from autotune.redaction import MASK, SECRET_NAME, is_secret_name, redact, redact_params
-from autotune.run_fields import flatten
-from autotune.spec import Spec
+from autotune.core.redaction import MASK, SECRET_NAME, is_secret_name, redact, redact_params
+from autotune.core.spec import Spec
+from autotune.search.run_fields import flatten
 
 SECRET = "s3cr3t-Pw"
 

@@ -1,4 +1,5 @@
-"""autotune.regularizers: each module's moments against its closed form, structure, eval, export."""
+"""autotune.nn.regularizers: each module's moments against its closed form, structure, eval and
+export."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autotune import theory
-from autotune.regularizers import (
+from autotune.core import theory
+from autotune.nn.regularizers import (
     CUSTOM_MODULES,
     FACTORIES,
     DropBlock2d,

@@ -17,9 +17,9 @@ from conftest import tiny_spec
 from mlflow.tracking import MlflowClient
 
 from autotune.cli import main
-from autotune.loop import run_study
-from autotune.report import FIGURES, write_figures
-from autotune.spec import load_spec
+from autotune.core.spec import load_spec
+from autotune.outputs.report import FIGURES, write_figures
+from autotune.run.loop import run_study
 
 
 def _chromium() -> str | None:

@@ -15,14 +15,14 @@ from conftest import tiny_spec
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from autotune import fitting
 from autotune.cli import main
-from autotune.loop import run_study
-from autotune.names import ROBUST_ATTR
-from autotune.queries import recommended_trial
-from autotune.report import write_report
-from autotune.robust import seed_statistics
-from autotune.spec import load_spec
+from autotune.core.names import ROBUST_ATTR
+from autotune.core.spec import load_spec
+from autotune.nn import fitting
+from autotune.outputs.report import write_report
+from autotune.run.loop import run_study
+from autotune.run.robust import seed_statistics
+from autotune.search.queries import recommended_trial
 
 
 @pytest.mark.parametrize("maximize", [True, False])

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from autotune.shift import (
+from autotune.core.theory import gaussian_dropout_noise_var, noise_variance_shift, variance_shift
+from autotune.nn.shift import (
     LayerShift,
     channel_moments,
     measure_shift,
@@ -18,7 +19,6 @@ from autotune.shift import (
     summarize_measured,
     train_mode_accuracy,
 )
-from autotune.theory import gaussian_dropout_noise_var, noise_variance_shift, variance_shift
 
 WIDTH = 64  # channels per toy BN: the channel mean of Δ averages 64 estimates
 

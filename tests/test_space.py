@@ -1,5 +1,5 @@
-"""autotune.space and autotune.space_files: search-space files, overrides, sampling through Optuna,
-and TrialConfig."""
+"""autotune.core.space and autotune.core.space_files: search-space files, overrides, sampling
+through Optuna, and TrialConfig."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from pathlib import Path
 import optuna
 import pytest
 
-from autotune import regularizers, space
-from autotune.errors import SpecError
-from autotune.space import BlockConfig, Choice, Fixed, Range, TrialConfig
-from autotune.space_files import find_space_file, list_spaces, load_space
+from autotune.core import space
+from autotune.core.errors import SpecError
+from autotune.core.space import BlockConfig, Choice, Fixed, Range, TrialConfig
+from autotune.core.space_files import find_space_file, list_spaces, load_space
+from autotune.nn import regularizers
 
 ROOT = Path(__file__).resolve().parents[1]
 # the placements of mlp and cnn blocks, and every placement there is (dropout_bn.yaml lists all)
@@ -977,7 +978,9 @@ def test_placements_cover_every_template() -> None:
 
 
 def test_space_does_not_import_torch() -> None:
-    code = "import sys, autotune.space, autotune.space_files; print('torch' in sys.modules)"
+    code = (
+        "import sys, autotune.core.space, autotune.core.space_files; print('torch' in sys.modules)"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )

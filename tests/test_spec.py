@@ -1,4 +1,5 @@
-"""autotune.spec: a spec file -> frozen sections with documented defaults, or a one-line error."""
+"""autotune.core.spec: a spec file -> frozen sections with documented defaults, or a one-line
+error."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import pytest
 import yaml
 from conftest import tiny_spec
 
-from autotune.errors import SpecError
-from autotune.pruners import VarianceShiftPruner
-from autotune.spec import DataSpec, load_spec, parse_spec
-from autotune.storage import make_pruner
+from autotune.core.errors import SpecError
+from autotune.core.spec import DataSpec, load_spec, parse_spec
+from autotune.search.pruners import VarianceShiftPruner
+from autotune.search.storage import make_pruner
 
 SIX_LINES = """\
 study:
@@ -664,7 +665,7 @@ def test_a_long_bad_value_is_abbreviated() -> None:
 
 
 def test_binary_kwargs_dump_for_the_mlflow_params(tmp_path: Path) -> None:
-    from autotune.run_fields import flatten
+    from autotune.search.run_fields import flatten
 
     path = tmp_path / "spec.yaml"
     # YAML's !!binary makes bytes, here not UTF-8 text: `run` failed with a UnicodeDecodeError

@@ -16,11 +16,11 @@ from conftest import tiny_spec
 from optuna.trial import TrialState
 
 from autotune.cli import main
-from autotune.errors import SpecError
-from autotune.loop import run_study
-from autotune.names import STORAGE_ENV
-from autotune.spec import parse_spec
-from autotune.storage import failed_to_connect, make_storage
+from autotune.core.errors import SpecError
+from autotune.core.names import STORAGE_ENV
+from autotune.core.spec import parse_spec
+from autotune.run.loop import run_study
+from autotune.search.storage import failed_to_connect, make_storage
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 # database 15 (14 for the second of `make test`'s pytest-xdist processes, ...): the tests' own,
@@ -134,7 +134,7 @@ def test_a_storage_that_cannot_be_reached_is_told_from_a_race_by_type(
 ) -> None:
     import sqlalchemy.exc
 
-    from autotune import storage
+    from autotune.search import storage
 
     # SQLAlchemy's error while connecting has no statement; the race to create tables has one
     refused = sqlalchemy.exc.OperationalError(None, None, Exception("refused"))

@@ -15,19 +15,20 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from autotune import fitting, objective
-from autotune.data import load_data
-from autotune.errors import WriteError
-from autotune.loop import run_study
-from autotune.models import build_model
-from autotune.preflight import resolve_space
-from autotune.queries import count_finished
-from autotune.session import enqueue_low_shift
-from autotune.snippet import load_snippet
-from autotune.space import TrialConfig
-from autotune.spec import Spec, load_spec
-from autotune.storage import open_study
-from autotune.tracking import Tracker
+from autotune.core.errors import WriteError
+from autotune.core.space import TrialConfig
+from autotune.core.spec import Spec, load_spec
+from autotune.nn import fitting
+from autotune.nn.data import load_data
+from autotune.nn.models import build_model
+from autotune.outputs.snippet import load_snippet
+from autotune.run import objective
+from autotune.run.loop import run_study
+from autotune.run.preflight import resolve_space
+from autotune.run.session import enqueue_low_shift
+from autotune.search.queries import count_finished
+from autotune.search.storage import open_study
+from autotune.search.tracking import Tracker
 
 pytestmark = pytest.mark.slow
 

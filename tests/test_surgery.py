@@ -16,15 +16,15 @@ from click.testing import CliRunner
 from torch import nn
 
 from autotune.cli import main
-from autotune.errors import SpecError
-from autotune.loop import run_study
-from autotune.models import build_model
-from autotune.prediction import predict_shift
-from autotune.snippet import load_snippet
-from autotune.space import BlockConfig, TrialConfig
-from autotune.spec import ModelSpec, load_spec, parse_spec
-from autotune.surgery import apply_config, find_blocks, without_batchnorm
-from autotune.weights import verify_weights
+from autotune.core.errors import SpecError
+from autotune.core.space import BlockConfig, TrialConfig
+from autotune.core.spec import ModelSpec, load_spec, parse_spec
+from autotune.nn.models import build_model
+from autotune.nn.prediction import predict_shift
+from autotune.nn.surgery import apply_config, find_blocks, without_batchnorm
+from autotune.nn.weights import verify_weights
+from autotune.outputs.snippet import load_snippet
+from autotune.run.loop import run_study
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "own_model"
 SHAPE = (1, 8, 8)
@@ -329,8 +329,8 @@ def test_a_placement_a_block_has_no_room_for_names_the_block(tmp_path):
 
     # layers.0.bn2 feeds the residual sum, not an activation
     with pytest.raises(SpecError, match=r"after_act does not apply to layers\.0\.bn2"):
-        from autotune.data import load_data
-        from autotune.preflight import resolve_space
+        from autotune.nn.data import load_data
+        from autotune.run.preflight import resolve_space
 
         spec = parse_spec(raw, base_dir=tmp_path)
         resolve_space(spec, load_data(spec.data, seed=0))
@@ -346,7 +346,7 @@ def test_a_placement_a_block_has_no_room_for_names_the_block(tmp_path):
 def test_a_study_of_one_kind_of_model_refuses_the_other(stored, model, field):
     import optuna
 
-    from autotune.storage import check_stored
+    from autotune.search.storage import check_stored
 
     study = optuna.create_study()
     for key, value in stored.items():
@@ -359,7 +359,7 @@ def test_a_study_of_one_kind_of_model_refuses_the_other(stored, model, field):
 
 @pytest.mark.parametrize("placement", ["before_bn", "after_act"])
 def test_recalibration_keeps_a_regulariser_that_bn_hosts_off(placement):
-    from autotune.shift import measure_shift, recalibrate_bn
+    from autotune.nn.shift import measure_shift, recalibrate_bn
 
     model = example_model()
     slots = [("none", 0.0, "none")] * 6

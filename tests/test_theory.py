@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from autotune.theory import (
+from autotune.core.theory import (
     ALPHA_PRIME,
     alpha_dropout_variance_shift,
     correlation_gain,

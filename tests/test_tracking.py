@@ -1,4 +1,4 @@
-"""autotune.tracking: what reaches MLflow, against a local sqlite store."""
+"""autotune.search.tracking: what reaches MLflow, against a local sqlite store."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from autotune.run_fields import run_id_or_none, trial_run_id
-from autotune.tracking import Tracker
+from autotune.search.run_fields import run_id_or_none, trial_run_id
+from autotune.search.tracking import Tracker
 
 SECRET = "s3cr3t-Pw"
 

@@ -10,11 +10,11 @@ import math
 import pytest
 import torch
 
-from autotune import fitting
-from autotune.data import load_data
-from autotune.errors import SpecError
-from autotune.preflight import check_runnable, resolve_space
-from autotune.spec import parse_spec
+from autotune.core.errors import SpecError
+from autotune.core.spec import parse_spec
+from autotune.nn import fitting
+from autotune.nn.data import load_data
+from autotune.run.preflight import check_runnable, resolve_space
 
 
 def digits_spec(model, *, batch_size, max_epochs, **train):
@@ -134,7 +134,7 @@ def mlp_spec(**train):
 
 
 def dropout_before_bn(recalibrate):
-    from autotune.space import BlockConfig, TrialConfig
+    from autotune.core.space import BlockConfig, TrialConfig
 
     block = BlockConfig("before_bn", 0.4, "dropout")
     return TrialConfig((block, block), recalibrate_bn=recalibrate)
@@ -142,7 +142,7 @@ def dropout_before_bn(recalibrate):
 
 @pytest.mark.parametrize("recalibrate", [False, True])
 def test_delta_taken_in_a_pass_the_trial_runs_anyway_is_measure_shifts(recalibrate):
-    from autotune.shift import measure_shift
+    from autotune.nn.shift import measure_shift
 
     data = load_data(mlp_spec().data, seed=0)
     result = fitting.fit(mlp_spec(), dropout_before_bn(recalibrate), data)
@@ -200,7 +200,7 @@ def test_train_and_eval_mode_accuracy_are_taken_on_the_validation_data(monkeypat
 
 
 def test_delta_is_measured_after_the_fit_when_the_last_validation_was_not_observed(monkeypatch):
-    from autotune.shift import measure_shift
+    from autotune.nn.shift import measure_shift
 
     # as if the last epoch's validation had not run: the float32 pass after the fit measures
     monkeypatch.setattr(fitting.LastValidationShift, "on_validation_epoch_start", lambda *a: None)

@@ -1,5 +1,5 @@
-"""autotune.user_code: the user's own code, imported by name, its failures said in one line naming
-the field and told from ours."""
+"""autotune.core.user_code: the user's own code, imported by name, its failures said in one line
+naming the field and told from ours."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from autotune.errors import SpecError, UserCodeError
-from autotune.user_code import import_object, message_of, raised_in, raised_line
+from autotune.core.errors import SpecError, UserCodeError
+from autotune.core.user_code import import_object, message_of, raised_in, raised_line
 
 
 def _module(tmp_path: Path, code: str) -> str:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from autotune import writes
-from autotune.errors import WriteError
+from autotune.core import writes
+from autotune.core.errors import WriteError
 
 
 def _full_sqlite_error() -> sqlite3.OperationalError:

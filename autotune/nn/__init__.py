@@ -1,0 +1,3 @@
+"""The network layer (torch): regularisers, models and their surgery, the measured and predicted
+shift, data and the fit.
+"""

@@ -1,0 +1,302 @@
+"""The variance shift measured in a real network, and BatchNorm recalibration with dropout off.
+
+Li et al., "Understanding the Disharmony between Dropout and Batch Normalization by Variance
+Shift", CVPR 2019, https://arxiv.org/abs/1801.05134
+
+In training, dropout (or any multiplicative noise) inflates the variance of what reaches a BN
+layer, and BN's running_var learns that inflated variance. At inference the noise is off, so BN
+divides by a variance that is too large. autotune/core/theory.py predicts the ratio in closed form;
+this module measures it, layer by layer, the way the paper does:
+
+    real_var = per-channel variance of the BN layer's INPUT with the whole network in eval mode
+               (noise off, every BN on its running statistics), pooled over the data and over the
+               batch and spatial dimensions
+    Δ        = real_var / running_var      (Var_test / Var_train; Δ < 1: BN over-divides)
+
+Upstream BN layers run on their running statistics too, so a shift early in the network carries
+into the inputs of later layers, as it does at inference. Variances are unbiased (n − 1), the
+convention of BN's own running_var, so Δ = 1 exactly when BN's statistics match the data.
+
+Recalibration ("statistics adjustment" in the paper) freezes the weights, turns the noise OFF and
+lets BN re-estimate its population statistics on training data. Every BN runs in train mode (it
+normalises with batch statistics, as in training), every other module in eval mode. The mean and
+variance of each BN's input are pooled over all the data (each batch's moments taken in two
+float32 passes by channel_moments, merged exactly in float64 by Chan et al.'s formula) and written
+into running_mean and running_var: the data pooled as one sample, which
+momentum=None does not give: BN's cumulative average takes the mean of per-batch variances, which
+misses the spread between batch means and weights a short last batch like a full one. For the
+first BN the result does not depend on the batch size; later layers see inputs normalised with
+batch statistics upstream, which depend on it slightly (as in fvcore's precise_bn).
+torch.optim.swa_utils.update_bn puts the whole model in train mode, dropout included: it
+re-learns the inflated variance and must not be used for this.
+
+Every function here leaves the model as it found it (training flags, momenta, hooks), except for
+the BN statistics that recalibrate_bn is there to change.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from autotune.core.theory import ShiftSummary, summarize_shift
+
+
+@dataclass(frozen=True)
+class LayerShift:
+    """The measured variance shift of one BN layer; `delta` = Var_test / Var_train."""
+
+    name: str  # the module's name in model.named_modules()
+    delta: float  # channel mean of per_channel
+    per_channel: tuple[float, ...]  # real_var / running_var, channel by channel
+    real_var: float  # channel mean of the eval-mode variance of BN's input
+    running_var: float  # channel mean of BN's running_var
+
+
+def measure_shift(model: nn.Module, batches: Iterable) -> dict[str, LayerShift]:
+    """Δ for every BN layer that tracks running statistics, keyed by module name, in model order.
+
+    `batches` yields tensors x or tuples (x, y, ...); only x is used. Layers the data never reaches
+    are left out. The model's modes, buffers and hooks are as before.
+    """
+    with shift_observed(model) as shifts:
+        _forward_all(model, batches)
+    return shifts
+
+
+@contextmanager
+def shift_observed(model: nn.Module) -> Iterator[dict[str, LayerShift]]:
+    """Δ of every tracking BN layer, from the forward passes the caller runs inside: what
+    measure_shift gives, without a pass of its own when the caller evaluates the model anyway.
+
+    The model is in eval mode inside, every BN on its running statistics. The dict yielded is
+    filled on the way out, with the running statistics as they are then; modes and hooks are
+    restored.
+    """
+    shifts: dict[str, LayerShift] = {}
+    with _observed_bn_inputs(model, bn_train=False) as (layers, moments):
+        yield shifts
+    shifts.update(
+        (name, _layer_shift(name, moments[name].var(), layers[name].running_var))
+        for name in layers
+        if moments[name].count > 0
+    )
+
+
+def summarize_measured(shifts: Mapping[str, LayerShift]) -> ShiftSummary:
+    """The measured shifts in two numbers (worst layer by |log Δ|, product of Δ), as theory's
+    summarize_shift gives them for predicted ones."""
+    return summarize_shift({name: shift.delta for name, shift in shifts.items()})
+
+
+def recalibrate_bn(model: nn.Module, batches: Iterable) -> nn.Module:
+    """Re-estimate every BN's running statistics on `batches` with dropout off; weights frozen.
+
+    BN layers with track_running_stats=False are left alone, as are those the data never reaches.
+    Training flags are restored and momenta never touched; num_batches_tracked counts the batches
+    seen. Returns the same model.
+    """
+    # 1. noise off everywhere; BN normalises with batch statistics, as in training
+    with _observed_bn_inputs(model, bn_train=True) as (layers, moments):
+        n_batches = _forward_all(model, batches)
+    # 2. the exact pooled statistics replace whatever the train-mode passes accumulated
+    for name, bn in layers.items():
+        if moments[name].count == 0:
+            continue
+        bn.running_mean.copy_(moments[name].mean.to(bn.running_mean))
+        bn.running_var.copy_(moments[name].var().to(bn.running_var))
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.fill_(n_batches)
+    return model
+
+
+def mode_accuracy(model: nn.Module, batches: Iterable) -> tuple[float, float]:
+    """(train-mode accuracy, eval-mode accuracy) on labelled batches (x, y, ...), in one pass.
+
+    Train mode has dropout on and BN on batch statistics; every buffer is restored bit for bit
+    after each train-mode forward, so BN's running statistics and counters are untouched. A batch
+    of one row that BN cannot normalise by its own statistics (a BatchNorm1d on (1, C)) counts in
+    neither mode; NaN when no batch could be counted. Seeding the dropout masks is the caller's
+    business.
+    """
+    train, evaluated = _accuracies(model, batches, (True, False))
+    return train, evaluated
+
+
+def train_mode_accuracy(model: nn.Module, batches: Iterable) -> float:
+    """The accuracy in train mode alone, as mode_accuracy takes it, when eval mode's is known."""
+    return _accuracies(model, batches, (True,))[0]
+
+
+def _accuracies(model: nn.Module, batches: Iterable, modes: tuple[bool, ...]) -> list[float]:
+    flags = _training_flags(model)
+    saved = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    buffers = dict(model.named_buffers())
+    device = _device(model)
+    # counted on the device, brought to the host once at the end: no sync per batch
+    correct = {training: torch.zeros((), device=device) for training in modes}
+    seen = total = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                seen += 1
+                x, y = batch[0].to(device), batch[1].to(device)
+                counts = {}
+                for training in modes:
+                    model.train(training)
+                    try:
+                        counts[training] = (model(x).argmax(dim=1) == y).sum()
+                    except ValueError:  # BN: "expected more than 1 value per channel"
+                        if len(x) > 1:
+                            raise
+                        break
+                    finally:
+                        if training:  # undo what the train-mode pass did to BN's statistics
+                            for name, buffer in buffers.items():
+                                buffer.copy_(saved[name])
+                if len(counts) < len(modes):
+                    continue
+                for training, count in counts.items():
+                    correct[training] += count
+                total += y.shape[0]
+    finally:
+        _restore_flags(flags)
+    if seen == 0:
+        raise ValueError("Got no batches; pass labelled batches (x, y).")
+    if total == 0:
+        return [math.nan] * len(modes)
+    return [count / total for count in torch.stack(list(correct.values())).tolist()]
+
+
+def channel_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
+    """Per channel of an (N, C, ...) tensor: the count, the mean and the sum of squared deviations
+    over the batch and any spatial dimensions, as float64.
+
+    Two passes in the input's precision (half precision is raised to float32), along the tensor as
+    it lies in memory: the mean m', then the deviations d = x - m', whose sum corrects both moments
+    for the rounding of m' (mean = m' + sum(d)/n, m2 = sum(d^2) - sum(d)^2/n). torch sums in
+    cascades, so the error is a few float32 roundings (about 1e-7 relative); a channels-first
+    float64 copy, the plain way, takes 8 to 10 times as long for a convolution's output on a CPU
+    (benchmarks/moments.py).
+    """
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    dims = [0, *range(2, x.dim())]
+    n = x.numel() // x.shape[1]
+    rounded = x.mean(dim=dims)
+    deviations = x - rounded.view(1, -1, *([1] * (x.dim() - 2)))
+    total = deviations.sum(dim=dims)
+    m2 = deviations.square_().sum(dim=dims) - total * total / n  # in place: one buffer, not two
+    return n, rounded.double() + total.double() / n, m2.double()
+
+
+class _Moments:
+    """Per-channel count, mean and sum of squared deviations of a BN input, merged in float64."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean = torch.zeros(0, dtype=torch.float64)
+        self.m2 = torch.zeros(0, dtype=torch.float64)
+
+    def hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        n, mean, m2 = channel_moments(inputs[0].detach())
+        if self.count == 0:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        # Chan et al.'s pairwise merge: exact, whatever the batch sizes
+        total = self.count + n
+        diff = mean - self.mean
+        self.mean = self.mean + diff * (n / total)
+        self.m2 = self.m2 + m2 + diff**2 * (self.count * n / total)
+        self.count = total
+
+    def var(self) -> Tensor:
+        """Unbiased per-channel variance (n − 1), BN's running_var convention."""
+        return self.m2 / max(self.count - 1, 1)
+
+
+def _layer_shift(name: str, real_var: Tensor, running_var: Tensor) -> LayerShift:
+    running = running_var.detach().to(device=real_var.device, dtype=torch.float64)
+    per_channel = (real_var / running).tolist()  # a channel with running_var 0 gives inf or nan
+    # the layer's Δ averages the channels that carry signal: a dead channel has nothing to shift
+    alive = [
+        d
+        for d, r in zip(per_channel, running.tolist(), strict=True)
+        if r > 0 and math.isfinite(d) and d > 0
+    ]
+    return LayerShift(
+        name=name,
+        delta=math.fsum(alive) / len(alive) if alive else 1.0,
+        per_channel=tuple(per_channel),
+        real_var=float(real_var.mean()),
+        running_var=float(running.mean()),
+    )
+
+
+@contextmanager
+def _observed_bn_inputs(
+    model: nn.Module, *, bn_train: bool
+) -> Iterator[tuple[dict[str, _BatchNorm], dict[str, _Moments]]]:
+    """The model in eval mode (BN layers in train mode if bn_train), every tracking BN's input
+    pooled into _Moments; hooks removed and training flags restored on the way out."""
+    layers = _tracking_bns(model)
+    flags = _training_flags(model)
+    moments = {name: _Moments() for name in layers}
+    handles = [bn.register_forward_hook(moments[name].hook) for name, bn in layers.items()]
+    try:
+        model.eval()
+        for bn in layers.values():  # not .train(): a regulariser BN hosts (surgery) stays off
+            bn.training = bn_train
+        yield layers, moments
+    finally:
+        for handle in handles:
+            handle.remove()
+        _restore_flags(flags)
+
+
+def _tracking_bns(model: nn.Module) -> dict[str, _BatchNorm]:
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, _BatchNorm) and module.track_running_stats
+    }
+
+
+def _training_flags(model: nn.Module) -> dict[nn.Module, bool]:
+    return {module: module.training for module in model.modules()}
+
+
+def _restore_flags(flags: dict[nn.Module, bool]) -> None:
+    for module, training in flags.items():
+        module.training = training  # not .train(): that would overwrite the children too
+
+
+def _device(model: nn.Module) -> torch.device:
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return torch.device("cpu") if tensor is None else tensor.device
+
+
+def _inputs(batches: Iterable) -> Iterator[Tensor]:
+    for batch in batches:
+        yield batch if isinstance(batch, Tensor) else batch[0]
+
+
+def _forward_all(model: nn.Module, batches: Iterable) -> int:
+    """Run every batch's x through the model under no_grad; return the number of batches."""
+    device = _device(model)
+    n_batches = 0
+    with torch.no_grad():
+        for x in _inputs(batches):
+            model(x.to(device))
+            n_batches += 1
+    if n_batches == 0:
+        raise ValueError("Got no batches; pass an iterable of tensors x or tuples (x, y, ...).")
+    return n_batches

@@ -1,0 +1,1 @@
+"""The outputs layer: the snippet, the recommendation, the export and the report."""

@@ -1,0 +1,127 @@
+"""A recommendation that is not one lucky trial.
+
+The top_k configurations of the study, and beside them the baselines a user would compare
+against (`autotune.core.baselines`), are each trained again over several seeds under the same
+budget: the same data, epochs, optimiser and learning rate, only the seed of the initialisation
+differs (the spec's seed first, which reproduces the trial itself). The recommendation is the
+configuration with the best mean, or the best one-sided 95 % confidence bound of the mean
+(Student's t). Baselines are reported, never recommended. The result is kept in the study
+(names.ROBUST_ATTR), where `autotune.search.queries` reads it.
+
+Training imports Lightning, which takes seconds: it is imported by the function that trains, not
+with this module, which the end of every study (autotune.run.finish) imports.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import TYPE_CHECKING, Any
+
+import optuna
+
+from autotune.core.baselines import Candidate, baselines
+from autotune.core.direction import best_of, maximizes
+from autotune.core.names import ROBUST_ATTR, WEIGHTS_DIGEST, trial_weights
+from autotune.core.spec import Spec
+from autotune.run.session import Session
+from autotune.search.queries import best_trial, distinct_top, trial_config
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+def robust_recommendation(session: Session) -> dict[str, Any] | None:
+    """Train the top configurations and the baselines again over the seeds; keep the result in
+    the study (trained again only when what would be trained changes); None when the spec asks
+    for none. A fit that fails (a diverging seed) marks its row failed, out of the choice."""
+    from autotune.nn.fitting import fit  # Lightning: imported when the fits begin
+
+    spec, study = session.spec, session.study
+    wanted = spec.recommend
+    if wanted.top_k == 0 or best_trial(study) is None:
+        return None
+    top = distinct_top(study, wanted.top_k)
+    seeds = [spec.train.seed + i for i in range(wanted.seeds)]
+    candidates = [Candidate(f"trial {t.number}", t.number, trial_config(t)) for t in top]
+    candidates += [
+        row for row in baselines(spec, session.space) if wanted.baselines or row.name == "current"
+    ]
+    signature = signature_of(spec, candidates, seeds)
+    stored = study.user_attrs.get(ROBUST_ATTR)
+    if stored is not None and stored.get("signature") == signature:
+        return _choose(stored, wanted.by, study)  # `by` alone changed: no training needed
+    session.tracker.notify(
+        f"recommending by the {wanted.by} over {len(seeds)} seeds: training "
+        f"{len(candidates)} configurations again, {len(candidates) * len(seeds)} fits"
+    )
+    maximize = maximizes(study)
+    rows = []
+    for name, number, config, batchnorm in candidates:
+        row: dict[str, Any] = {"name": name, "trial": number, "blocks": config.to_dicts()}
+        row["recalibrate_bn"] = config.recalibrate_bn
+        if not batchnorm:
+            row["batchnorm"] = False
+        values: list[float] = []
+        for seed in seeds:
+            seeded = spec.model_copy(update={"train": spec.train.model_copy(update={"seed": seed})})
+            try:
+                result = fit(seeded, config, session.datamodule, batchnorm=batchnorm)
+            except Exception as exc:  # NonFiniteLossError, ...: this configuration's record
+                row["failed"] = f"seed {seed}: {type(exc).__name__}: {exc}"
+                break
+            values.append(float(result.value))
+            if number is not None and seed == spec.train.seed:
+                own = study.trials[number].user_attrs.get(WEIGHTS_DIGEST)
+                row[WEIGHTS_DIGEST] = _keep_weights(spec, number, result.model, own)
+        row["values"] = values
+        if "failed" not in row:
+            row.update(seed_statistics(values, maximize))
+        rows.append(row)
+    result = {"seeds": seeds, "signature": signature, "rows": rows}
+    return _choose(result, wanted.by, study)
+
+
+def _choose(result: dict[str, Any], by: str, study: optuna.Study) -> dict[str, Any]:
+    """The tuned configuration with the best mean or bound (None when every one failed)."""
+    tuned = [r for r in result["rows"] if r["trial"] is not None and "failed" not in r]
+    key = "mean" if by == "mean" else "bound"
+    pick = best_of(tuned, maximizes(study), key=lambda r: r[key]) if tuned else None
+    result = {**result, "by": by, "choice": None if pick is None else pick["trial"]}
+    study.set_user_attr(ROBUST_ATTR, result)
+    return result
+
+
+def signature_of(spec: Spec, candidates: list[Candidate], seeds: list[int]) -> dict[str, Any]:
+    """What the result depends on: what is trained, on which seeds, how."""
+    train = spec.train.model_dump(mode="json", exclude={"seed"})
+    return {
+        "candidates": [
+            [row.name, row.trial, repr(row.config), row.batchnorm] for row in candidates
+        ],
+        "seeds": seeds,
+        "train": train,
+    }
+
+
+def seed_statistics(values: list[float], maximize: bool) -> dict[str, float]:
+    """mean, standard deviation, and the one-sided 95 % bound of the mean on the side that
+    counts against it (lower for a value to maximise)."""
+    from scipy import stats
+
+    mean, sd = statistics.mean(values), statistics.stdev(values)
+    margin = stats.t.ppf(0.95, len(values) - 1) * sd / math.sqrt(len(values))
+    return {"mean": mean, "sd": sd, "bound": mean - margin if maximize else mean + margin}
+
+
+def _keep_weights(spec: Spec, number: int, model: nn.Module, own: str | None) -> str:
+    """The run with the spec's own seed trained the trial's network again (exactly, where the
+    data come in the same order, as autotune's own datasets do). Where the trial's own weights
+    are not here, or cannot be told to be its own (no digest), keep these; return the digest of
+    the file kept, which the export checks."""
+    from autotune.nn.weights import file_digest, save_tensors  # torch
+
+    path = trial_weights(spec.output_dir, number)
+    if path.exists() and own is not None and file_digest(path) == own:
+        return own
+    return save_tensors(model.state_dict(), path)

@@ -1,0 +1,129 @@
+"""What a run holds in MLflow, in the names a live trial logs: a finished trial read back from
+the Optuna storage (`TrialRecord`), the metrics of a prediction and of a measurement, the spec
+flattened into params, and MLflow's run ids and statuses. No MLflow import: the tracker
+(tracking.py), the sync (sync.py), the objective, the session and the export share these.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from autotune.core.names import (
+    CONFIG_ATTR,
+    EXPLORED_ATTR,
+    EXPLORED_TAG,
+    FAIL_REASON_ATTR,
+    FAIL_REASON_TAG,
+    FINAL_ATTR,
+    HISTORY_ATTR,
+    INTERRUPTED_ATTR,
+    MEASURED_SHIFT_ATTR,
+    PREDICTED_SHIFT_ATTR,
+    PRUNED_EPOCH_ATTR,
+    PRUNED_EPOCH_TAG,
+    PRUNED_REASON_ATTR,
+    PRUNED_REASON_TAG,
+    RELOGGED_RUN,
+    RUN_ID_ATTR,
+    WORKER_ATTR,
+)
+from autotune.search.queries import trial_config
+
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
+
+# what MLflow names a run: 32 hex digits (a uuid4). A stored value of any other form is not taken
+# for one: sync copies run ids from the tracking server into the study, and export renders them
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+RUN_STATUS = {
+    "COMPLETE": "FINISHED",
+    "PRUNED": "FINISHED",
+    "FAIL": "FAILED",
+    "INTERRUPTED": "KILLED",
+}
+
+
+class TrialRecord:
+    """What a finished Optuna trial holds, in the names a live trial logs to MLflow."""
+
+    def __init__(self, trial: FrozenTrial, metric: str) -> None:
+        attrs = trial.user_attrs
+        self.number = trial.number
+        self.state = "INTERRUPTED" if attrs.get(INTERRUPTED_ATTR) else trial.state.name
+        self.worker = attrs.get(WORKER_ATTR, "")
+        self.params = {} if attrs.get(CONFIG_ATTR) is None else trial_config(trial).to_params()
+        self.start_ms = _ms(trial.datetime_start)
+        self.end_ms = _ms(trial.datetime_complete) or self.start_ms
+        self.metrics: list[tuple[int, dict[str, float]]] = []
+        if PREDICTED_SHIFT_ATTR in attrs:
+            self.metrics.append((0, predicted_metrics(attrs[PREDICTED_SHIFT_ATTR])))
+        history = attrs.get(HISTORY_ATTR) or [
+            {"epoch": step, metric: value} for step, value in trial.intermediate_values.items()
+        ]
+        for row in history:
+            self.metrics.append((int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"}))
+        if MEASURED_SHIFT_ATTR in attrs:
+            last = max((step for step, _ in self.metrics), default=0)
+            measured = measured_metrics(attrs[MEASURED_SHIFT_ATTR], attrs[FINAL_ATTR])
+            self.metrics.append((last, measured))
+        self.tags: dict[str, Any] = {}
+        if self.state == "PRUNED":
+            self.tags[PRUNED_EPOCH_TAG] = attrs.get(PRUNED_EPOCH_ATTR, 0)
+            self.tags[PRUNED_REASON_TAG] = attrs.get(PRUNED_REASON_ATTR, "")
+        if self.state == "FAIL":
+            # the objective records every failure it sees: without a reason, the worker died
+            self.tags[FAIL_REASON_TAG] = attrs.get(
+                FAIL_REASON_ATTR, "its worker stopped without a word (killed, or its node lost)"
+            )
+        if attrs.get(EXPLORED_ATTR):
+            self.tags[EXPLORED_TAG] = True
+
+
+def predicted_metrics(prediction: Mapping[str, Any]) -> dict[str, float]:
+    """`predicted_delta.<bn layer>`, `.worst`, `.product`, from a prediction's dict form."""
+    metrics = {
+        f"predicted_delta.{name}": layer["exact"] for name, layer in prediction["layers"].items()
+    }
+    metrics["predicted_delta.worst"] = prediction["summary"]["worst_delta"]
+    metrics["predicted_delta.product"] = prediction["summary"]["product"]
+    return metrics
+
+
+def measured_metrics(measured: Mapping[str, Any], final: Mapping[str, float]) -> dict[str, float]:
+    """`measured_delta.<bn layer>`, `.worst`, `.product` and `final.<name>`."""
+    metrics = {f"measured_delta.{name}": delta for name, delta in measured["layers"].items()}
+    metrics["measured_delta.worst"] = measured["summary"]["worst_delta"]
+    metrics["measured_delta.product"] = measured["summary"]["product"]
+    metrics.update({f"final.{name}": value for name, value in final.items()})
+    return metrics
+
+
+def trial_run_id(study_attrs: Mapping[str, Any], trial: FrozenTrial) -> str | None:
+    """The id of the MLflow run that holds `trial`, given the study's user attrs: the one sync
+    logged, else the trial's own; None when neither is a run id."""
+    return run_id_or_none(study_attrs.get(RELOGGED_RUN.format(trial.number))) or run_id_or_none(
+        trial.user_attrs.get(RUN_ID_ATTR)
+    )
+
+
+def run_id_or_none(value: Any) -> str | None:
+    """`value` when it is an MLflow run id (RUN_ID), else None."""
+    return value if isinstance(value, str) and RUN_ID.fullmatch(value) else None
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'data': {'name': 'digits'}} -> {'data.name': 'digits'}, for MLflow params."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _ms(moment: Any) -> int | None:
+    return None if moment is None else int(moment.timestamp() * 1000)
