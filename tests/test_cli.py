@@ -218,12 +218,21 @@ def test_run_then_export_rewrites_the_outputs(write_spec):
     assert result.exit_code == 0, result.output
     assert "2 complete" in result.stderr
     assert f"wrote {out / 'recommended.yaml'}" in result.stderr
-    # the table shows the best trial's worst predicted and measured Δ
+    # the table shows the best trial's worst predicted Δ, and its worst measured Δ with that
+    # layer's two factors, named apart
     recommended = yaml.safe_load((out / "recommended.yaml").read_text())
-    assert "worst Δ" in result.stderr
-    for kind in ("predicted", "measured"):
-        assert kind in result.stderr
-        assert f"{recommended['shift'][kind]['summary']['worst_delta']:.3f}" in result.stderr
+    shift = recommended["shift"]
+    for column in ("dropout", "predicted", "Δ measured", "lag"):
+        assert column in result.stderr, result.stderr
+    worst = shift["measured"]["summary"]["worst_layer"]
+    cells = [
+        shift["predicted"]["summary"]["worst_delta"],
+        shift["measured"]["summary"]["worst_delta"],
+        shift["measured"]["dropout"]["layers"][worst],
+        shift["measured"]["lag"]["layers"][worst],
+    ]
+    for value in cells:
+        assert f"{value:.3f}" in result.stderr, result.stderr
     for name in ("recommended.yaml", "best_model.py"):
         (out / name).unlink()
     # export writes them again from the stored study alone

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from autotune.cli import main
 from autotune.core.spec import load_spec
-from autotune.outputs.report import FIGURES, write_figures
+from autotune.outputs.report import FIGURES, CannotDraw, _shift, _shift_lag, write_figures
 from autotune.run.loop import run_study
 
 
@@ -125,3 +125,34 @@ def test_the_report_is_one_file_whose_pictures_all_load_in_chromium(finished):
     broken = page.with_name("broken.html")
     broken.write_text(text.replace("data:image/png;base64,iVBOR", "data:image/png;base64,AAAA", 1))
     assert loaded_in_chromium(broken) == f"{len(FIGURES) - 1}/{len(FIGURES)}"
+
+
+def test_the_shift_pictures_draw_dropout_and_lag_apart_and_a_stored_study_falls_back(
+    finished, tmp_path: Path
+):
+    from matplotlib.figure import Figure
+
+    _, spec = finished
+    study = optuna.load_study(study_name="pictures", storage=spec.storage_url)
+    ax = Figure().subplots()
+    _shift(ax, study, "val_acc")
+    assert ax.get_ylabel() == "dropout's factor of Δ measured after training"
+    layers = sum(len(t.user_attrs["measured_shift"]["layers"]) for t in _complete(study))
+    assert len(ax.collections[0].get_offsets()) == layers  # a point per BN layer and trial
+    ax = Figure().subplots()
+    _shift_lag(ax, study, "val_acc")
+    assert len(ax.collections[0].get_offsets()) == layers
+
+    # a study stored by 0.1.0 measured Δ alone: Δ is drawn, named as such, and no lag
+    stored = tmp_path / "autotune.db"  # a copy: the stored file stays as 0.1.0 wrote it
+    shutil.copy(Path(__file__).parent / "data" / "stored-0.1.0" / "out" / "autotune.db", stored)
+    old = optuna.load_study(study_name=None, storage=f"sqlite:///{stored}")
+    ax = Figure().subplots()
+    _shift(ax, old, "val_acc")
+    assert "not factored" in ax.get_ylabel()
+    with pytest.raises(CannotDraw, match="lag"):
+        _shift_lag(Figure().subplots(), old, "val_acc")
+
+
+def _complete(study: optuna.Study) -> list:
+    return study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))

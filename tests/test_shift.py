@@ -13,7 +13,9 @@ from autotune.core.theory import gaussian_dropout_noise_var, noise_variance_shif
 from autotune.nn.shift import (
     LayerShift,
     channel_moments,
+    factor_shift,
     measure_shift,
+    measured_record,
     mode_accuracy,
     recalibrate_bn,
     summarize_measured,
@@ -362,3 +364,66 @@ def test_summarize_picks_the_layer_farthest_from_one():
     assert summary.worst_layer == "b", f"worst layer {summary.worst_layer}"
     assert summary.worst_delta == 0.5, "worst Δ is not that layer's"
     assert summary.product == pytest.approx(0.675), "product of Δ is off"
+
+
+def factored(model: nn.Module, batches: list[Tensor]) -> dict[str, LayerShift]:
+    return factor_shift(model, batches, measure_shift(model, batches))
+
+
+@pytest.mark.parametrize(("rate", "mean", "var"), [(0.2, 0.0, 1.0), (0.5, 1.0, 0.5)])
+def test_the_dropout_factor_is_the_closed_form_whatever_bn_learned(rate, mean, var):
+    # BN learned its statistics on data of another scale: Δ is far off, but the factor that
+    # dropout causes is still the paper's closed form, and the lag is what is left
+    model = nn.Sequential(nn.Dropout(rate), nn.BatchNorm1d(WIDTH, momentum=None))
+    learn_running_stats(model, normal_batches(40, 256, mean, 3 * var))
+    shift = factored(model, normal_batches(10, 256, mean, var))["1"]
+    predicted = variance_shift(rate, mean, var)
+    assert abs(shift.dropout / predicted - 1) < 0.03, (shift, predicted)
+    assert abs(shift.delta / predicted - 1) > 0.3  # the lag is in Δ, not in its dropout factor
+    assert shift.lag == pytest.approx(shift.delta / shift.dropout, rel=1e-12)
+
+
+def test_the_factors_multiply_to_delta_and_a_layer_no_regulariser_reaches_has_one():
+    model = nn.Sequential(
+        nn.Linear(10, 32),
+        nn.BatchNorm1d(32),  # "1": before the dropout
+        nn.ReLU(),
+        nn.Dropout(0.4),
+        nn.Linear(32, 16),
+        nn.BatchNorm1d(16),  # "5": after it
+    )
+    learn_running_stats(model, normal_batches(8, 64, 0.0, 1.0, width=10))
+    shifts = factored(model, normal_batches(4, 64, 0.0, 1.0, width=10))
+    assert shifts["1"].dropout == 1.0  # exactly: the same inputs in both passes
+    assert shifts["1"].lag == shifts["1"].delta
+    assert shifts["5"].dropout < 0.9  # dropout before a weight layer shrinks Var_test
+    for shift in shifts.values():
+        assert shift.dropout * shift.lag == pytest.approx(shift.delta, rel=1e-12)
+
+
+def test_factoring_leaves_the_model_and_the_random_state_as_they_were():
+    model, _, held_out = trained_dropout_bn_net()
+    model.train()
+    flags, before = training_flags(model), buffers(model)
+    rng = torch.get_rng_state()
+    first = factored(model, held_out)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert training_flags(model) == flags
+    assert_buffers_identical(model, before)
+    assert factored(model, held_out) == first  # the same noise each time: repeatable
+
+
+def test_a_trial_stores_delta_and_each_factor_with_its_summary():
+    model, _, held_out = trained_dropout_bn_net()
+    shifts = factored(model, held_out)
+    record = measured_record(shifts)
+    assert set(record) == {"layers", "summary", "dropout", "lag", "momentum"}
+    assert record["momentum"] == {name: 0.1 for name in shifts}  # the net's BN momentum
+    for name, shift in shifts.items():
+        assert record["dropout"]["layers"][name] == shift.dropout
+        assert record["lag"]["layers"][name] == shift.lag
+    assert record["dropout"]["summary"]["product"] * record["lag"]["summary"][
+        "product"
+    ] == pytest.approx(record["summary"]["product"], rel=1e-12)
+    # measured without its factors: the record a study stored before them
+    assert set(measured_record(measure_shift(model, held_out))) == {"layers", "summary"}

@@ -149,6 +149,14 @@ def test_mlflow_holds_one_parent_and_a_nested_child_per_trial(write_spec):
                 assert metrics[f"{kind}_delta.{name}"] == pytest.approx(delta)
             assert metrics[f"{kind}_delta.worst"] == pytest.approx(shift["summary"]["worst_delta"])
             assert metrics[f"{kind}_delta.product"] == pytest.approx(shift["summary"]["product"])
+        # Δ's two factors, named apart, multiplying to Δ layer by layer
+        measured_shift = trial.user_attrs["measured_shift"]
+        for name in bns:
+            dropout = metrics[f"measured_delta_dropout.{name}"]
+            lag = metrics[f"measured_delta_lag.{name}"]
+            assert dropout == pytest.approx(measured_shift["dropout"]["layers"][name])
+            assert lag == pytest.approx(measured_shift["lag"]["layers"][name])
+            assert dropout * lag == pytest.approx(metrics[f"measured_delta.{name}"], rel=1e-9)
         predicted = client.get_metric_history(child.info.run_id, "predicted_delta.worst")
         measured = client.get_metric_history(child.info.run_id, "measured_delta.worst")
         assert ([m.step for m in predicted], [m.step for m in measured]) == ([0], [2])

@@ -14,10 +14,9 @@ import torch
 from torch import nn
 
 from autotune.nn.models import ResidualBlock
-from autotune.nn.regularizers import CUSTOM_MODULES
+from autotune.nn.regularizers import REGULARIZER_TYPES
 from autotune.nn.surgery import trace
 
-REGULARIZER_TYPES = (nn.modules.dropout._DropoutNd, *CUSTOM_MODULES)
 BATCHNORM = nn.modules.batchnorm._BatchNorm
 WEIGHTS = (nn.Linear, nn.Conv2d)
 

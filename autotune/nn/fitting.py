@@ -37,7 +37,13 @@ from autotune.nn.data import hold_on_device
 from autotune.nn.models import build_model
 from autotune.nn.prediction import NetworkPrediction, predict_shift
 from autotune.nn.probe import probe_batch
-from autotune.nn.shift import LayerShift, recalibrate_bn, shift_observed, train_mode_accuracy
+from autotune.nn.shift import (
+    LayerShift,
+    factor_shift,
+    recalibrate_bn,
+    shift_observed,
+    train_mode_accuracy,
+)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 # batches of the training data BN recalibration sees: enough for exact population statistics of
@@ -304,9 +310,10 @@ def after_training(
     metrics taken again after recalibration (train_loss stays the epoch's), with Δ observed in
     that same pass. `measured`: Δ already observed in the last epoch's validation; None when
     that validation did not run the float32 network (another precision, or compiled) or was not
-    observed, and then a float32 validation pass here gives Δ and eval mode's accuracy. Last,
-    the accuracy in train mode on the validation data (one more pass over it), against eval
-    mode's.
+    observed, and then a float32 validation pass here gives Δ and eval mode's accuracy. Then
+    Δ's two factors (shift.factor_shift: one more pass over the validation data, the
+    regularisers on). Last, the accuracy in train mode on the validation data (one more pass
+    over it), against eval mode's.
     """
     final = {k: v for k, v in last_epoch.items() if k != "epoch"}
     if config.recalibrate_bn:
@@ -320,6 +327,8 @@ def after_training(
             eval_mode = evaluate(model, datamodule.val_dataloader())["val_acc"]
     else:
         eval_mode = final["val_acc"]
+    # Δ's two factors: one more pass over the validation data, the regularisers on
+    measured = factor_shift(model, datamodule.val_dataloader(), measured)
     final["train_mode_acc"] = train_mode_accuracy(model, datamodule.val_dataloader())
     final["eval_mode_acc"] = eval_mode
     final["mode_acc_gap"] = eval_mode - final["train_mode_acc"]

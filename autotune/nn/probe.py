@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from autotune.nn.feeds import BATCHNORM, REGULARIZER_TYPES
+from autotune.nn.feeds import BATCHNORM
+from autotune.nn.regularizers import REGULARIZER_TYPES
 from autotune.nn.shift import channel_moments
 
 PROBE_ROWS = 512  # rows of the probe batch: enough for stable moments, cheap at initialisation

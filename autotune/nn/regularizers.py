@@ -158,6 +158,8 @@ class StochasticDepth(nn.Module):
 
 # Our own classes, whose source the exporter copies; the others are torch's.
 CUSTOM_MODULES: tuple[type[nn.Module], ...] = (GaussianDropout, Uout, DropBlock2d, StochasticDepth)
+# every module that is noise in training and identity at inference: torch's and ours
+REGULARIZER_TYPES = (nn.modules.dropout._DropoutNd, *CUSTOM_MODULES)
 
 FACTORIES: dict[str, Callable[[float], nn.Module]] = {
     "dropout": lambda rate: nn.Dropout(p=rate),

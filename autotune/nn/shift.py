@@ -17,6 +17,20 @@ Upstream BN layers run on their running statistics too, so a shift early in the 
 into the inputs of later layers, as it does at inference. Variances are unbiased (n − 1), the
 convention of BN's own running_var, so Δ = 1 exactly when BN's statistics match the data.
 
+Δ mixes two things, which factor_shift tells apart with one more pass over the same batches,
+the same weights and every BN still on its running statistics, but the regularisers on:
+
+    noisy_var = per-channel variance of the BN input with the regularisers on
+    dropout   = real_var / noisy_var    the shift the regularisers alone cause: the paper's
+                                        quantity proper, exactly 1 where no regulariser reaches
+    lag       = noisy_var / running_var what BN's running statistics, an exponential average
+                                        over weights that kept moving, got wrong about the
+                                        input they normalise
+
+Channel by channel Δ = dropout × lag. A layer's dropout factor is the mean over its live
+channels, as its Δ is, and its lag is Δ / dropout, so that the layer's two factors multiply to
+its Δ exactly.
+
 Recalibration ("statistics adjustment" in the paper) freezes the weights, turns the noise OFF and
 lets BN re-estimate its population statistics on training data. Every BN runs in train mode (it
 normalises with batch statistics, as in training), every other module in eval mode. The mean and
@@ -39,13 +53,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from autotune.core.theory import ShiftSummary, summarize_shift
+from autotune.nn.regularizers import REGULARIZER_TYPES
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,25 @@ class LayerShift:
     per_channel: tuple[float, ...]  # real_var / running_var, channel by channel
     real_var: float  # channel mean of the eval-mode variance of BN's input
     running_var: float  # channel mean of BN's running_var
+    channel_var: tuple[float, ...] = ()  # the eval-mode variance of BN's input, channel by channel
+    dropout: float | None = None  # Δ's dropout factor (factor_shift); None until it ran
+    lag: float | None = None  # Δ's lag factor, Δ / dropout
+    momentum: float | None = None  # the BN layer's momentum (None: a cumulative average)
+
+    def factored(self, noisy_var: Tensor) -> LayerShift:
+        """This shift with its two factors, given the per-channel variance of the BN input with
+        the regularisers on (same weights, same batches, BN on its running statistics)."""
+        ratios = [
+            real / noisy if noisy > 0 else math.nan
+            for real, noisy in zip(self.channel_var, noisy_var.tolist(), strict=True)
+        ]
+        alive = [
+            ratio
+            for ratio, delta in zip(ratios, self.per_channel, strict=True)
+            if _alive(delta) and _alive(ratio)
+        ]
+        dropout = math.fsum(alive) / len(alive) if alive else 1.0
+        return replace(self, dropout=dropout, lag=self.delta / dropout)
 
 
 def measure_shift(model: nn.Module, batches: Iterable) -> dict[str, LayerShift]:
@@ -83,16 +117,65 @@ def shift_observed(model: nn.Module) -> Iterator[dict[str, LayerShift]]:
     with _observed_bn_inputs(model, bn_train=False) as (layers, moments):
         yield shifts
     shifts.update(
-        (name, _layer_shift(name, moments[name].var(), layers[name].running_var))
+        (name, _layer_shift(name, moments[name].var(), layers[name]))
         for name in layers
         if moments[name].count > 0
     )
+
+
+def factor_shift(
+    model: nn.Module, batches: Iterable, shifts: Mapping[str, LayerShift], *, seed: int = 0
+) -> dict[str, LayerShift]:
+    """`shifts` (what shift_observed measured over `batches`, with the model as it is now) with
+    each layer's dropout and lag factors, from one pass over the same batches with every
+    regulariser on and every BN on its running statistics.
+
+    The regularisers draw their noise from a generator seeded with `seed`, apart from torch's
+    own: the training's random state is as before. Modes and hooks are restored.
+    """
+    device = _device(model)
+    with (
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        _observed_bn_inputs(model, bn_train=False, regularizers_on=True) as (_, moments),
+    ):
+        torch.manual_seed(seed)
+        _forward_all(model, batches)
+    return {
+        name: shift.factored(moments[name].var()) if moments[name].count > 0 else shift
+        for name, shift in shifts.items()
+    }
 
 
 def summarize_measured(shifts: Mapping[str, LayerShift]) -> ShiftSummary:
     """The measured shifts in two numbers (worst layer by |log Δ|, product of Δ), as theory's
     summarize_shift gives them for predicted ones."""
     return summarize_shift({name: shift.delta for name, shift in shifts.items()})
+
+
+def measured_record(shifts: Mapping[str, LayerShift]) -> dict:
+    """What a trial stores of its measured shifts (its `measured_shift` attr): Δ per layer and
+    its summary, then, once factor_shift ran, each factor per layer with its own summary, under
+    "dropout" and "lag", and each layer's BN momentum, which the lag depends on. A study stored
+    before the factors has only the first two keys."""
+    record = _layers_and_summary({name: shift.delta for name, shift in shifts.items()})
+    if shifts and all(shift.dropout is not None for shift in shifts.values()):
+        for factor in ("dropout", "lag"):
+            values = {name: getattr(shift, factor) for name, shift in shifts.items()}
+            record[factor] = _layers_and_summary(values)
+        record["momentum"] = {name: shift.momentum for name, shift in shifts.items()}
+    return record
+
+
+def _layers_and_summary(values: dict[str, float]) -> dict:
+    summary = summarize_shift(values)
+    return {
+        "layers": values,
+        "summary": {
+            "worst_layer": summary.worst_layer,
+            "worst_delta": summary.worst_delta,
+            "product": summary.product,
+        },
+    }
 
 
 def recalibrate_bn(model: nn.Module, batches: Iterable) -> nn.Module:
@@ -221,30 +304,34 @@ class _Moments:
         return self.m2 / max(self.count - 1, 1)
 
 
-def _layer_shift(name: str, real_var: Tensor, running_var: Tensor) -> LayerShift:
-    running = running_var.detach().to(device=real_var.device, dtype=torch.float64)
+def _layer_shift(name: str, real_var: Tensor, bn: _BatchNorm) -> LayerShift:
+    running = bn.running_var.detach().to(device=real_var.device, dtype=torch.float64)
     per_channel = (real_var / running).tolist()  # a channel with running_var 0 gives inf or nan
     # the layer's Δ averages the channels that carry signal: a dead channel has nothing to shift
-    alive = [
-        d
-        for d, r in zip(per_channel, running.tolist(), strict=True)
-        if r > 0 and math.isfinite(d) and d > 0
-    ]
+    alive = [d for d, r in zip(per_channel, running.tolist(), strict=True) if r > 0 and _alive(d)]
     return LayerShift(
         name=name,
         delta=math.fsum(alive) / len(alive) if alive else 1.0,
         per_channel=tuple(per_channel),
         real_var=float(real_var.mean()),
         running_var=float(running.mean()),
+        channel_var=tuple(real_var.tolist()),
+        momentum=bn.momentum,
     )
+
+
+def _alive(ratio: float) -> bool:
+    """A channel's ratio that says something: a dead channel gives 0, inf or nan."""
+    return math.isfinite(ratio) and ratio > 0
 
 
 @contextmanager
 def _observed_bn_inputs(
-    model: nn.Module, *, bn_train: bool
+    model: nn.Module, *, bn_train: bool, regularizers_on: bool = False
 ) -> Iterator[tuple[dict[str, _BatchNorm], dict[str, _Moments]]]:
-    """The model in eval mode (BN layers in train mode if bn_train), every tracking BN's input
-    pooled into _Moments; hooks removed and training flags restored on the way out."""
+    """The model in eval mode (BN layers in train mode if bn_train, the regularisers on if
+    regularizers_on), every tracking BN's input pooled into _Moments; hooks removed and training
+    flags restored on the way out."""
     layers = _tracking_bns(model)
     flags = _training_flags(model)
     moments = {name: _Moments() for name in layers}
@@ -253,6 +340,9 @@ def _observed_bn_inputs(
         model.eval()
         for bn in layers.values():  # not .train(): a regulariser BN hosts (surgery) stays off
             bn.training = bn_train
+        for module in model.modules():
+            if isinstance(module, REGULARIZER_TYPES):
+                module.training = regularizers_on
         yield layers, moments
     finally:
         for handle in handles:

@@ -5,7 +5,10 @@ anywhere:
 
     history.png         each trial's value by trial number, and the best so far
     importances.png     how much each parameter mattered to the value (Optuna's importances)
-    shift.png           the worst Δ each trial predicted before training against what it measured
+    shift.png           dropout's factor of Δ, predicted before training against measured after
+                        it, a point per BN layer of each trial (Δ itself for trials stored
+                        before the factors were measured)
+    shift_lag.png       BN's lag, the other factor of Δ, per BN layer against its momentum
     shift_layers.png    the measured Δ of every BN layer in the top trials, as a heat map
     learning_curves.png the metric per epoch of the top trials
 
@@ -49,7 +52,8 @@ from autotune.search.queries import recommended_trial, state_counts, top_trials
 FIGURES = {
     "history": "Optimisation history",
     "importances": "Parameter importances",
-    "shift": "Predicted against measured variance shift",
+    "shift": "Dropout's factor of Δ per BN layer, predicted against measured",
+    "shift_lag": "BN's lag, the other factor of Δ, per BN layer against its momentum",
     "shift_layers": "Measured variance shift per BN layer, top trials",
     "learning_curves": "Learning curves, top trials",
 }
@@ -71,6 +75,7 @@ def write_figures(study: optuna.Study, folder: Path, metric: str) -> list[Path]:
         "history": _history,
         "importances": _importances,
         "shift": _shift,
+        "shift_lag": _shift_lag,
         "shift_layers": _shift_layers,
         "learning_curves": _learning_curves,
     }
@@ -153,27 +158,67 @@ def _importances(ax: Any, study: optuna.Study, metric: str) -> None:
 
 
 def _shift(ax: Any, study: optuna.Study, metric: str) -> None:
-    rows = [
-        (
-            t.user_attrs[PREDICTED_SHIFT_ATTR]["summary"]["worst_delta"],
-            t.user_attrs[MEASURED_SHIFT_ATTR]["summary"]["worst_delta"],
-            t.value,
-        )
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    both = [
+        t
+        for t in complete
         if PREDICTED_SHIFT_ATTR in t.user_attrs and MEASURED_SHIFT_ATTR in t.user_attrs
     ]
-    if not rows:
+    if not both:
         raise CannotDraw("no complete trial has both a predicted and a measured Δ")
+    # dropout's factor where the trials measured it; Δ itself from a study stored before that
+    factored = any("dropout" in t.user_attrs[MEASURED_SHIFT_ATTR] for t in both)
+    rows = []
+    for trial in both:
+        measured = trial.user_attrs[MEASURED_SHIFT_ATTR]
+        measured = measured.get("dropout") if factored else measured
+        if measured is None:
+            continue
+        predicted = trial.user_attrs[PREDICTED_SHIFT_ATTR]["layers"]
+        rows.extend(
+            (predicted[name]["exact"], value, trial.value)
+            for name, value in measured["layers"].items()
+            if name in predicted
+        )
+    if not rows:
+        raise CannotDraw("no BN layer has both a predicted and a measured Δ")
     predicted, measured, values = zip(*rows, strict=True)
-    points = ax.scatter(predicted, measured, c=values, cmap="viridis", s=22)
+    points = ax.scatter(predicted, measured, c=values, cmap="viridis", s=18)
     ax.figure.colorbar(points, ax=ax, label=metric)
     low = min(min(predicted), min(measured), 0.9)
     high = max(max(predicted), max(measured), 1.1)
     ax.plot([low, high], [low, high], color="grey", lw=1, ls="--", label="measured = predicted")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("worst Δ predicted before training")
-    ax.set_ylabel("worst Δ measured after training")
+    ax.set_xlabel("dropout's Δ predicted before training (a point per BN layer and trial)")
+    if factored:
+        ax.set_ylabel("dropout's factor of Δ measured after training")
+    else:
+        ax.set_ylabel("Δ measured after training (dropout × BN lag: not factored)")
+    ax.legend(loc="best", fontsize=8)
+
+
+def _shift_lag(ax: Any, study: optuna.Study, metric: str) -> None:
+    rows = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        measured = trial.user_attrs.get(MEASURED_SHIFT_ATTR, {})
+        if "lag" not in measured:
+            continue
+        rows.extend(
+            (momentum, measured["lag"]["layers"][name], trial.value)
+            for name, momentum in measured["momentum"].items()
+            if momentum is not None  # a cumulative average has no momentum to draw against
+        )
+    if not rows:
+        raise CannotDraw("no complete trial measured BN's lag (a study stored before 0.2 did not)")
+    momenta, lags, values = zip(*rows, strict=True)
+    points = ax.scatter(momenta, lags, c=values, cmap="viridis", s=18)
+    ax.figure.colorbar(points, ax=ax, label=metric)
+    ax.axhline(1.0, color="grey", lw=1, ls="--", label="no lag")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("BN momentum (a point per BN layer and trial)")
+    ax.set_ylabel("BN's lag measured after training")
     ax.legend(loc="best", fontsize=8)
 
 
@@ -277,16 +322,25 @@ def _top_table(study: optuna.Study, metric: str) -> str:
     rows = []
     for trial in top_trials(study, TOP):
         blocks = trial.user_attrs.get(CONFIG_ATTR, [])
-        shift = trial.user_attrs.get(MEASURED_SHIFT_ATTR, {}).get("summary", {})
+        measured = trial.user_attrs.get(MEASURED_SHIFT_ATTR) or {}
         rows.append(
             [
                 trial.number,
                 f"{trial.value:.4f}",
                 "; ".join(f"{b['regularizer']}@{b['placement']} {b['rate']:.2f}" for b in blocks),
-                f"{shift['worst_delta']:.3f}" if "worst_delta" in shift else "-",
+                *(
+                    _worst(part)
+                    for part in (measured.get("dropout"), measured.get("lag"), measured)
+                ),
             ]
         )
-    return _table(["trial", metric, "blocks", "worst Δ measured"], rows)
+    columns = ["worst dropout factor", "worst BN lag", "worst Δ"]
+    return _table(["trial", metric, "blocks", *(f"{c} measured" for c in columns)], rows)
+
+
+def _worst(part: dict | None) -> str:
+    """The worst layer's value of a measured shift or factor; - where the trial has none."""
+    return f"{part['summary']['worst_delta']:.3f}" if part else "-"
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:

@@ -51,7 +51,7 @@ from autotune.core.spec import Spec
 from autotune.core.user_code import raised_line
 from autotune.nn import fitting
 from autotune.nn.prediction import NetworkPrediction
-from autotune.nn.shift import summarize_measured
+from autotune.nn.shift import measured_record
 from autotune.nn.weights import save_tensors
 from autotune.search.pruners import VarianceShiftPruner
 from autotune.search.run_fields import measured_metrics, predicted_metrics
@@ -244,16 +244,9 @@ class Objective:
     def _record_measurements(
         self, trial: optuna.Trial, run_id: str | None, result: fitting.TrialResult
     ) -> None:
-        """Measured Δ per BN layer, its summary, and the final metrics: Optuna and MLflow."""
-        summary = summarize_measured(result.measured)
-        measured = {
-            "layers": {name: layer.delta for name, layer in result.measured.items()},
-            "summary": {
-                "worst_layer": summary.worst_layer,
-                "worst_delta": summary.worst_delta,
-                "product": summary.product,
-            },
-        }
+        """Measured Δ per BN layer and its two factors, their summaries, and the final metrics:
+        Optuna and MLflow."""
+        measured = measured_record(result.measured)
         trial.set_user_attr(MEASURED_SHIFT_ATTR, measured)
         trial.set_user_attr(FINAL_ATTR, result.final)
         metrics = measured_metrics(measured, result.final)

@@ -108,6 +108,13 @@ def state_style(state: TrialState) -> str:
     return {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}.get(state.name, "")
 
 
+# Δ = dropout × lag (shift.factor_shift): the measured Δ of its worst layer is shown with that
+# layer's two factors, beside the worst dropout factor predicted before training
+SHIFT_CAPTION = (
+    "dropout: the shift the regularisers cause; lag: BN's running statistics behind the weights"
+)
+
+
 def print_summary(console: Console, spec: Spec, outcome: StudyOutcome, k: int = 5) -> None:
     """The top trials as a table, then where the outputs are and how to look at them."""
     study = outcome.study
@@ -119,13 +126,14 @@ def print_summary(console: Console, spec: Spec, outcome: StudyOutcome, k: int = 
     top = top_trials(study, k)
     for i in range(max((len(t.user_attrs.get(CONFIG_ATTR, [])) for t in top), default=0)):
         table.add_column(f"block{i}")
-    table.add_column("worst Δ\npredicted", justify="right")
-    table.add_column("worst Δ\nmeasured", justify="right")
+    table.add_column("dropout\npredicted", justify="right")
+    table.add_column("Δ measured\n= dropout × lag", justify="right")
+    table.caption = SHIFT_CAPTION
     for trial in top:
         blocks = [_block_cell(block) for block in trial.user_attrs.get(CONFIG_ATTR, [])]
         shifts = [
-            _delta_cell(trial.user_attrs.get(key))
-            for key in (PREDICTED_SHIFT_ATTR, MEASURED_SHIFT_ATTR)
+            _delta_cell(trial.user_attrs.get(PREDICTED_SHIFT_ATTR)),
+            _factored_cell(trial.user_attrs.get(MEASURED_SHIFT_ATTR)),
         ]
         table.add_row(str(trial.number), f"{trial.value:.4f}", *blocks, *shifts)
     console.print(table)
@@ -177,6 +185,18 @@ def _delta_cell(shift: dict | None) -> str:
     if not shift:
         return "-"
     return f"{shift['summary']['worst_delta']:.3f}"
+
+
+def _factored_cell(measured: dict | None) -> str:
+    """The measured Δ of the worst layer, with that layer's two factors where the trial
+    measured them (a study stored before the factors has Δ alone)."""
+    if not measured:
+        return "-"
+    worst = measured["summary"]["worst_layer"]
+    if "dropout" not in measured or worst is None:
+        return _delta_cell(measured)
+    dropout, lag = measured["dropout"]["layers"][worst], measured["lag"]["layers"][worst]
+    return f"{measured['summary']['worst_delta']:.3f} = {dropout:.3f} × {lag:.3f}"
 
 
 def _block_cell(block: dict) -> str:

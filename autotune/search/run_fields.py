@@ -92,10 +92,21 @@ def predicted_metrics(prediction: Mapping[str, Any]) -> dict[str, float]:
 
 
 def measured_metrics(measured: Mapping[str, Any], final: Mapping[str, float]) -> dict[str, float]:
-    """`measured_delta.<bn layer>`, `.worst`, `.product` and `final.<name>`."""
-    metrics = {f"measured_delta.{name}": delta for name, delta in measured["layers"].items()}
-    metrics["measured_delta.worst"] = measured["summary"]["worst_delta"]
-    metrics["measured_delta.product"] = measured["summary"]["product"]
+    """`measured_delta.<bn layer>`, `.worst`, `.product`, the same for Δ's two factors
+    (`measured_delta_dropout.*`, `measured_delta_lag.*`) where the trial measured them, and
+    `final.<name>`."""
+    metrics: dict[str, float] = {}
+    for factor, prefix in (
+        (None, "measured_delta"),
+        ("dropout", "measured_delta_dropout"),
+        ("lag", "measured_delta_lag"),
+    ):
+        part = measured if factor is None else measured.get(factor)
+        if part is None:  # a trial stored before Δ was factored
+            continue
+        metrics.update({f"{prefix}.{name}": value for name, value in part["layers"].items()})
+        metrics[f"{prefix}.worst"] = part["summary"]["worst_delta"]
+        metrics[f"{prefix}.product"] = part["summary"]["product"]
     metrics.update({f"final.{name}": value for name, value in final.items()})
     return metrics
 
