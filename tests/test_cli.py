@@ -316,19 +316,22 @@ def test_predict_prints_each_bn_layer_and_the_worst(write_spec):
     rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if "│" in line}
     assert list(rows) == list(prediction["layers"]) == ["block0.bn", "block1.bn"]
     for name, layer in prediction["layers"].items():
-        assert f"{layer['exact']:.3f}" in rows[name]
+        for factor in ("exact", "lag", "delta"):  # the dropout factor, the lag and Δ
+            assert f"{layer[factor]:.3f}" in rows[name]
     assert "block0.drop" in rows["block1.bn"]
-    # and the worst layer, as the JSON summary names it
+    # and the worst layer by each, as the JSON summaries name them
     summary = prediction["summary"]
     assert summary["worst_layer"] == "block1.bn"
-    assert f"worst layer: block1.bn (Δ = {summary['worst_delta']:.3f})" in result.output
+    assert f"by dropout: block1.bn (dropout = {summary['worst_delta']:.3f})" in result.output
+    whole = prediction["delta_summary"]
+    assert f"by Δ: {whole['worst_layer']} (Δ = {whole['worst_delta']:.3f})" in result.output
 
 
 def test_predict_json_has_the_config_layers_and_summary(write_spec):
     prediction = predict_json(write_spec(tiny_spec()))
 
     # the configuration as flat parameters, the layers and the summary
-    assert set(prediction) == {"config", "layers", "summary"}
+    assert set(prediction) == {"config", "layers", "summary", "delta_summary"}
     assert prediction["config"]["block1.placement"] == "after_act"
     assert prediction["config"]["recalibrate_bn"] is False
     # block0's BN has no regulariser before it: no shift
@@ -341,6 +344,11 @@ def test_predict_json_has_the_config_layers_and_summary(write_spec):
     # the summary: the furthest from 1, the product along the path
     assert prediction["summary"]["worst_delta"] == block1["exact"]
     assert prediction["summary"]["product"] == pytest.approx(block1["exact"])
+    # each layer's lag, from its momentum and the trial's 2 short epochs, and Δ = dropout × lag:
+    # BN starts from running_var 1, above the variance it will see, and has not forgotten it
+    for layer in prediction["layers"].values():
+        assert 0.5 < layer["lag"] < 1
+        assert layer["delta"] == pytest.approx(layer["exact"] * layer["lag"])
 
 
 def test_predict_takes_a_config_file(write_spec, tmp_path):
@@ -355,6 +363,9 @@ def test_predict_takes_a_config_file(write_spec, tmp_path):
     for name, layer in prediction["layers"].items():
         assert 0 < layer["exact"] <= 0.5 + 1e-9, (name, layer)
         assert layer["sources"] == [name.replace(".bn", ".drop")]
+        # recalibrated: running_var becomes the variance with dropout off, so Δ is 1
+        assert layer["lag"] == pytest.approx(1 / layer["exact"])
+        assert layer["delta"] == pytest.approx(1.0)
 
 
 @pytest.mark.slow

@@ -145,10 +145,18 @@ def test_mlflow_holds_one_parent_and_a_nested_child_per_trial(write_spec):
             assert expected <= set(metrics), sorted(metrics)
             for name in bns:
                 layer = shift["layers"][name]
-                delta = layer["exact"] if kind == "predicted" else layer
+                delta = layer["delta"] if kind == "predicted" else layer
                 assert metrics[f"{kind}_delta.{name}"] == pytest.approx(delta)
-            assert metrics[f"{kind}_delta.worst"] == pytest.approx(shift["summary"]["worst_delta"])
-            assert metrics[f"{kind}_delta.product"] == pytest.approx(shift["summary"]["product"])
+            # the whole Δ's summary: a prediction keeps the dropout factor's as `summary`
+            summary = shift["delta_summary"] if kind == "predicted" else shift["summary"]
+            assert metrics[f"{kind}_delta.worst"] == pytest.approx(summary["worst_delta"])
+            assert metrics[f"{kind}_delta.product"] == pytest.approx(summary["product"])
+        # the predicted factors, named as the measured ones
+        predicted_shift = trial.user_attrs["predicted_shift"]
+        for name in bns:
+            layer = predicted_shift["layers"][name]
+            assert metrics[f"predicted_delta_dropout.{name}"] == pytest.approx(layer["exact"])
+            assert metrics[f"predicted_delta_lag.{name}"] == pytest.approx(layer["lag"])
         # Δ's two factors, named apart, multiplying to Δ layer by layer
         measured_shift = trial.user_attrs["measured_shift"]
         for name in bns:
@@ -512,7 +520,10 @@ def test_the_gate_prunes_a_hopeless_configuration_before_training(write_spec, mo
         metrics = child.data.metrics
         bns = _bn_names(spec, study, trial)
         assert {f"predicted_delta.{name}" for name in [*bns, "worst", "product"]} <= set(metrics)
-        assert metrics["predicted_delta.worst"] == pytest.approx(worst)
+        # the gate reads the dropout factor; predicted_delta.* is Δ, the factor times the lag
+        assert metrics["predicted_delta_dropout.worst"] == pytest.approx(worst)
+        delta_summary = trial.user_attrs["predicted_shift"]["delta_summary"]
+        assert metrics["predicted_delta.worst"] == pytest.approx(delta_summary["worst_delta"])
         assert "val_acc" not in metrics
     # nothing completed: no recommendation
     assert not (spec.output_dir / "recommended.yaml").exists()

@@ -35,7 +35,7 @@ from autotune.core.space import TrialConfig
 from autotune.core.spec import Spec, TrainSpec
 from autotune.nn.data import hold_on_device
 from autotune.nn.models import build_model
-from autotune.nn.prediction import NetworkPrediction, predict_shift
+from autotune.nn.prediction import NetworkPrediction, Training, predict_shift
 from autotune.nn.probe import probe_batch
 from autotune.nn.shift import (
     LayerShift,
@@ -289,12 +289,18 @@ def build_seeded(
 def predict(
     spec: Spec, config: TrialConfig, datamodule: pl.LightningDataModule
 ) -> NetworkPrediction:
-    """Each BN layer's Δ, predicted before training from the network the trial will train."""
+    """Each BN layer's Δ, its dropout factor and its lag, predicted before training from the
+    network the trial will train and the steps it will take."""
     model = build_seeded(spec, config, datamodule)
     cuda = spec.train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"  # the probe runs where training will
-    probe = probe_batch(datamodule.train_dataloader())
-    return predict_shift(model, probe, device=device, traced=spec.model.imported)
+    loader = datamodule.train_dataloader()
+    probe = probe_batch(loader)
+    try:
+        training = Training(spec.train.max_epochs * len(loader), config.recalibrate_bn)
+    except TypeError:  # a loader of unknown length (an iterable dataset): no lag predicted
+        training = None
+    return predict_shift(model, probe, device=device, traced=spec.model.imported, training=training)
 
 
 def after_training(

@@ -30,22 +30,37 @@ estimates of Δ come out of that:
   the BN input in the draws against the pass with the regularisers off. This is the per-layer
   shift at initialisation, measured directly.
 
-`exact` is the covariance estimate where it applies, else the Monte Carlo one; the network
-summary (worst layer, product along the path) uses `exact`. Shifts are per channel; a layer
-reports the mean over its channels that carry signal. The probe runs where the trial will train
-(fitting.predict picks the GPU when there is one): the Monte Carlo draws come from that
-device's generator, so a GPU and a CPU give slightly different Monte Carlo estimates.
+`exact` is the covariance estimate where it applies, else the Monte Carlo one: Δ's dropout
+factor (shift.factor_shift measures it after training). The network summary (worst layer,
+product along the path) uses `exact`: it is what the pruner's gate reads.
+
+Given how the trial trains (`Training`: its steps, and whether it recalibrates BN after), each
+layer also gets a predicted lag, Δ's other factor, and `delta` = exact × lag. With
+recalibration the running variance becomes the variance with the regularisers off, so the lag
+is 1 / exact and Δ is 1. Without it, per channel, the lag of BN's exponential average
+(autotune/core/lag.py) over the trial's steps, from the layer's running variance now (1 in a
+fresh layer) and the variance of its input with the regularisers on in the probe, held still:
+what is left of the starting value, which a low momentum over few steps keeps. The drift of that
+variance while the weights move is not known before training and is taken as none. A layer's
+lag carries into the next one's input at inference, so each layer's lag is its own times that
+of the BN layer before it.
+
+Shifts are per channel; a layer reports the mean over its channels that carry signal. The probe
+runs where the trial will train (fitting.predict picks the GPU when there is one): the Monte
+Carlo draws come from that device's generator, so a GPU and a CPU give slightly different Monte
+Carlo estimates.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
 
 from autotune.core import theory
+from autotune.core.lag import lag
 from autotune.nn.estimates import covariance_estimate, paper_estimate
 from autotune.nn.feeds import BATCHNORM, find_feeds, trace_feeds
 from autotune.nn.probe import channel_mean, mean_variances, run_probe
@@ -54,14 +69,29 @@ DRAWS = 8  # Monte Carlo draws of the masks; each is one forward pass of the pro
 
 
 @dataclass(frozen=True)
+class Training:
+    """What BN's lag depends on besides the network: how many optimiser steps the trial takes,
+    and whether it recalibrates BN after training."""
+
+    steps: int
+    recalibrate_bn: bool = False
+
+
+@dataclass(frozen=True)
 class LayerPrediction:
-    """The predicted Δ of one BN layer. `sources` are the regularisers that reach it."""
+    """The predicted Δ of one BN layer: its dropout factor `exact` and its lag. `sources` are
+    the regularisers that reach it."""
 
     name: str
     sources: tuple[str, ...]
-    exact: float
+    exact: float  # the dropout factor
     method: str  # none | covariance | monte_carlo
     paper: float | None
+    lag: float = 1.0  # 1 where the prediction was not told how the trial trains
+
+    @property
+    def delta(self) -> float:
+        return self.exact * self.lag
 
 
 @dataclass(frozen=True)
@@ -72,13 +102,25 @@ class NetworkPrediction:
     def deltas(self) -> dict[str, float]:
         return {layer.name: layer.exact for layer in self.layers}
 
+    @property
+    def delta_summary(self) -> theory.ShiftSummary:
+        """The summary of each layer's whole predicted Δ, dropout factor × lag."""
+        return theory.summarize_shift({layer.name: layer.delta for layer in self.layers})
+
     def to_dict(self) -> dict:
+        """The form a trial stores (its `predicted_shift` attr) and `predict --json` prints:
+        per layer the dropout factor `exact`, the `lag` and their product `delta`; `summary`
+        of the dropout factors (the gate's), `delta_summary` of the products."""
         return {
             "layers": {
-                layer.name: {k: v for k, v in asdict(layer).items() if k != "name"}
+                layer.name: {
+                    **{k: v for k, v in asdict(layer).items() if k != "name"},
+                    "delta": layer.delta,
+                }
                 for layer in self.layers
             },
             "summary": asdict(self.summary),
+            "delta_summary": asdict(self.delta_summary),
         }
 
 
@@ -89,6 +131,7 @@ def predict_shift(
     draws: int = DRAWS,
     device: torch.device | str = "cpu",
     traced: bool = False,
+    training: Training | None = None,
 ) -> NetworkPrediction:
     """Per BN layer of `model`, Δ predicted from the probe batch `x`; `model` is left untouched.
 
@@ -130,5 +173,52 @@ def predict_shift(
             layers.append(LayerPrediction(name, sources, covariance, "covariance", paper))
         else:
             layers.append(LayerPrediction(name, sources, carried, "monte_carlo", paper))
+    if training is not None:
+        layers = _with_lags(net, layers, off.variances, on, training)
     deltas = {layer.name: layer.exact for layer in layers}
     return NetworkPrediction(tuple(layers), theory.summarize_shift(deltas))
+
+
+def _with_lags(
+    net: nn.Module,
+    layers: list[LayerPrediction],
+    off: dict[str, torch.Tensor],
+    on: dict[str, torch.Tensor],
+    training: Training,
+) -> list[LayerPrediction]:
+    """Each layer with its lag: its own, times the lag of the BN layer before it in the pass.
+    At inference that layer divides by its own running variance, so what it passes on is off by
+    its lag, which the next layer's input carries (exactly through a linear path, and through a
+    ReLU of a zero-mean input). A sequential network's order is its path; in a network with
+    residual sums it is an approximation."""
+    modules = dict(net.named_modules())
+    own = {layer.name: _lag(modules[layer.name], layer, off, on, training) for layer in layers}
+    if training.recalibrate_bn:  # every layer recalibrated: none passes a lag on
+        return [replace(layer, lag=own[layer.name]) for layer in layers]
+    carried, total = 1.0, {}
+    for name in off:  # the probe's BN layers, in the order of the forward pass
+        if name in own:
+            total[name] = carried = own[name] * carried
+    return [replace(layer, lag=total.get(layer.name, own[layer.name])) for layer in layers]
+
+
+def _lag(
+    bn: nn.Module,
+    layer: LayerPrediction,
+    off: dict[str, torch.Tensor],
+    on: dict[str, torch.Tensor],
+    training: Training,
+) -> float:
+    """A BN layer's own predicted lag after the trial's training (the module's docstring)."""
+    if training.recalibrate_bn:
+        return 1.0 / layer.exact
+    if not getattr(bn, "track_running_stats", False) or layer.name not in on:
+        return 1.0  # no running statistics to lag, or a layer the probe never reached
+    done = int(bn.num_batches_tracked) if bn.num_batches_tracked is not None else 0
+    lags = [
+        lag(bn.momentum, training.steps, running, variance, done=done)
+        for running, variance in zip(
+            bn.running_var.double().tolist(), on[layer.name].tolist(), strict=True
+        )
+    ]
+    return channel_mean(off[layer.name], torch.tensor(lags, dtype=torch.float64))

@@ -164,20 +164,37 @@ def print_prediction(console: Console, config: TrialConfig, prediction: NetworkP
     for i, block in enumerate(config.to_dicts()):
         console.print(f"block{i}: {_block_cell(block)}")
     console.print(f"recalibrate_bn: {str(config.recalibrate_bn).lower()}")
-    table = Table(title="predicted variance shift Δ = Var_test / Var_train of each BN input")
-    for column in ("BN layer", "fed by", "Δ", "method", "paper's form"):
-        table.add_column(column, justify="right" if column in ("Δ", "paper's form") else "left")
+    table = Table(
+        title="predicted variance shift Δ = Var_test / Var_train of each BN input",
+        caption="Δ = dropout × lag: the shift the regularisers cause, and BN's running "
+        "statistics behind the weights",
+    )
+    numbers = ("dropout", "lag", "Δ", "paper's form")
+    for column in ("BN layer", "fed by", "dropout", "lag", "Δ", "method", "paper's form"):
+        table.add_column(column, justify="right" if column in numbers else "left")
     for layer in prediction.layers:
         paper = "-" if layer.paper is None else f"{layer.paper:.3f}"
         sources = ", ".join(layer.sources) or "-"
-        table.add_row(layer.name, sources, f"{layer.exact:.3f}", layer.method, paper)
+        table.add_row(
+            layer.name,
+            sources,
+            f"{layer.exact:.3f}",
+            f"{layer.lag:.3f}",
+            f"{layer.delta:.3f}",
+            layer.method,
+            paper,
+        )
     console.print(table)
-    summary = prediction.summary
-    worst = "none" if summary.worst_layer is None else f"{summary.worst_layer}"
-    console.print(
-        f"worst layer: {worst} (Δ = {summary.worst_delta:.3f}); "
-        f"product along the path: {summary.product:.3f}"
+    summaries = (
+        ("dropout", prediction.summary),
+        ("Δ", prediction.delta_summary),
     )
+    for what, summary in summaries:
+        worst = "none" if summary.worst_layer is None else f"{summary.worst_layer}"
+        console.print(
+            f"worst layer by {what}: {worst} ({what} = {summary.worst_delta:.3f}); "
+            f"product along the path: {summary.product:.3f}"
+        )
 
 
 def _delta_cell(shift: dict | None) -> str:

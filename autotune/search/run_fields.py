@@ -29,6 +29,7 @@ from autotune.core.names import (
     RUN_ID_ATTR,
     WORKER_ATTR,
 )
+from autotune.core.theory import summarize_shift
 from autotune.search.queries import trial_config
 
 if TYPE_CHECKING:
@@ -82,12 +83,36 @@ class TrialRecord:
 
 
 def predicted_metrics(prediction: Mapping[str, Any]) -> dict[str, float]:
-    """`predicted_delta.<bn layer>`, `.worst`, `.product`, from a prediction's dict form."""
-    metrics = {
-        f"predicted_delta.{name}": layer["exact"] for name, layer in prediction["layers"].items()
+    """`predicted_delta.<bn layer>`, `.worst`, `.product`, from a prediction's dict form, and
+    the same for Δ's two factors, `predicted_delta_dropout.*` and `predicted_delta_lag.*`. A
+    trial stored before the lag was predicted has the dropout factor alone, which was then its
+    whole predicted Δ."""
+    layers = prediction["layers"]
+    if any("lag" not in layer for layer in layers.values()):  # stored before the lag
+        whole = {name: layer["exact"] for name, layer in layers.items()}
+        return _named("predicted_delta", whole, prediction["summary"])
+    return {
+        **_named("predicted_delta", _values(layers, "delta"), prediction["delta_summary"]),
+        **_named("predicted_delta_dropout", _values(layers, "exact"), prediction["summary"]),
+        **_named("predicted_delta_lag", _values(layers, "lag"), _summary(layers, "lag")),
     }
-    metrics["predicted_delta.worst"] = prediction["summary"]["worst_delta"]
-    metrics["predicted_delta.product"] = prediction["summary"]["product"]
+
+
+def _values(layers: Mapping[str, Any], key: str) -> dict[str, float]:
+    return {name: layer[key] for name, layer in layers.items()}
+
+
+def _summary(layers: Mapping[str, Any], key: str) -> dict[str, Any]:
+    summary = summarize_shift(_values(layers, key))
+    return {"worst_delta": summary.worst_delta, "product": summary.product}
+
+
+def _named(
+    prefix: str, values: Mapping[str, float], summary: Mapping[str, Any]
+) -> dict[str, float]:
+    metrics = {f"{prefix}.{name}": value for name, value in values.items()}
+    metrics[f"{prefix}.worst"] = summary["worst_delta"]
+    metrics[f"{prefix}.product"] = summary["product"]
     return metrics
 
 
@@ -102,11 +127,8 @@ def measured_metrics(measured: Mapping[str, Any], final: Mapping[str, float]) ->
         ("lag", "measured_delta_lag"),
     ):
         part = measured if factor is None else measured.get(factor)
-        if part is None:  # a trial stored before Δ was factored
-            continue
-        metrics.update({f"{prefix}.{name}": value for name, value in part["layers"].items()})
-        metrics[f"{prefix}.worst"] = part["summary"]["worst_delta"]
-        metrics[f"{prefix}.product"] = part["summary"]["product"]
+        if part is not None:  # None: a trial stored before Δ was factored
+            metrics.update(_named(prefix, part["layers"], part["summary"]))
     metrics.update({f"final.{name}": value for name, value in final.items()})
     return metrics
 
