@@ -38,6 +38,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import optuna
 import torch
 from _report import machine
+from _tasks import (
+    BREAST_CANCER_MLP,
+    DIGITS_CNN,
+    DIGITS_MLP,
+    NARROW_TABULAR,
+    SYNTHETIC_IMAGE_CNN,
+)
 from scipy.stats import spearmanr
 
 from autotune.core.checks import quiet_lightning
@@ -47,31 +54,12 @@ from autotune.nn.fitting import fit, predict
 from autotune.run.preflight import resolve_space
 
 TASKS = {
-    "digits mlp": {
-        "data": {"name": "digits", "batch_size": 64},
-        "model": {"template": "mlp", "widths": [256, 256, 128]},
-    },
-    "breast_cancer mlp": {
-        "data": {"name": "breast_cancer", "batch_size": 32},
-        "model": {"template": "mlp", "widths": [128, 64]},
-    },
-    "synthetic-image cnn": {
-        "data": {"name": "synthetic_images", "batch_size": 64},
-        "model": {"template": "cnn", "widths": [16, 32]},
-    },
+    "digits mlp": DIGITS_MLP,
+    "breast_cancer mlp": BREAST_CANCER_MLP,
+    "synthetic-image cnn": SYNTHETIC_IMAGE_CNN,
     # never looked at while the lag model was written
-    "digits cnn": {
-        "data": {"name": "digits", "batch_size": 64},
-        "model": {"template": "cnn", "widths": [32, 64]},
-    },
-    "narrow tabular": {
-        "data": {
-            "name": "synthetic_tabular",
-            "batch_size": 64,
-            "synthetic": {"n_samples": 3000, "n_features": 20, "n_informative": 10},
-        },
-        "model": {"template": "mlp", "widths": [16, 16, 16]},
-    },
+    "digits cnn": DIGITS_CNN,
+    "narrow tabular": NARROW_TABULAR,
 }
 HELD_OUT_SEEDS = (2, 3, 4)
 GOALS = {"dropout": 0.8, "delta": 0.6, "unreached": 0.01}
@@ -99,7 +87,9 @@ def task_rows(task: str, seed: int, n_configs: int, epochs: int) -> list[dict]:
         trial = study.ask()
         config = space.sample(trial)
         predicted = predict(spec, config, data)
-        result = fit(spec, config, data)
+        after_first: list = []  # the prediction from the trial's weights after epoch 1
+        result = fit(spec, config, data, on_trained_prediction=after_first.append)
+        trained = {layer.name: layer for layer in after_first[0].layers}
         regularizers = sorted({b.regularizer for b in config.blocks if b.placement != "none"})
         for layer in predicted.layers:
             measured = result.measured[layer.name]
@@ -115,6 +105,9 @@ def task_rows(task: str, seed: int, n_configs: int, epochs: int) -> list[dict]:
                     "predicted_dropout": layer.exact,
                     "predicted_lag": layer.lag,
                     "predicted_delta": layer.delta,
+                    "trained_dropout": trained[layer.name].exact,
+                    "trained_lag": trained[layer.name].lag,
+                    "trained_delta": trained[layer.name].delta,
                     "measured_dropout": measured.dropout,
                     "measured_lag": measured.lag,
                     "measured_delta": measured.delta,
@@ -130,24 +123,25 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     return float(spearmanr(xs, ys).statistic) if len(xs) > 2 else math.nan
 
 
-def mean_log_error(rows: list[dict], factor: str) -> float:
+def mean_log_error(rows: list[dict], factor: str, when: str = "predicted") -> float:
     """Mean |log(predicted / measured)|: 0.1 is about 10 % off, either way."""
-    errors = [abs(math.log(r[f"predicted_{factor}"] / r[f"measured_{factor}"])) for r in rows]
+    errors = [abs(math.log(r[f"{when}_{factor}"] / r[f"measured_{factor}"])) for r in rows]
     return sum(errors) / len(errors) if errors else math.nan
 
 
-def rho(rows: list[dict], factor: str) -> str:
-    xs = [r[f"predicted_{factor}"] for r in rows]
-    return f"{spearman(xs, [r[f'measured_{factor}'] for r in rows]):.2f} ({len(rows)})"
+def rho(rows: list[dict], factor: str, when: str = "predicted") -> str:
+    xs = [r[f"{when}_{factor}"] for r in rows]
+    return f"{spearman(xs, [r[f'measured_{factor}'] for r in rows]):.2f}"
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], when: str) -> str:
+    """Spearman's ρ of each factor and of Δ, predicted `when` (before training, or from the
+    weights after the first epoch), against what the trial measured after training."""
     lines = [
-        "| task | dropout factor, layers a regulariser reaches | the same, no alpha dropout "
-        "| Δ, every layer | Δ, layers reached | lag, every layer | lag, not recalibrated "
-        "| unreached layers: largest \\|1 − dropout factor\\| | mean \\|log error\\| "
-        "dropout / lag / Δ |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| task | layers (reached) | dropout factor, layers reached | the same, no alpha dropout "
+        "| Δ, every layer | Δ, layers reached | lag, every layer | lag, BN not recalibrated "
+        "| unreached: largest \\|1 − dropout\\| | mean \\|log error\\| dropout / lag / Δ |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for task in TASKS:
         mine = [r for r in rows if r["task"] == task]
@@ -158,11 +152,14 @@ def table(rows: list[dict]) -> str:
         unreached = [r for r in mine if r["method"] == "none"]
         kept = [r for r in mine if not r["recalibrate_bn"]]
         worst = max((abs(1 - r["measured_dropout"]) for r in unreached), default=0.0)
-        errors = " / ".join(f"{mean_log_error(mine, f):.2f}" for f in ("dropout", "lag", "delta"))
+        errors = " / ".join(
+            f"{mean_log_error(mine, f, when):.2f}" for f in ("dropout", "lag", "delta")
+        )
         lines.append(
-            f"| {task} | {rho(reached, 'dropout')} | {rho(plain, 'dropout')} "
-            f"| {rho(mine, 'delta')} | {rho(reached, 'delta')} | {rho(mine, 'lag')} "
-            f"| {rho(kept, 'lag')} | {worst:.1e} | {errors} |"
+            f"| {task} | {len(mine)} ({len(reached)}) | {rho(reached, 'dropout', when)} "
+            f"| {rho(plain, 'dropout', when)} ({len(plain)}) | {rho(mine, 'delta', when)} "
+            f"| {rho(reached, 'delta', when)} | {rho(mine, 'lag', when)} "
+            f"| {rho(kept, 'lag', when)} ({len(kept)}) | {worst:.1e} | {errors} |"
         )
     return "\n".join(lines)
 
@@ -195,7 +192,13 @@ def main() -> None:
     )
     print(machine())
     print()
-    print(table(rows))
+    print("Predicted before training:")
+    print()
+    print(table(rows, "predicted"))
+    print()
+    print("Predicted again after the first epoch, from the trial's own weights:")
+    print()
+    print(table(rows, "trained"))
     print()
     print(
         f"Goals: Spearman's ρ of the dropout factor at least {GOALS['dropout']}, of Δ at least "

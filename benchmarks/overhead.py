@@ -63,6 +63,7 @@ from _report import machine, spread
 from torch.nn import functional as F
 
 import autotune.nn.fitting as fitting
+import autotune.nn.observers as observers
 import autotune.run.objective as objective
 from autotune.core.checks import quiet_lightning
 from autotune.core.space import SearchSpace, TrialConfig
@@ -248,7 +249,9 @@ PART_NAMES = (
     "prediction",
     "building the network and the Trainer",
     "training (Lightning)",
+    "prediction after epoch 1",
     "recalibration",
+    "Δ's two factors",
     "train-mode accuracy",
     "MLflow",
     "Optuna report and attrs",
@@ -258,7 +261,7 @@ PART_NAMES = (
 # the variance-shift work a trial does besides training: the prediction before it and the
 # measurements after it. Recalibration is not among them: a configuration that asks for it is
 # trained with it, and the hand loop recalibrates too
-SHIFT_PARTS = ("prediction", "train-mode accuracy")
+SHIFT_PARTS = ("prediction", "prediction after epoch 1", "Δ's two factors", "train-mode accuracy")
 
 
 @contextmanager
@@ -275,6 +278,8 @@ def timed_parts() -> Iterator[Parts]:
     # the training part
     parts.wrap(fitting, "after_training", "recalibration")
     parts.wrap(fitting, "train_mode_accuracy", "train-mode accuracy")
+    parts.wrap(fitting, "factor_shift", "Δ's two factors")  # one more pass over validation
+    parts.wrap(observers, "predict_trained", "prediction after epoch 1")  # inside Trainer.fit
     for method in ("start_trial", "log_metrics", "log_tags", "end_trial"):
         parts.wrap(Tracker, method, "MLflow")
     for method in ("report", "should_prune", "set_user_attr"):

@@ -42,32 +42,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import optuna
 import torch
 from _report import machine, spread
+from _tasks import DIGITS_CNN, DIGITS_MLP, NARROW_TABULAR
 from optuna.trial import TrialState
 
 from autotune.core.spec import parse_spec
 from autotune.run.loop import run_study
 
-TASKS = {
-    # the quickstart's mlp on scikit-learn's 8x8 digits
-    "digits mlp": {
-        "data": {"name": "digits", "batch_size": 64},
-        "model": {"template": "mlp", "widths": [256, 256, 128]},
-    },
-    # the cnn template on the same digits, as 1x8x8 images
-    "digits cnn": {
-        "data": {"name": "digits", "batch_size": 64},
-        "model": {"template": "cnn", "widths": [32, 64]},
-    },
-    # narrow layers on a synthetic table, where dropout's noise is averaged over few inputs
-    "narrow tabular": {
-        "data": {
-            "name": "synthetic_tabular",
-            "batch_size": 64,
-            "synthetic": {"n_samples": 3000, "n_features": 20, "n_informative": 10},
-        },
-        "model": {"template": "mlp", "widths": [16, 16, 16]},
-    },
-}
+TASKS = {"digits mlp": DIGITS_MLP, "digits cnn": DIGITS_CNN, "narrow tabular": NARROW_TABULAR}
 # name in the tables -> the spec's study.pruner; the variance-shift variants spell out the two
 # settings this benchmark chose the defaults by (the default is the last one)
 PRUNERS = {

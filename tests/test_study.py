@@ -137,10 +137,12 @@ def test_mlflow_holds_one_parent_and_a_nested_child_per_trial(write_spec):
         assert metrics["final.val_acc"] == pytest.approx(trial.value)
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "final.val_acc")]
         assert steps == [2]
-        # Δ per BN layer and its summary: predicted at step 0, measured at step max_epochs
+        # Δ per BN layer and its summary: predicted at step 0 and again from the trial's own
+        # weights at step 1 (the latest, which the run shows), measured at step max_epochs
         bns = _bn_names(spec, outcome.study, trial)
         for kind in ("predicted", "measured"):
-            shift = trial.user_attrs[f"{kind}_shift"]
+            attr = "predicted_shift_after_epoch_1" if kind == "predicted" else "measured_shift"
+            shift = trial.user_attrs[attr]
             expected = {f"{kind}_delta.{name}" for name in [*bns, "worst", "product"]}
             assert expected <= set(metrics), sorted(metrics)
             for name in bns:
@@ -152,7 +154,7 @@ def test_mlflow_holds_one_parent_and_a_nested_child_per_trial(write_spec):
             assert metrics[f"{kind}_delta.worst"] == pytest.approx(summary["worst_delta"])
             assert metrics[f"{kind}_delta.product"] == pytest.approx(summary["product"])
         # the predicted factors, named as the measured ones
-        predicted_shift = trial.user_attrs["predicted_shift"]
+        predicted_shift = trial.user_attrs["predicted_shift_after_epoch_1"]
         for name in bns:
             layer = predicted_shift["layers"][name]
             assert metrics[f"predicted_delta_dropout.{name}"] == pytest.approx(layer["exact"])
@@ -167,7 +169,9 @@ def test_mlflow_holds_one_parent_and_a_nested_child_per_trial(write_spec):
             assert dropout * lag == pytest.approx(metrics[f"measured_delta.{name}"], rel=1e-9)
         predicted = client.get_metric_history(child.info.run_id, "predicted_delta.worst")
         measured = client.get_metric_history(child.info.run_id, "measured_delta.worst")
-        assert ([m.step for m in predicted], [m.step for m in measured]) == ([0], [2])
+        assert ([m.step for m in predicted], [m.step for m in measured]) == ([0, 1], [2])
+        before = trial.user_attrs["predicted_shift"]["delta_summary"]["worst_delta"]
+        assert predicted[0].value == pytest.approx(before)
     # the spec as the parent's params, the best value as its metric
     assert parent.data.params["model.template"] == "mlp"
     best = outcome.study.best_value

@@ -232,3 +232,37 @@ def test_no_observing_hook_is_left_when_the_last_validation_fails(monkeypatch):
     # the error came through as it was, and the BN layers carry no hook of ours
     (model,) = built
     assert not any(module._forward_hooks for module in model.modules())
+
+
+def test_the_prediction_after_the_first_epoch_changes_nothing_in_the_fit():
+    spec = digits_spec({"template": "mlp", "widths": [32, 16]}, batch_size=128, max_epochs=3)
+    data = load_data(spec.data, seed=0)
+    config = resolve_space(spec).defaults()
+    plain = fitting.fit(spec, config, data)
+    seen = []
+    watched = fitting.fit(spec, config, data, on_trained_prediction=seen.append)
+
+    # called once, after the first epoch: each BN layer's two factors from the trial's weights
+    (prediction,) = seen
+    layers = {layer.name: layer for layer in prediction.layers}
+    assert list(layers) == ["block0.bn", "block1.bn"]
+    assert layers["block0.bn"].exact == 1.0  # before any regulariser: exactly 1
+    assert 0.5 < layers["block1.bn"].exact < 1  # the defaults' dropout after block0
+    for layer in layers.values():
+        assert layer.method == "trained" and math.isfinite(layer.lag) and layer.lag > 0
+    # and the fit is the one without it, bit for bit: its probe passes touched nothing
+    assert watched.history == plain.history
+    for name, tensor in plain.model.state_dict().items():
+        assert torch.equal(tensor, watched.model.state_dict()[name]), name
+
+
+def test_a_one_epoch_fit_predicts_nothing_after_it():
+    spec = digits_spec({"template": "mlp", "widths": [32, 16]}, batch_size=128, max_epochs=1)
+    seen = []
+    fitting.fit(
+        spec,
+        resolve_space(spec).defaults(),
+        load_data(spec.data, seed=0),
+        on_trained_prediction=seen.append,
+    )
+    assert seen == []

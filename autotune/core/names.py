@@ -53,6 +53,8 @@ RECALIBRATE_ATTR = "recalibrate_bn"
 WORKER_ATTR = "worker"  # host:pid of the process that ran it
 RUN_ID_ATTR = "mlflow_run_id"  # its child run ("" when MLflow did not answer)
 PREDICTED_SHIFT_ATTR = "predicted_shift"
+# Δ's factors predicted again from its own weights after its first epoch (2 epochs or more)
+TRAINED_PREDICTION_ATTR = "predicted_shift_after_epoch_1"
 DELTA_KEY = "predicted_delta"  # the worst predicted Δ: what the VarianceShiftPruner's gate reads
 MEASURED_SHIFT_ATTR = "measured_shift"
 FINAL_ATTR = "final"  # the metrics it ended with

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +34,7 @@ from autotune.core.space import TrialConfig
 from autotune.core.spec import Spec, TrainSpec
 from autotune.nn.data import hold_on_device
 from autotune.nn.models import build_model
+from autotune.nn.observers import FirstEpochPrediction, LastValidationShift
 from autotune.nn.prediction import NetworkPrediction, Training, predict_shift
 from autotune.nn.probe import probe_batch
 from autotune.nn.shift import (
@@ -163,30 +163,6 @@ class EpochReporter(pl.Callback):
             )
 
 
-class LastValidationShift(pl.Callback):
-    """Measures Δ during the last epoch's validation pass, which runs the final weights in eval
-    mode over the validation data: what measure_shift would run again after the fit."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.shifts: dict[str, LayerShift] | None = None
-        self._observing = ExitStack()
-
-    def on_validation_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if trainer.current_epoch + 1 == trainer.max_epochs and not trainer.sanity_checking:
-            self.shifts = self._observing.enter_context(shift_observed(self.model))
-
-    def on_validation_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self._observing.close()  # fills self.shifts
-
-    def on_exception(
-        self, trainer: pl.Trainer, module: pl.LightningModule, error: BaseException
-    ) -> None:
-        # the hooks come off whatever stopped the fit; with the error passed on, no Δ is taken
-        # from a pass cut short (nor a device sync made in the middle of handling it)
-        self._observing.__exit__(type(error), error, error.__traceback__)
-
-
 @dataclass
 class TrialResult:
     """What a finished trial hands back: the metric after the last epoch (and after BN
@@ -209,10 +185,13 @@ def fit(
     on_epoch: EpochCallback | None = None,
     stop: threading.Event | None = None,
     batchnorm: bool = True,
+    on_trained_prediction: Callable[[NetworkPrediction], None] | None = None,
 ) -> TrialResult:
     """Train one configuration; return its final metric (after BN recalibration when the
     configuration asks for it), the trained model and what was measured after training.
     batchnorm=False trains the network with its BN layers removed (a baseline).
+    on_trained_prediction: called after the first epoch with Δ's factors predicted from the
+    trial's own weights (observers.FirstEpochPrediction), before that epoch is reported.
 
     Raises optuna.TrialPruned when the trial's pruner says so, NonFiniteLossError when the loss
     diverges and TrialInterrupted when `stop` is set.
@@ -237,7 +216,12 @@ def fit(
         not config.recalibrate_bn and spec.train.precision == "32-true" and not spec.train.compile
     )
     observer = LastValidationShift(model) if in_validation else None
-    trainer = quiet_trainer(spec.train, [reporter] if observer is None else [reporter, observer])
+    callbacks: list[pl.Callback] = [reporter] if observer is None else [reporter, observer]
+    if on_trained_prediction is not None:  # before the reporter, which lets the pruner decide
+        probe = probe_batch(datamodule.train_dataloader())
+        first = FirstEpochPrediction(model, probe, config.recalibrate_bn, on_trained_prediction)
+        callbacks.insert(0, first)
+    trainer = quiet_trainer(spec.train, callbacks)
     # 3. an in-memory dataset moves to the device once per process; later trials find it there
     hold_on_device(datamodule, trainer.strategy.root_device)
     # 4. fit; pruning and failures leave through exceptions. Lightning turns a SIGTERM into

@@ -45,6 +45,12 @@ variance while the weights move is not known before training and is taken as non
 lag carries into the next one's input at inference, so each layer's lag is its own times that
 of the BN layer before it.
 
+After the first epoch the trial's own weights say more than its initial ones: predict_trained
+measures both factors on the probe batch the way shift.factor_shift does after training (every
+BN on its running statistics, the regularisers off, then on), and carries each channel's lag
+forward over the steps left, from the running variance now and the variance with the
+regularisers on now (1 / dropout factor where BN is recalibrated).
+
 Shifts are per channel; a layer reports the mean over its channels that carry signal. The probe
 runs where the trial will train (fitting.predict picks the GPU when there is one): the Monte
 Carlo draws come from that device's generator, so a GPU and a CPU give slightly different Monte
@@ -54,6 +60,7 @@ Carlo estimates.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -64,6 +71,7 @@ from autotune.core.lag import lag
 from autotune.nn.estimates import covariance_estimate, paper_estimate
 from autotune.nn.feeds import BATCHNORM, find_feeds, trace_feeds
 from autotune.nn.probe import channel_mean, mean_variances, run_probe
+from autotune.nn.shift import LayerShift, measure_shift, noisy_variances
 
 DRAWS = 8  # Monte Carlo draws of the masks; each is one forward pass of the probe batch
 
@@ -214,11 +222,52 @@ def _lag(
         return 1.0 / layer.exact
     if not getattr(bn, "track_running_stats", False) or layer.name not in on:
         return 1.0  # no running statistics to lag, or a layer the probe never reached
+    return channel_mean(off[layer.name], _channel_lags(bn, on[layer.name], training.steps))
+
+
+def _channel_lags(bn: nn.Module, variances: torch.Tensor, steps: int) -> torch.Tensor:
+    """Each channel's lag after `steps` more steps, from its running variance now and the
+    variance of its input now, held still (autotune/core/lag.py)."""
     done = int(bn.num_batches_tracked) if bn.num_batches_tracked is not None else 0
     lags = [
-        lag(bn.momentum, training.steps, running, variance, done=done)
+        lag(bn.momentum, steps, running, variance, done=done)
         for running, variance in zip(
-            bn.running_var.double().tolist(), on[layer.name].tolist(), strict=True
+            bn.running_var.double().tolist(), variances.tolist(), strict=True
         )
     ]
-    return channel_mean(off[layer.name], torch.tensor(lags, dtype=torch.float64))
+    return torch.tensor(lags, dtype=torch.float64)
+
+
+TRAINED_DRAWS = 2  # passes of the probe with the regularisers on, after the first epoch
+
+
+def predict_trained(
+    model: nn.Module, x: torch.Tensor, training: Training, *, draws: int = TRAINED_DRAWS
+) -> NetworkPrediction:
+    """Δ's two factors of every tracking BN layer, predicted from `model`'s weights as they are
+    (after the first epoch), over the `training.steps` steps left: the dropout factor measured
+    on the probe batch `x`, the lag carried forward (the module's docstring). `model` is left as
+    it was; the noise comes from a seeded generator of its own."""
+    probe = [x.detach().to(next(model.parameters()).device)]
+    shifts = measure_shift(model, probe)
+    # each draw a pass of its own, its factor taken alone: a layer no regulariser reaches sees
+    # the same input in every pass, and its factor is exactly 1
+    draws_on = [noisy_variances(model, probe, seed=seed) for seed in range(draws)]
+    modules = dict(model.named_modules())
+    layers = []
+    for name, shift in shifts.items():
+        factors = [shift.factored(noisy[name]).dropout or 1.0 for noisy in draws_on]
+        dropout = math.fsum(factors) / len(factors)
+        noisy = torch.stack([noisy[name] for noisy in draws_on]).mean(dim=0)
+        lag_now = _carried_lag(modules[name], shift, noisy, training, dropout)
+        layers.append(LayerPrediction(name, (), dropout, "trained", None, lag_now))
+    deltas = {layer.name: layer.exact for layer in layers}
+    return NetworkPrediction(tuple(layers), theory.summarize_shift(deltas))
+
+
+def _carried_lag(
+    bn: nn.Module, shift: LayerShift, noisy: torch.Tensor, training: Training, dropout: float
+) -> float:
+    if training.recalibrate_bn:
+        return 1.0 / dropout
+    return channel_mean(torch.tensor(shift.channel_var), _channel_lags(bn, noisy, training.steps))

@@ -133,6 +133,17 @@ def factor_shift(
     The regularisers draw their noise from a generator seeded with `seed`, apart from torch's
     own: the training's random state is as before. Modes and hooks are restored.
     """
+    noisy = noisy_variances(model, batches, seed=seed)
+    return {
+        name: shift.factored(noisy[name]) if name in noisy else shift
+        for name, shift in shifts.items()
+    }
+
+
+def noisy_variances(model: nn.Module, batches: Iterable, *, seed: int = 0) -> dict[str, Tensor]:
+    """The per-channel variance of every tracking BN layer's input over `batches`, with every
+    regulariser on and every BN on its running statistics; the noise from a generator seeded
+    with `seed`, apart from torch's own. Layers the data never reaches are left out."""
     device = _device(model)
     with (
         torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
@@ -140,10 +151,7 @@ def factor_shift(
     ):
         torch.manual_seed(seed)
         _forward_all(model, batches)
-    return {
-        name: shift.factored(moments[name].var()) if moments[name].count > 0 else shift
-        for name, shift in shifts.items()
-    }
+    return {name: moment.var() for name, moment in moments.items() if moment.count > 0}
 
 
 def summarize_measured(shifts: Mapping[str, LayerShift]) -> ShiftSummary:

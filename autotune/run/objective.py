@@ -39,6 +39,7 @@ from autotune.core.names import (
     RUN_ID_ATTR,
     STARTED,
     SURPLUS_ATTR,
+    TRAINED_PREDICTION_ATTR,
     WEIGHTS_DIGEST,
     WORKER_ATTR,
     WORKER_TAG,
@@ -215,9 +216,20 @@ class Objective:
             if self.on_epoch is not None:
                 self.on_epoch(trial, epoch, metrics)
 
+        def repredicted(prediction: NetworkPrediction) -> None:
+            # after the first epoch, from the trial's own weights: the same metrics, at step 1
+            trial.set_user_attr(TRAINED_PREDICTION_ATTR, prediction.to_dict())
+            self.tracker.log_metrics(run_id, predicted_metrics(prediction.to_dict()), step=1)
+
         # 3. train, then what was measured after training
         result = fitting.fit(
-            self.spec, config, self.datamodule, trial=trial, on_epoch=report, stop=self.stop
+            self.spec,
+            config,
+            self.datamodule,
+            trial=trial,
+            on_epoch=report,
+            stop=self.stop,
+            on_trained_prediction=repredicted,
         )
         self._record_measurements(trial, run_id, result)
         self._save_if_best(trial, result)
