@@ -524,6 +524,12 @@ def test_sync_replaces_a_cut_short_run_and_removes_a_second_copy(tmp_path: Path,
     history = tracker.client.get_metric_history(after[0][0].info.run_id, "val_acc")
     assert [m.step for m in history] == [1, 2]
     assert after[0][0].data.metrics["final.val_acc"] == pytest.approx(study.trials[0].value)
+    # the predicted Δ before training and again after the first epoch, as the live run has them
+    live = tracker.client.get_metric_history(runs[2][0].info.run_id, "predicted_delta.worst")
+    synced = tracker.client.get_metric_history(after[0][0].info.run_id, "predicted_delta.worst")
+    assert [m.step for m in synced] == [m.step for m in live] == [0, 1]
+    repredicted = study.trials[0].user_attrs["predicted_shift_after_epoch_1"]
+    assert synced[1].value == pytest.approx(repredicted["delta_summary"]["worst_delta"])
     assert after[0][0].data.params["block0.placement"] == str(
         study.trials[0].user_attrs["config"][0]["placement"]
     )

@@ -27,6 +27,7 @@ from autotune.core.names import (
     PRUNED_REASON_TAG,
     RELOGGED_RUN,
     RUN_ID_ATTR,
+    TRAINED_PREDICTION_ATTR,
     WORKER_ATTR,
 )
 from autotune.core.theory import summarize_shift
@@ -60,6 +61,8 @@ class TrialRecord:
         self.metrics: list[tuple[int, dict[str, float]]] = []
         if PREDICTED_SHIFT_ATTR in attrs:
             self.metrics.append((0, predicted_metrics(attrs[PREDICTED_SHIFT_ATTR])))
+        if TRAINED_PREDICTION_ATTR in attrs:  # again from its weights, after the first epoch
+            self.metrics.append((1, predicted_metrics(attrs[TRAINED_PREDICTION_ATTR])))
         history = attrs.get(HISTORY_ATTR) or [
             {"epoch": step, metric: value} for step, value in trial.intermediate_values.items()
         ]
