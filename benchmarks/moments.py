@@ -1,4 +1,4 @@
-"""Per-channel moments of a BN input: shift.channel_moments against the plain float64 way.
+"""Per-channel moments of a BN input: moments.channel_moments against the plain float64 way.
 
 Every measurement of the variance shift (the prediction before training, Δ after it, BN
 recalibration) takes, for each BN input of each batch, the per-channel count, mean and sum of
@@ -7,7 +7,7 @@ squared deviations. Two ways, on the same tensors, timed in turns:
     float64 copy       channels first (transpose, reshape), cast to float64, then mean and
                        squared deviations: what autotune did before
     channel_moments    two float32 passes along the tensor as it lies in memory, corrected for
-                       the rounding of the mean (autotune.nn.shift.channel_moments)
+                       the rounding of the mean (autotune.nn.moments.channel_moments)
 
 and the largest relative difference of their sums of squared deviations. Shapes: BN inputs of
 the cnn template on 32x32 images (batch 128) and of a wide mlp (batch 512).
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from _report import machine, spread
 
-from autotune.nn.shift import channel_moments
+from autotune.nn.moments import channel_moments
 
 RESULTS = Path(__file__).resolve().parent / "results" / "moments.json"
 SHAPES = [(128, 32, 32, 32), (128, 64, 16, 16), (512, 512), (512, 256)]

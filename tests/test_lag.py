@@ -128,5 +128,7 @@ def test_the_lag_predicted_before_training_is_the_lag_measured_after(momentum):
     measured = fitting.fit(spec, config, data).measured
     for layer in predicted.layers:
         assert measured[layer.name].lag < 0.6  # a large lag, far from 1
-        # within a factor of 1.3 (the variance's drift in training is not modelled)
-        assert abs(math.log(layer.lag / measured[layer.name].lag)) < math.log(1.3), layer
+        # within a factor of 1.4, and below: training grows the variance BN averages, which
+        # the prediction, made before any step, takes as holding still
+        ratio = measured[layer.name].lag / layer.lag
+        assert 1 <= ratio < 1.4, (layer, measured[layer.name])

@@ -16,7 +16,7 @@ from autotune.core.space import BlockConfig, TrialConfig
 from autotune.core.spec import ModelSpec
 from autotune.nn.feeds import find_feeds
 from autotune.nn.models import build_model
-from autotune.nn.prediction import predict_shift
+from autotune.nn.prediction import Training, predict_shift
 from autotune.nn.probe import probe_batch
 from autotune.nn.regularizers import GaussianDropout, Uout
 from autotune.nn.shift import measure_shift
@@ -360,3 +360,35 @@ def test_measured_shift_of_a_dropout_before_bn_matches_the_prediction(rate: floa
     measured = measure_shift(net, data[-20:])["block0.bn"].delta
     # within 5 %
     assert measured == pytest.approx(predicted, rel=0.05), f"{predicted=} {measured=}"
+
+
+def _three_bns(momentum: float, middle_tracks: bool) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(8, 16),
+        nn.BatchNorm1d(16, momentum=momentum),
+        nn.ReLU(),
+        nn.Linear(16, 16),
+        nn.BatchNorm1d(16, momentum=0.01, track_running_stats=middle_tracks),
+        nn.ReLU(),
+        nn.Linear(16, 8),
+        nn.BatchNorm1d(8, momentum=0.01),
+    )
+
+
+@pytest.mark.parametrize("middle_tracks", [True, False])
+def test_a_lag_is_carried_down_the_pass_until_a_bn_without_running_statistics(middle_tracks):
+    x = torch.randn(256, 8)
+    lags = []
+    for momentum in (0.01, 0.5):  # the first layer forgets its starting variance, or not
+        torch.manual_seed(0)
+        net = _three_bns(momentum, middle_tracks)
+        prediction = predict_shift(net, x, training=Training(steps=5))
+        lags.append({layer.name: layer.lag for layer in prediction.layers})
+    # the first layer's lag reaches the last one's input through a layer that divides by its
+    # running variance, and not through one that normalises by the batch at inference too
+    assert lags[0]["1"] != pytest.approx(lags[1]["1"])
+    if middle_tracks:
+        assert lags[0]["7"] != pytest.approx(lags[1]["7"])
+    else:
+        assert lags[0]["4"] == lags[1]["4"] == 1.0
+        assert lags[0]["7"] == pytest.approx(lags[1]["7"], rel=1e-12)

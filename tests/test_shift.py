@@ -10,9 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from autotune.core.theory import gaussian_dropout_noise_var, noise_variance_shift, variance_shift
+from autotune.nn.moments import channel_moments
 from autotune.nn.shift import (
     LayerShift,
-    channel_moments,
     factor_shift,
     measure_shift,
     measured_record,

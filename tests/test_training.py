@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from autotune.core.errors import SpecError
 from autotune.core.spec import parse_spec
@@ -266,3 +268,30 @@ def test_a_one_epoch_fit_predicts_nothing_after_it():
         on_trained_prediction=seen.append,
     )
     assert seen == []
+
+
+class GlobalShuffle(pl.LightningDataModule):
+    """A user DataModule whose training loader shuffles with torch's global random state."""
+
+    input_shape, n_classes = (8,), 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        x = torch.randn(256, 8, generator=torch.Generator().manual_seed(0))
+        self.train = TensorDataset(x, (x[:, 0] > 0).long())
+        self.val = TensorDataset(x[:64], (x[:64, 0] > 0).long())
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train, batch_size=32, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val, batch_size=32)
+
+
+def test_the_first_epoch_prediction_leaves_a_global_shuffle_as_it_was():
+    spec = digits_spec({"template": "mlp", "widths": [16, 16]}, batch_size=32, max_epochs=2)
+    config = resolve_space(spec).defaults()
+    plain = fitting.fit(spec, config, GlobalShuffle())
+    watched = fitting.fit(spec, config, GlobalShuffle(), on_trained_prediction=lambda p: None)
+    # drawing the probe batch iterated a shuffled loader: the fork kept the epochs' order
+    assert watched.history == plain.history

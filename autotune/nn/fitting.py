@@ -217,10 +217,13 @@ def fit(
     )
     observer = LastValidationShift(model) if in_validation else None
     callbacks: list[pl.Callback] = [reporter] if observer is None else [reporter, observer]
-    if on_trained_prediction is not None:  # before the reporter, which lets the pruner decide
-        probe = probe_batch(datamodule.train_dataloader())
+    if on_trained_prediction is not None and spec.train.max_epochs > 1:
+        # the probe drawn apart from the training's random state: a shuffled DataLoader's
+        # iterator draws its order from it, and the fit must be the one without the probe
+        with torch.random.fork_rng(devices=[]):
+            probe = probe_batch(datamodule.train_dataloader())
         first = FirstEpochPrediction(model, probe, config.recalibrate_bn, on_trained_prediction)
-        callbacks.insert(0, first)
+        callbacks.insert(0, first)  # before the reporter, which lets the pruner decide
     trainer = quiet_trainer(spec.train, callbacks)
     # 3. an in-memory dataset moves to the device once per process; later trials find it there
     hold_on_device(datamodule, trainer.strategy.root_device)

@@ -71,7 +71,7 @@ from autotune.core.lag import lag
 from autotune.nn.estimates import covariance_estimate, paper_estimate
 from autotune.nn.feeds import BATCHNORM, find_feeds, trace_feeds
 from autotune.nn.probe import channel_mean, mean_variances, run_probe
-from autotune.nn.shift import LayerShift, measure_shift, noisy_variances
+from autotune.nn.shift import fork_rng_on, measure_shift, model_device, noisy_variances
 
 DRAWS = 8  # Monte Carlo draws of the masks; each is one forward pass of the probe batch
 
@@ -182,47 +182,46 @@ def predict_shift(
         else:
             layers.append(LayerPrediction(name, sources, carried, "monte_carlo", paper))
     if training is not None:
-        layers = _with_lags(net, layers, off.variances, on, training)
+        # from the buffers the trial starts with: the probe passes above moved the copy's
+        dropouts = {layer.name: layer.exact for layer in layers}
+        train_on = {name: on[name] for name in off.variances if name in on}
+        lags = predicted_lags(model, dropouts, off.variances, train_on, training)
+        layers = [replace(layer, lag=lags.get(layer.name, 1.0)) for layer in layers]
     deltas = {layer.name: layer.exact for layer in layers}
     return NetworkPrediction(tuple(layers), theory.summarize_shift(deltas))
 
 
-def _with_lags(
-    net: nn.Module,
-    layers: list[LayerPrediction],
-    off: dict[str, torch.Tensor],
-    on: dict[str, torch.Tensor],
+def predicted_lags(
+    model: nn.Module,
+    dropouts: dict[str, float],
+    signal: dict[str, torch.Tensor],
+    train_on: dict[str, torch.Tensor],
     training: Training,
-) -> list[LayerPrediction]:
-    """Each layer with its lag: its own, times the lag of the BN layer before it in the pass.
-    At inference that layer divides by its own running variance, so what it passes on is off by
-    its lag, which the next layer's input carries (exactly through a linear path, and through a
-    ReLU of a zero-mean input). A sequential network's order is its path; in a network with
-    residual sums it is an approximation."""
-    modules = dict(net.named_modules())
-    own = {layer.name: _lag(modules[layer.name], layer, off, on, training) for layer in layers}
+) -> dict[str, float]:
+    """Each BN layer's lag after `training.steps` more steps (the module's docstring): 1 /
+    dropout factor where BN is recalibrated; else its own, BN's average from `model`'s running
+    variance now towards `train_on` (the per-channel variance of its input in training, the
+    regularisers on), held still, times the lag of the BN layer before it in the pass. At
+    inference that layer divides by its own running variance, so what it passes on is off by its
+    lag, which the next layer's input carries (exactly through a linear path, and through a ReLU
+    of a zero-mean input); a BN without running statistics normalises by the batch at inference
+    too, and passes nothing on. `train_on` is in the order of the forward pass, a sequential
+    network's path (in a network with residual sums an approximation); `signal` picks the live
+    channels."""
     if training.recalibrate_bn:  # every layer recalibrated: none passes a lag on
-        return [replace(layer, lag=own[layer.name]) for layer in layers]
-    carried, total = 1.0, {}
-    for name in off:  # the probe's BN layers, in the order of the forward pass
-        if name in own:
-            total[name] = carried = own[name] * carried
-    return [replace(layer, lag=total.get(layer.name, own[layer.name])) for layer in layers]
-
-
-def _lag(
-    bn: nn.Module,
-    layer: LayerPrediction,
-    off: dict[str, torch.Tensor],
-    on: dict[str, torch.Tensor],
-    training: Training,
-) -> float:
-    """A BN layer's own predicted lag after the trial's training (the module's docstring)."""
-    if training.recalibrate_bn:
-        return 1.0 / layer.exact
-    if not getattr(bn, "track_running_stats", False) or layer.name not in on:
-        return 1.0  # no running statistics to lag, or a layer the probe never reached
-    return channel_mean(off[layer.name], _channel_lags(bn, on[layer.name], training.steps))
+        return {name: 1.0 / dropout for name, dropout in dropouts.items()}
+    modules = dict(model.named_modules())
+    carried, lags = 1.0, {}
+    for name, variance in train_on.items():
+        bn = modules[name]
+        if not getattr(bn, "track_running_stats", False):
+            lags[name] = carried = 1.0
+            continue
+        if name not in signal:  # not measured: nothing to say of it
+            continue
+        own = channel_mean(signal[name], _channel_lags(bn, variance, training.steps))
+        lags[name] = carried = own * carried
+    return lags
 
 
 def _channel_lags(bn: nn.Module, variances: torch.Tensor, steps: int) -> torch.Tensor:
@@ -246,28 +245,29 @@ def predict_trained(
 ) -> NetworkPrediction:
     """Δ's two factors of every tracking BN layer, predicted from `model`'s weights as they are
     (after the first epoch), over the `training.steps` steps left: the dropout factor measured
-    on the probe batch `x`, the lag carried forward (the module's docstring). `model` is left as
-    it was; the noise comes from a seeded generator of its own."""
-    probe = [x.detach().to(next(model.parameters()).device)]
+    on the probe batch `x` as after training, the lag carried forward from the running variances
+    now (the module's docstring). `model` is left as it was; its noise comes from torch's random
+    state forked and seeded, which the training then finds as it was."""
+    probe = [x.detach().to(model_device(model))]
     shifts = measure_shift(model, probe)
     # each draw a pass of its own, its factor taken alone: a layer no regulariser reaches sees
     # the same input in every pass, and its factor is exactly 1
     draws_on = [noisy_variances(model, probe, seed=seed) for seed in range(draws)]
-    modules = dict(model.named_modules())
-    layers = []
+    dropouts = {}
     for name, shift in shifts.items():
-        factors = [shift.factored(noisy[name]).dropout or 1.0 for noisy in draws_on]
-        dropout = math.fsum(factors) / len(factors)
-        noisy = torch.stack([noisy[name] for noisy in draws_on]).mean(dim=0)
-        lag_now = _carried_lag(modules[name], shift, noisy, training, dropout)
-        layers.append(LayerPrediction(name, (), dropout, "trained", None, lag_now))
-    deltas = {layer.name: layer.exact for layer in layers}
-    return NetworkPrediction(tuple(layers), theory.summarize_shift(deltas))
-
-
-def _carried_lag(
-    bn: nn.Module, shift: LayerShift, noisy: torch.Tensor, training: Training, dropout: float
-) -> float:
-    if training.recalibrate_bn:
-        return 1.0 / dropout
-    return channel_mean(torch.tensor(shift.channel_var), _channel_lags(bn, noisy, training.steps))
+        factors = [
+            shift.factored(noisy[name]).dropout or 1.0 for noisy in draws_on if name in noisy
+        ]
+        dropouts[name] = math.fsum(factors) / len(factors) if factors else 1.0
+    # what BN averages while it trains: its input in train mode, the regularisers on
+    with fork_rng_on(probe[0].device):
+        torch.manual_seed(0)
+        net = copy.deepcopy(model).train()
+        train_on = run_probe(net, probe[0], regularizers_on=True).variances
+    signal = {name: torch.tensor(shift.channel_var) for name, shift in shifts.items()}
+    lags = predicted_lags(model, dropouts, signal, train_on, training)
+    layers = [
+        LayerPrediction(name, (), dropouts[name], "trained", None, lags.get(name, 1.0))
+        for name in shifts
+    ]
+    return NetworkPrediction(tuple(layers), theory.summarize_shift(dropouts))

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from autotune.nn.feeds import BATCHNORM
+from autotune.nn.moments import channel_moments
 from autotune.nn.regularizers import REGULARIZER_TYPES
-from autotune.nn.shift import channel_moments
 
 PROBE_ROWS = 512  # rows of the probe batch: enough for stable moments, cheap at initialisation
 PROBE_VALUES = 1 << 15  # values per channel an image probe needs: rows x H x W

@@ -50,6 +50,7 @@ the BN statistics that recalibrate_bn is there to change.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -60,6 +61,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from autotune.core.theory import ShiftSummary, summarize_shift
+from autotune.nn.moments import Moments
 from autotune.nn.regularizers import REGULARIZER_TYPES
 
 
@@ -130,8 +132,8 @@ def factor_shift(
     each layer's dropout and lag factors, from one pass over the same batches with every
     regulariser on and every BN on its running statistics.
 
-    The regularisers draw their noise from a generator seeded with `seed`, apart from torch's
-    own: the training's random state is as before. Modes and hooks are restored.
+    The regularisers draw their noise from torch's random state forked and seeded with `seed`
+    (fork_rng_on): the training finds its state as it was. Modes and hooks are restored.
     """
     noisy = noisy_variances(model, batches, seed=seed)
     return {
@@ -142,16 +144,22 @@ def factor_shift(
 
 def noisy_variances(model: nn.Module, batches: Iterable, *, seed: int = 0) -> dict[str, Tensor]:
     """The per-channel variance of every tracking BN layer's input over `batches`, with every
-    regulariser on and every BN on its running statistics; the noise from a generator seeded
-    with `seed`, apart from torch's own. Layers the data never reaches are left out."""
-    device = _device(model)
+    regulariser on and every BN on its running statistics; the noise from torch's random state
+    forked and seeded with `seed`. Layers the data never reaches are left out."""
     with (
-        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        fork_rng_on(model_device(model)),
         _observed_bn_inputs(model, bn_train=False, regularizers_on=True) as (_, moments),
     ):
         torch.manual_seed(seed)
         _forward_all(model, batches)
     return {name: moment.var() for name, moment in moments.items() if moment.count > 0}
+
+
+def fork_rng_on(device: torch.device) -> contextlib.AbstractContextManager:
+    """torch's random state forked on the CPU and on `device` if it is a CUDA device: what a
+    seeded pass inside draws leaves the training's state as it was. (torch.manual_seed inside
+    seeds every device; only these two are restored.)"""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def summarize_measured(shifts: Mapping[str, LayerShift]) -> ShiftSummary:
@@ -229,7 +237,7 @@ def _accuracies(model: nn.Module, batches: Iterable, modes: tuple[bool, ...]) ->
     flags = _training_flags(model)
     saved = {name: buffer.clone() for name, buffer in model.named_buffers()}
     buffers = dict(model.named_buffers())
-    device = _device(model)
+    device = model_device(model)
     # counted on the device, brought to the host once at the end: no sync per batch
     correct = {training: torch.zeros((), device=device) for training in modes}
     seen = total = 0
@@ -265,53 +273,6 @@ def _accuracies(model: nn.Module, batches: Iterable, modes: tuple[bool, ...]) ->
     return [count / total for count in torch.stack(list(correct.values())).tolist()]
 
 
-def channel_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
-    """Per channel of an (N, C, ...) tensor: the count, the mean and the sum of squared deviations
-    over the batch and any spatial dimensions, as float64.
-
-    Two passes in the input's precision (half precision is raised to float32), along the tensor as
-    it lies in memory: the mean m', then the deviations d = x - m', whose sum corrects both moments
-    for the rounding of m' (mean = m' + sum(d)/n, m2 = sum(d^2) - sum(d)^2/n). torch sums in
-    cascades, so the error is a few float32 roundings (about 1e-7 relative); a channels-first
-    float64 copy, the plain way, takes 8 to 10 times as long for a convolution's output on a CPU
-    (benchmarks/moments.py).
-    """
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()
-    dims = [0, *range(2, x.dim())]
-    n = x.numel() // x.shape[1]
-    rounded = x.mean(dim=dims)
-    deviations = x - rounded.view(1, -1, *([1] * (x.dim() - 2)))
-    total = deviations.sum(dim=dims)
-    m2 = deviations.square_().sum(dim=dims) - total * total / n  # in place: one buffer, not two
-    return n, rounded.double() + total.double() / n, m2.double()
-
-
-class _Moments:
-    """Per-channel count, mean and sum of squared deviations of a BN input, merged in float64."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.mean = torch.zeros(0, dtype=torch.float64)
-        self.m2 = torch.zeros(0, dtype=torch.float64)
-
-    def hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        n, mean, m2 = channel_moments(inputs[0].detach())
-        if self.count == 0:
-            self.count, self.mean, self.m2 = n, mean, m2
-            return
-        # Chan et al.'s pairwise merge: exact, whatever the batch sizes
-        total = self.count + n
-        diff = mean - self.mean
-        self.mean = self.mean + diff * (n / total)
-        self.m2 = self.m2 + m2 + diff**2 * (self.count * n / total)
-        self.count = total
-
-    def var(self) -> Tensor:
-        """Unbiased per-channel variance (n − 1), BN's running_var convention."""
-        return self.m2 / max(self.count - 1, 1)
-
-
 def _layer_shift(name: str, real_var: Tensor, bn: _BatchNorm) -> LayerShift:
     running = bn.running_var.detach().to(device=real_var.device, dtype=torch.float64)
     per_channel = (real_var / running).tolist()  # a channel with running_var 0 gives inf or nan
@@ -336,13 +297,13 @@ def _alive(ratio: float) -> bool:
 @contextmanager
 def _observed_bn_inputs(
     model: nn.Module, *, bn_train: bool, regularizers_on: bool = False
-) -> Iterator[tuple[dict[str, _BatchNorm], dict[str, _Moments]]]:
+) -> Iterator[tuple[dict[str, _BatchNorm], dict[str, Moments]]]:
     """The model in eval mode (BN layers in train mode if bn_train, the regularisers on if
-    regularizers_on), every tracking BN's input pooled into _Moments; hooks removed and training
+    regularizers_on), every tracking BN's input pooled into Moments; hooks removed and training
     flags restored on the way out."""
     layers = _tracking_bns(model)
     flags = _training_flags(model)
-    moments = {name: _Moments() for name in layers}
+    moments = {name: Moments() for name in layers}
     handles = [bn.register_forward_hook(moments[name].hook) for name, bn in layers.items()]
     try:
         model.eval()
@@ -375,7 +336,8 @@ def _restore_flags(flags: dict[nn.Module, bool]) -> None:
         module.training = training  # not .train(): that would overwrite the children too
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); the CPU for neither."""
     tensor = next(model.parameters(), None)
     if tensor is None:
         tensor = next(model.buffers(), None)
@@ -389,7 +351,7 @@ def _inputs(batches: Iterable) -> Iterator[Tensor]:
 
 def _forward_all(model: nn.Module, batches: Iterable) -> int:
     """Run every batch's x through the model under no_grad; return the number of batches."""
-    device = _device(model)
+    device = model_device(model)
     n_batches = 0
     with torch.no_grad():
         for x in _inputs(batches):

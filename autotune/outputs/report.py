@@ -210,7 +210,9 @@ def _shift_lag(ax: Any, study: optuna.Study, metric: str) -> None:
             if momentum is not None  # a cumulative average has no momentum to draw against
         )
     if not rows:
-        raise CannotDraw("no complete trial measured BN's lag (a study stored before 0.2 did not)")
+        raise CannotDraw(
+            "no complete trial measured BN's lag (trials stored before autotune split Δ have none)"
+        )
     momenta, lags, values = zip(*rows, strict=True)
     points = ax.scatter(momenta, lags, c=values, cmap="viridis", s=18)
     ax.figure.colorbar(points, ax=ax, label=metric)

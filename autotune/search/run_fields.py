@@ -91,7 +91,7 @@ def predicted_metrics(prediction: Mapping[str, Any]) -> dict[str, float]:
     trial stored before the lag was predicted has the dropout factor alone, which was then its
     whole predicted Δ."""
     layers = prediction["layers"]
-    if any("lag" not in layer for layer in layers.values()):  # stored before the lag
+    if "delta_summary" not in prediction:  # stored before the lag was predicted
         whole = {name: layer["exact"] for name, layer in layers.items()}
         return _named("predicted_delta", whole, prediction["summary"])
     return {
