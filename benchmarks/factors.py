@@ -18,6 +18,7 @@ Run from the repository root:
 
     .venv/bin/python benchmarks/factors.py              # the numbers in docs/benchmarks.md
     .venv/bin/python benchmarks/factors.py --quick      # a smoke run in about a minute
+    .venv/bin/python benchmarks/factors.py --report     # the tables again from the saved rows
 
 It prints a markdown table and writes the raw rows to benchmarks/results/factors.json
 (factors_quick.json for --quick).
@@ -64,6 +65,10 @@ TASKS = {
 HELD_OUT_SEEDS = (2, 3, 4)
 GOALS = {"dropout": 0.8, "delta": 0.6, "unreached": 0.01}
 RESULTS = Path(__file__).parent / "results" / "factors.json"
+TABLES = (
+    ("Predicted before training:", "predicted"),
+    ("Predicted again after the first epoch, from the trial's own weights:", "trained"),
+)
 
 
 def task_rows(task: str, seed: int, n_configs: int, epochs: int) -> list[dict]:
@@ -134,14 +139,30 @@ def rho(rows: list[dict], factor: str, when: str = "predicted") -> str:
     return f"{spearman(xs, [r[f'measured_{factor}'] for r in rows]):.2f}"
 
 
+def worst_of_each_network(rows: list[dict], when: str) -> str:
+    """ρ over the trained networks of their worst layer's Δ (farthest from 1), predicted
+    against measured: how the summary's worst Δ ranks."""
+    predicted, measured = [], []
+    for key in sorted({(r["seed"], r["config"]) for r in rows}):
+        layers = [r for r in rows if (r["seed"], r["config"]) == key]
+        predicted.append(max((r[f"{when}_delta"] for r in layers), key=_distance))
+        measured.append(max((r["measured_delta"] for r in layers), key=_distance))
+    return f"{spearman(predicted, measured):.2f} ({len(predicted)})"
+
+
+def _distance(delta: float) -> float:
+    return abs(math.log(delta))
+
+
 def table(rows: list[dict], when: str) -> str:
     """Spearman's ρ of each factor and of Δ, predicted `when` (before training, or from the
     weights after the first epoch), against what the trial measured after training."""
     lines = [
         "| task | layers (reached) | dropout factor, layers reached | the same, no alpha dropout "
         "| Δ, every layer | Δ, layers reached | lag, every layer | lag, BN not recalibrated "
-        "| unreached: largest \\|1 − dropout\\| | mean \\|log error\\| dropout / lag / Δ |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| unreached: largest \\|1 − dropout\\| | mean \\|log error\\| dropout / lag / Δ "
+        "| worst Δ of each network |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for task in TASKS:
         mine = [r for r in rows if r["task"] == task]
@@ -159,7 +180,8 @@ def table(rows: list[dict], when: str) -> str:
             f"| {task} | {len(mine)} ({len(reached)}) | {rho(reached, 'dropout', when)} "
             f"| {rho(plain, 'dropout', when)} ({len(plain)}) | {rho(mine, 'delta', when)} "
             f"| {rho(reached, 'delta', when)} | {rho(mine, 'lag', when)} "
-            f"| {rho(kept, 'lag', when)} ({len(kept)}) | {worst:.1e} | {errors} |"
+            f"| {rho(kept, 'lag', when)} ({len(kept)}) | {worst:.1e} | {errors} "
+            f"| {worst_of_each_network(mine, when)} |"
         )
     return "\n".join(lines)
 
@@ -170,7 +192,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--workers", type=int, default=2, help="processes, one task and seed each")
     parser.add_argument("--quick", action="store_true", help="2 configurations, 1 seed, 2 epochs")
+    parser.add_argument(
+        "--report", action="store_true", help="the tables again from the saved rows"
+    )
     args = parser.parse_args()
+    if args.report:
+        rows = json.loads(RESULTS.read_text())
+        for title, when in TABLES:
+            print(f"{title}\n\n{table(rows, when)}\n")
+        return
     seeds = HELD_OUT_SEEDS[:1] if args.quick else HELD_OUT_SEEDS
     if args.quick:
         args.configs, args.epochs = 2, 2
@@ -192,14 +222,8 @@ def main() -> None:
     )
     print(machine())
     print()
-    print("Predicted before training:")
-    print()
-    print(table(rows, "predicted"))
-    print()
-    print("Predicted again after the first epoch, from the trial's own weights:")
-    print()
-    print(table(rows, "trained"))
-    print()
+    for title, when in TABLES:
+        print(f"{title}\n\n{table(rows, when)}\n")
     print(
         f"Goals: Spearman's ρ of the dropout factor at least {GOALS['dropout']}, of Δ at least "
         f"{GOALS['delta']}; a layer no regulariser reaches within 1 ± {GOALS['unreached']}."
