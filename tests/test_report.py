@@ -18,7 +18,14 @@ from mlflow.tracking import MlflowClient
 
 from autotune.cli import main
 from autotune.core.spec import load_spec
-from autotune.outputs.report import FIGURES, CannotDraw, _shift, _shift_lag, write_figures
+from autotune.outputs.report import (
+    FIGURES,
+    CannotDraw,
+    _shift,
+    _shift_lag,
+    write_figures,
+    write_report,
+)
 from autotune.run.loop import run_study
 
 
@@ -142,6 +149,12 @@ def test_the_shift_pictures_draw_dropout_and_lag_apart_and_a_stored_study_falls_
     ax = Figure().subplots()
     _shift_lag(ax, study, "val_acc")
     assert len(ax.collections[0].get_offsets()) == layers
+    # the report's top trials name both factors beside Δ, with the best trial's values
+    page = write_report(study, spec).read_text()
+    for column in ("worst dropout factor measured", "worst BN lag measured", "worst Δ measured"):
+        assert column in page
+    measured = study.best_trial.user_attrs["measured_shift"]
+    assert f"{measured['lag']['summary']['worst_delta']:.3f}" in page
 
     # a study stored by 0.1.0 measured Δ alone: Δ is drawn, named as such, and no lag
     stored = tmp_path / "autotune.db"  # a copy: the stored file stays as 0.1.0 wrote it
