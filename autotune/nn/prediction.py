@@ -181,14 +181,13 @@ def predict_shift(
             layers.append(LayerPrediction(name, sources, covariance, "covariance", paper))
         else:
             layers.append(LayerPrediction(name, sources, carried, "monte_carlo", paper))
+    dropouts = {layer.name: layer.exact for layer in layers}
     if training is not None:
         # from the buffers the trial starts with: the probe passes above moved the copy's
-        dropouts = {layer.name: layer.exact for layer in layers}
         train_on = {name: on[name] for name in off.variances if name in on}
         lags = predicted_lags(model, dropouts, off.variances, train_on, training)
         layers = [replace(layer, lag=lags.get(layer.name, 1.0)) for layer in layers]
-    deltas = {layer.name: layer.exact for layer in layers}
-    return NetworkPrediction(tuple(layers), theory.summarize_shift(deltas))
+    return NetworkPrediction(tuple(layers), theory.summarize_shift(dropouts))
 
 
 def predicted_lags(

@@ -86,12 +86,11 @@ class LayerShift:
             real / noisy if noisy > 0 else math.nan
             for real, noisy in zip(self.channel_var, noisy_var.tolist(), strict=True)
         ]
-        alive = [
-            ratio
+        live = [
+            _alive(delta) and _alive(ratio)
             for ratio, delta in zip(ratios, self.per_channel, strict=True)
-            if _alive(delta) and _alive(ratio)
         ]
-        dropout = math.fsum(alive) / len(alive) if alive else 1.0
+        dropout = _live_mean(ratios, live)
         return replace(self, dropout=dropout, lag=self.delta / dropout)
 
 
@@ -277,16 +276,22 @@ def _layer_shift(name: str, real_var: Tensor, bn: _BatchNorm) -> LayerShift:
     running = bn.running_var.detach().to(device=real_var.device, dtype=torch.float64)
     per_channel = (real_var / running).tolist()  # a channel with running_var 0 gives inf or nan
     # the layer's Δ averages the channels that carry signal: a dead channel has nothing to shift
-    alive = [d for d, r in zip(per_channel, running.tolist(), strict=True) if r > 0 and _alive(d)]
+    live = [r > 0 and _alive(d) for d, r in zip(per_channel, running.tolist(), strict=True)]
     return LayerShift(
         name=name,
-        delta=math.fsum(alive) / len(alive) if alive else 1.0,
+        delta=_live_mean(per_channel, live),
         per_channel=tuple(per_channel),
         real_var=float(real_var.mean()),
         running_var=float(running.mean()),
         channel_var=tuple(real_var.tolist()),
         momentum=bn.momentum,
     )
+
+
+def _live_mean(ratios: list[float], live: list[bool]) -> float:
+    """The mean of the live channels' ratios; 1 (no shift) where no channel is live."""
+    kept = [ratio for ratio, keep in zip(ratios, live, strict=True) if keep]
+    return math.fsum(kept) / len(kept) if kept else 1.0
 
 
 def _alive(ratio: float) -> bool:

@@ -218,8 +218,9 @@ class Objective:
 
         def repredicted(prediction: NetworkPrediction) -> None:
             # after the first epoch, from the trial's own weights: the same metrics, at step 1
-            trial.set_user_attr(TRAINED_PREDICTION_ATTR, prediction.to_dict())
-            self.tracker.log_metrics(run_id, predicted_metrics(prediction.to_dict()), step=1)
+            stored = prediction.to_dict()
+            trial.set_user_attr(TRAINED_PREDICTION_ATTR, stored)
+            self.tracker.log_metrics(run_id, predicted_metrics(stored), step=1)
 
         # 3. train, then what was measured after training
         result = fitting.fit(
