@@ -280,7 +280,9 @@ def test_without_a_gate_a_trial_that_reported_nothing_is_never_pruned(
 
 
 def test_without_a_gate_and_before_learning_nothing_is_gated() -> None:
-    pruner = VarianceShiftPruner(threshold=None, learn_threshold=True, learn_after=3, patience=2)
+    pruner = VarianceShiftPruner(
+        gate="delta", threshold=None, learn_threshold=True, learn_after=3, patience=2
+    )
     study = _study(pruner)
     _complete(study, {1: 0.9}, delta=1.0, value=0.9)
 
@@ -397,7 +399,13 @@ RANKED = [(0, 0.8), (1, 1.1), (2, 0.6), (3, 0.4), (4, 1.0), (5, 0.3), (6, 3.0), 
 
 def _learning_study(direction: str, ranked: list[tuple[int, float]]) -> optuna.Study:
     pruner = VarianceShiftPruner(
-        threshold=0.5, exploration=0.0, learn_threshold=True, learn_after=8, margin=1.25, patience=2
+        gate="delta",
+        threshold=0.5,
+        exploration=0.0,
+        learn_threshold=True,
+        learn_after=8,
+        margin=1.25,
+        patience=2,
     )
     study = _study(pruner, direction)
     for rank, delta in ranked:
@@ -503,7 +511,13 @@ def test_shift_distance_is_symmetric_in_delta_and_its_inverse(delta: float) -> N
 )
 def test_it_drives_study_optimize(base: BasePruner) -> None:
     pruner = VarianceShiftPruner(
-        base, threshold=0.5, exploration=0.2, seed=1, learn_threshold=False, patience=2
+        base,
+        gate="delta",
+        threshold=0.5,
+        exploration=0.2,
+        seed=1,
+        learn_threshold=False,
+        patience=2,
     )
     study = optuna.create_study(
         direction="maximize", pruner=pruner, sampler=optuna.samplers.RandomSampler(seed=0)

@@ -190,6 +190,18 @@ def test_the_gate_can_be_turned_off() -> None:
             {"learn_after": 0},
             "study.pruner.learn_after: Input should be greater than or equal to 1 (got 0)",
         ),
+        ({"quantile": 1}, "study.pruner.quantile: Input should be less than 1 (got 1)"),
+        (
+            {"optimism": -1},
+            "study.pruner.optimism: Input should be greater than or equal to 0 (got -1)",
+        ),
+        ({"gate": "metric"}, "study.pruner.gate: Input should be 'cost' or 'delta' (got 'metric')"),
+        # the cost model fits the completed trials: fewer than 3 leave nothing to learn
+        (
+            {"learn_after": 2},
+            "study.pruner: learn_after (2) must be at least 3 with gate cost: the cost model "
+            "learns from that many completed trials",
+        ),
         (
             {"seed_trials": -2},
             "study.pruner.seed_trials: Input should be greater than or equal to 0 (got -2)",
@@ -360,9 +372,10 @@ def test_data_spec_built_directly_resolves_against_the_working_directory(
         ),
         (
             {"study": {"pruner": {"name": "median", "warmup": 2}}},
-            "spec: study.pruner.warmup: unknown key; expected one of: name, base, threshold, "
-            "exploration, learn_threshold, learn_after, strictness, patience, seed_trials, "
-            "n_startup_trials, n_warmup_epochs, percentile, min_epochs, reduction_factor",
+            "spec: study.pruner.warmup: unknown key; expected one of: name, base, gate, "
+            "quantile, optimism, cost_steps, threshold, exploration, learn_threshold, "
+            "learn_after, strictness, patience, seed_trials, n_startup_trials, n_warmup_epochs, "
+            "percentile, min_epochs, reduction_factor",
         ),
         (
             {"data": {"synthetic": {"rows": 10}}},

@@ -16,25 +16,40 @@ MAX_HEARTBEAT = 86_400
 
 
 class PrunerSpec(Section):
-    # variance_shift: autotune's pruner (autotune.pruners.VarianceShiftPruner): a gate on the
-    # predicted Δ before training, then `base` during training, stricter far from Δ = 1 and more
-    # patient near it. none: every trial trains to the end; median, percentile, hyperband,
-    # successive_halving: Optuna's pruners of those names, with epochs as the steps
+    # variance_shift: autotune's pruner (autotune.pruners.VarianceShiftPruner): a gate before
+    # training and after the first epoch, on the predicted Δ until trials have trained and on
+    # the predicted metric after, then `base` during training, stricter far from Δ = 1.
+    # none: every trial trains to the end; median, percentile, hyperband, successive_halving:
+    # Optuna's pruners of those names, with epochs as the steps
     name: Literal[
         "variance_shift", "none", "median", "percentile", "hyperband", "successive_halving"
     ] = "variance_shift"
     # variance_shift: the pruner that decides during training
     base: Literal["median", "percentile", "hyperband", "successive_halving", "none"] = "median"
-    # variance_shift: the worst predicted Δ past which a trial stops before it trains; 0.5 is
-    # dropout at rate 0.5 straight before BN on zero-mean inputs. null: no gate
+    # variance_shift: what the gate decides on once `learn_after` trials have trained. cost:
+    # the final metric predicted from the trials that trained (from the predicted factors and
+    # the parameters; after an epoch, also that epoch's metric); delta: the predicted Δ alone
+    gate: Literal["cost", "delta"] = "cost"
+    # variance_shift, gate cost: keep a trial predicted to land in this top share of the
+    # trials that trained
+    quantile: Float = Field(0.25, gt=0, lt=1)
+    # variance_shift, gate cost: leave-one-out errors of the model added to a trial's predicted
+    # metric before it is compared; higher stops fewer trials, and fewer wrongly
+    optimism: Float = Field(0.5, ge=0)
+    # variance_shift, gate cost: the first epochs after which the gate decides again
+    cost_steps: Int = Field(1, ge=0)
+    # variance_shift: the worst predicted Δ past which a trial stops before it trains while there
+    # is nothing to learn from yet; 0.5 is dropout at rate 0.5 straight before BN on zero-mean
+    # inputs. null: no gate
     threshold: Float | None = Field(0.5, gt=0, lt=1)
     # variance_shift: the share of gated trials that train anyway, so the data can overrule the
     # theory; a tenth costs little and shows whether the gate is right
     exploration: Float = Field(0.1, ge=0, le=1)
-    # variance_shift: learn the threshold from completed trials (no trial more shifted than the
-    # best quarter's widest, with 25 % slack) once `learn_after` have completed; on by default:
-    # with it the pruner met its benchmark (docs/benchmarks.md, "What the pruner saves")
+    # variance_shift, gate delta: learn the threshold from completed trials (no trial more
+    # shifted than the best quarter's widest, with 25 % slack) once `learn_after` have completed
     learn_threshold: bool = True
+    # variance_shift: trials that trained (gate cost: completed or pruned during training;
+    # gate delta: completed) before the gate learns; a cost model needs 3 or more
     learn_after: Int = Field(10, ge=1)
     # variance_shift: a median or percentile base keeps only the top quarter instead of the top
     # half for trials at the threshold (strictness 0.5)
@@ -56,6 +71,15 @@ class PrunerSpec(Section):
     min_epochs: Int = Field(1, ge=1)
     # hyperband, successive_halving: keep 1/reduction_factor of the trials at each rung
     reduction_factor: Int = Field(3, ge=2)
+
+    @model_validator(mode="after")
+    def _cost_model_has_rows(self) -> PrunerSpec:
+        if self.gate == "cost" and self.learn_after < 3:
+            raise ValueError(
+                f"learn_after ({self.learn_after}) must be at least 3 with gate cost: the cost "
+                "model learns from that many completed trials"
+            )
+        return self
 
 
 class StudySpec(Section):

@@ -1,5 +1,5 @@
 """The Optuna objective: one trial from its sampled configuration to its record in Optuna and
-MLflow, and the words for the gate's verdict before training (`gate_reason`, `_explores`).
+MLflow, and the words for the gate's verdict before training (`gate_reason`).
 
 The fit itself is `autotune.nn.fitting`, looked up there at each call (`fitting.fit`,
 `fitting.predict`), so that a test or the overhead benchmark replaces it in one place.
@@ -7,7 +7,6 @@ The fit itself is `autotune.nn.fitting`, looked up there at each call (`fitting.
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import threading
@@ -54,7 +53,8 @@ from autotune.nn import fitting
 from autotune.nn.prediction import NetworkPrediction
 from autotune.nn.shift import measured_record
 from autotune.nn.weights import save_tensors
-from autotune.search.pruners import VarianceShiftPruner
+from autotune.search.optuna_private import frozen_trial
+from autotune.search.pruners import VarianceShiftPruner, Verdict
 from autotune.search.run_fields import measured_metrics, predicted_metrics
 
 # which process ran a trial, when several share a study: host and process id
@@ -79,23 +79,19 @@ def _user_code(spec: Spec) -> str:
     return " or ".join(named) or "the trial's code"
 
 
-def _explores(trial: optuna.Trial, prediction: NetworkPrediction) -> bool:
-    """Whether the gate let this trial through only because it is one that explores."""
+def _verdict(trial: optuna.Trial) -> Verdict | None:
+    """The variance-shift gate's verdict on this trial before training; None: no such gate."""
     pruner = trial.study.pruner
     if not isinstance(pruner, VarianceShiftPruner):
-        return False
-    return pruner.past_gate(trial.study, prediction.summary.worst_delta)
+        return None
+    return pruner.verdict(trial.study, frozen_trial(trial))
 
 
-def gate_reason(study: optuna.Study, prediction: NetworkPrediction) -> str:
-    """Why a trial stopped before training: its worst predicted Δ and the line it crossed."""
+def gate_reason(verdict: Verdict | None, prediction: NetworkPrediction) -> str:
+    """Why a trial stopped before training: its worst predicted Δ, and the gate's reason."""
     summary = prediction.summary
     text = f"pruned before training: predicted Δ {summary.worst_delta:.3f} at {summary.worst_layer}"
-    pruner = study.pruner
-    limit = pruner.gate_distance(study) if isinstance(pruner, VarianceShiftPruner) else None
-    if limit is None:
-        return text
-    return f"{text}, outside the gate's [{math.exp(-limit):.3f}, {math.exp(limit):.3f}]"
+    return text if verdict is None else f"{text}, {verdict.reason}"
 
 
 class Objective:
@@ -205,8 +201,9 @@ class Objective:
         self.tracker.log_metrics(run_id, predicted_metrics(prediction.to_dict()), step=0)
         # 2. the pruner's gate, before the first epoch
         if trial.should_prune():
-            raise optuna.TrialPruned(gate_reason(trial.study, prediction))
-        if _explores(trial, prediction):  # past the line, trained anyway: mark it
+            raise optuna.TrialPruned(gate_reason(_verdict(trial), prediction))
+        verdict = _verdict(trial)
+        if verdict is not None and verdict.past:  # past the line, trained anyway: mark it
             trial.set_user_attr(EXPLORED_ATTR, True)
             self.tracker.log_tags(run_id, {EXPLORED_TAG: True})
 

@@ -45,6 +45,15 @@ def reload_study(study: optuna.Study) -> optuna.Study:
     return optuna.load_study(study_name=study.study_name, storage=storage_of(study))
 
 
+def frozen_trial(trial: optuna.Trial) -> FrozenTrial:
+    """A running trial as its storage holds it now, attrs and reports included: the storage's
+    `get_trial` on `Trial._trial_id`, as `Trial.should_prune` itself reads it.
+
+    A Trial has public `number`, `params` and `user_attrs`, but no public call hands back the
+    FrozenTrial that a pruner is given."""
+    return storage_of(trial.study).get_trial(trial._trial_id)
+
+
 def fail_trial(study: optuna.Study, trial: FrozenTrial, reason_key: str, reason: str) -> None:
     """Set a user attr on a RUNNING trial that another process owns, then mark it FAIL, as
     `fail_stale_trials` does for a trial whose heartbeat stopped.

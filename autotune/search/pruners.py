@@ -1,14 +1,23 @@
 """A pruner seeded by the predicted variance shift: a real optuna.pruners.BasePruner.
 
 Before training, the objective predicts each BN layer's shift Δ (autotune.nn.prediction) and puts
-the network's worst Δ on the trial as the user attr `predicted_delta`. Then:
+the network's worst dropout factor on the trial as the user attr `predicted_delta`. Then:
 
-1. The gate. At the first `should_prune()`, before any value is reported, a trial whose worst Δ
-   is past the threshold (|log Δ| > |log threshold|, so Δ < 0.5 and Δ > 2 are both past 0.5) is
-   pruned before it trains, except for a share `exploration` of such trials, which train anyway
-   so that the data can overrule the theory. Which trials explore is fixed by the trial number and
-   `seed`, so asking again gives the same answer.
-2. During training, the base pruner decides, modulated by how close Δ is to 1. With
+1. The gate, before the first epoch. Until `learn_after` trials have completed it knows only the
+   theory: a trial whose worst Δ is past the threshold (|log Δ| > |log threshold|, so Δ < 0.5 and
+   Δ > 2 are both past 0.5) stops before it trains. From then on (`gate="cost"`, the default) it
+   decides on the predicted cost in the metric: a model learned from the completed trials
+   (autotune.search.cost) predicts this trial's final metric from its predicted factors and its
+   parameters, and a trial whose prediction, made optimistic by `optimism` times the model's
+   leave-one-out error, falls short of the completed trials' top `quantile` stops. With
+   `gate="delta"` the line stays on Δ instead, learned from the completed trials
+   (`learn_threshold`: no trial more shifted than any of the best quarter, times `margin`).
+   Either way a share `exploration` of the trials the gate would stop train anyway, so that the
+   data can overrule the model. Which trials explore is fixed by the trial number and `seed`, so
+   asking again gives the same answer.
+2. The cost gate again after each of the first `cost_steps` epochs, the model now also knowing the
+   metric of that epoch and Δ predicted from the trial's own weights.
+3. During training, the base pruner decides, modulated by how close Δ is to 1. With
    closeness c = 1 − |log Δ| / |log threshold| (1 at Δ = 1, 0 at the threshold and past it):
    - a median or percentile base keeps fewer trials far from Δ = 1: its percentile becomes
      percentile · (1 − strictness · (1 − c)) (the median's 50 becomes 25 at the threshold with
@@ -17,13 +26,8 @@ the network's worst Δ on the trial as the user attr `predicted_delta`. Then:
      decision counts only once the trial has reported round(patience · c) epochs past its first.
      A wrapped HyperbandPruner is no longer the study's pruner as Optuna's samplers see it, so
      they do not sample per bracket.
-3. A learned threshold (`learn_threshold=True`, the default): once `learn_after` trials have
-   completed, the gate stops trials more shifted than any of the best quarter so far (their
-   largest |log Δ|, times `margin`). The data sets the line; the fixed threshold serves until
-   then.
 
-The defaults (learned gate, patience 0) are the variant that met benchmarks/pruners.py's claim:
-about 30 % fewer epochs than the median pruner for the same best metric (docs/benchmarks.md).
+The defaults are the variant chosen by benchmarks/pruners.py (docs/benchmarks.md).
 
 A trial without `predicted_delta` is left to the base pruner alone, so the pruner also works in
 plain Optuna code that predicts nothing:
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 
 import optuna
 from optuna.pruners import BasePruner, MedianPruner, NopPruner, PercentilePruner
@@ -46,20 +51,39 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autotune.core.direction import best_first, maximizes
 from autotune.core.names import DELTA_KEY
+from autotune.search.cost import features, fit_cost_model
 from autotune.search.optuna_private import percentile_settings
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """What the gate makes of a trial, before exploration: whether it is past the line, why."""
+
+    past: bool
+    reason: str
+
+
 class VarianceShiftPruner(BasePruner):
-    """Prune by predicted variance shift before training, and by `base` during it.
+    """Stop by predicted cost or shift before training and after the first epochs, and by `base`
+    during training.
 
     Args:
         base: the pruner used during training; None: NopPruner (the gate alone).
-        threshold: the worst Δ past which a trial is stopped before training; None: no gate.
+        gate: "cost", the predicted metric once `learn_after` trials completed; "delta", the
+            predicted Δ alone.
+        threshold: the worst Δ past which a trial is stopped before training while there is
+            nothing to learn from (and with gate "delta" and no learned line); None: no gate.
         exploration: the share of gated trials that train anyway, in [0, 1].
+        quantile: the cost gate keeps a trial predicted to land in this top share of the
+            completed trials.
+        optimism: leave-one-out errors added to a trial's predicted metric before the cost gate
+            compares it (higher: fewer trials stopped, fewer wrongly).
+        cost_steps: epochs after which the cost gate decides again, with the epoch's metric.
         strictness: how much lower a median/percentile base's percentile gets far from Δ = 1.
         patience: extra warm-up epochs granted near Δ = 1 before the base may prune.
-        learn_threshold: replace the threshold with one learned from completed trials.
-        learn_after: completed trials needed before a threshold is learned.
+        learn_threshold: with gate "delta", replace the threshold with one learned from
+            completed trials.
+        learn_after: completed trials needed before the gate learns (a cost model or a line).
         margin: slack on the learned threshold, as a factor on |log Δ| (at least 1).
         seed: fixes which gated trials explore.
         delta_key: the user attr that carries the predicted Δ.
@@ -69,8 +93,12 @@ class VarianceShiftPruner(BasePruner):
         self,
         base: BasePruner | None = None,
         *,
+        gate: str = "cost",
         threshold: float | None = 0.5,
         exploration: float = 0.1,
+        quantile: float = 0.25,
+        optimism: float = 0.5,
+        cost_steps: int = 1,
         strictness: float = 0.5,
         patience: int = 0,
         learn_threshold: bool = True,
@@ -79,21 +107,35 @@ class VarianceShiftPruner(BasePruner):
         seed: int = 0,
         delta_key: str = DELTA_KEY,
     ) -> None:
+        if gate not in GATES:
+            raise ValueError(f"The gate is one of {', '.join(GATES)}, but got {gate=}.")
         if threshold is not None and not 0 < threshold < 1:
             raise ValueError(f"The threshold is a Δ in (0, 1), but got {threshold=}.")
         if not 0 <= exploration <= 1:
             raise ValueError(f"The exploration share must lie in [0, 1], but got {exploration=}.")
+        if not 0 < quantile < 1:
+            raise ValueError(f"The quantile is a share in (0, 1), but got {quantile=}.")
+        if not (math.isfinite(optimism) and optimism >= 0):
+            raise ValueError(f"Optimism cannot be negative, but got {optimism=}.")
+        if cost_steps < 0:
+            raise ValueError(f"cost_steps cannot be negative, but got {cost_steps=}.")
         if not 0 <= strictness < 1:
             raise ValueError(f"Strictness must lie in [0, 1), but got {strictness=}.")
         if patience < 0:
             raise ValueError(f"Patience cannot be negative, but got {patience=}.")
+        if learn_after < 3 and gate == "cost":
+            raise ValueError(f"A cost model needs at least 3 trials to learn, got {learn_after=}.")
         if learn_after < 1:
             raise ValueError(f"A threshold needs at least one trial to learn, got {learn_after=}.")
         if margin < 1:
             raise ValueError(f"The margin is a factor of at least 1, but got {margin=}.")
         self.base = base if base is not None else NopPruner()
+        self.gate = gate
         self.threshold = threshold
         self.exploration = exploration
+        self.quantile = quantile
+        self.optimism = optimism
+        self.cost_steps = cost_steps
         self.strictness = strictness
         self.patience = patience
         self.learn_threshold = learn_threshold
@@ -108,38 +150,84 @@ class VarianceShiftPruner(BasePruner):
             return self.base.prune(study, trial)
         if trial.last_step is None:  # before training: the gate
             return self.gated(study, trial)
+        if trial.last_step <= self.cost_steps and trial.last_step in trial.intermediate_values:
+            verdict = self.cost_verdict(study, trial, trial.last_step)
+            if verdict is not None and verdict.past and not self.explores(trial.number):
+                return True
         return self._base_decides(study, trial, shift_distance(delta))
 
     # -- the gate ---------------------------------------------------------------------------------
 
     def gated(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         """Whether the gate stops this trial before training."""
-        delta = trial.user_attrs.get(self.delta_key)
-        return self.past_gate(study, delta) and not self.explores(trial.number)
+        verdict = self.verdict(study, trial)
+        return verdict is not None and verdict.past and not self.explores(trial.number)
 
-    def past_gate(self, study: optuna.Study, delta: float | None) -> bool:
-        """Whether a predicted Δ is past the gate's line (exploration aside)."""
+    def verdict(self, study: optuna.Study, trial: FrozenTrial) -> Verdict | None:
+        """The gate's verdict on a trial before training (exploration aside); None: no gate."""
+        cost = self.cost_verdict(study, trial, 0)
+        if cost is not None:
+            return cost
+        delta = trial.user_attrs.get(self.delta_key)
         limit = self.gate_distance(study)
-        return limit is not None and delta is not None and shift_distance(delta) > limit
+        if limit is None or delta is None:
+            return None
+        past = shift_distance(delta) > limit
+        where = "outside" if past else "within"
+        return Verdict(past, f"{where} the gate's [{math.exp(-limit):.3f}, {math.exp(limit):.3f}]")
+
+    def past_gate(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        """Whether a trial is past the gate's line before training (exploration aside)."""
+        verdict = self.verdict(study, trial)
+        return verdict is not None and verdict.past
 
     def explores(self, number: int) -> bool:
         """Whether trial `number` trains even when the gate would stop it."""
         return random.Random(f"{self.seed}:{number}").random() < self.exploration
 
+    def cost_verdict(self, study: optuna.Study, trial: FrozenTrial, step: int) -> Verdict | None:
+        """Whether the trial's predicted final metric, made optimistic, misses the top quantile
+        of the trials that trained (their outcomes, autotune.search.cost); None: gate "delta",
+        or fewer than `learn_after` trials with an outcome to learn from."""
+        if self.gate != "cost":
+            return None
+        trained = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        fitted = fit_cost_model(trained, step, self.delta_key)
+        if fitted is None or len(fitted[1]) < self.learn_after:
+            return None
+        model, known = fitted
+        up = maximizes(study)
+        ranked = sorted(known, reverse=up)
+        line = ranked[max(1, int(len(ranked) * self.quantile)) - 1]
+        forecast = model.forecast(features(trial, step, self.delta_key))
+        hope = forecast.value + (1 if up else -1) * self.optimism * forecast.spread
+        when = "before training" if step == 0 else f"after epoch {step}"
+        return Verdict(
+            hope < line if up else hope > line,
+            f"predicted final metric {forecast.value:.4g} ± {forecast.spread:.2g} {when}, "
+            f"against {line:.4g}, the top {100 * self.quantile:.0f} % of {len(ranked)} "
+            f"trials that trained",
+        )
+
+    def _complete(self, study: optuna.Study) -> list[FrozenTrial]:
+        return [
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.value is not None and self.delta_key in t.user_attrs
+        ]
+
     def gate_distance(self, study: optuna.Study) -> float | None:
-        """|log Δ| past which the gate stops a trial: learned, fixed, or None for no gate."""
-        learned = self.learned_distance(study) if self.learn_threshold else None
+        """|log Δ| past which the Δ gate stops a trial: learned, fixed, or None for no gate."""
+        learned = (
+            self.learned_distance(study) if self.learn_threshold and self.gate == "delta" else None
+        )
         if learned is not None:
             return learned
         return None if self.threshold is None else shift_distance(self.threshold)
 
     def learned_distance(self, study: optuna.Study) -> float | None:
         """The largest |log Δ| among the best quarter of completed trials, times the margin."""
-        complete = [
-            t
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.value is not None and self.delta_key in t.user_attrs
-        ]
+        complete = self._complete(study)
         if len(complete) < self.learn_after:
             return None
         ranked = best_first(complete, maximizes(study), key=lambda t: t.value)
@@ -177,6 +265,7 @@ class VarianceShiftPruner(BasePruner):
         return PercentilePruner(**settings)
 
 
+GATES = ("cost", "delta")
 # a learned line never closer to 1 than Δ = 0.9 (or 1/0.9): the best trials having Δ = 1 must not
 # gate every trial that has any dropout at all
 MIN_LEARNED_DISTANCE = abs(math.log(0.9))

@@ -169,8 +169,12 @@ def make_pruner(spec: PrunerSpec, max_epochs: int, seed: int = 0) -> optuna.prun
 
     return VarianceShiftPruner(
         _optuna_pruner(spec.base, spec, max_epochs),
+        gate=spec.gate,
         threshold=spec.threshold,
         exploration=spec.exploration,
+        quantile=spec.quantile,
+        optimism=spec.optimism,
+        cost_steps=spec.cost_steps,
         strictness=spec.strictness,
         patience=spec.patience,
         learn_threshold=spec.learn_threshold,
