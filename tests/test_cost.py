@@ -123,6 +123,7 @@ def test_a_linear_relation_is_learned_and_its_error_is_the_noise() -> None:
     # the leave-one-out error measures the noise, not the spread of the targets
     assert 0.003 < model.loo_error < 0.008
     assert model.loo_error < 0.2 * np.std(targets)
+    assert model.skilful
 
 
 def test_features_that_say_nothing_leave_the_mean_and_its_spread() -> None:
@@ -133,8 +134,9 @@ def test_features_that_say_nothing_leave_the_mean_and_its_spread() -> None:
     model = CostModel(rows, targets)
     forecast = model.forecast({"a": 3.0, "b": -3.0})
 
-    # the penalty is the largest tried: the forecast stays near the mean, with the targets' sd
+    # no penalty beats the mean: the forecast stays near it, with the targets' sd, unskilled
     assert model.penalty >= 100
+    assert not model.skilful
     assert forecast.value == pytest.approx(np.mean(targets), abs=0.01)
     assert forecast.spread == pytest.approx(np.std(targets), rel=0.35)
 
@@ -221,6 +223,27 @@ def test_before_learn_after_trials_the_fixed_delta_threshold_applies() -> None:
     assert study.pruner.cost_verdict(study, study.trials[-1], 0) is None
     assert _enqueued(study, 0.45, delta=1.0).should_prune() is False
     assert _enqueued(study, 0.02, delta=0.3).should_prune() is True
+
+
+def test_a_model_without_skill_stops_nothing() -> None:
+    # the metric is noise around 0.9, whatever the rate: every forecast is the mean, and with
+    # the line at the top quarter and optimism 0, a gate reading it would stop almost all
+    study = _study(optimism=0.0)
+    rng = random.Random(3)
+    for i in range(16):
+        study.add_trial(
+            create_trial(
+                value=0.9 + rng.gauss(0, 0.01),
+                params={"rate": 0.5 * i / 15},
+                distributions={"rate": RATE},
+                user_attrs={DELTA_KEY: 1.0},
+            )
+        )
+    trial = _enqueued(study, 0.45)
+    assert not trial.should_prune()
+    verdict = study.pruner.verdict(study, study.trials[trial.number])
+    assert verdict is not None and not verdict.past
+    assert "no better than their mean" in verdict.reason
 
 
 def test_optimism_keeps_trials_the_model_is_unsure_of() -> None:

@@ -18,7 +18,10 @@ them a pruned study would learn from its few completed trials only, most of them
 
 The model is ridge regression on standardised features, with its penalty chosen by leave-one-out
 error from a grid, so that with few trials or features that say nothing it falls back towards the
-mean of the outcomes, and its leave-one-out error is the spread its predictions are given.
+mean of the outcomes, and its leave-one-out error is the spread its predictions are given. The
+mean alone is a candidate too: where no penalty predicts the outcomes better than their mean
+does, the model has no skill (`skilful` False), and a gate that read its forecast would stop
+trials on noise (with the line at the top quarter and optimism below 0.67 spreads, every one).
 Only the Python standard library and numpy: plain Optuna code can use it.
 """
 
@@ -33,8 +36,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autotune.core.names import DELTA_KEY, PREDICTED_SHIFT_ATTR, TRAINED_PREDICTION_ATTR
 
-# the ridge penalties tried, on standardised features (the number of rows is of the same order)
-PENALTIES = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 1000.0)
+# the ridge penalties tried, on standardised features (the number of rows is of the same order);
+# infinity is the mean alone, which a finite penalty must beat for the model to have skill
+PENALTIES = (math.inf, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 1000.0)
 
 
 def features(trial: FrozenTrial, step: int, delta_key: str = DELTA_KEY) -> dict[str, float]:
@@ -98,6 +102,11 @@ class CostModel:
         z = (x[:, keep] - self.mean_x) / self.scale
         self.penalty, self.coef, self.loo_error = _ridge(z, y - self.mean_y)
 
+    @property
+    def skilful(self) -> bool:
+        """Whether some penalty predicted the outcomes (left out) better than their mean did."""
+        return math.isfinite(self.penalty)
+
     def forecast(self, row: dict[str, float]) -> Forecast:
         x = np.array([row.get(name, 0.0) for name in self.names], dtype=float)
         z = (x - self.mean_x) / self.scale
@@ -105,12 +114,13 @@ class CostModel:
 
 
 def _ridge(z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, float]:
-    """The penalty of least leave-one-out error, its coefficients, and that error (an RMS)."""
+    """The penalty of least leave-one-out error, its coefficients, and that error (an RMS);
+    on a tie the earlier penalty in PENALTIES, the mean alone first."""
     n, k = z.shape
     best: tuple[float, np.ndarray, float] | None = None
     for penalty in PENALTIES:
-        if k == 0:
-            coef, hat = np.zeros(0), np.zeros(n)
+        if k == 0 or math.isinf(penalty):
+            coef, hat = np.zeros(k), np.zeros(n)
         else:
             inverse = np.linalg.inv(z.T @ z + penalty * np.eye(k))
             coef = inverse @ z.T @ y

@@ -187,8 +187,9 @@ class VarianceShiftPruner(BasePruner):
 
     def cost_verdict(self, study: optuna.Study, trial: FrozenTrial, step: int) -> Verdict | None:
         """Whether the trial's predicted final metric, made optimistic, misses the top quantile
-        of the trials that trained (their outcomes, autotune.search.cost); None: gate "delta",
-        or fewer than `learn_after` trials with an outcome to learn from."""
+        of the trials that trained (their outcomes, autotune.search.cost); never, where the
+        model predicts them no better than their mean; None: gate "delta", or fewer than
+        `learn_after` trials with an outcome to learn from."""
         if self.gate != "cost":
             return None
         trained = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
@@ -196,12 +197,18 @@ class VarianceShiftPruner(BasePruner):
         if fitted is None or len(fitted[1]) < self.learn_after:
             return None
         model, known = fitted
+        when = "before training" if step == 0 else f"after epoch {step}"
+        if not model.skilful:  # its forecast is the mean for every trial: nothing to stop on
+            return Verdict(
+                False,
+                f"{when}, the cost model predicts the {len(known)} trials that trained no "
+                "better than their mean does",
+            )
         up = maximizes(study)
         ranked = sorted(known, reverse=up)
         line = ranked[max(1, int(len(ranked) * self.quantile)) - 1]
         forecast = model.forecast(features(trial, step, self.delta_key))
         hope = forecast.value + (1 if up else -1) * self.optimism * forecast.spread
-        when = "before training" if step == 0 else f"after epoch {step}"
         return Verdict(
             hope < line if up else hope > line,
             f"predicted final metric {forecast.value:.4g} ± {forecast.spread:.2g} {when}, "
