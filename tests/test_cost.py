@@ -277,6 +277,35 @@ def test_after_the_first_epoch_the_gate_reads_its_metric() -> None:
     assert not good.should_prune()
 
 
+def test_the_gate_decides_again_after_each_of_the_first_cost_steps_epochs() -> None:
+    study = _study(cost_steps=2)
+    rng = random.Random(1)
+    for i in range(16):  # the metric climbs 0.1 an epoch towards a final that falls with the rate
+        rate = 0.5 * i / 15
+        final = 0.95 - 0.4 * rate + rng.gauss(0, 0.003)
+        curve = {epoch: final - 0.1 * (4 - epoch) for epoch in (1, 2, 3)}
+        study.add_trial(
+            create_trial(
+                value=final,
+                params={"rate": rate},
+                distributions={"rate": RATE},
+                user_attrs={DELTA_KEY: 1.0},
+                intermediate_values=curve,
+            )
+        )
+    # a good rate and a first epoch like the best trials', then a second far below theirs
+    trial = _enqueued(study, 0.02)
+    trial.report(0.65, 1)
+    assert not trial.should_prune()
+    trial.report(0.3, 2)
+    assert trial.should_prune()
+    # the same fall after epoch 3 is past cost_steps: the base alone decides (NopPruner)
+    late = _enqueued(study, 0.02)
+    for epoch, value in ((1, 0.65), (2, 0.75), (3, 0.3)):
+        late.report(value, epoch)
+    assert not late.should_prune()
+
+
 def test_past_cost_steps_the_base_alone_decides() -> None:
     study = _study(cost_steps=0)
     _trained_trials(study)

@@ -36,8 +36,9 @@ class PrunerSpec(Section):
     # variance_shift, gate cost: leave-one-out errors of the model added to a trial's predicted
     # metric before it is compared; higher stops fewer trials, and fewer wrongly
     optimism: Float = Field(0.5, ge=0)
-    # variance_shift, gate cost: the first epochs after which the gate decides again
-    cost_steps: Int = Field(1, ge=0)
+    # variance_shift, gate cost: the first epochs after which the gate decides again, knowing
+    # the epoch's metric; 3 is the median base's warm-up, before which it stops nothing
+    cost_steps: Int = Field(3, ge=0)
     # variance_shift: the worst predicted Δ past which a trial stops before it trains while there
     # is nothing to learn from yet; 0.5 is dropout at rate 0.5 straight before BN on zero-mean
     # inputs. null: no gate

@@ -98,7 +98,7 @@ class VarianceShiftPruner(BasePruner):
         exploration: float = 0.1,
         quantile: float = 0.25,
         optimism: float = 0.5,
-        cost_steps: int = 1,
+        cost_steps: int = 3,
         strictness: float = 0.5,
         patience: int = 0,
         learn_threshold: bool = True,
