@@ -90,18 +90,28 @@ def test_a_trial_without_a_stored_prediction_has_the_gate_attr_alone() -> None:
     assert "shift: Δ" not in row and "metric at step" not in row
 
 
-def test_a_pruned_trial_is_carried_on_by_the_mean_gain_of_the_completed() -> None:
-    done = [_frozen(0.9, reports={3: 0.8}), _frozen(0.7, reports={3: 0.5})]
-    pruned = create_trial(
+def _pruned(reports: dict[int, float]) -> optuna.trial.FrozenTrial:
+    return create_trial(
         state=TrialState.PRUNED,
         params={"rate": 0.1, "kind": "dropout"},
         distributions={"rate": RATE, "kind": KIND},
-        intermediate_values={1: 0.2, 3: 0.4},
+        intermediate_values=reports,
     )
+
+
+def test_a_pruned_trial_is_carried_on_by_the_mean_gain_of_the_completed() -> None:
+    done = [_frozen(0.9, reports={3: 0.8}), _frozen(0.7, reports={3: 0.5})]
     gated = create_trial(state=TrialState.PRUNED, params={}, distributions={})
-    found = outcomes(_numbered([*done, pruned, gated]))
+    found = outcomes(_numbered([*done, _pruned({1: 0.2, 3: 0.4}), gated]))
     # the completed gained 0.1 and 0.2 after epoch 3: the pruned one ends at 0.4 + 0.15
     assert found == pytest.approx({0: 0.9, 1: 0.7, 2: 0.55})
+
+
+def test_a_pruned_trial_of_a_minimised_metric_is_carried_on_the_same_way() -> None:
+    # a loss falls: the completed lost 0.2 and 0.4 after epoch 2, the pruned one ends at 0.9 − 0.3
+    done = [_frozen(0.2, reports={2: 0.4}), _frozen(0.3, reports={2: 0.7})]
+    found = outcomes(_numbered([*done, _pruned({1: 1.2, 2: 0.9})]))
+    assert found == pytest.approx({0: 0.2, 1: 0.3, 2: 0.6})
 
 
 # --- the model -----------------------------------------------------------------------------------
@@ -304,6 +314,17 @@ def test_the_gate_decides_again_after_each_of_the_first_cost_steps_epochs() -> N
     for epoch, value in ((1, 0.65), (2, 0.75), (3, 0.3)):
         late.report(value, epoch)
     assert not late.should_prune()
+
+
+def test_an_epoch_whose_metric_is_not_finite_gets_no_forecast() -> None:
+    # without its metric the row would read 0 where every trained trial had one: no verdict,
+    # the base decides (NopPruner)
+    study = _study()
+    _trained_trials(study)
+    trial = _enqueued(study, 0.02)
+    trial.report(float("nan"), 1)
+    assert study.pruner.cost_verdict(study, study.trials[trial.number], 1) is None
+    assert not trial.should_prune()
 
 
 def test_past_cost_steps_the_base_alone_decides() -> None:

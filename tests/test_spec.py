@@ -265,6 +265,10 @@ def test_make_pruner_passes_the_spec_settings_on() -> None:
                     "patience": 4,
                     "learn_threshold": True,
                     "learn_after": 6,
+                    "gate": "cost",
+                    "quantile": 0.3,
+                    "optimism": 0.8,
+                    "cost_steps": 2,
                 }
             }
         }
@@ -273,8 +277,19 @@ def test_make_pruner_passes_the_spec_settings_on() -> None:
     # every variance-shift field reaches the pruner
     assert (pruner.exploration, pruner.strictness, pruner.patience) == (0.0, 0.25, 4)
     assert (pruner.learn_threshold, pruner.learn_after) == (True, 6)
+    assert (pruner.gate, pruner.quantile, pruner.optimism, pruner.cost_steps) == (
+        "cost",
+        0.3,
+        0.8,
+        2,
+    )
     # and the base gets the percentile settings (Optuna keeps them private)
     assert (pruner.base._percentile, pruner.base._n_warmup_steps) == (30.0, 1)
+
+
+def test_learn_after_below_3_is_refused_only_where_a_cost_gate_would_use_it() -> None:
+    for pruner in ({"name": "median", "learn_after": 2}, {"gate": "delta", "learn_after": 2}):
+        assert parse_spec({"study": {"pruner": pruner}}).study.pruner.learn_after == 2
 
 
 def test_search_space_shorthand() -> None:

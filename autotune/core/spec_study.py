@@ -75,7 +75,7 @@ class PrunerSpec(Section):
 
     @model_validator(mode="after")
     def _cost_model_has_rows(self) -> PrunerSpec:
-        if self.gate == "cost" and self.learn_after < 3:
+        if self.name == "variance_shift" and self.gate == "cost" and self.learn_after < 3:
             raise ValueError(
                 f"learn_after ({self.learn_after}) must be at least 3 with gate cost: the cost "
                 "model learns from that many completed trials"

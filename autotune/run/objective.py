@@ -199,10 +199,18 @@ class Objective:
         trial.set_user_attr(PREDICTED_SHIFT_ATTR, prediction.to_dict())
         trial.set_user_attr(DELTA_KEY, prediction.summary.worst_delta)
         self.tracker.log_metrics(run_id, predicted_metrics(prediction.to_dict()), step=0)
-        # 2. the pruner's gate, before the first epoch
-        if trial.should_prune():
-            raise optuna.TrialPruned(gate_reason(_verdict(trial), prediction))
+        # 2. the pruner's gate, before the first epoch: one verdict decides, names the reason
+        #    and marks an exploring trial (asked twice, a trial finishing elsewhere between the
+        #    two could change it); another pruner is asked as Optuna asks it
         verdict = _verdict(trial)
+        pruner = trial.study.pruner
+        if verdict is None:
+            stop = trial.should_prune()
+        else:
+            assert isinstance(pruner, VarianceShiftPruner)  # only it gives a verdict
+            stop = verdict.past and not pruner.explores(trial.number)
+        if stop:
+            raise optuna.TrialPruned(gate_reason(verdict, prediction))
         if verdict is not None and verdict.past:  # past the line, trained anyway: mark it
             trial.set_user_attr(EXPLORED_ATTR, True)
             self.tracker.log_tags(run_id, {EXPLORED_TAG: True})

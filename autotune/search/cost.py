@@ -9,7 +9,7 @@ what will this one score? It regresses the final metric of the trials that train
   attr) and, where the trial stored it, of the worst whole Δ (dropout × lag); after the first
   epoch, the prediction from the trial's own weights instead (`predicted_shift_after_epoch_1`);
 - the sampled parameters (the rate, placement, kind and momentum of each block, or whatever the
-  space holds): numbers as they are, choices one-hot;
+  space holds): numbers as they are (a numeric choice too), other choices one-hot;
 - from the first epoch on, the metric the trial reported at that epoch.
 
 A pruned trial has no final metric; its outcome is its metric at the epoch it stopped after,
@@ -101,11 +101,19 @@ class CostModel:
         self.mean_y = float(y.mean())
         z = (x[:, keep] - self.mean_x) / self.scale
         self.penalty, self.coef, self.loo_error = _ridge(z, y - self.mean_y)
+        # the features every trial it learned from had: a row without one is not like them
+        self.always = [name for name in self.names if all(name in row for row in rows)]
 
     @property
     def skilful(self) -> bool:
         """Whether some penalty predicted the outcomes (left out) better than their mean did."""
         return math.isfinite(self.penalty)
+
+    def knows(self, row: dict[str, float]) -> bool:
+        """Whether `row` has every feature that all the model's trials had: a missing one (a
+        metric that was not finite, a parameter every trial sampled) would read as 0, a value
+        the model never saw."""
+        return all(name in row for name in self.always)
 
     def forecast(self, row: dict[str, float]) -> Forecast:
         x = np.array([row.get(name, 0.0) for name in self.names], dtype=float)
@@ -143,18 +151,18 @@ def outcomes(trials: Sequence[FrozenTrial]) -> dict[int, float]:
     has none."""
     complete = [t for t in trials if t.state == TrialState.COMPLETE and _finite(t.value)]
     found = {t.number: float(t.value) for t in complete}  # type: ignore[arg-type]
+    gains: dict[int, list[float]] = {}  # step -> the completed trials' gains from it to the end
+    for t in complete:
+        for step, value in t.intermediate_values.items():
+            if _finite(value):
+                gains.setdefault(step, []).append(t.value - value)  # type: ignore[operator]
     for trial in trials:
         if trial.state != TrialState.PRUNED or trial.last_step is None:
             continue
-        step = trial.last_step
-        gains = [
-            t.value - t.intermediate_values[step]  # type: ignore[operator]
-            for t in complete
-            if _finite(t.intermediate_values.get(step))
-        ]
-        reached = trial.intermediate_values.get(step)
-        if gains and _finite(reached):
-            found[trial.number] = float(reached) + sum(gains) / len(gains)
+        from_step = gains.get(trial.last_step)
+        reached = trial.intermediate_values.get(trial.last_step)
+        if from_step and _finite(reached):
+            found[trial.number] = float(reached) + sum(from_step) / len(from_step)
     return found
 
 

@@ -3,15 +3,16 @@
 Before training, the objective predicts each BN layer's shift Δ (autotune.nn.prediction) and puts
 the network's worst dropout factor on the trial as the user attr `predicted_delta`. Then:
 
-1. The gate, before the first epoch. Until `learn_after` trials have completed it knows only the
+1. The gate, before the first epoch. Until `learn_after` trials have trained it knows only the
    theory: a trial whose worst Δ is past the threshold (|log Δ| > |log threshold|, so Δ < 0.5 and
    Δ > 2 are both past 0.5) stops before it trains. From then on (`gate="cost"`, the default) it
-   decides on the predicted cost in the metric: a model learned from the completed trials
+   decides on the predicted cost in the metric: a model learned from the trials that trained
    (autotune.search.cost) predicts this trial's final metric from its predicted factors and its
    parameters, and a trial whose prediction, made optimistic by `optimism` times the model's
-   leave-one-out error, falls short of the completed trials' top `quantile` stops. With
-   `gate="delta"` the line stays on Δ instead, learned from the completed trials
-   (`learn_threshold`: no trial more shifted than any of the best quarter, times `margin`).
+   leave-one-out error, falls short of their top `quantile` stops (never where the model
+   predicts them no better than their mean). With `gate="delta"` the line stays on Δ instead,
+   learned from the completed trials (`learn_threshold`: no trial more shifted than any of the
+   best quarter, times `margin`).
    Either way a share `exploration` of the trials the gate would stop train anyway, so that the
    data can overrule the model. Which trials explore is fixed by the trial number and `seed`, so
    asking again gives the same answer.
@@ -69,7 +70,7 @@ class VarianceShiftPruner(BasePruner):
 
     Args:
         base: the pruner used during training; None: NopPruner (the gate alone).
-        gate: "cost", the predicted metric once `learn_after` trials completed; "delta", the
+        gate: "cost", the predicted metric once `learn_after` trials trained; "delta", the
             predicted Δ alone.
         threshold: the worst Δ past which a trial is stopped before training while there is
             nothing to learn from (and with gate "delta" and no learned line); None: no gate.
@@ -83,7 +84,9 @@ class VarianceShiftPruner(BasePruner):
         patience: extra warm-up epochs granted near Δ = 1 before the base may prune.
         learn_threshold: with gate "delta", replace the threshold with one learned from
             completed trials.
-        learn_after: completed trials needed before the gate learns (a cost model or a line).
+        learn_after: trials needed before the gate learns: for a cost model, trials that
+            trained (completed, or pruned after an epoch) and reported the step it decides at;
+            for a line on Δ, completed trials.
         margin: slack on the learned threshold, as a factor on |log Δ| (at least 1).
         seed: fixes which gated trials explore.
         delta_key: the user attr that carries the predicted Δ.
@@ -150,7 +153,7 @@ class VarianceShiftPruner(BasePruner):
             return self.base.prune(study, trial)
         if trial.last_step is None:  # before training: the gate
             return self.gated(study, trial)
-        if trial.last_step <= self.cost_steps and trial.last_step in trial.intermediate_values:
+        if 1 <= trial.last_step <= self.cost_steps:
             verdict = self.cost_verdict(study, trial, trial.last_step)
             if verdict is not None and verdict.past and not self.explores(trial.number):
                 return True
@@ -198,6 +201,9 @@ class VarianceShiftPruner(BasePruner):
             return None
         model, known = fitted
         when = "before training" if step == 0 else f"after epoch {step}"
+        row = features(trial, step, self.delta_key)
+        if not model.knows(row):  # e.g. a metric that was not finite: no forecast to trust
+            return None
         if not model.skilful:  # its forecast is the mean for every trial: nothing to stop on
             return Verdict(
                 False,
@@ -207,7 +213,7 @@ class VarianceShiftPruner(BasePruner):
         up = maximizes(study)
         ranked = sorted(known, reverse=up)
         line = ranked[max(1, int(len(ranked) * self.quantile)) - 1]
-        forecast = model.forecast(features(trial, step, self.delta_key))
+        forecast = model.forecast(row)
         hope = forecast.value + (1 if up else -1) * self.optimism * forecast.spread
         return Verdict(
             hope < line if up else hope > line,
