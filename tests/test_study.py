@@ -543,6 +543,20 @@ def test_without_the_gate_the_same_configuration_trains(write_spec):
     assert sorted(trial.intermediate_values) == [1, 2]
 
 
+def test_a_trial_past_the_gate_that_explores_trains_and_is_marked(write_spec):
+    pruner = {"name": "variance_shift", "threshold": 0.5, "exploration": 1.0}
+    raw = tiny_spec(study={"n_trials": 1, "pruner": pruner}, search_space={"params": HOPELESS})
+    spec = load_spec(write_spec(raw))
+    trial = run_study(spec).study.trials[0]
+    _, (child,) = _mlflow_runs(spec)
+
+    # past the line (Δ about 0.2), trained anyway: the attr and the MLflow tag say so
+    assert trial.user_attrs["predicted_delta"] < 0.5
+    assert trial.state == TrialState.COMPLETE
+    assert trial.user_attrs["explored"] is True
+    assert child.data.tags["autotune.explored"] == "True"
+
+
 def test_seed_trials_start_the_study_with_the_least_shifted_candidates(write_spec):
     pruner = {"name": "variance_shift", "threshold": None, "seed_trials": 2}
     before_bn = {"placement": "before_bn", "regularizer": "dropout", "recalibrate_bn": False}
