@@ -161,9 +161,8 @@ class Twin(BasePruner):
             step = trial.last_step
             if step is None:
                 stopped = judge.gated(study, trial)
-            elif step <= judge.cost_steps:
-                verdict = judge.cost_verdict(study, trial, step)
-                stopped = bool(verdict and verdict.past and not judge.explores(trial.number))
+            elif 1 <= step <= judge.cost_steps:
+                stopped = judge.stops(judge.cost_verdict(study, trial, step), trial.number)
             else:
                 continue
             if stopped:

@@ -269,7 +269,7 @@ def test_exploring_trials_train_past_the_cost_gate() -> None:
     study = optuna.create_study(direction="maximize", pruner=pruner)
     _trained_trials(study)
     trial = _enqueued(study, 0.45)
-    assert pruner.past_gate(study, study.trials[trial.number])
+    assert pruner.verdict(study, study.trials[trial.number]).past
     assert not trial.should_prune()
 
 

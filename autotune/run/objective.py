@@ -208,7 +208,7 @@ class Objective:
             stop = trial.should_prune()
         else:
             assert isinstance(pruner, VarianceShiftPruner)  # only it gives a verdict
-            stop = verdict.past and not pruner.explores(trial.number)
+            stop = pruner.stops(verdict, trial.number)
         if stop:
             raise optuna.TrialPruned(gate_reason(verdict, prediction))
         if verdict is not None and verdict.past:  # past the line, trained anyway: mark it

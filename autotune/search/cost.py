@@ -62,8 +62,8 @@ def features(trial: FrozenTrial, step: int, delta_key: str = DELTA_KEY) -> dict[
             row[f"{name} set"] = 1.0
     if step >= 1:
         value = trial.intermediate_values.get(step)
-        if value is not None and math.isfinite(value):
-            row["metric at step"] = float(value)
+        if _finite(value):
+            row["metric at step"] = float(value)  # type: ignore[arg-type]
     return row
 
 
@@ -74,7 +74,7 @@ def _worst(stored: dict, summary: str, label: str) -> dict[str, float]:
 
 
 def _positive(value: object) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+    return _finite(value) and value > 0  # type: ignore[operator]
 
 
 @dataclass(frozen=True)

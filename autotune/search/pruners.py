@@ -153,18 +153,22 @@ class VarianceShiftPruner(BasePruner):
             return self.base.prune(study, trial)
         if trial.last_step is None:  # before training: the gate
             return self.gated(study, trial)
-        if 1 <= trial.last_step <= self.cost_steps:
-            verdict = self.cost_verdict(study, trial, trial.last_step)
-            if verdict is not None and verdict.past and not self.explores(trial.number):
-                return True
+        step = trial.last_step
+        if 1 <= step <= self.cost_steps and self.stops(
+            self.cost_verdict(study, trial, step), trial.number
+        ):
+            return True
         return self._base_decides(study, trial, shift_distance(delta))
 
     # -- the gate ---------------------------------------------------------------------------------
 
     def gated(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         """Whether the gate stops this trial before training."""
-        verdict = self.verdict(study, trial)
-        return verdict is not None and verdict.past and not self.explores(trial.number)
+        return self.stops(self.verdict(study, trial), trial.number)
+
+    def stops(self, verdict: Verdict | None, number: int) -> bool:
+        """Whether `verdict` stops trial `number`: past the line, and not one that explores."""
+        return verdict is not None and verdict.past and not self.explores(number)
 
     def verdict(self, study: optuna.Study, trial: FrozenTrial) -> Verdict | None:
         """The gate's verdict on a trial before training (exploration aside); None: no gate."""
@@ -179,11 +183,6 @@ class VarianceShiftPruner(BasePruner):
         where = "outside" if past else "within"
         return Verdict(past, f"{where} the gate's [{math.exp(-limit):.3f}, {math.exp(limit):.3f}]")
 
-    def past_gate(self, study: optuna.Study, trial: FrozenTrial) -> bool:
-        """Whether a trial is past the gate's line before training (exploration aside)."""
-        verdict = self.verdict(study, trial)
-        return verdict is not None and verdict.past
-
     def explores(self, number: int) -> bool:
         """Whether trial `number` trains even when the gate would stop it."""
         return random.Random(f"{self.seed}:{number}").random() < self.exploration
@@ -197,9 +196,11 @@ class VarianceShiftPruner(BasePruner):
             return None
         trained = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
         fitted = fit_cost_model(trained, step, self.delta_key)
-        if fitted is None or len(fitted[1]) < self.learn_after:
+        if fitted is None:
             return None
         model, known = fitted
+        if len(known) < self.learn_after:
+            return None
         when = "before training" if step == 0 else f"after epoch {step}"
         row = features(trial, step, self.delta_key)
         if not model.knows(row):  # e.g. a metric that was not finite: no forecast to trust
@@ -222,13 +223,6 @@ class VarianceShiftPruner(BasePruner):
             f"trials that trained",
         )
 
-    def _complete(self, study: optuna.Study) -> list[FrozenTrial]:
-        return [
-            t
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.value is not None and self.delta_key in t.user_attrs
-        ]
-
     def gate_distance(self, study: optuna.Study) -> float | None:
         """|log Δ| past which the Δ gate stops a trial: learned, fixed, or None for no gate."""
         learned = (
@@ -240,7 +234,11 @@ class VarianceShiftPruner(BasePruner):
 
     def learned_distance(self, study: optuna.Study) -> float | None:
         """The largest |log Δ| among the best quarter of completed trials, times the margin."""
-        complete = self._complete(study)
+        complete = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.value is not None and self.delta_key in t.user_attrs
+        ]
         if len(complete) < self.learn_after:
             return None
         ranked = best_first(complete, maximizes(study), key=lambda t: t.value)
