@@ -127,6 +127,12 @@ def main() -> None:
     callback=_devices,
     help="CUDA devices for the workers, round-robin, e.g. 0,1,2,3 (default: every visible GPU).",
 )
+@click.option(
+    "--allow-changes",
+    is_flag=True,
+    help="Resume a study although the spec changes what its trials train with (train, data, "
+    "search space, pruner); each trial keeps the settings it ran with.",
+)
 @storage_option
 @tracking_option
 @click.option("--worker", "as_worker", is_flag=True, hidden=True)  # one of --workers' processes
@@ -141,6 +147,7 @@ def run(
     storage: str | None,
     tracking_uri: str | None,
     as_worker: bool,
+    allow_changes: bool,
 ) -> None:
     """Run the study in SPEC_FILE, or resume it where it stopped, or join it: the same command
     on another node works on the same study when its storage is shared."""
@@ -167,12 +174,19 @@ def run(
         from autotune.run.workers import launch
 
         outcome, troubles = launch(
-            spec_file, spec, workers, devices, n_trials=n_trials, timeout=timeout, progress=progress
+            spec_file,
+            spec,
+            workers,
+            devices,
+            n_trials=n_trials,
+            timeout=timeout,
+            progress=progress,
+            allow_changes=allow_changes,
         )
     else:
         from autotune.run.workers import run_here
 
-        outcome = run_here(spec, n_trials, timeout, devices, progress, as_worker)
+        outcome = run_here(spec, n_trials, timeout, devices, progress, as_worker, allow_changes)
     if not as_worker:
         print_summary(console, spec, outcome)
     _end_run(console, spec_file, outcome, troubles)

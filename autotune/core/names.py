@@ -40,6 +40,9 @@ BLOCKS_AT = "blocks_at"
 STANDARDISED_ATTR = "standardised"  # whether autotune standardised the inputs (input_stats.pt)
 PARENT_ATTR = "mlflow_parent_run_id"  # the MLflow parent run's id, stored by the study's creator
 ROBUST_ATTR = "robust"  # the robust recommendation's ranking and choice
+# what the trials train with (search.settings): on the study, checked on every rerun; on each
+# trial, the train and data settings it ran with
+TRAINED_WITH_ATTR = "trained_with"
 # a finished trial's run once sync has logged it again: one study attr per trial (a finished
 # trial's own attrs cannot change, and its "mlflow_run_id" names the run sync replaced, or none)
 RELOGGED_RUN = "mlflow_run_id.trial_{}"

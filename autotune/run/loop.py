@@ -140,12 +140,16 @@ def run_study(
     timeout: float | None = None,
     progress: Observer | None = None,
     finish: bool = True,
+    allow_changes: bool = False,
 ) -> StudyOutcome:
     """Run (or resume, or join) the study until its budget is spent; write the recommendation.
 
-    finish=False: a worker among several, whose launcher writes the recommendation."""
+    finish=False: a worker among several, whose launcher writes the recommendation.
+    allow_changes: a spec may change what the stored study's trials train with."""
     progress = progress or Observer()
-    session = open_session(spec, n_trials=n_trials, notify=progress.note)
+    session = open_session(
+        spec, n_trials=n_trials, notify=progress.note, allow_changes=allow_changes
+    )
     try:
         outcome = run_trials(session, timeout=timeout, progress=progress)
     except BaseException:

@@ -39,6 +39,7 @@ from autotune.core.names import (
     STARTED,
     SURPLUS_ATTR,
     TRAINED_PREDICTION_ATTR,
+    TRAINED_WITH_ATTR,
     WEIGHTS_DIGEST,
     WORKER_ATTR,
     WORKER_TAG,
@@ -56,6 +57,7 @@ from autotune.nn.weights import save_tensors
 from autotune.search.optuna_private import frozen_trial
 from autotune.search.pruners import VarianceShiftPruner, Verdict
 from autotune.search.run_fields import measured_metrics, predicted_metrics
+from autotune.search.settings import trial_settings
 
 # which process ran a trial, when several share a study: host and process id
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
@@ -119,6 +121,7 @@ class Objective:
         self.stop = stop or threading.Event()
         self.on_epoch = on_epoch
         self.admit = admit
+        self.settings = trial_settings(spec)  # what every trial records it trained with
         # the trials a signal stopped after their configuration was sampled
         self.cut_short: list[int] = []
         # a write the disk refused in a trial: the loop stops after it (see loop.run_trials)
@@ -176,6 +179,7 @@ class Objective:
         config = self.space.sample(trial)
         trial.set_user_attr(CONFIG_ATTR, config.to_dicts())
         trial.set_user_attr(RECALIBRATE_ATTR, config.recalibrate_bn)
+        trial.set_user_attr(TRAINED_WITH_ATTR, self.settings)
         trial.set_user_attr(WORKER_ATTR, WORKER)
         run_id = self.tracker.start_trial(trial.number, config.to_params(), {WORKER_TAG: WORKER})
         # a trial run again after its worker died inherits that trial's attrs: renew them

@@ -78,11 +78,16 @@ class Session:
 
 
 def open_session(
-    spec: Spec, *, n_trials: int | None = None, notify: Callable[[str], None] | None = None
+    spec: Spec,
+    *,
+    n_trials: int | None = None,
+    notify: Callable[[str], None] | None = None,
+    allow_changes: bool = False,
 ) -> Session:
     """Check the input, open (or create) the study and find (or create) its MLflow parent run.
 
-    Everything that can be wrong with the input fails here, before any training."""
+    Everything that can be wrong with the input fails here, before any training; a spec that
+    changes what the stored study's trials train with too, unless allow_changes."""
     from autotune.nn.data import load_data  # torch: imported once the spec has been read
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -92,7 +97,7 @@ def open_session(
     prepare_output(spec)
     if spec.recommend.current is not None:  # read now, not after the whole study
         baselines(spec, space)
-    study, created = open_study(spec, space, datamodule)
+    study, created = open_study(spec, space, datamodule, allow_changes=allow_changes, notify=notify)
     try:
         tracker = _start_parent_run(study, spec, space, datamodule, created, notify)
     except BaseException:

@@ -129,6 +129,7 @@ def launch(
     n_trials: int | None = None,
     timeout: float | None = None,
     progress: Observer | None = None,
+    allow_changes: bool = False,
 ) -> tuple[StudyOutcome, list[str]]:
     """Run the study with n_workers processes; returns the outcome and what went wrong with
     any worker (a worker killed while the others finished the study is not a failed study)."""
@@ -141,7 +142,10 @@ def launch(
     # the spec and opens the study; they touch nothing until it says go (`await_launcher`)
     workers = start_workers(spec_file, spec, budget, n_workers, devices, timeout)
     try:
-        session = open_session(spec, n_trials=n_trials, notify=progress.note)
+        # the launcher stores any change it allows before the workers open the study
+        session = open_session(
+            spec, n_trials=n_trials, notify=progress.note, allow_changes=allow_changes
+        )
     except BaseException:
         _release(workers, go=False)  # bad input is said once, here; the workers just leave
         raise
@@ -243,6 +247,7 @@ def run_here(
     devices: list[str] | None,
     progress: Observer,
     as_worker: bool,
+    allow_changes: bool = False,
 ) -> StudyOutcome:
     """`run` without --workers, or one of --workers' processes: the study run in this process,
     on the device `devices` names; a worker retries the trials it cut short."""
@@ -253,7 +258,12 @@ def run_here(
         if device is not None:
             os.environ[DEVICES_ENV] = device
     outcome = run_study(
-        spec, n_trials=n_trials, timeout=timeout, progress=progress, finish=not as_worker
+        spec,
+        n_trials=n_trials,
+        timeout=timeout,
+        progress=progress,
+        finish=not as_worker,
+        allow_changes=allow_changes,
     )
     if as_worker:
         retry_cut_short(outcome)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import secrets
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from autotune.core.spec import Spec
 from autotune.core.spec_study import PrunerSpec
 from autotune.core.writes import write_failure
 from autotune.search.pruners import VarianceShiftPruner
+from autotune.search.settings import check_settings
 
 # heartbeats, RetryHeartbeatStaleTrialCallback and TPE's `group` are marked experimental; we
 # rely on them knowingly and the notice would greet every user on every run
@@ -208,9 +210,16 @@ def _optuna_pruner(name: str, spec: PrunerSpec, max_epochs: int) -> optuna.prune
 
 
 def open_study(
-    spec: Spec, space: SearchSpace, datamodule: Any | None = None
+    spec: Spec,
+    space: SearchSpace,
+    datamodule: Any | None = None,
+    *,
+    allow_changes: bool = False,
+    notify: Callable[[str], None] | None = None,
 ) -> tuple[optuna.Study, bool]:
-    """Create the study, or load it when it exists; refuse a spec that no longer fits it.
+    """Create the study, or load it when it exists; refuse a spec that no longer fits it: another
+    model, metric or data shape (check_stored), or, unless allow_changes, other settings for
+    what its trials train (settings.check_settings, which says a change it allowed by `notify`).
 
     Returns the study and whether this process created it. Of many workers starting at once
     exactly one does (the storage keeps study names unique); only it seeds trials and creates
@@ -241,6 +250,7 @@ def open_study(
     for key, value in check_stored(study, spec, datamodule).items():
         if study.user_attrs.get(key) != value:
             study.set_user_attr(key, value)
+    check_settings(study, spec, space, allow_changes=allow_changes, notify=notify)
     return study, created
 
 
