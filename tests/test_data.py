@@ -24,6 +24,7 @@ from autotune.nn.data import (
     load_data,
     split_rows,
 )
+from autotune.nn.sources import split_test
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"n_samples": 300}
@@ -67,9 +68,11 @@ def test_builtin_shapes_classes_and_split(
     # one example's shape on both splits, float32 features and int64 labels
     assert tuple(dm.x_train.shape[1:]) == shape and tuple(dm.x_val.shape[1:]) == shape
     assert dm.x_train.dtype == torch.float32 and dm.y_train.dtype == torch.int64
-    # scikit-learn rounds the validation share up; no row is lost or duplicated
-    assert len(dm.x_val) == math.ceil(0.2 * rows)
-    assert len(dm.x_train) + len(dm.x_val) == rows
+    # the test split first, then validation of the rest; scikit-learn rounds each held-out
+    # share up; no row is lost or duplicated
+    test = math.ceil(0.2 * rows)
+    assert len(dm.x_test) == test and len(dm.x_val) == math.ceil(0.2 * (rows - test))
+    assert len(dm.x_train) + len(dm.x_val) + len(dm.x_test) == rows
     assert len(dm.y_train) == len(dm.x_train) and len(dm.y_val) == len(dm.x_val)
     # labels are 0..K-1, and the stratified split puts every class in both splits
     assert set(dm.y_train.tolist()) == set(range(classes))
@@ -85,7 +88,7 @@ def test_default_spec_is_digits() -> None:
 
 
 def test_val_fraction_and_batch_size_come_from_the_spec() -> None:
-    dm = load_data(DataSpec(name="wine", val_fraction=0.5, batch_size=16), seed=0)
+    dm = load_data(DataSpec(name="wine", val_fraction=0.5, test_fraction=0, batch_size=16), seed=0)
     # half of 178 rows held out, batches of 16
     assert len(dm.x_val) == 89
     assert dm.batch_size == 16
@@ -101,6 +104,27 @@ def test_split_is_seeded() -> None:
     # another seed holds out other rows (the same count)
     assert first.x_val.shape == other.x_val.shape
     assert not torch.equal(first.x_val, other.x_val)
+
+
+def test_the_test_split_is_held_out_first_and_scaled_by_train_statistics() -> None:
+    x, y = load_wine(return_X_y=True)
+    dm = load_data(DataSpec(name="wine", test_fraction=0.25), seed=0)
+    train, val, test = split_test(y, val_fraction=0.2, test_fraction=0.25, seed=0)
+
+    # three disjoint splits of every row, each stratified: every class in each
+    assert sorted(np.concatenate([train, val, test]).tolist()) == list(range(len(y)))
+    assert all(len(np.unique(y[rows])) == 3 for rows in (train, val, test))
+    # the test rows, scaled by the train rows' statistics alone
+    expected = (x[test] - x[train].mean(axis=0)) / x[train].std(axis=0)
+    assert np.allclose(dm.x_test.numpy(), expected, atol=1e-4)
+    assert dm.has_test and len(dm.test_dataloader()) == math.ceil(len(test) / dm.batch_size)
+    # without a test split, train and validation are the split of a study stored before
+    legacy = load_data(DataSpec(name="wine", test_fraction=0), seed=0)
+    old_train, old_val = split_rows(y, val_fraction=0.2, seed=0)
+    assert not legacy.has_test and len(legacy.x_val) == len(old_val)
+    assert np.allclose(
+        legacy.x_val.numpy(), (x[old_val] - x[old_train].mean(0)) / x[old_train].std(0), atol=1e-4
+    )
 
 
 def test_split_is_stratified() -> None:
@@ -120,7 +144,7 @@ def test_split_without_enough_rows_to_stratify() -> None:
 
 
 def test_standardisation_uses_train_statistics_only() -> None:
-    dm = load_data(DataSpec(name="wine"), seed=0)
+    dm = load_data(DataSpec(name="wine", test_fraction=0), seed=0)
     # train is centred and scaled exactly
     assert dm.x_train.mean(dim=0).abs().max() < 1e-5
     assert torch.allclose(dm.x_train.std(dim=0, unbiased=False), torch.ones(13), atol=1e-4)
@@ -134,7 +158,7 @@ def test_standardisation_uses_train_statistics_only() -> None:
 
 
 def test_constant_pixels_are_centred_not_blown_up() -> None:
-    dm = load_data(DataSpec(name="digits"), seed=0)
+    dm = load_data(DataSpec(name="digits", test_fraction=0), seed=0)
     # digits' top-left pixel is 0 everywhere: it stays 0 rather than 0 / 0
     assert dm.x_train[:, 0, 0, 0].abs().max() == 0
     # no pixel of the validation split is scaled by a near-zero std
@@ -341,7 +365,7 @@ def csv_rows(rows: int = 20) -> str:
 
 def test_csv_loads(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "data.csv", csv_rows())
-    dm = load_data(DataSpec(path=path, batch_size=4), seed=0)
+    dm = load_data(DataSpec(path=path, batch_size=4, test_fraction=0), seed=0)
     # three feature columns, two string classes mapped to 0 and 1, named after the file
     assert dm.input_shape == (3,)
     assert dm.n_classes == 2

@@ -13,7 +13,7 @@ from autotune.core.errors import SpecError
 from autotune.core.names import TRAINED_WITH_ATTR
 from autotune.core.spec import load_spec
 from autotune.run.preflight import resolve_space
-from autotune.search.settings import first_change, study_settings
+from autotune.search.settings import first_change, settled, study_settings
 from autotune.search.storage import open_study, spec_storage
 
 
@@ -68,10 +68,17 @@ def test_a_study_stored_before_settings_were_kept_resumes_unchanged(write_spec):
     spec = load_spec(write_spec(tiny_spec()))
     optuna.create_study(study_name="tiny", storage=spec_storage(spec), direction="maximize")
 
-    # no settings stored: any spec resumes it, and today's are kept from then on
+    # no settings stored: any spec resumes it, as it ran (without a test split), and today's
+    # settings are kept from then on
     study, created = open_study(spec, resolve_space(spec))
     assert not created
-    assert study.user_attrs[TRAINED_WITH_ATTR] == study_settings(spec, resolve_space(spec))
+    kept = study.user_attrs[TRAINED_WITH_ATTR]
+    assert kept == study_settings(settled(spec, study), resolve_space(spec))
+    assert kept["data"]["test_fraction"] == 0.0
+    # a new study holds out the default test split
+    new = load_spec(write_spec(tiny_spec(study={"name": "new"}), "new.yaml"))
+    study, created = open_study(new, resolve_space(new))
+    assert created and study.user_attrs[TRAINED_WITH_ATTR]["data"]["test_fraction"] == 0.2
 
 
 def test_a_data_file_is_known_by_its_rows_not_its_path(write_spec, tmp_path):

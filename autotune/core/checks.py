@@ -34,13 +34,19 @@ MAX_GENERATED = 2**28
 MAX_PARAMETERS = 10**9
 
 
-def split_sizes(rows: int, val_fraction: float) -> tuple[int, int]:
-    """(train rows, validation rows) of split_rows, by scikit-learn's rounding (validation rows
-    rounded up, the rest to train); SpecError when either split is empty."""
-    val = math.ceil(val_fraction * rows)
-    train = rows - val
+def split_sizes(rows: int, val_fraction: float, test_fraction: float = 0.0) -> tuple[int, int]:
+    """(train rows, validation rows) of split_rows, by scikit-learn's rounding (held-out rows
+    rounded up, the rest to train): the test rows first, then validation of the rest; SpecError
+    when a split is empty."""
+    test = math.ceil(test_fraction * rows)
+    if test_fraction and test >= rows:
+        raise SpecError(f"data.test_fraction: {test_fraction} of {rows} rows leaves a split empty")
+    val = math.ceil(val_fraction * (rows - test))
+    train = rows - test - val
     if train < 1 or val < 1:
-        raise SpecError(f"data.val_fraction: {val_fraction} of {rows} rows leaves a split empty")
+        raise SpecError(
+            f"data.val_fraction: {val_fraction} of {rows - test} rows leaves a split empty"
+        )
     return train, val
 
 

@@ -44,6 +44,8 @@ from autotune.core.spec_fields import (
 )
 from autotune.core.spec_study import StudySpec
 
+# the test split of a new study whose spec does not say (data.test_fraction: null)
+DEFAULT_TEST_FRACTION = 0.2
 BUILTIN_DATASETS = ("digits", "breast_cancer", "wine", "synthetic_tabular", "synthetic_images")
 # sections that may be written as one string: `pruner: median`, `search_space: dropout_bn`
 _SHORTHAND_KEYS = {"pruner": "name", "search_space": "base"}
@@ -85,7 +87,11 @@ class DataSpec(Section):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     # classes of a user datamodule that has no `n_classes` attribute
     n_classes: Int | None = Field(None, ge=2)
-    # share of the rows held out for validation, split with train.seed
+    # share of the rows held out first, as a test split that no trial, pruner or re-ranking
+    # sees: the recommendation is scored on it once, at the end. null: 0.2 for a new study (one
+    # stored before test splits resumes without); 0: none. A datamodule's own test_dataloader
+    test_fraction: Float | None = Field(None, ge=0, lt=1)
+    # share of the rows left after the test split held out for validation, split with train.seed
     val_fraction: Float = Field(0.2, gt=0, lt=1)
     # 64 keeps BN's batch statistics steady on small tabular sets
     batch_size: Int = Field(64, ge=2)
@@ -112,6 +118,11 @@ class DataSpec(Section):
 
     _datamodule_path = field_validator("datamodule")(import_path("Class"))
 
+    @property
+    def test_share(self) -> float:
+        """The share of the rows held out for the test split: test_fraction, or the default."""
+        return DEFAULT_TEST_FRACTION if self.test_fraction is None else self.test_fraction
+
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
         given = [k for k in ("name", "path", "datamodule") if getattr(self, k) is not None]
@@ -119,6 +130,10 @@ class DataSpec(Section):
             raise ValueError(f"give one of name, path, datamodule; got {', '.join(given)}")
         if not given:
             object.__setattr__(self, "name", "digits")
+        if self.datamodule is not None and self.test_fraction:
+            raise ValueError(
+                "test_fraction: a datamodule holds out its own test split (test_dataloader)"
+            )
         return self
 
 

@@ -33,8 +33,8 @@ from autotune.nn.sources import (
     load_builtin,
     read_file,
     split_rows,
+    split_test,
     standardisation,
-    standardise,
 )
 
 __all__ = [  # split_rows and the readers live in autotune.nn.sources; kept here for old imports
@@ -110,7 +110,8 @@ class TensorBatches:
 
 
 class TensorDataModule(pl.LightningDataModule):
-    """Train/validation tensors already in memory.
+    """Train/validation tensors already in memory, and a test split where one is held out
+    (`has_test`), which no trial sees: only the end of a study scores on it.
 
     Every `train_dataloader()` call starts again from epoch 0 of the seeded shuffle, so trials that
     share this datamodule differ by their configuration, not by the order they ran in. (Lightning
@@ -130,6 +131,7 @@ class TensorDataModule(pl.LightningDataModule):
         name: str = "tensors",
         n_classes: int | None = None,
         input_stats: dict[str, Any] | None = None,
+        test: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         if x_train.shape[1:] != x_val.shape[1:]:
@@ -139,6 +141,8 @@ class TensorDataModule(pl.LightningDataModule):
             )
         self.x_train, self.y_train = x_train, y_train
         self.x_val, self.y_val = x_val, y_val
+        empty = (x_val[:0], y_val[:0])
+        self.x_test, self.y_test = test if test is not None and len(test[1]) else empty
         self.batch_size = batch_size
         self.seed = seed
         self.name = name
@@ -155,10 +159,18 @@ class TensorDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> TensorBatches:
         return TensorBatches(self.x_val, self.y_val, self.batch_size, shuffle=False)
 
+    @property
+    def has_test(self) -> bool:
+        return len(self.y_test) > 0
+
+    def test_dataloader(self) -> TensorBatches:
+        return TensorBatches(self.x_test, self.y_test, self.batch_size, shuffle=False)
+
     def to(self, device: torch.device | str) -> TensorDataModule:
-        """Move the four tensors to `device` (in place), so batches are born on the GPU."""
+        """Move the tensors to `device` (in place), so batches are born on the GPU."""
         self.x_train, self.y_train = self.x_train.to(device), self.y_train.to(device)
         self.x_val, self.y_val = self.x_val.to(device), self.y_val.to(device)
+        self.x_test, self.y_test = self.x_test.to(device), self.y_test.to(device)
         return self
 
     @property
@@ -167,7 +179,7 @@ class TensorDataModule(pl.LightningDataModule):
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.x_train, self.y_train, self.x_val, self.y_val)
+        tensors = (self.x_train, self.y_train, self.x_val, self.y_val, self.x_test, self.y_test)
         return sum(t.element_size() * t.nelement() for t in tensors)
 
 
@@ -199,6 +211,22 @@ def hold_on_device(datamodule: pl.LightningDataModule, device: torch.device) -> 
     return True
 
 
+def test_batches(datamodule: pl.LightningDataModule) -> Any | None:
+    """The test split's batches: an in-memory dataset's held-out rows, or a user datamodule's
+    own test_dataloader() (after its setup("test")); None where there is no test split."""
+    if isinstance(datamodule, TensorDataModule):
+        return datamodule.test_dataloader() if datamodule.has_test else None
+    if type(datamodule).test_dataloader is pl.LightningDataModule.test_dataloader:
+        return None
+    try:
+        datamodule.setup("test")
+        return datamodule.test_dataloader()
+    except USER_ERRORS as exc:
+        raise UserCodeError(
+            f"data.datamodule: its test_dataloader() failed: {raised_line(exc)}"
+        ) from exc
+
+
 def _count_classes(*labels: torch.Tensor) -> int:
     """Classes as the largest label + 1, for labels already mapped to 0..K-1."""
     return int(max(int(y.max()) for y in labels if len(y))) + 1
@@ -220,7 +248,13 @@ def load_data(spec: DataSpec, *, seed: int, base_dir: Path = Path(".")) -> pl.Li
         name = spec.name or "digits"
         x, y = load_builtin(name, spec.synthetic, seed=seed)
     return datamodule_from_arrays(
-        x, y, val_fraction=spec.val_fraction, batch_size=spec.batch_size, seed=seed, name=name
+        x,
+        y,
+        val_fraction=spec.val_fraction,
+        test_fraction=spec.test_share,
+        batch_size=spec.batch_size,
+        seed=seed,
+        name=name,
     )
 
 
@@ -232,23 +266,35 @@ def datamodule_from_arrays(
     batch_size: int,
     seed: int,
     name: str,
+    test_fraction: float = 0.0,
 ) -> TensorDataModule:
-    """Map labels to 0..K-1, split stratified and seeded, standardise on train statistics."""
+    """Map labels to 0..K-1, split stratified and seeded (the test rows first, where
+    test_fraction holds some out), standardise on train statistics."""
     classes, labels = np.unique(y, return_inverse=True)
     labels = labels.reshape(-1)
-    train_rows, val_rows = split_rows(labels, val_fraction=val_fraction, seed=seed)
-    x_train, x_val = standardise(x[train_rows], x[val_rows])
+    train_rows, val_rows, test_rows = split_test(
+        labels, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
+    )
     mean, std = standardisation(x[train_rows])
+
+    def scaled(rows: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(((x[rows] - mean) / std).astype(np.float32))
+
     stats = {
         "mean": torch.from_numpy(mean),
         "std": torch.from_numpy(std),
         "classes": classes.tolist(),
     }
+
+    def classes_of(rows: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(labels[rows].astype(np.int64))
+
     return TensorDataModule(
-        torch.from_numpy(x_train),
-        torch.from_numpy(labels[train_rows].astype(np.int64)),
-        torch.from_numpy(x_val),
-        torch.from_numpy(labels[val_rows].astype(np.int64)),
+        scaled(train_rows),
+        classes_of(train_rows),
+        scaled(val_rows),
+        classes_of(val_rows),
+        test=(scaled(test_rows), classes_of(test_rows)),
         batch_size=batch_size,
         seed=seed,
         name=name,

@@ -46,13 +46,27 @@ LABEL_KINDS = "biufUS"
 Arrays = tuple[np.ndarray, np.ndarray]
 
 
-def split_rows(labels: np.ndarray, *, val_fraction: float, seed: int) -> Arrays:
-    """Train and validation row indices; stratified where every class has two rows to split."""
+def split_test(
+    labels: np.ndarray, *, val_fraction: float, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train, validation and test row indices: the test rows held out first (none for a
+    test_fraction of 0), then validation of the rest, each split stratified and seeded. Without
+    a test split the train and validation rows are split_rows' own, as before test splits."""
+    split_sizes(len(labels), val_fraction, test_fraction)  # said as `validate` says it
+    rest, test = np.arange(len(labels)), np.arange(0)
+    if test_fraction > 0:
+        rest, test = split_rows(labels, val_fraction=test_fraction, seed=seed, field="test")
+    train, val = split_rows(labels[rest], val_fraction=val_fraction, seed=seed)
+    return rest[train], rest[val], test
+
+
+def split_rows(labels: np.ndarray, *, val_fraction: float, seed: int, field: str = "val") -> Arrays:
+    """Train and validation row indices; stratified where every class has two rows to split.
+    `field`: the spec's data.<field>_fraction that `val_fraction` is, for an error."""
     from sklearn.model_selection import train_test_split
 
-    split_sizes(
-        len(labels), val_fraction
-    )  # an empty split is said the way `preflight.data_shape` says it
+    if field == "val":  # an empty split is said the way `preflight.data_shape` says it
+        split_sizes(len(labels), val_fraction)
     rows = np.arange(len(labels))
     stratify = labels if np.bincount(labels).min() >= 2 else None
     try:
@@ -65,7 +79,7 @@ def split_rows(labels: np.ndarray, *, val_fraction: float, seed: int) -> Arrays:
             train, val = train_test_split(rows, test_size=val_fraction, random_state=seed)
         except ValueError:
             raise SpecError(
-                f"data.val_fraction: {val_fraction} of {len(rows)} rows leaves a split empty"
+                f"data.{field}_fraction: {val_fraction} of {len(rows)} rows leaves a split empty"
             ) from None
     return np.asarray(train), np.asarray(val)
 

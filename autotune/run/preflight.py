@@ -65,7 +65,7 @@ def data_shape(spec: DataSpec) -> DataShape:
     else:
         name = spec.name or "digits"
         rows, shape, classes = _builtin_shape(name, spec.synthetic)
-    train, val = split_sizes(rows, spec.val_fraction)
+    train, val = split_sizes(rows, spec.val_fraction, spec.test_share)
     return DataShape(name, tuple(int(size) for size in shape), int(classes), train, val)
 
 

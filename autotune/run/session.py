@@ -39,6 +39,7 @@ from autotune.run.preflight import check_runnable, resolve_space
 from autotune.search.optuna_private import reload_study
 from autotune.search.pruners import shift_distance
 from autotune.search.run_fields import flatten
+from autotune.search.settings import settled
 from autotune.search.storage import POLL_SECONDS, open_study, raise_if_disk
 from autotune.search.tracking import Tracker
 
@@ -98,6 +99,9 @@ def open_session(
     if spec.recommend.current is not None:  # read now, not after the whole study
         baselines(spec, space)
     study, created = open_study(spec, space, datamodule, allow_changes=allow_changes, notify=notify)
+    spec, loaded = settled(spec, study), spec
+    if spec.data.test_share != loaded.data.test_share:  # stored before test splits: none
+        datamodule = load_data(spec.data, seed=spec.train.seed, base_dir=spec.base_dir)
     try:
         tracker = _start_parent_run(study, spec, space, datamodule, created, notify)
     except BaseException:

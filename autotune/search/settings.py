@@ -24,10 +24,24 @@ from autotune.core.errors import SpecError
 from autotune.core.names import TRAINED_WITH_ATTR
 from autotune.core.redaction import redact
 from autotune.core.space import SearchSpace
-from autotune.core.spec import Spec
+from autotune.core.spec import DEFAULT_TEST_FRACTION, Spec
 
 # train fields that change where or how fast a trial runs, not what it learns
 HOW_FAST = {"accelerator", "compile", "channels_last"}
+
+
+def settled(spec: Spec, study: optuna.Study, created: bool = False) -> Spec:
+    """`spec` with data.test_fraction settled where it says null: the stored study's own, none
+    for a study stored before test splits (it resumes as it ran), the default for a new one."""
+    if spec.data.test_fraction is not None:
+        return spec
+    stored = study.user_attrs.get(TRAINED_WITH_ATTR)
+    if stored is not None:
+        fraction = stored["data"].get("test_fraction") or 0.0
+    else:
+        fraction = DEFAULT_TEST_FRACTION if created else 0.0
+    data = spec.data.model_copy(update={"test_fraction": fraction})
+    return spec.model_copy(update={"data": data})
 
 
 def trial_settings(spec: Spec) -> dict[str, Any]:

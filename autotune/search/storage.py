@@ -32,7 +32,7 @@ from autotune.core.spec import Spec
 from autotune.core.spec_study import PrunerSpec
 from autotune.core.writes import write_failure
 from autotune.search.pruners import VarianceShiftPruner
-from autotune.search.settings import check_settings
+from autotune.search.settings import check_settings, settled
 
 # heartbeats, RetryHeartbeatStaleTrialCallback and TPE's `group` are marked experimental; we
 # rely on them knowingly and the notice would greet every user on every run
@@ -250,7 +250,8 @@ def open_study(
     for key, value in check_stored(study, spec, datamodule).items():
         if study.user_attrs.get(key) != value:
             study.set_user_attr(key, value)
-    check_settings(study, spec, space, allow_changes=allow_changes, notify=notify)
+    settings_of = settled(spec, study, created)  # data.test_fraction: null settled
+    check_settings(study, settings_of, space, allow_changes=allow_changes, notify=notify)
     return study, created
 
 
