@@ -43,6 +43,7 @@ ROBUST_ATTR = "robust"  # the robust recommendation's ranking and choice
 # what the trials train with (search.settings): on the study, checked on every rerun; on each
 # trial, the train and data settings it ran with
 TRAINED_WITH_ATTR = "trained_with"
+TEST_ATTR = "test"  # the recommendation scored on the test split, at the end (run.held_out)
 # a finished trial's run once sync has logged it again: one study attr per trial (a finished
 # trial's own attrs cannot change, and its "mlflow_run_id" names the run sync replaced, or none)
 RELOGGED_RUN = "mlflow_run_id.trial_{}"

@@ -21,6 +21,7 @@ from autotune.core.errors import WriteError
 from autotune.core.names import BEST_TRIAL_TAG, BUDGET_TAG, FIGURES_DIR, RECOMMENDED_TAG
 from autotune.core.spec import Spec
 from autotune.outputs.report import write_figures
+from autotune.run.held_out import held_out_metrics, score_recommendation
 from autotune.run.robust import robust_recommendation
 from autotune.run.session import Session, StudyOutcome
 from autotune.search.queries import (
@@ -50,6 +51,12 @@ def finish_study(session: Session, outcome: StudyOutcome) -> None:
                 raise
             except (Exception, KeyboardInterrupt, SystemExit) as exc:  # the study is done
                 tracker.notify(f"no robust recommendation ({exc!r}): the best trial is recommended")
+            try:  # once every choice is made: the test split, scored once
+                score_recommendation(session)
+            except WriteError:
+                raise
+            except Exception as exc:
+                tracker.notify(f"the test split was not scored: {exc!r}")
         end_parent_run(session.study, session.spec, tracker, outcome)
     except WriteError:
         tracker.end_study({}, {}, [], status="FAILED")
@@ -112,6 +119,7 @@ def end_parent_run(
         kept = [key for key in ("mean", "sd", "bound") if key in row]  # none: it failed
         metrics.update({f"robust.{name}.{key}": row[key] for key in kept})
     chosen = recommended_trial(study, spec)
+    metrics.update(held_out_metrics(study, chosen))
     tags = {} if chosen is None else recommendation_tags(chosen)
     tags[BUDGET_TAG] = f"{outcome.finished}/{outcome.budget}"
     tracker.end_study(

@@ -25,9 +25,16 @@ from autotune.core.names import (
 )
 from autotune.core.redaction import redact
 from autotune.core.spec import Spec
+from autotune.run.held_out import summary_lines
 from autotune.run.loop import MAX_FAILURES_IN_A_ROW, Observer
 from autotune.run.session import StudyOutcome
-from autotune.search.queries import FINISHED, best_trial, state_counts, top_trials
+from autotune.search.queries import (
+    FINISHED,
+    best_trial,
+    recommended_trial,
+    state_counts,
+    top_trials,
+)
 
 if TYPE_CHECKING:  # no torch at import time: the CLI's start-up stays fast
     from autotune.core.space import TrialConfig
@@ -145,6 +152,8 @@ def print_summary(console: Console, spec: Spec, outcome: StudyOutcome, k: int = 
             f"[{state_style(TrialState[name])}]{n} {name.lower()}[/]" for name, n in counts.items()
         )
     )
+    for line in summary_lines(study, recommended_trial(study, spec), spec.study.metric):
+        console.print(line, soft_wrap=True)
     if outcome.stopped_by_failures:
         console.print(
             f"[red]stopped: {MAX_FAILURES_IN_A_ROW} trials failed in a row[/]; the last "

@@ -35,7 +35,9 @@ def robust_recommendation(session: Session) -> dict[str, Any] | None:
     """Train the top configurations and the baselines again over the seeds; keep the result in
     the study (trained again only when what would be trained changes); None when the spec asks
     for none. A fit that fails (a diverging seed) marks its row failed, out of the choice."""
-    from autotune.nn.fitting import fit  # Lightning: imported when the fits begin
+    from autotune.nn.data import test_batches  # Lightning: imported when the fits begin
+    from autotune.nn.fitting import fit
+    from autotune.run.held_out import held_out_key, row_scores
 
     spec, study = session.spec, session.study
     wanted = spec.recommend
@@ -56,6 +58,7 @@ def robust_recommendation(session: Session) -> dict[str, Any] | None:
         f"{len(candidates)} configurations again, {len(candidates) * len(seeds)} fits"
     )
     maximize = maximizes(study)
+    held_out = test_batches(session.datamodule) is not None
     rows = []
     for name, number, config, batchnorm in candidates:
         row: dict[str, Any] = {"name": name, "trial": number, "blocks": config.to_dicts()}
@@ -63,6 +66,7 @@ def robust_recommendation(session: Session) -> dict[str, Any] | None:
         if not batchnorm:
             row["batchnorm"] = False
         values: list[float] = []
+        tested: list[float] = []  # on the test split: kept, never read by the choice
         for seed in seeds:
             seeded = spec.model_copy(update={"train": spec.train.model_copy(update={"seed": seed})})
             try:
@@ -71,10 +75,15 @@ def robust_recommendation(session: Session) -> dict[str, Any] | None:
                 row["failed"] = f"seed {seed}: {type(exc).__name__}: {exc}"
                 break
             values.append(float(result.value))
+            if held_out:
+                scores = row_scores(result.model, test_batches(session.datamodule))
+                tested.append(scores[held_out_key(spec.study.metric)])
             if number is not None and seed == spec.train.seed:
                 own = study.trials[number].user_attrs.get(WEIGHTS_DIGEST)
                 row[WEIGHTS_DIGEST] = _keep_weights(spec, number, result.model, own)
         row["values"] = values
+        if tested:
+            row["test_values"] = tested
         if "failed" not in row:
             row.update(seed_statistics(values, maximize))
         rows.append(row)

@@ -1,0 +1,198 @@
+"""The test split, scored once, at the end of a study, after every choice was made.
+
+No trial, pruner or re-ranking sees the test split (data.test_fraction): the trials train and
+are ranked on the training and validation splits, and the robust recommendation chooses on
+validation too. Then two things are scored on it, once each:
+
+- the recommended trial's own saved weights, the network a user gets, with a 95 % interval over
+  the test rows: Wilson's for the accuracy, the normal one of the mean for the loss;
+- where the robust recommendation trained configurations again (autotune.run.robust), each fit
+  of each configuration and baseline, right after it trained: a mean over the seeds with a 95 %
+  Student's t interval (`seed_interval`).
+
+The result is kept in the study (names.TEST_ATTR), where recommended.yaml, the summary, the
+report and the parent run read it. torch is imported by the functions that score.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import TYPE_CHECKING, Any
+
+from autotune.core.names import TEST_ATTR, WEIGHTS_DIGEST, trial_weights
+from autotune.search.queries import kept_digest, recommended_trial, trial_config
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from autotune.run.session import Session
+
+Z95 = 1.959964  # the two-sided 95 % quantile of the standard normal
+
+
+def score_recommendation(session: Session) -> dict[str, Any] | None:
+    """The recommended trial's saved weights and the robust ranking's fits on the test split,
+    kept in the study; None where there is no test split or nothing to score."""
+    from autotune.nn.data import test_batches  # torch
+
+    study, spec = session.study, session.spec
+    batches = test_batches(session.datamodule)
+    trial = recommended_trial(study, spec)
+    if batches is None or trial is None:
+        return None
+    result: dict[str, Any] = {"trial": trial.number, **_score_weights(session, trial, batches)}
+    val_rows = len(getattr(session.datamodule, "y_val", ()))
+    if val_rows:  # what one validation row is worth: the noise floor of a validation score
+        result["val_rows"] = val_rows
+    robust = study.user_attrs.get("robust") or {}
+    rows = [row for row in robust.get("rows", []) if row.get("test_values")]
+    if rows and robust.get("choice") == trial.number:
+        bounds = (0.0, 1.0) if held_out_key(spec.study.metric) == "acc" else None
+        result["robust"] = [
+            {
+                "name": row["name"],
+                "trial": row["trial"],
+                **seed_interval(row["test_values"], bounds),
+            }
+            for row in rows
+        ]
+    study.set_user_attr(TEST_ATTR, result)
+    return result
+
+
+def _score_weights(session: Session, trial: Any, batches: Any) -> dict[str, Any]:
+    """accuracy and loss of the trial's own weights on the test rows, with their intervals; or
+    why they could not be scored (trained on another node)."""
+    import torch
+
+    from autotune.nn.models import build_model
+    from autotune.nn.weights import own_weights
+
+    spec = session.spec
+    digest = trial.user_attrs.get(WEIGHTS_DIGEST) or kept_digest(session.study, trial.number)
+    path, absent = own_weights(trial_weights(spec.output_dir, trial.number), digest)
+    if path is None:
+        return {"scored": False, "why": absent}
+    datamodule = session.datamodule
+    model = build_model(
+        spec.model,
+        trial_config(trial),
+        datamodule.input_shape,
+        datamodule.n_classes,
+        base_dir=spec.base_dir,
+    )
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return {"scored": True, **row_scores(model, batches)}
+
+
+def row_scores(model: nn.Module, batches: Any) -> dict[str, Any]:
+    """accuracy and mean cross-entropy of `model` in eval mode over labelled batches, each with
+    its 95 % interval over the rows (Wilson's; the normal one of the mean)."""
+    import torch
+    import torch.nn.functional as F
+
+    was_training = model.training
+    model.eval()
+    correct, losses = [], []
+    with torch.no_grad():
+        for x, y, *_ in batches:
+            model.to(x.device)
+            logits = model(x)
+            correct.append((logits.argmax(dim=1) == y).double().cpu())
+            losses.append(F.cross_entropy(logits, y, reduction="none").double().cpu())
+    model.train(was_training)
+    hits, loss = torch.cat(correct), torch.cat(losses)
+    n = len(hits)
+    spread = float(loss.std()) if n > 1 else 0.0
+    mean_loss = float(loss.mean())
+    return {
+        "rows": n,
+        "acc": float(hits.mean()),
+        "acc_interval": list(wilson(int(hits.sum()), n)),
+        "loss": mean_loss,
+        "loss_interval": [
+            mean_loss - Z95 * spread / math.sqrt(n),
+            mean_loss + Z95 * spread / math.sqrt(n),
+        ],
+    }
+
+
+def wilson(successes: int, n: int) -> tuple[float, float]:
+    """Wilson's 95 % score interval of a proportion: unlike the normal one, it does not shrink
+    to a point at 0 or 100 %."""
+    p, z2 = successes / n, Z95**2
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return centre - half, centre + half
+
+
+def seed_interval(values: list[float], bounds: tuple[float, float] | None = None) -> dict[str, Any]:
+    """The mean over seeds and its two-sided 95 % Student's t interval, cut to `bounds` (an
+    accuracy's 0 and 1) where given."""
+    from scipy import stats
+
+    mean = statistics.mean(values)
+    half = 0.0
+    if len(values) > 1:
+        spread = statistics.stdev(values) / math.sqrt(len(values))
+        half = float(stats.t.ppf(0.975, len(values) - 1)) * spread
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return {"mean": mean, "interval": [low, high], "values": values}
+
+
+def current_scores(study: Any, chosen: Any) -> dict[str, Any] | None:
+    """The stored test scores while they are the recommended trial's (a resumed study may come
+    to recommend another, not yet scored)."""
+    stored = study.user_attrs.get(TEST_ATTR)
+    if stored is None or chosen is None or stored.get("trial") != chosen.number:
+        return None
+    return stored
+
+
+def held_out_metrics(study: Any, chosen: Any) -> dict[str, float]:
+    """The parent run's metrics of the test split: test_acc and test_loss with their bounds."""
+    stored = current_scores(study, chosen)
+    if stored is None or not stored.get("scored"):
+        return {}
+    metrics = {}
+    for key in ("acc", "loss"):
+        low, high = stored[f"{key}_interval"]
+        metrics.update(
+            {f"test_{key}": stored[key], f"test_{key}.low": low, f"test_{key}.high": high}
+        )
+    return metrics
+
+
+def summary_lines(study: Any, chosen: Any, metric: str) -> list[str]:
+    """What the end of a run says of the test split: the recommended trial's score on it beside
+    its validation score, what one validation row is worth, and each configuration trained
+    again, on test."""
+    stored = current_scores(study, chosen)
+    if stored is None:
+        return []
+    if not stored.get("scored"):
+        return [f"test split: trial {chosen.number} not scored ({stored.get('why')})"]
+    key = held_out_key(metric)
+    low, high = stored[f"{key}_interval"]
+    lines = [
+        f"test split ({stored['rows']} rows no trial saw): trial {chosen.number} "
+        f"{key} {stored[key]:.4f} (95 % {low:.4f} to {high:.4f}); {metric} {chosen.value:.4f}"
+    ]
+    if stored.get("val_rows") and metric == "val_acc":
+        lines.append(f"one validation row is worth {1 / stored['val_rows']:.4f} of val_acc")
+    for row in stored.get("robust", []):
+        low, high = row["interval"]
+        lines.append(
+            f"  {row['name']}: test {key} {row['mean']:.4f} (95 % {low:.4f} to {high:.4f}) "
+            f"over {len(row['values'])} seeds"
+        )
+    return lines
+
+
+def held_out_key(metric: str) -> str:
+    """What the test split reports of the study's metric: the accuracy for val_acc, the loss
+    for the losses."""
+    return "acc" if metric == "val_acc" else "loss"
