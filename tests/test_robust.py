@@ -21,7 +21,7 @@ from autotune.core.spec import load_spec
 from autotune.nn import fitting
 from autotune.outputs.report import write_report
 from autotune.run.loop import run_study
-from autotune.run.robust import seed_statistics
+from autotune.run.robust import against_baselines, seed_statistics
 from autotune.search.queries import recommended_trial
 
 
@@ -178,3 +178,24 @@ def test_the_report_shows_the_ranking_beside_the_baselines(robust_study):
         assert f"<td>{row['name']}</td>" in page
         assert f"<td>{row['mean']:.4f}</td>" in page
     assert f"Recommended: trial {robust['choice']}" in page
+
+
+def test_a_tuned_pick_beats_a_baseline_only_beyond_the_noise():
+    pick = {"values": [0.95, 0.96, 0.97]}
+    close = [
+        {"name": "dropout_after_act", "values": [0.95, 0.955, 0.975], "mean": 0.96},
+        {"name": "bn_only", "values": [0.94, 0.965, 0.96], "mean": 0.955},
+    ]
+    # seed by seed the pick is +0.5 points on average, but as often behind: not beyond noise,
+    # and the simplest baseline it does not beat is as good
+    verdict = against_baselines(pick, close, maximize=True)
+    assert not verdict["beats"] and verdict["against"] == "dropout_after_act"
+    assert verdict["as_good"] == "bn_only"
+    # the same margin on every seed: beyond the noise
+    far = [{"name": "bn_only", "values": [0.93, 0.94, 0.95], "mean": 0.94}]
+    verdict = against_baselines(pick, far, maximize=True)
+    assert verdict["beats"] and verdict["as_good"] is None
+    assert verdict["difference"] == pytest.approx(0.02) and verdict["margin"] == pytest.approx(0)
+    # a loss: lower is better, and the difference is signed so that above 0 is better
+    loss = against_baselines({"values": [0.1, 0.11, 0.12]}, far, maximize=False)
+    assert loss["beats"] and loss["difference"] == pytest.approx(0.83)

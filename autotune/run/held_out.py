@@ -192,6 +192,27 @@ def summary_lines(study: Any, chosen: Any, metric: str) -> list[str]:
     return lines
 
 
+def verdict_line(ranking: dict[str, Any] | None, metric: str) -> str | None:
+    """The robust ranking's verdict in words: whether the tuned choice beats the best baseline
+    beyond the noise (robust.against_baselines), and if not, which baseline is as good."""
+    verdict = (ranking or {}).get("verdict")
+    if verdict is None:
+        return None
+    scale, unit = (100, "points") if metric == "val_acc" else (1, "")
+    gap = f"{scale * verdict['difference']:+.2f} ± {scale * verdict['margin']:.2f} {unit}".rstrip()
+    seeds = len(ranking["seeds"])
+    test = f"paired t over {seeds} seeds, one-sided 95 %"
+    trial = f"trial {ranking['choice']}"
+    if verdict["beats"]:
+        return f"{trial} beats the best baseline, {verdict['against']}, by {gap} ({test})"
+    lead = "no regulariser needed: " if verdict["as_good"] == "bn_only" else ""
+    return (
+        f"{lead}{verdict['as_good']} is as good as the best tuned configuration: {trial} is "
+        f"{gap} over {verdict['against']} ({test}), not beyond the noise; recommended.yaml "
+        f"still gives {trial}"
+    )
+
+
 def held_out_key(metric: str) -> str:
     """What the test split reports of the study's metric: the accuracy for val_acc, the loss
     for the losses."""

@@ -25,12 +25,13 @@ from autotune.core.names import (
 )
 from autotune.core.redaction import redact
 from autotune.core.spec import Spec
-from autotune.run.held_out import summary_lines
+from autotune.run.held_out import summary_lines, verdict_line
 from autotune.run.loop import MAX_FAILURES_IN_A_ROW, Observer
 from autotune.run.session import StudyOutcome
 from autotune.search.queries import (
     FINISHED,
     best_trial,
+    current_ranking,
     recommended_trial,
     state_counts,
     top_trials,
@@ -152,7 +153,11 @@ def print_summary(console: Console, spec: Spec, outcome: StudyOutcome, k: int = 
             f"[{state_style(TrialState[name])}]{n} {name.lower()}[/]" for name, n in counts.items()
         )
     )
-    for line in summary_lines(study, recommended_trial(study, spec), spec.study.metric):
+    said = verdict_line(current_ranking(study, spec), spec.study.metric)
+    for line in [
+        *([said] if said else []),
+        *summary_lines(study, recommended_trial(study, spec), spec.study.metric),
+    ]:
         console.print(line, soft_wrap=True)
     if outcome.stopped_by_failures:
         console.print(

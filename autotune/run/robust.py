@@ -97,8 +97,50 @@ def _choose(result: dict[str, Any], by: str, study: optuna.Study) -> dict[str, A
     key = "mean" if by == "mean" else "bound"
     pick = best_of(tuned, maximizes(study), key=lambda r: r[key]) if tuned else None
     result = {**result, "by": by, "choice": None if pick is None else pick["trial"]}
+    baselines = [r for r in result["rows"] if r["trial"] is None and "failed" not in r]
+    if pick is not None and baselines:
+        result["verdict"] = against_baselines(pick, baselines, maximizes(study))
     study.set_user_attr(ROBUST_ATTR, result)
     return result
+
+
+def against_baselines(
+    pick: dict[str, Any], baselines: list[dict[str, Any]], maximize: bool
+) -> dict[str, Any]:
+    """Whether the tuned pick beats the best baseline beyond the noise, by a paired Student's t
+    test over the seeds (each seed trains both from the same start and the same batches): it does
+    when the one-sided 95 % bound of the mean difference is past 0. Where it does not, the
+    simplest baseline (SIMPLEST) that the pick does not beat is as good."""
+    best = best_of(baselines, maximize, key=lambda r: r["mean"])
+    versus = {row["name"]: paired(pick["values"], row["values"], maximize) for row in baselines}
+    beats = versus[best["name"]]["bound"] > 0
+    order = sorted(baselines, key=lambda r: SIMPLEST.index(r["name"]))
+    as_good = None if beats else next(r["name"] for r in order if versus[r["name"]]["bound"] <= 0)
+    return {
+        "test": "paired Student's t over the seeds, one-sided 95 %",
+        "against": best["name"],
+        **versus[best["name"]],
+        "beats": beats,
+        "as_good": as_good,
+        "versus": versus,
+    }
+
+
+def paired(ours: list[float], theirs: list[float], maximize: bool) -> dict[str, float]:
+    """The mean difference ours - theirs over the same seeds (signed so that above 0 is better),
+    its margin (the one-sided 95 % t quantile times its standard error) and the bound that
+    margin leaves."""
+    from scipy import stats
+
+    sign = 1.0 if maximize else -1.0
+    diffs = [sign * (a - b) for a, b in zip(ours, theirs, strict=True)]
+    mean = statistics.mean(diffs)
+    margin = stats.t.ppf(0.95, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return {"difference": mean, "margin": float(margin), "bound": mean - float(margin)}
+
+
+# the baselines from the simplest: the one a user would try first
+SIMPLEST = ("bn_only", "dropout_after_act", "dropout_only", "current")
 
 
 def signature_of(spec: Spec, candidates: list[Candidate], seeds: list[int]) -> dict[str, Any]:
