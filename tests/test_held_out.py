@@ -41,7 +41,9 @@ def test_seed_interval_is_students_t_cut_to_bounds():
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
     folder = tmp_path_factory.mktemp("held_out")
-    spec = tiny_spec(study={"n_trials": 2}, recommend={"top_k": 1, "seeds": 2})
+    spec = tiny_spec(
+        study={"n_trials": 2}, data={"test_fraction": None}, recommend={"top_k": 1, "seeds": 2}
+    )
     path = folder / "spec.yaml"
     path.write_text(yaml.safe_dump({**spec, "output": str(folder / "out")}))
     result = CliRunner().invoke(main, ["run", str(path)])
@@ -57,9 +59,15 @@ def test_the_recommended_trial_is_scored_once_on_rows_no_trial_saw(scored):
 
     # digits: 360 of 1797 rows held out; the recommended trial's own weights scored on them
     assert stored["rows"] == 360 and stored["scored"]
-    assert stored["trial"] == int(
-        yaml.safe_load((spec.output_dir / "recommended.yaml").read_text())["best"]["trial"]
-    )
+    recommended = yaml.safe_load((spec.output_dir / "recommended.yaml").read_text())
+    assert stored["trial"] == recommended["best"]["trial"]
+    # recommended.yaml carries the score, and the verdict against the baselines
+    assert recommended["test"]["acc"] == pytest.approx(stored["acc"])
+    assert recommended["robust"]["verdict"]["against"] in {
+        "bn_only",
+        "dropout_after_act",
+        "dropout_only",
+    }
     low, high = stored["acc_interval"]
     assert low < stored["acc"] < high
     # the configurations trained again: every seed's fit scored on test too

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import optuna
 import pytest
+import yaml
 from click.testing import CliRunner
 from conftest import tiny_spec
 
@@ -65,7 +66,7 @@ def test_an_allowed_change_is_stored_and_said(write_spec):
 
 
 def test_a_study_stored_before_settings_were_kept_resumes_unchanged(write_spec):
-    spec = load_spec(write_spec(tiny_spec()))
+    spec = load_spec(write_spec(tiny_spec(data={"test_fraction": None})))
     optuna.create_study(study_name="tiny", storage=spec_storage(spec), direction="maximize")
 
     # no settings stored: any spec resumes it, as it ran (without a test split), and today's
@@ -76,7 +77,8 @@ def test_a_study_stored_before_settings_were_kept_resumes_unchanged(write_spec):
     assert kept == study_settings(settled(spec, study), resolve_space(spec))
     assert kept["data"]["test_fraction"] == 0.0
     # a new study holds out the default test split
-    new = load_spec(write_spec(tiny_spec(study={"name": "new"}), "new.yaml"))
+    new = tiny_spec(study={"name": "new"}, data={"test_fraction": None})
+    new = load_spec(write_spec(new, "new.yaml"))
     study, created = open_study(new, resolve_space(new))
     assert created and study.user_attrs[TRAINED_WITH_ATTR]["data"]["test_fraction"] == 0.2
 
@@ -120,3 +122,6 @@ def test_every_trial_records_what_it_trained_with(write_spec):
     study = optuna.load_study(study_name="tiny", storage=spec_storage(load_spec(longer)))
     epochs = [t.user_attrs[TRAINED_WITH_ATTR]["train"]["max_epochs"] for t in study.trials]
     assert epochs == [2, 3]
+    # recommended.yaml gives the epochs the recommended trial trained, whichever it is
+    recommended = yaml.safe_load((load_spec(longer).output_dir / "recommended.yaml").read_text())
+    assert recommended["train"]["max_epochs"] == epochs[recommended["best"]["trial"]]

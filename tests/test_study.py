@@ -93,7 +93,7 @@ def test_best_model_snippet_is_standalone_and_loads_the_best_weights(write_spec)
         if isinstance(node, (ast.Import, ast.ImportFrom))
         for alias in node.names
     }
-    assert imported <= {"torch", "collections"}
+    assert imported <= {"torch", "collections", "pathlib"}
     # build_model() takes the best trial's saved weights and scores what the trial scored
     model = load_snippet(snippet).eval()
     model.load_state_dict(torch.load(recommended["best"]["weights"]))
@@ -302,7 +302,7 @@ def test_a_resnet_study_with_stochastic_depth_exports_its_recalibrated_weights(w
         if isinstance(node, (ast.Import, ast.ImportFrom))
         for alias in node.names
     }
-    assert imported <= {"torch", "collections"}
+    assert imported <= {"torch", "collections", "pathlib"}
     # the rebuilt network loads the saved weights strictly and computes what autotune's does
     weights = torch.load(recommended["best"]["weights"])
     rebuilt = load_snippet(spec.output_dir / "best_model.py").eval()

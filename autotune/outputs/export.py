@@ -37,6 +37,7 @@ from autotune.core.names import (
     RECOMMENDED_JSON,
     RECOMMENDED_YAML,
     STANDARDISED_ATTR,
+    TRAINED_WITH_ATTR,
     WEIGHTS_DIGEST,
     trial_weights,
 )
@@ -57,7 +58,13 @@ from autotune.outputs.recommendation import (
     robust_section,
 )
 from autotune.outputs.snippet import render_imported_snippet, render_snippet, run_snippet
-from autotune.search.queries import kept_digest, recommended_trial, state_counts, trial_config
+from autotune.search.queries import (
+    current_scores,
+    kept_digest,
+    recommended_trial,
+    state_counts,
+    trial_config,
+)
 from autotune.search.run_fields import run_id_or_none, trial_run_id
 
 # what `export --format` writes, and the files' names
@@ -245,13 +252,49 @@ class _Outputs:
             factory = surgery.load_factory(spec.model, base_dir=spec.base_dir)
             kwargs = surgery.factory_kwargs(spec.model, factory, self.shape, self.n_classes)
             code = render_imported_snippet(
-                spec.model, self.model, self.blocks, self.config, header, self.shape, kwargs
+                spec.model,
+                self.model,
+                self.blocks,
+                self.config,
+                header,
+                self.shape,
+                kwargs,
+                self.training(),
+                standardised=self.standardised,
             )
         else:
-            code = render_snippet(self.model, header, self.shape)
+            code = render_snippet(
+                self.model,
+                header,
+                self.shape,
+                self.training(),
+                recalibrate=self.config.recalibrate_bn,
+                standardised=self.standardised,
+            )
         write_atomic(path, code)
         self.verified[BEST_MODEL] = self.check(lambda: run_snippet(code, path, header), path)
         self.written.append(path)
+
+    @property
+    def standardised(self) -> bool:
+        """Whether autotune standardised the inputs (input_stats.pt in the output folder)."""
+        return bool(self.study.user_attrs.get(STANDARDISED_ATTR, False))
+
+    def train_section(self) -> dict[str, Any]:
+        """The `train` settings the recommended trial trained with: its own record (a rerun may
+        have changed them, search.settings), the spec's for a trial from before such records
+        and for where and how fast it ran."""
+        own = self.trial.user_attrs.get(TRAINED_WITH_ATTR) or {}
+        return {**self.spec.train.model_dump(mode="json"), **own.get("train", {})}
+
+    def training(self) -> dict[str, Any]:
+        """How the recommended network was trained, for best_model.py: its `train` settings
+        and its batch size (none for a user's DataModule, which batches itself)."""
+        own = self.trial.user_attrs.get(TRAINED_WITH_ATTR) or {}
+        data = self.spec.data
+        batch_size = own.get("data", {}).get("batch_size", data.batch_size)
+        batch_size = None if data.datamodule is not None else batch_size
+        return {**self.train_section(), "batch_size": batch_size}
 
     def snippet_header(self) -> str:
         """The first lines of best_model.py's docstring: the trial, its metric, its provenance."""
@@ -295,9 +338,12 @@ class _Outputs:
                 "predicted": trial.user_attrs.get(PREDICTED_SHIFT_ATTR),
                 "measured": trial.user_attrs.get(MEASURED_SHIFT_ATTR),
             },
-            "train": spec.train.model_dump(mode="json"),
-            "inputs": inputs_section(self.out, bool(attrs.get(STANDARDISED_ATTR, False))),
+            # the settings the trial trained with, which a rerun may have changed since
+            "train": self.train_section(),
+            "inputs": inputs_section(self.out, self.standardised),
             "robust": robust_section(study, trial),
+            # scored once on the test split that no trial, pruner or re-ranking saw
+            "test": current_scores(study, trial),
             "versions": self.versions,
             "verified": self.verified,
             "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -91,6 +91,9 @@ def robust_section(study: optuna.Study, chosen: FrozenTrial) -> dict[str, Any] |
         "chosen_trial": chosen.number,
         "best_single_trial": None if best is None else best.number,
         "rows": [{k: row[k] for k in ROBUST_KEYS if k in row} for row in robust["rows"]],
+        # the pick against the best baseline, by a paired t test over the seeds (run.robust)
+        "verdict": {k: v for k, v in (robust.get("verdict") or {}).items() if k != "versus"}
+        or None,
     }
 
 

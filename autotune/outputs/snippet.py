@@ -4,7 +4,10 @@ configuration, module by module, and its verification.
 The snippet imports torch only: the code of any module torch does not have (Uout, DropBlock2d,
 ResidualBlock, ...) is copied into it. For an imported model (`model.import`) the snippet imports
 torch and the user's own module, and carries `apply_recommendation()`: the surgery that sets each
-BN layer's momentum and regulariser on the user's model, keys unchanged.
+BN layer's momentum and regulariser on the user's model, keys unchanged. Either also says how
+autotune trained the network (TRAINING, RECALIBRATE_BN) and carries what that training needs
+besides: `recalibrate_bn()` where the trial recalibrated BN, `standardise()` where autotune
+standardised the inputs (autotune.outputs.snippet_parts).
 
 What the snippet holds of the Optuna storage and the tracking server is data, never code: values
 are rendered with repr, the header's text goes through `docstring` (nothing in it can end the
@@ -28,6 +31,7 @@ from autotune.nn import surgery
 from autotune.nn.models import ResidualBlock
 from autotune.nn.regularizers import CUSTOM_MODULES, make_regularizer
 from autotune.nn.weights import CheckFailed, verify_network
+from autotune.outputs.snippet_parts import training_parts
 
 _LEAVES: dict[type, tuple[str, ...]] = {
     nn.Flatten: (),
@@ -92,10 +96,13 @@ def render_imported_snippet(
     header: str,
     input_shape: tuple[int, ...],
     kwargs: dict[str, Any],
+    train: dict[str, Any] | None = None,
+    *,
+    standardised: bool = False,
 ) -> str:
     """A module whose build_model() calls the user's factory and applies `config` to what it
     returns (with `kwargs`), by the same surgery autotune did (copied in), so the state_dict keys
-    stay the user's own."""
+    stay the user's own. With what the training needs besides: see `training_parts`."""
     module_name, _, factory = (spec.import_ or "").partition(":")
     classes = custom_classes(model)
     carried = "".join(f"\n\n\n{inspect.getsource(cls).rstrip()}" for cls in classes)
@@ -105,24 +112,26 @@ def render_imported_snippet(
     )
     functional = "import torch.nn.functional as F\n" if classes else ""
     body = _recommendation_body(blocks, config)
+    more, imports, constants, functions = training_parts(train, config.recalibrate_bn, standardised)
+    stdlib = f"{imports}\n" if imports else ""
     doc = f"""{header}
 
 Your own model ({spec.import_}) with the recommended BN momenta and regularisers: imports torch
 and your model's module. apply_recommendation() changes a model in place and adds no parameter or
 buffer, so its state_dict keys stay your model's own: the trained weights, when autotune saved
 them, load with model.load_state_dict(torch.load(path)), and so do your own checkpoints. Run it
-where `{module_name}` imports. The model expects inputs standardised as recommended.yaml's
-`inputs` says.
-"""
+where `{module_name}` imports.
+{more}"""
     return f'''{docstring(doc)}
 
-import torch
+{stdlib}import torch
 {functional}from torch import nn
 
 from {module_name} import {factory} as build_original
 
 INPUT_SHAPE = {tuple(input_shape)!r}  # one example, without the batch dimension
-KWARGS = {kwargs!r}  # what autotune built your model with{carried}
+KWARGS = {kwargs!r}  # what autotune built your model with
+{constants}{carried}
 
 
 {surgery_code}
@@ -135,7 +144,7 @@ def apply_recommendation(model: nn.Module) -> nn.Module:
 
 
 def build_model() -> nn.Module:
-    return apply_recommendation(build_original(**KWARGS))
+    return apply_recommendation(build_original(**KWARGS)){functions}
 
 
 if __name__ == "__main__":
@@ -170,29 +179,39 @@ def custom_classes(model: nn.Module) -> list[type]:
     return [cls for cls in (*CUSTOM_MODULES, ResidualBlock) if cls in used]
 
 
-def render_snippet(model: nn.Module, header: str, input_shape: tuple[int, ...]) -> str:
-    """A standalone module whose build_model() returns a fresh copy of `model`'s architecture."""
+def render_snippet(
+    model: nn.Module,
+    header: str,
+    input_shape: tuple[int, ...],
+    train: dict[str, Any] | None = None,
+    *,
+    recalibrate: bool = False,
+    standardised: bool = False,
+) -> str:
+    """A standalone module whose build_model() returns a fresh copy of `model`'s architecture,
+    with what the training needs besides: see `training_parts`."""
     classes = custom_classes(model)
     carried = "".join(f"\n\n\n{inspect.getsource(cls).rstrip()}" for cls in classes)
     functional = "import torch.nn.functional as F\n" if classes else ""
+    more, imports, constants, functions = training_parts(train, recalibrate, standardised)
     doc = f"""{header}
 
-Standalone: imports torch only. Copy build_model() into your code base; the trained weights, when
-autotune saved them, load with model.load_state_dict(torch.load(path)). The model expects inputs
-standardised as recommended.yaml's `inputs` says.
-"""
+Standalone: imports torch and the standard library only. Copy build_model() into your code base;
+the trained weights, when autotune saved them, load with model.load_state_dict(torch.load(path)).
+{more}"""
     return f"""{docstring(doc)}
 
 from collections import OrderedDict
-
+{imports}
 import torch
 {functional}from torch import nn
 
-INPUT_SHAPE = {tuple(input_shape)!r}  # one example, without the batch dimension{carried}
+INPUT_SHAPE = {tuple(input_shape)!r}  # one example, without the batch dimension
+{constants}{carried}
 
 
 def build_model() -> nn.Module:
-    return {render_module(model)}
+    return {render_module(model)}{functions}
 
 
 if __name__ == "__main__":

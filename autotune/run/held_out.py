@@ -21,7 +21,12 @@ import statistics
 from typing import TYPE_CHECKING, Any
 
 from autotune.core.names import TEST_ATTR, WEIGHTS_DIGEST, trial_weights
-from autotune.search.queries import kept_digest, recommended_trial, trial_config
+from autotune.search.queries import (
+    current_scores,
+    kept_digest,
+    recommended_trial,
+    trial_config,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -141,15 +146,6 @@ def seed_interval(values: list[float], bounds: tuple[float, float] | None = None
     if bounds is not None:
         low, high = max(low, bounds[0]), min(high, bounds[1])
     return {"mean": mean, "interval": [low, high], "values": values}
-
-
-def current_scores(study: Any, chosen: Any) -> dict[str, Any] | None:
-    """The stored test scores while they are the recommended trial's (a resumed study may come
-    to recommend another, not yet scored)."""
-    stored = study.user_attrs.get(TEST_ATTR)
-    if stored is None or chosen is None or stored.get("trial") != chosen.number:
-        return None
-    return stored
 
 
 def held_out_metrics(study: Any, chosen: Any) -> dict[str, float]:

@@ -15,7 +15,13 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autotune.core.direction import best_first, maximizes
-from autotune.core.names import CONFIG_ATTR, RECALIBRATE_ATTR, ROBUST_ATTR, WEIGHTS_DIGEST
+from autotune.core.names import (
+    CONFIG_ATTR,
+    RECALIBRATE_ATTR,
+    ROBUST_ATTR,
+    TEST_ATTR,
+    WEIGHTS_DIGEST,
+)
 from autotune.core.space import TrialConfig
 from autotune.core.spec import Spec
 
@@ -105,3 +111,12 @@ def kept_digest(study: optuna.Study, number: int) -> str | None:
         if row["trial"] == number:
             return row.get(WEIGHTS_DIGEST)
     return None
+
+
+def current_scores(study: optuna.Study, chosen: FrozenTrial | None) -> dict[str, Any] | None:
+    """The stored test scores while they are the recommended trial's (a resumed study may come
+    to recommend another, not yet scored)."""
+    stored = study.user_attrs.get(TEST_ATTR)
+    if stored is None or chosen is None or stored.get("trial") != chosen.number:
+        return None
+    return stored
