@@ -88,17 +88,27 @@ def tasks(quick: bool) -> dict[str, dict[str, Any]]:
     table = {"n_samples": 2000 if quick else 100_000, "n_features": 64, "n_informative": 16}
     return {
         "digits mlp": {
-            "data": {"name": "digits", "batch_size": 64},
+            "data": {"name": "digits", "batch_size": 64, "test_fraction": 0},
             "model": {"template": "mlp", "widths": [256, 256, 128]},
             "train": {"max_epochs": 2 if quick else 12},
         },
         "cnn": {
-            "data": {"name": "synthetic_images", "batch_size": 128, "synthetic": images},
+            "data": {
+                "name": "synthetic_images",
+                "batch_size": 128,
+                "synthetic": images,
+                "test_fraction": 0,
+            },
             "model": {"template": "cnn", "widths": [32, 64]},
             "train": {"max_epochs": 1 if quick else 4},
         },
         "wide mlp": {
-            "data": {"name": "synthetic_tabular", "batch_size": 512, "synthetic": table},
+            "data": {
+                "name": "synthetic_tabular",
+                "batch_size": 512,
+                "synthetic": table,
+                "test_fraction": 0,
+            },
             "model": {"template": "mlp", "widths": [512, 512, 256]},
             "train": {"max_epochs": 1 if quick else 3},
         },

@@ -44,7 +44,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 def spec(name: str, output: Path, n_trials: int, epochs: int) -> dict:
     return {
         "study": {"name": name, "n_trials": n_trials, "pruner": "none"},
-        "data": {"name": "digits", "batch_size": 64},
+        "data": {"name": "digits", "batch_size": 64, "test_fraction": 0},
         "model": {"template": "mlp", "widths": [256, 256, 128]},
         "train": {"max_epochs": epochs},
         "output": str(output),

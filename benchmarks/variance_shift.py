@@ -67,7 +67,7 @@ def make_spec(model: dict, epochs: int, seed: int, recalibrate: bool, params: di
     return parse_spec(
         {
             "study": {"name": "variance-shift", "pruner": "none"},
-            "data": {"name": "digits", "batch_size": 64},
+            "data": {"name": "digits", "batch_size": 64, "test_fraction": 0},
             "model": model,
             "train": {"max_epochs": epochs, "seed": seed, "accelerator": "auto"},
             "search_space": {"params": {"recalibrate_bn": recalibrate, **(params or {})}},

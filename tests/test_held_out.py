@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from autotune.cli import main
 from autotune.core.names import PARENT_ATTR, TEST_ATTR
 from autotune.core.spec import load_spec
+from autotune.outputs.report import write_report
 from autotune.run.held_out import seed_interval, wilson
 from autotune.search.storage import spec_storage
 
@@ -77,6 +78,12 @@ def test_the_recommended_trial_is_scored_once_on_rows_no_trial_saw(scored):
     # the end of the run says it, and what one validation row is worth
     assert "test split (360 rows no trial saw)" in output
     assert "one validation row is worth 0.0035 of val_acc" in output
+
+
+def test_the_report_says_it_too(scored):
+    spec, study, _ = scored
+    page = write_report(study, spec).read_text()
+    assert "test split (360 rows no trial saw)" in page and "paired t over 2 seeds" in page
 
 
 def test_the_parent_run_carries_the_test_score(scored):

@@ -47,7 +47,8 @@ from autotune.core.names import (
 )
 from autotune.core.spec import Spec
 from autotune.core.writes import write_atomic
-from autotune.search.queries import recommended_trial, state_counts, top_trials
+from autotune.outputs.recommendation import summary_lines, verdict_line
+from autotune.search.queries import current_ranking, recommended_trial, state_counts, top_trials
 
 FIGURES = {
     "history": "Optimisation history",
@@ -287,6 +288,9 @@ def write_report(study: optuna.Study, spec: Spec) -> Path:
             )
             + f"<p>recalibrate_bn: {_e(best.user_attrs.get(RECALIBRATE_ATTR, False))}</p>"
         )
+        said = verdict_line(current_ranking(study, spec), metric)
+        trust = [*([said] if said else []), *summary_lines(study, best, metric)]
+        parts += [f'<p class="trust">{_e(line.strip())}</p>' for line in trust]
     robust = study.user_attrs.get(ROBUST_ATTR)
     if robust is not None and best is not None and robust.get("choice") == best.number:
         parts.append(

@@ -21,6 +21,7 @@ import statistics
 from typing import TYPE_CHECKING, Any
 
 from autotune.core.names import TEST_ATTR, WEIGHTS_DIGEST, trial_weights
+from autotune.outputs.recommendation import held_out_key
 from autotune.search.queries import (
     current_scores,
     kept_digest,
@@ -160,56 +161,3 @@ def held_out_metrics(study: Any, chosen: Any) -> dict[str, float]:
             {f"test_{key}": stored[key], f"test_{key}.low": low, f"test_{key}.high": high}
         )
     return metrics
-
-
-def summary_lines(study: Any, chosen: Any, metric: str) -> list[str]:
-    """What the end of a run says of the test split: the recommended trial's score on it beside
-    its validation score, what one validation row is worth, and each configuration trained
-    again, on test."""
-    stored = current_scores(study, chosen)
-    if stored is None:
-        return []
-    if not stored.get("scored"):
-        return [f"test split: trial {chosen.number} not scored ({stored.get('why')})"]
-    key = held_out_key(metric)
-    low, high = stored[f"{key}_interval"]
-    lines = [
-        f"test split ({stored['rows']} rows no trial saw): trial {chosen.number} "
-        f"{key} {stored[key]:.4f} (95 % {low:.4f} to {high:.4f}); {metric} {chosen.value:.4f}"
-    ]
-    if stored.get("val_rows") and metric == "val_acc":
-        lines.append(f"one validation row is worth {1 / stored['val_rows']:.4f} of val_acc")
-    for row in stored.get("robust", []):
-        low, high = row["interval"]
-        lines.append(
-            f"  {row['name']}: test {key} {row['mean']:.4f} (95 % {low:.4f} to {high:.4f}) "
-            f"over {len(row['values'])} seeds"
-        )
-    return lines
-
-
-def verdict_line(ranking: dict[str, Any] | None, metric: str) -> str | None:
-    """The robust ranking's verdict in words: whether the tuned choice beats the best baseline
-    beyond the noise (robust.against_baselines), and if not, which baseline is as good."""
-    verdict = (ranking or {}).get("verdict")
-    if verdict is None:
-        return None
-    scale, unit = (100, "points") if metric == "val_acc" else (1, "")
-    gap = f"{scale * verdict['difference']:+.2f} ± {scale * verdict['margin']:.2f} {unit}".rstrip()
-    seeds = len(ranking["seeds"])
-    test = f"paired t over {seeds} seeds, one-sided 95 %"
-    trial = f"trial {ranking['choice']}"
-    if verdict["beats"]:
-        return f"{trial} beats the best baseline, {verdict['against']}, by {gap} ({test})"
-    lead = "no regulariser needed: " if verdict["as_good"] == "bn_only" else ""
-    return (
-        f"{lead}{verdict['as_good']} is as good as the best tuned configuration: {trial} is "
-        f"{gap} over {verdict['against']} ({test}), not beyond the noise; recommended.yaml "
-        f"still gives {trial}"
-    )
-
-
-def held_out_key(metric: str) -> str:
-    """What the test split reports of the study's metric: the accuracy for val_acc, the loss
-    for the losses."""
-    return "acc" if metric == "val_acc" else "loss"

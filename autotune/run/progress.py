@@ -25,7 +25,6 @@ from autotune.core.names import (
 )
 from autotune.core.redaction import redact
 from autotune.core.spec import Spec
-from autotune.run.held_out import summary_lines, verdict_line
 from autotune.run.loop import MAX_FAILURES_IN_A_ROW, Observer
 from autotune.run.session import StudyOutcome
 from autotune.search.queries import (
@@ -153,6 +152,8 @@ def print_summary(console: Console, spec: Spec, outcome: StudyOutcome, k: int = 
             f"[{state_style(TrialState[name])}]{n} {name.lower()}[/]" for name, n in counts.items()
         )
     )
+    from autotune.outputs.recommendation import summary_lines, verdict_line  # torch
+
     said = verdict_line(current_ranking(study, spec), spec.study.metric)
     for line in [
         *([said] if said else []),
