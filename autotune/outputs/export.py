@@ -38,7 +38,6 @@ from autotune.core.names import (
     RECOMMENDED_YAML,
     STANDARDISED_ATTR,
     TRAINED_WITH_ATTR,
-    WEIGHTS_DIGEST,
     trial_weights,
 )
 from autotune.core.redaction import redact
@@ -60,10 +59,10 @@ from autotune.outputs.recommendation import (
 from autotune.outputs.snippet import render_imported_snippet, render_snippet, run_snippet
 from autotune.search.queries import (
     current_scores,
-    kept_digest,
     recommended_trial,
     state_counts,
     trial_config,
+    weights_digest,
 )
 from autotune.search.run_fields import run_id_or_none, trial_run_id
 
@@ -177,7 +176,7 @@ class _Outputs:
                 blocks = surgery.user_blocks(spec.model, plain, shape)
         except UserCodeError as exc:
             failed = exc
-        digest = trial.user_attrs.get(WEIGHTS_DIGEST) or kept_digest(study, trial.number)
+        digest = weights_digest(study, trial)
         weights, absent = own_weights(trial_weights(spec.output_dir, trial.number), digest)
         return cls(
             study, spec, trial, config, shape, n_classes, model, blocks, failed, weights, absent

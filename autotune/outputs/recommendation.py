@@ -19,7 +19,7 @@ from autotune.core.space_files import config_from_mapping
 from autotune.core.spec import ModelSpec
 from autotune.nn import surgery
 from autotune.nn.models import build_model
-from autotune.search.queries import best_trial, current_scores
+from autotune.search.queries import best_trial, current_scores, held_out_key
 
 # what recommended.yaml keeps of each row of the robust ranking
 ROBUST_KEYS = ("name", "trial", "mean", "sd", "bound", "values", "blocks", "batchnorm", "failed")
@@ -92,8 +92,7 @@ def robust_section(study: optuna.Study, chosen: FrozenTrial) -> dict[str, Any] |
         "best_single_trial": None if best is None else best.number,
         "rows": [{k: row[k] for k in ROBUST_KEYS if k in row} for row in robust["rows"]],
         # the pick against the best baseline, by a paired t test over the seeds (run.robust)
-        "verdict": {k: v for k, v in (robust.get("verdict") or {}).items() if k != "versus"}
-        or None,
+        "verdict": robust.get("verdict"),
     }
 
 
@@ -175,9 +174,3 @@ def verdict_line(ranking: dict[str, Any] | None, metric: str) -> str | None:
         f"{gap} over {verdict['against']} ({test}), not beyond the noise; recommended.yaml "
         f"still gives {trial}"
     )
-
-
-def held_out_key(metric: str) -> str:
-    """What the test split reports of the study's metric: the accuracy for val_acc, the loss
-    for the losses."""
-    return "acc" if metric == "val_acc" else "loss"

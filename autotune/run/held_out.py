@@ -20,13 +20,13 @@ import math
 import statistics
 from typing import TYPE_CHECKING, Any
 
-from autotune.core.names import TEST_ATTR, WEIGHTS_DIGEST, trial_weights
-from autotune.outputs.recommendation import held_out_key
+from autotune.core.names import ROBUST_ATTR, TEST_ATTR, trial_weights
 from autotune.search.queries import (
     current_scores,
-    kept_digest,
+    held_out_key,
     recommended_trial,
     trial_config,
+    weights_digest,
 )
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ def score_recommendation(session: Session) -> dict[str, Any] | None:
     val_rows = len(getattr(session.datamodule, "y_val", ()))
     if val_rows:  # what one validation row is worth: the noise floor of a validation score
         result["val_rows"] = val_rows
-    robust = study.user_attrs.get("robust") or {}
+    robust = study.user_attrs.get(ROBUST_ATTR) or {}
     rows = [row for row in robust.get("rows", []) if row.get("test_values")]
     if rows and robust.get("choice") == trial.number:
         bounds = (0.0, 1.0) if held_out_key(spec.study.metric) == "acc" else None
@@ -76,7 +76,7 @@ def _score_weights(session: Session, trial: Any, batches: Any) -> dict[str, Any]
     from autotune.nn.weights import own_weights
 
     spec = session.spec
-    digest = trial.user_attrs.get(WEIGHTS_DIGEST) or kept_digest(session.study, trial.number)
+    digest = weights_digest(session.study, trial)
     path, absent = own_weights(trial_weights(spec.output_dir, trial.number), digest)
     if path is None:
         return {"scored": False, "why": absent}
@@ -136,13 +136,9 @@ def wilson(successes: int, n: int) -> tuple[float, float]:
 def seed_interval(values: list[float], bounds: tuple[float, float] | None = None) -> dict[str, Any]:
     """The mean over seeds and its two-sided 95 % Student's t interval, cut to `bounds` (an
     accuracy's 0 and 1) where given."""
-    from scipy import stats
+    from autotune.run.robust import t_margin
 
-    mean = statistics.mean(values)
-    half = 0.0
-    if len(values) > 1:
-        spread = statistics.stdev(values) / math.sqrt(len(values))
-        half = float(stats.t.ppf(0.975, len(values) - 1)) * spread
+    mean, half = statistics.mean(values), t_margin(values, 0.975)
     low, high = mean - half, mean + half
     if bounds is not None:
         low, high = max(low, bounds[0]), min(high, bounds[1])

@@ -25,7 +25,7 @@ from autotune.core.direction import best_of, maximizes
 from autotune.core.names import ROBUST_ATTR, WEIGHTS_DIGEST, trial_weights
 from autotune.core.spec import Spec
 from autotune.run.session import Session
-from autotune.search.queries import best_trial, distinct_top, trial_config
+from autotune.search.queries import best_trial, distinct_top, held_out_key, trial_config
 
 if TYPE_CHECKING:
     from torch import nn
@@ -36,8 +36,7 @@ def robust_recommendation(session: Session) -> dict[str, Any] | None:
     the study (trained again only when what would be trained changes); None when the spec asks
     for none. A fit that fails (a diverging seed) marks its row failed, out of the choice."""
     from autotune.nn.data import test_batches  # Lightning: imported when the fits begin
-    from autotune.nn.fitting import fit
-    from autotune.run.held_out import held_out_key, row_scores
+    from autotune.nn.fitting import evaluate, fit
 
     spec, study = session.spec, session.study
     wanted = spec.recommend
@@ -58,7 +57,8 @@ def robust_recommendation(session: Session) -> dict[str, Any] | None:
         f"{len(candidates)} configurations again, {len(candidates) * len(seeds)} fits"
     )
     maximize = maximizes(study)
-    held_out = test_batches(session.datamodule) is not None
+    held_out = test_batches(session.datamodule)
+    scored = f"val_{held_out_key(spec.study.metric)}"  # what evaluate() names it
     rows = []
     for name, number, config, batchnorm in candidates:
         row: dict[str, Any] = {"name": name, "trial": number, "blocks": config.to_dicts()}
@@ -75,9 +75,8 @@ def robust_recommendation(session: Session) -> dict[str, Any] | None:
                 row["failed"] = f"seed {seed}: {type(exc).__name__}: {exc}"
                 break
             values.append(float(result.value))
-            if held_out:
-                scores = row_scores(result.model, test_batches(session.datamodule))
-                tested.append(scores[held_out_key(spec.study.metric)])
+            if held_out is not None:
+                tested.append(evaluate(result.model, held_out)[scored])
             if number is not None and seed == spec.train.seed:
                 own = study.trials[number].user_attrs.get(WEIGHTS_DIGEST)
                 row[WEIGHTS_DIGEST] = _keep_weights(spec, number, result.model, own)
@@ -122,7 +121,6 @@ def against_baselines(
         **versus[best["name"]],
         "beats": beats,
         "as_good": as_good,
-        "versus": versus,
     }
 
 
@@ -130,13 +128,10 @@ def paired(ours: list[float], theirs: list[float], maximize: bool) -> dict[str, 
     """The mean difference ours - theirs over the same seeds (signed so that above 0 is better),
     its margin (the one-sided 95 % t quantile times its standard error) and the bound that
     margin leaves."""
-    from scipy import stats
-
     sign = 1.0 if maximize else -1.0
     diffs = [sign * (a - b) for a, b in zip(ours, theirs, strict=True)]
-    mean = statistics.mean(diffs)
-    margin = stats.t.ppf(0.95, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return {"difference": mean, "margin": float(margin), "bound": mean - float(margin)}
+    mean, margin = statistics.mean(diffs), t_margin(diffs, 0.95)
+    return {"difference": mean, "margin": margin, "bound": mean - margin}
 
 
 # the baselines from the simplest: the one a user would try first
@@ -158,11 +153,20 @@ def signature_of(spec: Spec, candidates: list[Candidate], seeds: list[int]) -> d
 def seed_statistics(values: list[float], maximize: bool) -> dict[str, float]:
     """mean, standard deviation, and the one-sided 95 % bound of the mean on the side that
     counts against it (lower for a value to maximise)."""
+    mean, sd, margin = statistics.mean(values), statistics.stdev(values), t_margin(values, 0.95)
+    return {"mean": mean, "sd": sd, "bound": mean - margin if maximize else mean + margin}
+
+
+def t_margin(values: list[float], quantile: float) -> float:
+    """Student's t quantile (n - 1 degrees of freedom) times the standard error of the mean of
+    `values`: a one-sided bound's margin at 0.95, half a two-sided 95 % interval at 0.975; 0
+    for fewer than two values."""
     from scipy import stats
 
-    mean, sd = statistics.mean(values), statistics.stdev(values)
-    margin = stats.t.ppf(0.95, len(values) - 1) * sd / math.sqrt(len(values))
-    return {"mean": mean, "sd": sd, "bound": mean - margin if maximize else mean + margin}
+    if len(values) < 2:
+        return 0.0
+    spread = statistics.stdev(values) / math.sqrt(len(values))
+    return float(stats.t.ppf(quantile, len(values) - 1)) * spread
 
 
 def _keep_weights(spec: Spec, number: int, model: nn.Module, own: str | None) -> str:

@@ -113,6 +113,12 @@ def kept_digest(study: optuna.Study, number: int) -> str | None:
     return None
 
 
+def weights_digest(study: optuna.Study, trial: FrozenTrial) -> str | None:
+    """The digest of the trial's saved weights: its own record, or the robust phase's where it
+    trained the trial again and kept those."""
+    return trial.user_attrs.get(WEIGHTS_DIGEST) or kept_digest(study, trial.number)
+
+
 def current_scores(study: optuna.Study, chosen: FrozenTrial | None) -> dict[str, Any] | None:
     """The stored test scores while they are the recommended trial's (a resumed study may come
     to recommend another, not yet scored)."""
@@ -120,3 +126,9 @@ def current_scores(study: optuna.Study, chosen: FrozenTrial | None) -> dict[str,
     if stored is None or chosen is None or stored.get("trial") != chosen.number:
         return None
     return stored
+
+
+def held_out_key(metric: str) -> str:
+    """What the test split reports of the study's metric: the accuracy for val_acc, the loss
+    for the losses."""
+    return "acc" if metric == "val_acc" else "loss"
