@@ -96,9 +96,13 @@ def test_the_choice_is_what_the_outputs_and_the_parent_run_recommend(robust_stud
     robust = study.user_attrs[ROBUST_ATTR]
     chosen = study.trials[robust["choice"]]
     recommended = yaml.safe_load((spec.output_dir / "recommended.yaml").read_text())
-    # recommended.yaml: the chosen trial's blocks, the ranking and the baselines beside it
+    # recommended.yaml: the chosen trial, and the blocks of what the verdict recommends (the
+    # trial, or a baseline as good and simpler), the ranking and the baselines beside it
+    name = robust["verdict"]["recommend"] or f"trial {chosen.number}"
+    rows = {row["name"]: row for row in robust["rows"]}
     assert recommended["best"]["trial"] == chosen.number
-    assert recommended["blocks"] == chosen.user_attrs["config"]
+    assert recommended["recommended"] == name
+    assert recommended["blocks"] == rows[name]["blocks"]
     assert recommended["robust"]["chosen_trial"] == chosen.number
     assert [row["name"] for row in recommended["robust"]["rows"]] == [
         row["name"] for row in robust["rows"]
@@ -177,7 +181,10 @@ def test_the_report_shows_the_ranking_beside_the_baselines(robust_study):
     for row in robust["rows"]:
         assert f"<td>{row['name']}</td>" in page
         assert f"<td>{row['mean']:.4f}</td>" in page
-    assert f"Recommended: trial {robust['choice']}" in page
+    # what the verdict recommends: the chosen trial, or a baseline as good and simpler
+    assert (
+        f"Recommended: {robust['verdict']['recommend'] or 'trial ' + str(robust['choice'])}" in page
+    )
 
 
 def test_a_tuned_pick_beats_a_baseline_only_beyond_the_noise():

@@ -109,6 +109,12 @@ def trial_weights(output_dir: Path, number: int) -> Path:
     return output_dir / WEIGHTS_DIR / f"trial_{number}.pt"
 
 
+def baseline_weights(output_dir: Path, name: str) -> Path:
+    """Where a baseline's weights are saved, trained with the spec's seed by the robust
+    recommendation: <output>/weights/<name>.pt (bn_only.pt, ...)."""
+    return output_dir / WEIGHTS_DIR / f"{name}.pt"
+
+
 def worker_log(output_dir: Path, index: int) -> Path:
     """Worker `index`'s log under --workers: <output>/workers/worker-<i>.log."""
     return output_dir / WORKERS_DIR / f"worker-{index}.log"

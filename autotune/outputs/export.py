@@ -38,7 +38,6 @@ from autotune.core.names import (
     RECOMMENDED_YAML,
     STANDARDISED_ATTR,
     TRAINED_WITH_ATTR,
-    trial_weights,
 )
 from autotune.core.redaction import redact
 from autotune.core.space import TrialConfig
@@ -59,10 +58,10 @@ from autotune.outputs.recommendation import (
 from autotune.outputs.snippet import render_imported_snippet, render_snippet, run_snippet
 from autotune.search.queries import (
     current_scores,
+    recommended_config,
     recommended_trial,
+    recommended_weights,
     state_counts,
-    trial_config,
-    weights_digest,
 )
 from autotune.search.run_fields import run_id_or_none, trial_run_id
 
@@ -143,7 +142,8 @@ class _Outputs:
 
     study: optuna.Study
     spec: Spec
-    trial: FrozenTrial
+    trial: FrozenTrial  # the best trial, or the robust phase's choice
+    name: str  # what is recommended: "trial 7", or a baseline that is as good ("bn_only")
     config: TrialConfig
     shape: tuple[int, ...]
     n_classes: int
@@ -162,7 +162,9 @@ class _Outputs:
         """The tuned network built again, the blocks of an imported model found, the trial's own
         weights looked for; a failing factory recorded, not raised."""
         attrs = study.user_attrs
-        config = trial_config(trial)
+        chosen = recommended_config(study, spec)
+        assert chosen is not None, "a recommendation exists once a trial completed"
+        name, config = chosen
         shape, n_classes = tuple(attrs[INPUT_SHAPE_ATTR]), attrs[N_CLASSES_ATTR]
         model: nn.Module | None = None
         blocks: tuple[surgery.FoundBlock, ...] = ()
@@ -176,11 +178,9 @@ class _Outputs:
                 blocks = surgery.user_blocks(spec.model, plain, shape)
         except UserCodeError as exc:
             failed = exc
-        digest = weights_digest(study, trial)
-        weights, absent = own_weights(trial_weights(spec.output_dir, trial.number), digest)
-        return cls(
-            study, spec, trial, config, shape, n_classes, model, blocks, failed, weights, absent
-        )
+        weights, absent = own_weights(*recommended_weights(study, spec))
+        built = (shape, n_classes, model, blocks, failed, weights, absent)
+        return cls(study, spec, trial, name, config, *built)
 
     @property
     def out(self) -> Path:
@@ -279,17 +279,27 @@ class _Outputs:
         """Whether autotune standardised the inputs (input_stats.pt in the output folder)."""
         return bool(self.study.user_attrs.get(STANDARDISED_ATTR, False))
 
+    @property
+    def baseline(self) -> bool:
+        """Whether a baseline is recommended instead of the tuned trial."""
+        return self.name != f"trial {self.trial.number}"
+
+    @property
+    def own_settings(self) -> dict[str, Any]:
+        """What the recommended trial recorded it trained with (search.settings); nothing for a
+        baseline, which the robust phase trained with the spec's, or a trial from before such
+        records."""
+        return {} if self.baseline else self.trial.user_attrs.get(TRAINED_WITH_ATTR) or {}
+
     def train_section(self) -> dict[str, Any]:
-        """The `train` settings the recommended trial trained with: its own record (a rerun may
-        have changed them, search.settings), the spec's for a trial from before such records
-        and for where and how fast it ran."""
-        own = self.trial.user_attrs.get(TRAINED_WITH_ATTR) or {}
-        return {**self.spec.train.model_dump(mode="json"), **own.get("train", {})}
+        """The `train` settings the recommendation trained with: its own record (a rerun may
+        have changed them), the spec's where there is none and for where and how fast it ran."""
+        return {**self.spec.train.model_dump(mode="json"), **self.own_settings.get("train", {})}
 
     def training(self) -> dict[str, Any]:
         """How the recommended network was trained, for best_model.py: its `train` settings
         and its batch size (none for a user's DataModule, which batches itself)."""
-        own = self.trial.user_attrs.get(TRAINED_WITH_ATTR) or {}
+        own = self.own_settings
         data = self.spec.data
         batch_size = own.get("data", {}).get("batch_size", data.batch_size)
         batch_size = None if data.datamodule is not None else batch_size
@@ -302,9 +312,11 @@ class _Outputs:
             f"{k} {v}" for k, v in provenance.items() if k != "versions" and v not in (None, "")
         ]
         made_with = [f"{k} {v}" for k, v in provenance["versions"].items()]
+        what = trial = f"trial {self.trial.number}, {self.metric} = {self.trial.value:.4f}"
+        if self.baseline:
+            what = f"the baseline {self.name}, as good as the best tuned one ({trial}) and simpler"
         return (
-            f"The network autotune recommends for study {self.study.study_name!r}: trial "
-            f"{self.trial.number}, {self.metric} = {self.trial.value:.4f}.\n\n"
+            f"The network autotune recommends for study {self.study.study_name!r}: {what}.\n\n"
             + textwrap.fill(f"Provenance: {', '.join(where)}; {', '.join(made_with)}.", 99)
         )
 
@@ -321,6 +333,9 @@ class _Outputs:
                 "storage": redact(spec.storage_url),
                 "trials": state_counts(study),
             },
+            # "trial <n>", or the baseline that is as good as the best tuned one and simpler
+            # (robust.verdict): then `blocks` and `best.weights` are the baseline's
+            "recommended": self.name,
             "best": {
                 "trial": trial.number,
                 "value": float(trial.value),
@@ -333,7 +348,9 @@ class _Outputs:
             # true: BN's statistics were re-estimated with dropout off after training; the saved
             # weights hold them, so a production model loads them as they are
             "recalibrate_bn": self.config.recalibrate_bn,
-            "shift": {
+            "shift": None
+            if self.baseline
+            else {
                 "predicted": trial.user_attrs.get(PREDICTED_SHIFT_ATTR),
                 "measured": trial.user_attrs.get(MEASURED_SHIFT_ATTR),
             },
@@ -342,7 +359,7 @@ class _Outputs:
             "inputs": inputs_section(self.out, self.standardised),
             "robust": robust_section(study, trial),
             # scored once on the test split that no trial, pruner or re-ranking saw
-            "test": current_scores(study, trial),
+            "test": current_scores(study, spec),
             "versions": self.versions,
             "verified": self.verified,
             "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -16,10 +16,10 @@ from torch import nn
 
 from autotune.core.names import INPUT_STATS, ROBUST_ATTR
 from autotune.core.space_files import config_from_mapping
-from autotune.core.spec import ModelSpec
+from autotune.core.spec import ModelSpec, Spec
 from autotune.nn import surgery
 from autotune.nn.models import build_model
-from autotune.search.queries import best_trial, current_scores, held_out_key
+from autotune.search.queries import best_trial, current_ranking, current_scores, held_out_key
 
 # what recommended.yaml keeps of each row of the robust ranking
 ROBUST_KEYS = ("name", "trial", "mean", "sd", "bound", "values", "blocks", "batchnorm", "failed")
@@ -129,20 +129,27 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def summary_lines(study: Any, chosen: Any, metric: str) -> list[str]:
-    """What the end of a run says of the test split: the recommended trial's score on it beside
-    its validation score, what one validation row is worth, and each configuration trained
-    again, on test."""
-    stored = current_scores(study, chosen)
+def trust_lines(study: optuna.Study, spec: Spec) -> list[str]:
+    """What the end of a run says of how far to trust its recommendation: the verdict against
+    the baselines, then the test split (summary_lines)."""
+    said = verdict_line(current_ranking(study, spec), spec.study.metric)
+    return [*([said] if said else []), *summary_lines(study, spec)]
+
+
+def summary_lines(study: optuna.Study, spec: Spec) -> list[str]:
+    """What the end of a run says of the test split: the recommendation's score on it, what one
+    validation row is worth, and each configuration trained again, on test."""
+    stored = current_scores(study, spec)
     if stored is None:
         return []
+    name, metric = stored["recommended"], spec.study.metric
     if not stored.get("scored"):
-        return [f"test split: trial {chosen.number} not scored ({stored.get('why')})"]
+        return [f"test split: {name} not scored ({stored.get('why')})"]
     key = held_out_key(metric)
     low, high = stored[f"{key}_interval"]
     lines = [
-        f"test split ({stored['rows']} rows no trial saw): trial {chosen.number} "
-        f"{key} {stored[key]:.4f} (95 % {low:.4f} to {high:.4f}); {metric} {chosen.value:.4f}"
+        f"test split ({stored['rows']} rows no trial saw): {name} "
+        f"{key} {stored[key]:.4f} (95 % {low:.4f} to {high:.4f})"
     ]
     if stored.get("val_rows") and metric == "val_acc":
         lines.append(f"one validation row is worth {1 / stored['val_rows']:.4f} of val_acc")
@@ -169,8 +176,7 @@ def verdict_line(ranking: dict[str, Any] | None, metric: str) -> str | None:
     if verdict["beats"]:
         return f"{trial} beats the best baseline, {verdict['against']}, by {gap} ({test})"
     lead = "no regulariser needed: " if verdict["as_good"] == "bn_only" else ""
-    return (
-        f"{lead}{verdict['as_good']} is as good as the best tuned configuration: {trial} is "
-        f"{gap} over {verdict['against']} ({test}), not beyond the noise; recommended.yaml "
-        f"still gives {trial}"
-    )
+    said = f"{trial}, the best tuned configuration, is {gap} over {verdict['against']} ({test})"
+    if verdict.get("recommend") is None:  # the network without BN: not written
+        return f"{verdict['as_good']} (without BN) is as good: {said}; {trial} is recommended"
+    return f"{lead}{verdict['recommend']} is recommended, as good and simpler: {said}"

@@ -41,14 +41,18 @@ from autotune.core.names import (
     HISTORY_ATTR,
     MEASURED_SHIFT_ATTR,
     PREDICTED_SHIFT_ATTR,
-    RECALIBRATE_ATTR,
     REPORT,
     ROBUST_ATTR,
 )
 from autotune.core.spec import Spec
 from autotune.core.writes import write_atomic
-from autotune.outputs.recommendation import summary_lines, verdict_line
-from autotune.search.queries import current_ranking, recommended_trial, state_counts, top_trials
+from autotune.outputs.recommendation import trust_lines
+from autotune.search.queries import (
+    recommended_config,
+    recommended_trial,
+    state_counts,
+    top_trials,
+)
 
 FIGURES = {
     "history": "Optimisation history",
@@ -271,26 +275,27 @@ def write_report(study: optuna.Study, spec: Spec) -> Path:
     metric = spec.study.metric
     figures = write_figures(study, out / FIGURES_DIR, metric)
     best = recommended_trial(study, spec)
+    chosen = recommended_config(study, spec)
     counts = state_counts(study)
     parts = [
         f"<h1>autotune study {_e(study.study_name)}</h1>",
         "<p>" + ", ".join(f"{n} {_e(state.lower())}" for state, n in counts.items()) + "</p>",
     ]
-    if best is not None:
+    if best is not None and chosen is not None:
+        name, config = chosen
+        value = f", {_e(metric)} = {best.value:.4f}" if name == f"trial {best.number}" else ""
         parts.append(
-            f"<h2>Recommended: trial {best.number}, {_e(metric)} = {best.value:.4f}</h2>"
+            f"<h2>Recommended: {_e(name)}{value}</h2>"
             + _table(
                 ["block", "placement", "rate", "regularizer", "BN momentum"],
                 [
                     [i, b["placement"], f"{b['rate']:.3f}", b["regularizer"], b["bn_momentum"]]
-                    for i, b in enumerate(best.user_attrs.get(CONFIG_ATTR, []))
+                    for i, b in enumerate(config.to_dicts())
                 ],
             )
-            + f"<p>recalibrate_bn: {_e(best.user_attrs.get(RECALIBRATE_ATTR, False))}</p>"
+            + f"<p>recalibrate_bn: {_e(config.recalibrate_bn)}</p>"
         )
-        said = verdict_line(current_ranking(study, spec), metric)
-        trust = [*([said] if said else []), *summary_lines(study, best, metric)]
-        parts += [f'<p class="trust">{_e(line.strip())}</p>' for line in trust]
+        parts += [f'<p class="trust">{_e(line.strip())}</p>' for line in trust_lines(study, spec)]
     robust = study.user_attrs.get(ROBUST_ATTR)
     if robust is not None and best is not None and robust.get("choice") == best.number:
         parts.append(

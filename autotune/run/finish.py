@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autotune.core.errors import WriteError
 from autotune.core.names import BEST_TRIAL_TAG, BUDGET_TAG, FIGURES_DIR, RECOMMENDED_TAG
+from autotune.core.space import TrialConfig
 from autotune.core.spec import Spec
 from autotune.outputs.report import write_figures
 from autotune.run.held_out import held_out_metrics, score_recommendation
@@ -28,8 +29,8 @@ from autotune.search.queries import (
     best_trial,
     count_finished,
     current_ranking,
+    recommended_config,
     recommended_trial,
-    trial_config,
 )
 from autotune.search.sync import sync_study
 from autotune.search.tracking import Tracker
@@ -119,8 +120,11 @@ def end_parent_run(
         kept = [key for key in ("mean", "sd", "bound") if key in row]  # none: it failed
         metrics.update({f"robust.{name}.{key}": row[key] for key in kept})
     chosen = recommended_trial(study, spec)
-    metrics.update(held_out_metrics(study, chosen))
-    tags = {} if chosen is None else recommendation_tags(chosen)
+    metrics.update(held_out_metrics(study, spec))
+    recommended = recommended_config(study, spec)
+    tags = (
+        {} if chosen is None or recommended is None else recommendation_tags(chosen, *recommended)
+    )
     tags[BUDGET_TAG] = f"{outcome.finished}/{outcome.budget}"
     tracker.end_study(
         {**metrics, "finished_trials": outcome.finished},
@@ -156,11 +160,11 @@ def parent_status(outcome: StudyOutcome) -> str:
     return "FAILED" if outcome.stopped_by_failures else "KILLED"
 
 
-def recommendation_tags(best: FrozenTrial) -> dict[str, Any]:
+def recommendation_tags(best: FrozenTrial, name: str, config: TrialConfig) -> dict[str, Any]:
     """The recommendation on the parent run, under the names the child runs use for their
-    params (`autotune.recommended.block0.placement`, ...): tags, since a resumed study may come
-    to recommend another configuration and MLflow params cannot change."""
-    config = trial_config(best)
-    tags: dict[str, Any] = {BEST_TRIAL_TAG: best.number}
+    params (`autotune.recommended.block0.placement`, ...), with the best trial and what is
+    recommended ("trial 7", or a baseline such as "bn_only"): tags, since a resumed study may
+    come to recommend another configuration and MLflow params cannot change."""
+    tags: dict[str, Any] = {BEST_TRIAL_TAG: best.number, RECOMMENDED_TAG.format("name"): name}
     tags.update({RECOMMENDED_TAG.format(k): v for k, v in config.to_params().items()})
     return tags

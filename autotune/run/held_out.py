@@ -20,13 +20,14 @@ import math
 import statistics
 from typing import TYPE_CHECKING, Any
 
-from autotune.core.names import ROBUST_ATTR, TEST_ATTR, trial_weights
+from autotune.core.names import ROBUST_ATTR, TEST_ATTR
+from autotune.core.space import TrialConfig
 from autotune.search.queries import (
+    current_ranking,
     current_scores,
     held_out_key,
-    recommended_trial,
-    trial_config,
-    weights_digest,
+    recommended_config,
+    recommended_weights,
 )
 
 if TYPE_CHECKING:
@@ -44,16 +45,17 @@ def score_recommendation(session: Session) -> dict[str, Any] | None:
 
     study, spec = session.study, session.spec
     batches = test_batches(session.datamodule)
-    trial = recommended_trial(study, spec)
-    if batches is None or trial is None:
+    chosen = recommended_config(study, spec)
+    if batches is None or chosen is None:
         return None
-    result: dict[str, Any] = {"trial": trial.number, **_score_weights(session, trial, batches)}
+    name, config = chosen
+    result: dict[str, Any] = {"recommended": name, **_score_weights(session, config, batches)}
     val_rows = len(getattr(session.datamodule, "y_val", ()))
     if val_rows:  # what one validation row is worth: the noise floor of a validation score
         result["val_rows"] = val_rows
     robust = study.user_attrs.get(ROBUST_ATTR) or {}
     rows = [row for row in robust.get("rows", []) if row.get("test_values")]
-    if rows and robust.get("choice") == trial.number:
+    if rows and current_ranking(study, spec) is not None:
         bounds = (0.0, 1.0) if held_out_key(spec.study.metric) == "acc" else None
         result["robust"] = [
             {
@@ -67,23 +69,22 @@ def score_recommendation(session: Session) -> dict[str, Any] | None:
     return result
 
 
-def _score_weights(session: Session, trial: Any, batches: Any) -> dict[str, Any]:
-    """accuracy and loss of the trial's own weights on the test rows, with their intervals; or
-    why they could not be scored (trained on another node)."""
+def _score_weights(session: Session, config: TrialConfig, batches: Any) -> dict[str, Any]:
+    """accuracy and loss of the recommendation's own weights on the test rows, with their
+    intervals; or why they could not be scored (trained on another node)."""
     import torch
 
     from autotune.nn.models import build_model
     from autotune.nn.weights import own_weights
 
     spec = session.spec
-    digest = weights_digest(session.study, trial)
-    path, absent = own_weights(trial_weights(spec.output_dir, trial.number), digest)
+    path, absent = own_weights(*recommended_weights(session.study, spec))
     if path is None:
         return {"scored": False, "why": absent}
     datamodule = session.datamodule
     model = build_model(
         spec.model,
-        trial_config(trial),
+        config,
         datamodule.input_shape,
         datamodule.n_classes,
         base_dir=spec.base_dir,
@@ -145,9 +146,9 @@ def seed_interval(values: list[float], bounds: tuple[float, float] | None = None
     return {"mean": mean, "interval": [low, high], "values": values}
 
 
-def held_out_metrics(study: Any, chosen: Any) -> dict[str, float]:
+def held_out_metrics(study: Any, spec: Any) -> dict[str, float]:
     """The parent run's metrics of the test split: test_acc and test_loss with their bounds."""
-    stored = current_scores(study, chosen)
+    stored = current_scores(study, spec)
     if stored is None or not stored.get("scored"):
         return {}
     metrics = {}

@@ -30,8 +30,6 @@ from autotune.run.session import StudyOutcome
 from autotune.search.queries import (
     FINISHED,
     best_trial,
-    current_ranking,
-    recommended_trial,
     state_counts,
     top_trials,
 )
@@ -152,13 +150,9 @@ def print_summary(console: Console, spec: Spec, outcome: StudyOutcome, k: int = 
             f"[{state_style(TrialState[name])}]{n} {name.lower()}[/]" for name, n in counts.items()
         )
     )
-    from autotune.outputs.recommendation import summary_lines, verdict_line  # torch
+    from autotune.outputs.recommendation import trust_lines  # torch
 
-    said = verdict_line(current_ranking(study, spec), spec.study.metric)
-    for line in [
-        *([said] if said else []),
-        *summary_lines(study, recommended_trial(study, spec), spec.study.metric),
-    ]:
+    for line in trust_lines(study, spec):
         console.print(line, soft_wrap=True)
     if outcome.stopped_by_failures:
         console.print(

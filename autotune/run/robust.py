@@ -3,9 +3,11 @@
 The top_k configurations of the study, and beside them the baselines a user would compare
 against (`autotune.core.baselines`), are each trained again over several seeds under the same
 budget: the same data, epochs, optimiser and learning rate, only the seed of the initialisation
-differs (the spec's seed first, which reproduces the trial itself). The recommendation is the
-configuration with the best mean, or the best one-sided 95 % confidence bound of the mean
-(Student's t). Baselines are reported, never recommended. The result is kept in the study
+differs (the spec's seed first, which reproduces the trial itself). The chosen tuned
+configuration is the one with the best mean, or the best one-sided 95 % confidence bound of the
+mean (Student's t). It is recommended only where it beats the best baseline beyond the noise,
+by a paired t test over the seeds (`against_baselines`); otherwise the simplest baseline that is
+as good is, with its weights from the spec's seed. The result is kept in the study
 (names.ROBUST_ATTR), where `autotune.search.queries` reads it.
 
 Training imports Lightning, which takes seconds: it is imported by the function that trains, not
@@ -22,7 +24,7 @@ import optuna
 
 from autotune.core.baselines import Candidate, baselines
 from autotune.core.direction import best_of, maximizes
-from autotune.core.names import ROBUST_ATTR, WEIGHTS_DIGEST, trial_weights
+from autotune.core.names import ROBUST_ATTR, WEIGHTS_DIGEST, baseline_weights, trial_weights
 from autotune.core.spec import Spec
 from autotune.run.session import Session
 from autotune.search.queries import best_trial, distinct_top, held_out_key, trial_config
@@ -37,6 +39,7 @@ def robust_recommendation(session: Session) -> dict[str, Any] | None:
     for none. A fit that fails (a diverging seed) marks its row failed, out of the choice."""
     from autotune.nn.data import test_batches  # Lightning: imported when the fits begin
     from autotune.nn.fitting import evaluate, fit
+    from autotune.nn.weights import save_tensors
 
     spec, study = session.spec, session.study
     wanted = spec.recommend
@@ -80,6 +83,9 @@ def robust_recommendation(session: Session) -> dict[str, Any] | None:
             if number is not None and seed == spec.train.seed:
                 own = study.trials[number].user_attrs.get(WEIGHTS_DIGEST)
                 row[WEIGHTS_DIGEST] = _keep_weights(spec, number, result.model, own)
+            elif seed == spec.train.seed and batchnorm:  # a baseline that may be recommended
+                path = baseline_weights(spec.output_dir, name)
+                row[WEIGHTS_DIGEST] = save_tensors(result.model.state_dict(), path)
         row["values"] = values
         if tested:
             row["test_values"] = tested
@@ -109,18 +115,22 @@ def against_baselines(
     """Whether the tuned pick beats the best baseline beyond the noise, by a paired Student's t
     test over the seeds (each seed trains both from the same start and the same batches): it does
     when the one-sided 95 % bound of the mean difference is past 0. Where it does not, the
-    simplest baseline (SIMPLEST) that the pick does not beat is as good."""
+    simplest baseline (SIMPLEST) that the pick does not beat is as good, and is recommended
+    instead (`recommend`) where it keeps BN: the network without BN is the user's own model
+    changed, which the export does not write."""
     best = best_of(baselines, maximize, key=lambda r: r["mean"])
     versus = {row["name"]: paired(pick["values"], row["values"], maximize) for row in baselines}
     beats = versus[best["name"]]["bound"] > 0
     order = sorted(baselines, key=lambda r: SIMPLEST.index(r["name"]))
-    as_good = None if beats else next(r["name"] for r in order if versus[r["name"]]["bound"] <= 0)
+    as_good = None if beats else next(r for r in order if versus[r["name"]]["bound"] <= 0)
+    recommend = as_good is not None and as_good.get("batchnorm", True)
     return {
         "test": "paired Student's t over the seeds, one-sided 95 %",
         "against": best["name"],
         **versus[best["name"]],
         "beats": beats,
-        "as_good": as_good,
+        "as_good": None if as_good is None else as_good["name"],
+        "recommend": as_good["name"] if recommend else None,
     }
 
 

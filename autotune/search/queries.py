@@ -9,6 +9,7 @@ end of a run ask the same questions of a study run anywhere. The robust ranking 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -21,6 +22,8 @@ from autotune.core.names import (
     ROBUST_ATTR,
     TEST_ATTR,
     WEIGHTS_DIGEST,
+    baseline_weights,
+    trial_weights,
 )
 from autotune.core.space import TrialConfig
 from autotune.core.spec import Spec
@@ -104,6 +107,38 @@ def recommended_trial(study: optuna.Study, spec: Spec) -> FrozenTrial | None:
     return study.trials[choice] if choice is not None else best_trial(study)
 
 
+def recommended_baseline(study: optuna.Study, spec: Spec) -> dict[str, Any] | None:
+    """The baseline's row of the robust ranking where that ranking recommends it instead of a
+    tuned trial (as good and simpler: run.robust.against_baselines); else None."""
+    ranking = current_ranking(study, spec) or {}
+    name = (ranking.get("verdict") or {}).get("recommend")
+    return next((row for row in ranking["rows"] if row["name"] == name), None) if name else None
+
+
+def recommended_config(study: optuna.Study, spec: Spec) -> tuple[str, TrialConfig] | None:
+    """What the study recommends, named ("trial 7", or a baseline's name such as "bn_only"),
+    and its configuration; None before any trial completed."""
+    baseline = recommended_baseline(study, spec)
+    if baseline is not None:
+        config = TrialConfig.from_dicts(
+            baseline["blocks"], recalibrate_bn=baseline.get("recalibrate_bn", False)
+        )
+        return baseline["name"], config
+    trial = recommended_trial(study, spec)
+    return None if trial is None else (f"trial {trial.number}", trial_config(trial))
+
+
+def recommended_weights(study: optuna.Study, spec: Spec) -> tuple[Path, str | None]:
+    """Where the recommendation's weights are saved, and the digest they were saved with (None
+    where none was recorded): a baseline's from the robust phase, else the trial's."""
+    baseline = recommended_baseline(study, spec)
+    if baseline is not None:
+        return baseline_weights(spec.output_dir, baseline["name"]), baseline.get(WEIGHTS_DIGEST)
+    trial = recommended_trial(study, spec)
+    assert trial is not None, "no recommendation before a trial completed"
+    return trial_weights(spec.output_dir, trial.number), weights_digest(study, trial)
+
+
 def kept_digest(study: optuna.Study, number: int) -> str | None:
     """The digest of the weights the robust phase kept for trial `number`, if it kept any."""
     stored = study.user_attrs.get(ROBUST_ATTR) or {}
@@ -119,11 +154,12 @@ def weights_digest(study: optuna.Study, trial: FrozenTrial) -> str | None:
     return trial.user_attrs.get(WEIGHTS_DIGEST) or kept_digest(study, trial.number)
 
 
-def current_scores(study: optuna.Study, chosen: FrozenTrial | None) -> dict[str, Any] | None:
-    """The stored test scores while they are the recommended trial's (a resumed study may come
+def current_scores(study: optuna.Study, spec: Spec) -> dict[str, Any] | None:
+    """The stored test scores while they are the recommendation's (a resumed study may come
     to recommend another, not yet scored)."""
     stored = study.user_attrs.get(TEST_ATTR)
-    if stored is None or chosen is None or stored.get("trial") != chosen.number:
+    chosen = recommended_config(study, spec)
+    if stored is None or chosen is None or stored.get("recommended") != chosen[0]:
         return None
     return stored
 
