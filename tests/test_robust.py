@@ -206,3 +206,23 @@ def test_a_tuned_pick_beats_a_baseline_only_beyond_the_noise():
     # a loss: lower is better, and the difference is signed so that above 0 is better
     loss = against_baselines({"values": [0.1, 0.11, 0.12]}, far, maximize=False)
     assert loss["beats"] and loss["difference"] == pytest.approx(0.83)
+
+
+def test_by_default_the_re_ranking_runs_where_the_budget_allows_it(write_spec):
+    # 3 trials of about a second, and 5 configurations over 3 seeds to train again: 15 fits,
+    # five times what the study took: skipped, with its cost said
+    small = write_spec(tiny_spec(study={"name": "small"}))
+    result = CliRunner().invoke(main, ["run", str(small)])
+    assert result.exit_code == 0, result.output
+    assert "no re-ranking over seeds: its 15 fits would take about" in result.output
+    study = optuna.load_study(study_name="small", storage=load_spec(small).storage_url)
+    assert ROBUST_ATTR not in study.user_attrs
+    # 6 trials, 2 configurations over 2 seeds: 4 fits, less than the study took: it runs
+    allowed = tiny_spec(study={"name": "allowed", "n_trials": 6})
+    allowed["recommend"] = {"seeds": 2, "baselines": False}
+    path = write_spec(allowed, "allowed.yaml")
+    result = CliRunner().invoke(main, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "training 2 configurations again, 4 fits, about" in result.output
+    study = optuna.load_study(study_name="allowed", storage=load_spec(path).storage_url)
+    assert len(study.user_attrs[ROBUST_ATTR]["rows"]) == 2

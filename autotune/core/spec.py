@@ -44,6 +44,9 @@ from autotune.core.spec_fields import (
 )
 from autotune.core.spec_study import StudySpec
 
+# recommend.top_k: null trains the top AUTO_TOP_K again where those fits, with the baselines,
+# would take at most AUTO_SHARE of the time the study's trials took
+AUTO_TOP_K, AUTO_SHARE = 2, 1.0
 # the test split of a new study whose spec does not say (data.test_fraction: null)
 DEFAULT_TEST_FRACTION = 0.2
 BUILTIN_DATASETS = ("digits", "breast_cancer", "wine", "synthetic_tabular", "synthetic_images")
@@ -278,9 +281,10 @@ class MlflowSpec(Section):
 
 
 class RecommendSpec(Section):
-    # retrain the top_k configurations over `seeds` seeds and recommend by `by`; 0: recommend
-    # the best trial as it is
-    top_k: Int = Field(0, ge=0)
+    # retrain the top_k configurations over `seeds` seeds, with the baselines, and recommend by
+    # `by`; 0: recommend the best trial as it is; null: the top 2, where those fits would take
+    # no longer than the study's trials took (the budget allows it), else none
+    top_k: Int | None = Field(None, ge=0)
     seeds: Int = Field(3, ge=2)
     # mean: the best mean value; bound: the best one-sided 95 % confidence bound of the mean
     # (Student's t): the lower bound of an accuracy, the upper bound of a loss
@@ -290,6 +294,11 @@ class RecommendSpec(Section):
     # your configuration (a file with `blocks`, such as a recommended.yaml) as one more baseline;
     # relative to the spec file's folder
     current: Path | None = None
+
+    @property
+    def wanted_top_k(self) -> int:
+        """top_k, or what `null` trains where the budget allows it."""
+        return AUTO_TOP_K if self.top_k is None else self.top_k
 
     @field_validator("current")
     @classmethod
@@ -320,7 +329,7 @@ class Spec(Section):
     @model_validator(mode="after")
     def _seeds_in_range(self) -> Spec:
         last = self.train.seed + self.recommend.seeds - 1
-        if self.recommend.top_k > 0 and last > MAX_SEED:
+        if self.recommend.wanted_top_k > 0 and last > MAX_SEED:
             raise ValueError(
                 f"recommend.seeds: train.seed + seeds - 1 = {last} is past {MAX_SEED} "
                 "(2**32 - 1), the largest seed numpy and Lightning take"

@@ -21,13 +21,20 @@ import statistics
 from typing import TYPE_CHECKING, Any
 
 import optuna
+from optuna.trial import TrialState
 
 from autotune.core.baselines import Candidate, baselines
 from autotune.core.direction import best_of, maximizes
 from autotune.core.names import ROBUST_ATTR, WEIGHTS_DIGEST, baseline_weights, trial_weights
-from autotune.core.spec import Spec
+from autotune.core.spec import AUTO_SHARE, Spec
 from autotune.run.session import Session
-from autotune.search.queries import best_trial, distinct_top, held_out_key, trial_config
+from autotune.search.queries import (
+    FINISHED,
+    best_trial,
+    distinct_top,
+    held_out_key,
+    trial_config,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -43,9 +50,9 @@ def robust_recommendation(session: Session) -> dict[str, Any] | None:
 
     spec, study = session.spec, session.study
     wanted = spec.recommend
-    if wanted.top_k == 0 or best_trial(study) is None:
+    if wanted.wanted_top_k == 0 or best_trial(study) is None:
         return None
-    top = distinct_top(study, wanted.top_k)
+    top = distinct_top(study, wanted.wanted_top_k)
     seeds = [spec.train.seed + i for i in range(wanted.seeds)]
     candidates = [Candidate(f"trial {t.number}", t.number, trial_config(t)) for t in top]
     candidates += [
@@ -55,9 +62,17 @@ def robust_recommendation(session: Session) -> dict[str, Any] | None:
     stored = study.user_attrs.get(ROBUST_ATTR)
     if stored is not None and stored.get("signature") == signature:
         return _choose(stored, wanted.by, study)  # `by` alone changed: no training needed
+    fits = len(candidates) * len(seeds)
+    cost, spent = fit_cost(study, fits)
+    if wanted.top_k is None and cost > AUTO_SHARE * spent:  # the budget does not allow it
+        session.tracker.notify(
+            f"no re-ranking over seeds: its {fits} fits would take about {_took(cost)}, longer "
+            f"than the study's trials took ({_took(spent)}); set recommend.top_k to ask for it"
+        )
+        return None
     session.tracker.notify(
         f"recommending by the {wanted.by} over {len(seeds)} seeds: training "
-        f"{len(candidates)} configurations again, {len(candidates) * len(seeds)} fits"
+        f"{len(candidates)} configurations again, {fits} fits, about {_took(cost)}"
     )
     maximize = maximizes(study)
     held_out = test_batches(session.datamodule)
@@ -94,6 +109,19 @@ def robust_recommendation(session: Session) -> dict[str, Any] | None:
         rows.append(row)
     result = {"seeds": seeds, "signature": signature, "rows": rows}
     return _choose(result, wanted.by, study)
+
+
+def fit_cost(study: optuna.Study, fits: int) -> tuple[float, float]:
+    """(seconds `fits` full trainings would take, at the mean of the complete trials' times;
+    seconds the study's finished trials took in all)."""
+    finished = [t for t in study.get_trials(deepcopy=False, states=FINISHED) if t.duration]
+    complete = [t.duration.total_seconds() for t in finished if t.state == TrialState.COMPLETE]
+    spent = sum(t.duration.total_seconds() for t in finished)
+    return (statistics.mean(complete) * fits if complete else math.inf), spent
+
+
+def _took(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def _choose(result: dict[str, Any], by: str, study: optuna.Study) -> dict[str, Any]:

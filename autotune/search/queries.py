@@ -87,10 +87,10 @@ def current_ranking(study: optuna.Study, spec: Spec) -> dict[str, Any] | None:
     """The stored robust ranking while it still answers the spec: recommend.top_k asks for one
     and it was made from today's top configurations; else None."""
     stored = study.user_attrs.get(ROBUST_ATTR)
-    if spec.recommend.top_k == 0 or stored is None:
+    if spec.recommend.wanted_top_k == 0 or stored is None:
         return None
     trained = [row[1] for row in stored["signature"]["candidates"] if row[1] is not None]
-    today = [t.number for t in distinct_top(study, spec.recommend.top_k)]
+    today = [t.number for t in distinct_top(study, spec.recommend.wanted_top_k)]
     return stored if trained == today else None
 
 
