@@ -329,7 +329,8 @@ class Spec(Section):
     @model_validator(mode="after")
     def _seeds_in_range(self) -> Spec:
         last = self.train.seed + self.recommend.seeds - 1
-        if self.recommend.wanted_top_k > 0 and last > MAX_SEED:
+        # asked for; null skips the re-ranking there (run.robust)
+        if (self.recommend.top_k or 0) > 0 and last > MAX_SEED:
             raise ValueError(
                 f"recommend.seeds: train.seed + seeds - 1 = {last} is past {MAX_SEED} "
                 "(2**32 - 1), the largest seed numpy and Lightning take"

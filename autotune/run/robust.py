@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from autotune.core.baselines import Candidate, baselines
 from autotune.core.direction import best_of, maximizes
 from autotune.core.names import ROBUST_ATTR, WEIGHTS_DIGEST, baseline_weights, trial_weights
-from autotune.core.spec import AUTO_SHARE, Spec
+from autotune.core.spec import AUTO_SHARE, MAX_SEED, Spec
 from autotune.run.session import Session
 from autotune.search.queries import (
     FINISHED,
@@ -64,6 +64,9 @@ def robust_recommendation(session: Session) -> dict[str, Any] | None:
         return _choose(stored, wanted.by, study)  # `by` alone changed: no training needed
     fits = len(candidates) * len(seeds)
     cost, spent = fit_cost(study, fits)
+    if wanted.top_k is None and seeds[-1] > MAX_SEED:
+        session.tracker.notify(f"no re-ranking over seeds: seed {seeds[-1]} is past {MAX_SEED}")
+        return None
     if wanted.top_k is None and cost > AUTO_SHARE * spent:  # the budget does not allow it
         session.tracker.notify(
             f"no re-ranking over seeds: its {fits} fits would take about {_took(cost)}, longer "
