@@ -120,6 +120,7 @@ def test_the_choice_is_what_the_outputs_and_the_parent_run_recommend(robust_stud
         name = row["name"].replace(" ", "_")
         assert parent.data.metrics[f"robust.{name}.mean"] == pytest.approx(row["mean"])
     assert parent.data.tags["autotune.best_trial"] == str(chosen.number)
+    assert parent.data.tags["autotune.recommendation"] == name
 
 
 def test_a_rerun_with_nothing_new_does_not_train_again(robust_study, monkeypatch):

@@ -88,6 +88,8 @@ BUDGET_TAG = "autotune.finished"
 BEST_TRIAL_TAG = "autotune.best_trial"
 # the recommendation on the parent run, under the names the child runs use for their params
 RECOMMENDED_TAG = "autotune.recommended.{}"
+# what is recommended: "trial 7", or a baseline as good and simpler ("bn_only")
+RECOMMENDATION_TAG = "autotune.recommendation"
 
 # --- files -------------------------------------------------------------------------------------
 # under the output folder, unless the spec names a storage or a tracking URI of its own

@@ -18,7 +18,13 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autotune.core.errors import WriteError
-from autotune.core.names import BEST_TRIAL_TAG, BUDGET_TAG, FIGURES_DIR, RECOMMENDED_TAG
+from autotune.core.names import (
+    BEST_TRIAL_TAG,
+    BUDGET_TAG,
+    FIGURES_DIR,
+    RECOMMENDATION_TAG,
+    RECOMMENDED_TAG,
+)
 from autotune.core.space import TrialConfig
 from autotune.core.spec import Spec
 from autotune.outputs.report import write_figures
@@ -165,6 +171,6 @@ def recommendation_tags(best: FrozenTrial, name: str, config: TrialConfig) -> di
     params (`autotune.recommended.block0.placement`, ...), with the best trial and what is
     recommended ("trial 7", or a baseline such as "bn_only"): tags, since a resumed study may
     come to recommend another configuration and MLflow params cannot change."""
-    tags: dict[str, Any] = {BEST_TRIAL_TAG: best.number, RECOMMENDED_TAG.format("name"): name}
+    tags: dict[str, Any] = {BEST_TRIAL_TAG: best.number, RECOMMENDATION_TAG: name}
     tags.update({RECOMMENDED_TAG.format(k): v for k, v in config.to_params().items()})
     return tags
