@@ -117,8 +117,8 @@ def test_the_choice_is_what_the_outputs_and_the_parent_run_recommend(robust_stud
         filter_string="tags.`autotune.role` = 'parent'",
     )
     for row in robust["rows"]:
-        name = row["name"].replace(" ", "_")
-        assert parent.data.metrics[f"robust.{name}.mean"] == pytest.approx(row["mean"])
+        key = row["name"].replace(" ", "_")
+        assert parent.data.metrics[f"robust.{key}.mean"] == pytest.approx(row["mean"])
     assert parent.data.tags["autotune.best_trial"] == str(chosen.number)
     assert parent.data.tags["autotune.recommendation"] == name
 
