@@ -19,7 +19,7 @@ against its score on test, and the 95 % interval autotune states for the latter.
 Run from the repository root (two tasks at a time on two cores):
 
     .venv/bin/python benchmarks/recommendation.py --tasks images-cnn breast-cancer-mlp
-    .venv/bin/python benchmarks/recommendation.py --tasks images-resnet wine-mlp
+    .venv/bin/python benchmarks/recommendation.py --tasks images-resnet
     .venv/bin/python benchmarks/recommendation.py --report   # the table of every task run
 
 Results are kept per task in benchmarks/results/recommendation-<task>.json.
@@ -39,12 +39,13 @@ from _report import machine
 from scipy import stats
 
 from autotune.core.baselines import baselines
+from autotune.core.checks import quiet_lightning
 from autotune.core.names import TEST_ATTR
 from autotune.core.spec import parse_spec
 from autotune.nn.data import load_data, test_batches
 from autotune.nn.fitting import evaluate, fit
 from autotune.run.loop import run_study
-from autotune.run.preflight import quiet_lightning, resolve_space
+from autotune.run.preflight import resolve_space
 from autotune.search.queries import best_trial, recommended_config, trial_config
 
 RESULTS = Path(__file__).parent / "results"
@@ -66,11 +67,6 @@ TASKS = {
         "data": {"name": "breast_cancer", "batch_size": 32},
         "model": {"template": "mlp", "widths": [512, 512]},
         "train": {"max_epochs": 60},
-    },
-    "wine-mlp": {
-        "data": {"name": "wine", "batch_size": 16},
-        "model": {"template": "mlp", "widths": [512, 512]},
-        "train": {"max_epochs": 80},
     },
 }
 

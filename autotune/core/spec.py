@@ -47,6 +47,9 @@ from autotune.core.spec_study import StudySpec
 # recommend.top_k: null trains the top AUTO_TOP_K again where those fits, with the baselines,
 # would take at most AUTO_SHARE of the time the study's trials took
 AUTO_TOP_K, AUTO_SHARE = 2, 1.0
+# recommend.folds: null re-ranks over AUTO_FOLDS folds where the data is in memory and has at
+# most AUTO_FOLD_ROWS training and validation rows, where one validation split is too few rows
+AUTO_FOLDS, AUTO_FOLD_ROWS = 5, 1000
 # the test split of a new study whose spec does not say (data.test_fraction: null)
 DEFAULT_TEST_FRACTION = 0.2
 BUILTIN_DATASETS = ("digits", "breast_cancer", "wine", "synthetic_tabular", "synthetic_images")
@@ -285,7 +288,13 @@ class RecommendSpec(Section):
     # `by`; 0: recommend the best trial as it is; null: the top 2, where those fits would take
     # no longer than the study's trials took (the budget allows it), else none
     top_k: Int | None = Field(None, ge=0)
+    # over seeds on the study's own split (3 different initialisations), or over folds
     seeds: Int = Field(3, ge=2)
+    # repeated stratified k-fold over the training and validation rows (built-in and file
+    # data): 0: seeds on the study's own split; null: 5 folds for at most 1000 rows, else seeds
+    folds: Int | None = Field(None, ge=0)
+    # each repeat splits the rows into folds anew: 1 validates every row once
+    repeats: Int = Field(1, ge=1)
     # mean: the best mean value; bound: the best one-sided 95 % confidence bound of the mean
     # (Student's t): the lower bound of an accuracy, the upper bound of a loss
     by: Literal["mean", "bound"] = "mean"

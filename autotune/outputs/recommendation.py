@@ -157,9 +157,23 @@ def summary_lines(study: optuna.Study, spec: Spec) -> list[str]:
         low, high = row["interval"]
         lines.append(
             f"  {row['name']}: test {key} {row['mean']:.4f} (95 % {low:.4f} to {high:.4f}) "
-            f"over {len(row['values'])} seeds"
+            f"over {len(row['values'])} fits"
         )
     return lines
+
+
+def resampled_by(ranking: dict[str, Any]) -> str:
+    """How the robust ranking's configurations were trained again, and tested, in words."""
+    folds = ranking.get("folds")
+    if folds is None:
+        return f"paired t over {len(ranking['seeds'])} seeds"
+    return f"corrected paired t over {folds_said(folds)}"
+
+
+def folds_said(folds: dict[str, Any]) -> str:
+    """5 folds × 2 repeats."""
+    repeats = folds["repeats"]
+    return f"{folds['folds']} folds × {repeats} repeat{'s' if repeats > 1 else ''}"
 
 
 def verdict_line(ranking: dict[str, Any] | None, metric: str) -> str | None:
@@ -170,8 +184,7 @@ def verdict_line(ranking: dict[str, Any] | None, metric: str) -> str | None:
         return None
     scale, unit = (100, "points") if metric == "val_acc" else (1, "")
     gap = f"{scale * verdict['difference']:+.2f} ± {scale * verdict['margin']:.2f} {unit}".rstrip()
-    seeds = len(ranking["seeds"])
-    test = f"paired t over {seeds} seeds, one-sided 95 %"
+    test = f"{resampled_by(ranking)}, one-sided 95 %"
     trial = f"trial {ranking['choice']}"
     if verdict["beats"]:
         return f"{trial} beats the best baseline, {verdict['against']}, by {gap} ({test})"

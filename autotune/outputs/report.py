@@ -46,7 +46,7 @@ from autotune.core.names import (
 )
 from autotune.core.spec import Spec
 from autotune.core.writes import write_atomic
-from autotune.outputs.recommendation import trust_lines
+from autotune.outputs.recommendation import folds_said, trust_lines
 from autotune.search.queries import (
     recommended_config,
     recommended_trial,
@@ -299,8 +299,7 @@ def write_report(study: optuna.Study, spec: Spec) -> Path:
     robust = study.user_attrs.get(ROBUST_ATTR)
     if robust is not None and best is not None and robust.get("choice") == best.number:
         parts.append(
-            f"<h2>Trained again over seeds {_e(robust['seeds'])}, ranked by the "
-            f"{_e(robust['by'])}</h2>"
+            f"<h2>Trained again over {_e(_over(robust))}, ranked by the {_e(robust['by'])}</h2>"
             + _table(
                 ["configuration", "trial", f"mean {metric}", "sd", "95 % bound", "values"],
                 [
@@ -327,6 +326,11 @@ def write_report(study: optuna.Study, spec: Spec) -> Path:
         )
     page = TEMPLATE.format(title=_e(f"autotune: {study.study_name}"), body="\n".join(parts))
     return write_atomic(out / REPORT, page)
+
+
+def _over(robust: dict) -> str:
+    folds = robust.get("folds")
+    return f"seeds {robust['seeds']}" if folds is None else folds_said(folds)
 
 
 def _top_table(study: optuna.Study, metric: str) -> str:
