@@ -204,7 +204,9 @@ def against_baselines(
     as_good = None if beats else next(r for r in order if versus[r["name"]]["bound"] <= 0)
     recommend = as_good is not None and as_good.get("batchnorm", True)
     return {
-        "test": "paired Student's t over the seeds, one-sided 95 %",
+        "test": "paired Student's t over the seeds, one-sided 95 %"
+        if not correction
+        else "Nadeau and Bengio's corrected paired t over the folds, one-sided 95 %",
         "against": best["name"],
         **versus[best["name"]],
         "beats": beats,
