@@ -229,7 +229,9 @@ def write_import_spec(tmp_path: Path, **model) -> Path:
 
 @pytest.mark.slow
 def test_the_example_s_own_model_is_tuned_through_the_import_path_and_exported(tmp_path):
-    spec = load_spec(write_import_spec(tmp_path), overrides={"recommend": {"top_k": 1, "seeds": 2}})
+    spec = load_spec(
+        write_import_spec(tmp_path), overrides={"recommend": {"top_k": 1, "seeds": 2, "folds": 0}}
+    )
     outcome = run_study(spec)
     out = spec.output_dir
     recommended = yaml.safe_load((out / "recommended.yaml").read_text())
