@@ -45,6 +45,7 @@ from autotune.core.names import TEST_ATTR
 from autotune.core.spec import parse_spec
 from autotune.nn.data import load_data, test_batches
 from autotune.nn.fitting import evaluate, fit
+from autotune.run.held_out import seed_interval
 from autotune.run.loop import run_study
 from autotune.run.preflight import resolve_space
 from autotune.search.queries import best_trial, recommended_config, trial_config
@@ -156,7 +157,10 @@ def table(rows: list[dict]) -> str:
         robust = row["own_robust_test"]
         gap = "-"
         if row["validation"] is not None and robust is not None:
-            low, high = robust["interval"]
+            # the interval autotune states now: the fits' spread and the test rows' sampling
+            low, high = seed_interval(robust["values"], (0.0, 1.0), rows=row["test_rows"])[
+                "interval"
+            ]
             gap = (
                 f"{100 * (row['validation'] - robust['mean']):+.1f} "
                 f"(interval ± {100 * (high - low) / 2:.1f})"

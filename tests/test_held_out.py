@@ -39,6 +39,19 @@ def test_seed_interval_is_students_t_cut_to_bounds():
     assert seed_interval([0.99, 1.0, 0.95], (0.0, 1.0))["interval"][1] == 1.0
 
 
+def test_seed_interval_over_test_rows_keeps_their_sampling():
+    # five fits that agree exactly still share 100 test rows: the interval is theirs, not zero
+    same = seed_interval([0.9] * 5, (0.0, 1.0), rows=100)
+    rows_half = 1.959964 * math.sqrt(0.9 * 0.1 / 100)
+    assert same["interval"] == pytest.approx([0.9 - rows_half, 0.9 + rows_half])
+    # fits that differ: the two halves add in quadrature, wider than either alone
+    values = [0.90, 0.92, 0.94]
+    seeds_half = 4.302653 * 0.02 / math.sqrt(3)
+    low, high = seed_interval(values, rows=200)["interval"]
+    both = math.hypot(seeds_half, 1.959964 * math.sqrt(0.92 * 0.08 / 200))
+    assert (high - low) / 2 == pytest.approx(both)
+
+
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
     folder = tmp_path_factory.mktemp("held_out")

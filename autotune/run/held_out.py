@@ -7,8 +7,10 @@ validation too. Then two things are scored on it, once each:
 - the recommended trial's own saved weights, the network a user gets, with a 95 % interval over
   the test rows: Wilson's for the accuracy, the normal one of the mean for the loss;
 - where the robust recommendation trained configurations again (autotune.run.robust), each fit
-  of each configuration and baseline, right after it trained: a mean over the seeds with a 95 %
-  Student's t interval (`seed_interval`).
+  of each configuration and baseline, right after it trained: a mean over the fits with a 95 %
+  interval (`seed_interval`). For an accuracy the interval holds both of its noises: the fits'
+  spread (Student's t) and the test rows' own sampling, which every fit shares and no number of
+  seeds averages away (the binomial's normal approximation); they add in quadrature.
 
 The result is kept in the study (names.TEST_ATTR), where recommended.yaml, the summary, the
 report and the parent run read it. torch is imported by the functions that score.
@@ -56,12 +58,17 @@ def score_recommendation(session: Session) -> dict[str, Any] | None:
     robust = study.user_attrs.get(ROBUST_ATTR) or {}
     rows = [row for row in robust.get("rows", []) if row.get("test_values")]
     if rows and current_ranking(study, spec) is not None:
-        bounds = (0.0, 1.0) if held_out_key(spec.study.metric) == "acc" else None
+        accuracy = held_out_key(spec.study.metric) == "acc"
+        test_rows = result.get("rows") or sum(len(y) for _, y, *_ in batches)
         result["robust"] = [
             {
                 "name": row["name"],
                 "trial": row["trial"],
-                **seed_interval(row["test_values"], bounds),
+                **seed_interval(
+                    row["test_values"],
+                    (0.0, 1.0) if accuracy else None,
+                    rows=test_rows if accuracy else None,
+                ),
             }
             for row in rows
         ]
@@ -134,12 +141,21 @@ def wilson(successes: int, n: int) -> tuple[float, float]:
     return centre - half, centre + half
 
 
-def seed_interval(values: list[float], bounds: tuple[float, float] | None = None) -> dict[str, Any]:
-    """The mean over seeds and its two-sided 95 % Student's t interval, cut to `bounds` (an
-    accuracy's 0 and 1) where given."""
+def seed_interval(
+    values: list[float],
+    bounds: tuple[float, float] | None = None,
+    rows: int | None = None,
+) -> dict[str, Any]:
+    """The mean over fits and its two-sided 95 % interval, cut to `bounds` (an accuracy's 0 and
+    1) where given. Without `rows` that is Student's t over the fits alone. With `rows`, the
+    values are accuracies on the same `rows` test rows, and the interval adds the rows' sampling
+    to the fits' spread in quadrature: the fits' spread says how much the seed matters, the rows'
+    how far this test split is from the next one."""
     from autotune.run.robust import t_margin
 
     mean, half = statistics.mean(values), t_margin(values, 0.975)
+    if rows:
+        half = math.hypot(half, Z95 * math.sqrt(mean * (1 - mean) / rows))
     low, high = mean - half, mean + half
     if bounds is not None:
         low, high = max(low, bounds[0]), min(high, bounds[1])
