@@ -31,6 +31,7 @@ def opened(write_spec, name: str = "spec.yaml", **sections):
         ({"data": {"batch_size": 64}}, r"data\.batch_size: .* with 128, the spec says 64"),
         ({"search_space": {"params": {"rate": {"high": 0.3}}}}, r"search_space\.block0\.rate"),
         ({"study": {"pruner": "median"}}, r"study\.pruner\.name: .* with 'none'"),
+        ({"data": {"standardize": False}}, r"data\.standardize: .* with 'unset', .* says False"),
     ],
 )
 def test_a_rerun_that_changes_what_trials_train_is_refused(write_spec, changed, named):
@@ -41,6 +42,15 @@ def test_a_rerun_that_changes_what_trials_train_is_refused(write_spec, changed, 
     with pytest.raises(SpecError, match=named) as raised:
         open_study(changed_spec, resolve_space(changed_spec))
     assert "--allow-changes" in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_a_field_added_later_is_stored_only_where_it_changes_what_trials_did(write_spec):
+    # data.standardize came after studies began to store their settings: at its default, what
+    # every earlier trial did, it is left out, so a study stored before it resumes unchanged
+    study = opened(write_spec)[1]
+    assert "standardize" not in study.user_attrs[TRAINED_WITH_ATTR]["data"]
+    study = opened(write_spec, "raw.yaml", data={"standardize": False}, study={"name": "raw"})[1]
+    assert study.user_attrs[TRAINED_WITH_ATTR]["data"]["standardize"] is False
 
 
 def test_where_and_how_fast_it_runs_and_the_budget_may_change(write_spec):

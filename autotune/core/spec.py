@@ -34,6 +34,7 @@ from autotune.core.spec_fields import (
     Float,
     Int,
     Section,
+    SyntheticSpec,
     existing,
     file_url_fits,
     import_path,
@@ -63,21 +64,6 @@ MAX_SEED = 2**32 - 1
 MAX_WIDTH = 65_536
 
 
-class SyntheticSpec(Section):
-    # rows drawn for synthetic_tabular and synthetic_images
-    n_samples: Int = Field(2000, ge=20)
-    # synthetic_tabular: columns; synthetic_images: ignored (the image size sets the features)
-    n_features: Int = Field(20, ge=2)
-    # synthetic_tabular: columns that carry the label; the rest is noise
-    n_informative: Int = Field(10, ge=1)
-    n_classes: Int = Field(3, ge=2)
-    # synthetic_images: side of the square image, and channels
-    image_size: Int = Field(16, ge=4)
-    channels: Int = Field(1, ge=1)
-    # label noise: the share of labels flipped at random, so that no config reaches 100 %
-    flip_y: Float = Field(0.02, ge=0, lt=1)
-
-
 class DataSpec(Section):
     # a built-in dataset: digits, breast_cancer, wine (scikit-learn's bundled copies),
     # synthetic_tabular or synthetic_images (generated, seeded)
@@ -101,6 +87,9 @@ class DataSpec(Section):
     val_fraction: Float = Field(0.2, gt=0, lt=1)
     # 64 keeps BN's batch statistics steady on small tabular sets
     batch_size: Int = Field(64, ge=2)
+    # each feature scaled by the training split's mean and std (the input_stats.pt beside the
+    # snippet); false: the values as they are, for a model trained on them (autotune diagnose)
+    standardize: bool = True
     synthetic: SyntheticSpec = SyntheticSpec()
 
     @field_validator("name")

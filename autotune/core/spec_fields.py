@@ -14,7 +14,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Strict, ValidationInfo
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationInfo,
+)
 
 from autotune.core.errors import abbreviate, quote_path
 from autotune.core.files import file_problem, path_too_long, url_file
@@ -96,3 +104,18 @@ def existing(path: Path) -> Path:
     if problem is not None:
         raise ValueError(f"file {problem}: {quote_path(path)}")
     return path
+
+
+class SyntheticSpec(Section):
+    # rows drawn for synthetic_tabular and synthetic_images
+    n_samples: Int = Field(2000, ge=20)
+    # synthetic_tabular: columns; synthetic_images: ignored (the image size sets the features)
+    n_features: Int = Field(20, ge=2)
+    # synthetic_tabular: columns that carry the label; the rest is noise
+    n_informative: Int = Field(10, ge=1)
+    n_classes: Int = Field(3, ge=2)
+    # synthetic_images: side of the square image, and channels
+    image_size: Int = Field(16, ge=4)
+    channels: Int = Field(1, ge=1)
+    # label noise: the share of labels flipped at random, so that no config reaches 100 %
+    flip_y: Float = Field(0.02, ge=0, lt=1)

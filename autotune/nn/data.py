@@ -255,6 +255,7 @@ def load_data(spec: DataSpec, *, seed: int, base_dir: Path = Path(".")) -> pl.Li
         batch_size=spec.batch_size,
         seed=seed,
         name=name,
+        standardize=spec.standardize,
     )
 
 
@@ -267,15 +268,19 @@ def datamodule_from_arrays(
     seed: int,
     name: str,
     test_fraction: float = 0.0,
+    standardize: bool = True,
 ) -> TensorDataModule:
     """Map labels to 0..K-1, split stratified and seeded (the test rows first, where
-    test_fraction holds some out), standardise on train statistics."""
+    test_fraction holds some out), standardise on train statistics (standardize=False: the
+    values as they are, the statistics those of no scaling)."""
     classes, labels = np.unique(y, return_inverse=True)
     labels = labels.reshape(-1)
     train_rows, val_rows, test_rows = split_test(
         labels, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
     )
     mean, std = standardisation(x[train_rows])
+    if not standardize:
+        mean, std = np.zeros_like(mean), np.ones_like(std)
 
     def scaled(rows: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(((x[rows] - mean) / std).astype(np.float32))

@@ -30,6 +30,11 @@ from autotune.core.spec import DEFAULT_TEST_FRACTION, Spec
 HOW_FAST = {"accelerator", "compile", "channels_last"}
 
 
+# data fields added after studies began to store their settings, each with the value that means
+# what trials did before it: left out of the settings there, so such a study resumes unchanged
+ADDED_DATA_FIELDS = {"standardize": True}
+
+
 def settled(spec: Spec, study: optuna.Study, created: bool = False) -> Spec:
     """`spec` with data.test_fraction settled where it says null: the stored study's own, none
     for a study stored before test splits (it resumes as it ran), the default for a new one."""
@@ -47,6 +52,9 @@ def settled(spec: Spec, study: optuna.Study, created: bool = False) -> Spec:
 def trial_settings(spec: Spec) -> dict[str, Any]:
     """The `train` and `data` settings a trial trains with (a data file by its content)."""
     data = spec.data.model_dump(mode="json")
+    for key, before in ADDED_DATA_FIELDS.items():  # what every study stored before them did
+        if data.get(key) == before:
+            del data[key]
     if spec.data.path is not None:  # the same rows wherever the file has moved to
         data["path"] = f"sha256:{_digest(spec.data.path)}"
     return {"train": spec.train.model_dump(mode="json", exclude=HOW_FAST), "data": data}
