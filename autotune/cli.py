@@ -11,23 +11,25 @@ Each verb imports what it runs inside itself: `autotune --help` imports click al
 
 from __future__ import annotations
 
-import os
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING
 
 import click
 
-from autotune.core.errors import SpecError, WriteError, first_line, one_line
+from autotune.cli_common import (
+    friendly,
+    make_console,
+    storage_option,
+    tracking_option,
+    url_overrides,
+)
+from autotune.cli_repair import diagnose, fix
+from autotune.core.errors import SpecError, WriteError, first_line
 from autotune.core.names import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
-    EXIT_WRITE,
-    STORAGE_ENV,
-    TRACKING_ENV,
 )
 from autotune.core.redaction import redact
 
@@ -35,26 +37,6 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from autotune.run.session import StudyOutcome
-
-storage_option = click.option(
-    "--storage",
-    help=f"Optuna storage URL (overrides ${STORAGE_ENV} and study.storage): sqlite:///, "
-    "postgresql://, journal:///path, redis://.",
-)
-tracking_option = click.option(
-    "--tracking-uri",
-    help=f"MLflow tracking URI (overrides ${TRACKING_ENV} and mlflow.tracking_uri), "
-    "e.g. http://mlflow-host:5000.",
-)
-
-
-def _overrides(storage: str | None, tracking_uri: str | None = None) -> dict[str, Any]:
-    """Each URL from its flag, else its environment variable, else what the spec says."""
-    chosen = {
-        "study.storage": storage or os.environ.get(STORAGE_ENV),
-        "mlflow.tracking_uri": tracking_uri or os.environ.get(TRACKING_ENV),
-    }
-    return {key: url for key, url in chosen.items() if url}
 
 
 def _devices(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
@@ -64,33 +46,6 @@ def _devices(ctx: click.Context, param: click.Parameter, value: str | None) -> l
     if not all(d.isdigit() for d in devices):
         raise click.BadParameter(f"{value!r}: expected CUDA device numbers, e.g. 0,1,2,3")
     return devices
-
-
-def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
-    """SpecError -> one line on stderr, exit 2; no traceback for the user's mistakes. WriteError
-    -> one line, exit 3: the disk, not the input."""
-
-    @wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except (SpecError, WriteError) as exc:
-            fail(str(exc), EXIT_WRITE if isinstance(exc, WriteError) else EXIT_BAD_INPUT)
-
-    return wrapper
-
-
-def fail(message: str, code: int) -> NoReturn:
-    """Exit with `code` after `error: <message>` on stderr: the one way the CLI says what went
-    wrong, so every error line is one line, at most MAX_LINE characters, with no secret in it."""
-    click.echo(f"error: {one_line(redact(message))}", err=True)
-    sys.exit(code)
-
-
-def _console(*, stderr: bool = True) -> Any:
-    from rich.console import Console
-
-    return Console(stderr=stderr)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -136,7 +91,7 @@ def main() -> None:
 @storage_option
 @tracking_option
 @click.option("--worker", "as_worker", is_flag=True, hidden=True)  # one of --workers' processes
-@_friendly
+@friendly
 def run(
     spec_file: Path,
     n_trials: int | None,
@@ -161,13 +116,13 @@ def run(
             sys.exit(EXIT_BAD_INPUT)
     if workers is not None and trials_per_device is not None:
         raise SpecError("--trials-per-device: give it or --workers, not both")
-    spec = load_spec(spec_file, overrides=_overrides(storage, tracking_uri))
+    spec = load_spec(spec_file, overrides=url_overrides(storage, tracking_uri))
     if trials_per_device is not None:
         from autotune.run.workers import device_count
 
         workers = trials_per_device * device_count(devices, spec.train.accelerator)
     workers = workers or 1
-    console = _console()
+    console = make_console()
     progress = RichProgress(console, spec.study.metric, spec.train.max_epochs)
     troubles: list[str] = []
     if workers > 1:
@@ -209,14 +164,14 @@ def _end_run(console: Console, spec_file: Path, outcome: StudyOutcome, troubles:
 @click.argument("spec_file", type=click.Path(path_type=Path))
 @storage_option
 @tracking_option
-@_friendly
+@friendly
 def validate(spec_file: Path, storage: str | None, tracking_uri: str | None) -> None:
     """Check SPEC_FILE, its search space and its data without training anything, with the
     storage and tracking URI that `run` would take."""
     from autotune.core.spec import load_spec
     from autotune.run.preflight import check_spec
 
-    spec = load_spec(spec_file, overrides=_overrides(storage, tracking_uri))
+    spec = load_spec(spec_file, overrides=url_overrides(storage, tracking_uri))
     space, data = check_spec(spec)
     model = spec.model.import_ or spec.model.template
     click.echo(
@@ -240,7 +195,7 @@ def validate(spec_file: Path, storage: str | None, tracking_uri: str | None) -> 
     "json (recommended.json). Default: yaml and py.",
 )
 @storage_option
-@_friendly
+@friendly
 def export(spec_file: Path, formats: tuple[str, ...], storage: str | None) -> None:
     """Write the study's recommendation again from SPEC_FILE's storage, each file verified
     against the tuned network and its saved weights."""
@@ -249,7 +204,7 @@ def export(spec_file: Path, formats: tuple[str, ...], storage: str | None) -> No
     from autotune.outputs.export import DEFAULT_FORMATS, NothingToRecommend, write_outputs
     from autotune.search.storage import load_existing_study
 
-    spec = load_spec(spec_file, overrides=_overrides(storage))
+    spec = load_spec(spec_file, overrides=url_overrides(storage))
     study = load_existing_study(spec)
     try:
         paths = write_outputs(study, spec, formats or DEFAULT_FORMATS)
@@ -271,43 +226,34 @@ def export(spec_file: Path, formats: tuple[str, ...], storage: str | None) -> No
     "default: the search space's defaults.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the prediction as JSON.")
-@_friendly
+@friendly
 def predict(spec_file: Path, config_file: Path | None, as_json: bool) -> None:
     """Predict each BN layer's variance shift Δ for a configuration, without training."""
     import json
 
-    from autotune.core.files import read_yaml
-    from autotune.core.space_files import config_from_mapping
     from autotune.core.spec import load_spec
     from autotune.nn.data import load_data
     from autotune.nn.fitting import predict as predict_config
-    from autotune.run.preflight import check_runnable, resolve_space
+    from autotune.run.preflight import check_runnable, read_config, resolve_space
     from autotune.run.progress import print_prediction
 
     spec = load_spec(spec_file)
     data = load_data(spec.data, seed=spec.train.seed, base_dir=spec.base_dir)
     space = resolve_space(spec, data)
     check_runnable(spec, space, data)
-    config = space.defaults()
-    if config_file is not None:
-        config = config_from_mapping(
-            read_yaml(config_file, what="config file"),
-            n_blocks=len(space.blocks),
-            slots=space.slots,
-            source=str(config_file),
-        )
+    config = space.defaults() if config_file is None else read_config(space, config_file)
     prediction = predict_config(spec, config, data)
     if as_json:
         click.echo(json.dumps({"config": config.to_params(), **prediction.to_dict()}, indent=2))
     else:
-        print_prediction(_console(stderr=False), config, prediction)
+        print_prediction(make_console(stderr=False), config, prediction)
 
 
 @main.command()
 @click.argument("spec_file", type=click.Path(path_type=Path))
 @storage_option
 @tracking_option
-@_friendly
+@friendly
 def sync(spec_file: Path, storage: str | None, tracking_uri: str | None) -> None:
     """Log to MLflow what it misses of the study in SPEC_FILE, from the Optuna storage: trials
     finished while the tracking server was away, or whose worker died; and end the parent run,
@@ -319,7 +265,7 @@ def sync(spec_file: Path, storage: str | None, tracking_uri: str | None) -> None
     from autotune.search.sync import sync_study
     from autotune.search.tracking import Tracker
 
-    spec = load_spec(spec_file, overrides=_overrides(storage, tracking_uri))
+    spec = load_spec(spec_file, overrides=url_overrides(storage, tracking_uri))
     if not spec.mlflow.enabled:
         raise SpecError("mlflow.enabled: false: this study logs nothing to MLflow")
     study = load_existing_study(spec)
@@ -362,7 +308,7 @@ def sync(spec_file: Path, storage: str | None, tracking_uri: str | None) -> None
 @main.command()
 @click.argument("spec_file", type=click.Path(path_type=Path))
 @storage_option
-@_friendly
+@friendly
 def report(spec_file: Path, storage: str | None) -> None:
     """Write the study in SPEC_FILE's storage as one self-contained HTML page, its pictures
     embedded, and the pictures as PNG beside it."""
@@ -370,13 +316,13 @@ def report(spec_file: Path, storage: str | None) -> None:
     from autotune.outputs.report import write_report
     from autotune.search.storage import load_existing_study
 
-    spec = load_spec(spec_file, overrides=_overrides(storage))
+    spec = load_spec(spec_file, overrides=url_overrides(storage))
     study = load_existing_study(spec)
     click.echo(f"wrote {write_report(study, spec)}")
 
 
 @main.command()
-@_friendly
+@friendly
 def spaces() -> None:
     """List the search spaces in search_spaces/ and what they search."""
     from autotune.core.space_files import describe_space, list_spaces, load_space
@@ -387,6 +333,9 @@ def spaces() -> None:
         for _, param, text in describe_space(space):
             click.echo(f"  {param:<14} {text}")
 
+
+main.add_command(diagnose)
+main.add_command(fix)
 
 if __name__ == "__main__":
     main()

@@ -31,6 +31,8 @@ TOP_LEVEL: dict[str, str] = {
     "__init__": "core",  # the version, nothing imported
     "pruners": "search",  # the pruner's public path: autotune.pruners.VarianceShiftPruner
     "cli": "cli",
+    "cli_common": "cli",  # how every command fails and prints
+    "cli_repair": "cli",  # diagnose and fix
 }
 HEAVY = ("torch", "optuna", "lightning", "mlflow")
 

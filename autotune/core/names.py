@@ -75,6 +75,7 @@ SURPLUS_ATTR = "surplus"  # not started: other workers took the budget's last sl
 STUDY_TAG = "autotune.study"  # on the parent and every child run: the study's name
 ROLE_TAG = "autotune.role"  # PARENT_ROLE or TRIAL_ROLE
 PARENT_ROLE, TRIAL_ROLE = "parent", "trial"
+DIAGNOSIS_ROLE = "diagnosis"  # a run of `autotune diagnose --mlflow`, in no study
 TRIAL_TAG = "autotune.trial"  # a child run's trial number
 STATE_TAG = "autotune.state"  # COMPLETE, PRUNED, FAIL, INTERRUPTED (RUNNING while it runs)
 PARTIAL = "autotune.partial"  # the tag of a run that missed some of its trial's calls

@@ -306,7 +306,7 @@ def _observed_bn_inputs(
     """The model in eval mode (BN layers in train mode if bn_train, the regularisers on if
     regularizers_on), every tracking BN's input pooled into Moments; hooks removed and training
     flags restored on the way out."""
-    layers = _tracking_bns(model)
+    layers = tracking_bns(model)
     flags = _training_flags(model)
     moments = {name: Moments() for name in layers}
     handles = [bn.register_forward_hook(moments[name].hook) for name, bn in layers.items()]
@@ -324,7 +324,7 @@ def _observed_bn_inputs(
         _restore_flags(flags)
 
 
-def _tracking_bns(model: nn.Module) -> dict[str, _BatchNorm]:
+def tracking_bns(model: nn.Module) -> dict[str, _BatchNorm]:
     return {
         name: module
         for name, module in model.named_modules()

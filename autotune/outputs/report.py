@@ -286,7 +286,7 @@ def write_report(study: optuna.Study, spec: Spec) -> Path:
         value = f", {_e(metric)} = {best.value:.4f}" if name == f"trial {best.number}" else ""
         parts.append(
             f"<h2>Recommended: {_e(name)}{value}</h2>"
-            + _table(
+            + html_table(
                 ["block", "placement", "rate", "regularizer", "BN momentum"],
                 [
                     [i, b["placement"], f"{b['rate']:.3f}", b["regularizer"], b["bn_momentum"]]
@@ -300,7 +300,7 @@ def write_report(study: optuna.Study, spec: Spec) -> Path:
     if robust is not None and best is not None and robust.get("choice") == best.number:
         parts.append(
             f"<h2>Trained again over {_e(_over(robust))}, ranked by the {_e(robust['by'])}</h2>"
-            + _table(
+            + html_table(
                 ["configuration", "trial", f"mean {metric}", "sd", "95 % bound", "values"],
                 [
                     [
@@ -350,7 +350,7 @@ def _top_table(study: optuna.Study, metric: str) -> str:
             ]
         )
     columns = ["worst dropout factor", "worst BN lag", "worst Δ"]
-    return _table(["trial", metric, "blocks", *(f"{c} measured" for c in columns)], rows)
+    return html_table(["trial", metric, "blocks", *(f"{c} measured" for c in columns)], rows)
 
 
 def _worst(part: dict | None) -> str:
@@ -358,7 +358,7 @@ def _worst(part: dict | None) -> str:
     return f"{part['summary']['worst_delta']:.3f}" if part else "-"
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def html_table(header: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

@@ -18,6 +18,7 @@ imports none of them.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from autotune.core.checks import (
@@ -32,7 +33,7 @@ from autotune.core.checks import (
     split_sizes,
 )
 from autotune.core.errors import SpecError, UserCodeError, abbreviate
-from autotune.core.space import SearchSpace, Slot
+from autotune.core.space import SearchSpace, Slot, TrialConfig
 from autotune.core.space_files import load_space
 from autotune.core.spec import BUILTIN_DATASETS, DataSpec, Spec, SyntheticSpec
 from autotune.core.user_code import USER_ERRORS, message_of, raised_line
@@ -171,3 +172,17 @@ def check_spec(spec: Spec) -> tuple[SearchSpace, DataShape]:
     if data.train_rows is not None:
         check_batches(data.train_rows, spec.data.batch_size)
     return space, data
+
+
+def read_config(space: SearchSpace, config_file: Path) -> TrialConfig:
+    """The configuration in `config_file` (blocks, recalibrate_bn: a recommended.yaml, or one
+    written by hand), checked against `space`; SpecError naming the file where it does not fit."""
+    from autotune.core.files import read_yaml
+    from autotune.core.space_files import config_from_mapping
+
+    return config_from_mapping(
+        read_yaml(config_file, what="config file"),
+        n_blocks=len(space.blocks),
+        slots=space.slots,
+        source=str(config_file),
+    )
