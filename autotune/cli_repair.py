@@ -100,7 +100,7 @@ def fix(spec_file: Path, weights: Path, config_file: Path | None, out: Path) -> 
     they score worse."""
     from autotune.core.checks import quiet_lightning
     from autotune.core.spec import load_spec
-    from autotune.outputs.diagnosis import verdict_lines
+    from autotune.outputs.diagnosis import score_lines
     from autotune.run.repair import fix as fix_weights
 
     quiet_lightning()
@@ -108,7 +108,7 @@ def fix(spec_file: Path, weights: Path, config_file: Path | None, out: Path) -> 
     if out.resolve() == weights.resolve():
         fail(f"--out: {out} is the input's own file: name another, the input stays", EXIT_BAD_INPUT)
     fixed = fix_weights(spec, weights, config_file, out)
-    for line in verdict_lines(fixed.diagnosis)[:3]:
+    for line in score_lines(fixed.diagnosis):
         click.echo(line)
     if fixed.test is not None:
         before, after = (fixed.test[k]["acc"] for k in ("before", "after"))
