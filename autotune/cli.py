@@ -25,6 +25,7 @@ from autotune.cli_common import (
     url_overrides,
 )
 from autotune.cli_repair import diagnose, fix
+from autotune.cli_study import init, trials
 from autotune.core.errors import SpecError, WriteError, first_line
 from autotune.core.names import (
     EXIT_BAD_INPUT,
@@ -107,7 +108,8 @@ def run(
     """Run the study in SPEC_FILE, or resume it where it stopped, or join it: the same command
     on another node works on the same study when its storage is shared."""
     from autotune.core.spec import load_spec
-    from autotune.run.progress import RichProgress, print_summary
+    from autotune.run.progress import RichProgress
+    from autotune.run.summary import print_summary
 
     if as_worker:
         from autotune.run.workers import await_launcher
@@ -117,6 +119,10 @@ def run(
     if workers is not None and trials_per_device is not None:
         raise SpecError("--trials-per-device: give it or --workers, not both")
     spec = load_spec(spec_file, overrides=url_overrides(storage, tracking_uri))
+    if devices is not None and not as_worker:
+        from autotune.run.workers import check_devices
+
+        check_devices(devices, spec.train.accelerator)
     if trials_per_device is not None:
         from autotune.run.workers import device_count
 
@@ -143,7 +149,7 @@ def run(
 
         outcome = run_here(spec, n_trials, timeout, devices, progress, as_worker, allow_changes)
     if not as_worker:
-        print_summary(console, spec, outcome)
+        print_summary(console, spec, outcome, spec_file)
     _end_run(console, spec_file, outcome, troubles)
 
 
@@ -235,7 +241,7 @@ def predict(spec_file: Path, config_file: Path | None, as_json: bool) -> None:
     from autotune.nn.data import load_data
     from autotune.nn.fitting import predict as predict_config
     from autotune.run.preflight import check_runnable, read_config, resolve_space
-    from autotune.run.progress import print_prediction
+    from autotune.run.summary import print_prediction
 
     spec = load_spec(spec_file)
     data = load_data(spec.data, seed=spec.train.seed, base_dir=spec.base_dir)
@@ -336,6 +342,8 @@ def spaces() -> None:
 
 main.add_command(diagnose)
 main.add_command(fix)
+main.add_command(trials)
+main.add_command(init)
 
 if __name__ == "__main__":
     main()

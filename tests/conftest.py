@@ -67,3 +67,18 @@ def read_only():
     folders = ReadOnly()
     yield folders
     folders.off()
+
+
+STORED = Path(__file__).parent / "data" / "stored-0.1.0"
+
+
+@pytest.fixture
+def stored(tmp_path: Path, monkeypatch) -> Path:
+    """A copy of the study an earlier version stored (tests/data/stored-0.1.0), the working
+    directory in it (its spec's output is `out`); returns its spec."""
+    import shutil
+
+    copy = tmp_path / "stored"
+    shutil.copytree(STORED, copy)
+    monkeypatch.chdir(copy)
+    return copy / "spec.yaml"

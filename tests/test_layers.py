@@ -28,11 +28,12 @@ LAYERS: dict[str, str] = {
 }
 # the modules at the top of the package, and the layer each sits in
 TOP_LEVEL: dict[str, str] = {
-    "__init__": "core",  # the version, nothing imported
+    "__init__": "outputs",  # the version, and autotune.load (outputs.loading, when called)
     "pruners": "search",  # the pruner's public path: autotune.pruners.VarianceShiftPruner
     "cli": "cli",
     "cli_common": "cli",  # how every command fails and prints
     "cli_repair": "cli",  # diagnose and fix
+    "cli_study": "cli",  # trials and init
 }
 HEAVY = ("torch", "optuna", "lightning", "mlflow")
 

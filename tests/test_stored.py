@@ -7,7 +7,6 @@ Each test works on a copy."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import optuna
@@ -18,17 +17,6 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from autotune.cli import main
-
-STORED = Path(__file__).parent / "data" / "stored-0.1.0"
-
-
-@pytest.fixture
-def stored(tmp_path: Path, monkeypatch) -> Path:
-    """A copy of the stored study, the working directory in it (its spec's output is `out`)."""
-    copy = tmp_path / "stored"
-    shutil.copytree(STORED, copy)
-    monkeypatch.chdir(copy)
-    return copy / "spec.yaml"
 
 
 def invoke(*args: str | Path):

@@ -47,10 +47,10 @@ from autotune.core.names import (
 from autotune.core.spec import Spec
 from autotune.core.writes import write_atomic
 from autotune.outputs.recommendation import folds_said, trust_lines
+from autotune.search.endings import GATED, counts_line, ending, ending_counts
 from autotune.search.queries import (
     recommended_config,
     recommended_trial,
-    state_counts,
     top_trials,
 )
 
@@ -65,6 +65,7 @@ FIGURES = {
 TOP = 8  # trials in the heat map and the learning curves
 NUMBERED_COLUMNS = 15  # the heat map prints each Δ up to this many BN layers
 COLORS = {"COMPLETE": "#2b7bba", "PRUNED": "#e6a23c", "FAIL": "#d9534f"}
+GATED_COLOR = "#6c757d"
 
 
 class CannotDraw(Exception):
@@ -114,13 +115,26 @@ def _history(ax: Any, study: optuna.Study, metric: str) -> None:
     for state, color in COLORS.items():
         shown = [t for t in trials if t.state.name == state and _value(t) is not None]
         if shown:
+            label = "pruned in training" if state == "PRUNED" else state.lower()
             ax.scatter(
                 [t.number for t in shown],
                 [_value(t) for t in shown],
                 s=18,
                 color=color,
-                label=state.lower(),
+                label=label,
             )
+    gated = [t.number for t in trials if ending(t) == GATED]
+    if gated:  # no value to plot: a mark on the axis at the worst end, where it would have been
+        low, high = ax.get_ylim()
+        ax.scatter(
+            gated,
+            [low if maximize else high] * len(gated),
+            s=22,
+            marker="x",
+            color=GATED_COLOR,
+            clip_on=False,
+            label="gated before training",
+        )
     best, line = None, []
     for trial in sorted(trials, key=lambda t: t.number):
         value = trial.value if trial.state == TrialState.COMPLETE else None
@@ -276,10 +290,9 @@ def write_report(study: optuna.Study, spec: Spec) -> Path:
     figures = write_figures(study, out / FIGURES_DIR, metric)
     best = recommended_trial(study, spec)
     chosen = recommended_config(study, spec)
-    counts = state_counts(study)
     parts = [
         f"<h1>autotune study {_e(study.study_name)}</h1>",
-        "<p>" + ", ".join(f"{n} {_e(state.lower())}" for state, n in counts.items()) + "</p>",
+        f"<p>trials: {_e(counts_line(ending_counts(study)))}</p>",
     ]
     if best is not None and chosen is not None:
         name, config = chosen

@@ -55,7 +55,7 @@ from autotune.nn.prediction import NetworkPrediction
 from autotune.nn.shift import measured_record
 from autotune.nn.weights import save_tensors
 from autotune.search.optuna_private import frozen_trial
-from autotune.search.pruners import VarianceShiftPruner, Verdict
+from autotune.search.pruners import VarianceShiftPruner, Verdict, pruning_rule
 from autotune.search.run_fields import measured_metrics, predicted_metrics
 from autotune.search.settings import trial_settings
 
@@ -113,13 +113,15 @@ class Objective:
         *,
         stop: threading.Event | None = None,
         on_epoch: Callable[[optuna.Trial, int, dict[str, float]], None] | None = None,
+        on_start: Callable[[optuna.Trial], None] | None = None,
         admit: Callable[[optuna.Trial], bool] | None = None,
     ):
         """`admit(trial)`: whether the study's budget has room for this trial (several workers
-        share it); a trial it refuses ends FAIL before anything runs, marked `surplus`."""
+        share it); a trial it refuses ends FAIL before anything runs, marked `surplus`.
+        `on_start(trial)`: told once the trial's configuration is sampled, before it predicts."""
         self.spec, self.space, self.datamodule, self.tracker = spec, space, datamodule, tracker
         self.stop = stop or threading.Event()
-        self.on_epoch = on_epoch
+        self.on_epoch, self.on_start = on_epoch, on_start
         self.admit = admit
         self.settings = trial_settings(spec)  # what every trial records it trained with
         # the trials a signal stopped after their configuration was sampled
@@ -131,12 +133,19 @@ class Objective:
         trial.set_user_attr(STARTED, trial.number)
         self._refuse_if_stopped_or_surplus(trial)
         config, run_id = self._start(trial)
+        if self.on_start is not None:
+            self.on_start(trial)
         # the epochs reported so far: a pruned trial's record, and what `autotune sync` logs
         history: list[dict[str, float]] = []
         try:
             return self._trial(trial, config, run_id, history)
         except optuna.TrialPruned as exc:
-            self._pruned(trial, run_id, int(history[-1]["epoch"]) if history else 0, str(exc))
+            epoch = int(history[-1]["epoch"]) if history else 0
+            reason = str(exc)
+            if epoch:  # stopped in training: say by which of the pruner's rules
+                rule = pruning_rule(trial.study.pruner, trial.number)
+                reason = f"{reason}, {rule}" if rule else reason
+            self._pruned(trial, run_id, epoch, reason)
             raise
         except (TrialInterrupted, KeyboardInterrupt, SystemExit) as exc:
             if isinstance(exc, SystemExit) and not self._interrupt(exc):

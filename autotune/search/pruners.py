@@ -146,19 +146,28 @@ class VarianceShiftPruner(BasePruner):
         self.margin = margin
         self.seed = seed
         self.delta_key = delta_key
+        self.rules: dict[int, str] = {}  # trial number -> the rule that stopped it
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        stop, rule = self.decide(study, trial)
+        if stop:  # read once by whoever stops the trial (pruning_rule)
+            self.rules[trial.number] = rule
+        return stop
+
+    def decide(self, study: optuna.Study, trial: FrozenTrial) -> tuple[bool, str]:
+        """Whether to stop the trial now, and by which rule, in words."""
         delta = trial.user_attrs.get(self.delta_key)
         if delta is None:  # nothing predicted: the base alone
-            return self.base.prune(study, trial)
+            return self.base.prune(study, trial), f"by {rule_name(self.base)}"
         if trial.last_step is None:  # before training: the gate
-            return self.gated(study, trial)
+            verdict = self.verdict(study, trial)
+            return self.stops(verdict, trial.number), verdict.reason if verdict else ""
         step = trial.last_step
-        if 1 <= step <= self.cost_steps and self.stops(
-            self.cost_verdict(study, trial, step), trial.number
-        ):
-            return True
-        return self._base_decides(study, trial, shift_distance(delta))
+        if 1 <= step <= self.cost_steps:
+            verdict = self.cost_verdict(study, trial, step)
+            if verdict is not None and self.stops(verdict, trial.number):
+                return True, f"by the cost gate: {verdict.reason}"
+        return self._base_decides(study, trial, delta)
 
     # -- the gate ---------------------------------------------------------------------------------
 
@@ -255,17 +264,34 @@ class VarianceShiftPruner(BasePruner):
             limit = shift_distance(0.5)  # no gate: closeness still needs a scale
         return max(0.0, 1.0 - distance / limit)
 
-    def _base_decides(self, study: optuna.Study, trial: FrozenTrial, distance: float) -> bool:
-        c = self.closeness(study, distance)
+    def _base_decides(
+        self, study: optuna.Study, trial: FrozenTrial, delta: float
+    ) -> tuple[bool, str]:
+        c = self.closeness(study, shift_distance(delta))
         grace = round(self.patience * c)
         if isinstance(self.base, (MedianPruner, PercentilePruner)):
-            return self._percentile(c, grace).prune(study, trial)
+            pruner = self._percentile(c, grace)
+            kept, was = percentile_settings(pruner)["percentile"], self.base_percentile()
+            narrowed = f", narrowed from {was:.0f} % for its predicted Δ {delta:.3f}"
+            return pruner.prune(study, trial), (
+                f"by {rule_name(self.base)}: not in the best {kept:.0f} % of the trials at "
+                f"epoch {trial.last_step}{narrowed if kept < was else ''}"
+            )
         # asked at every report, so that a rung-based base records each rung's own value; its
         # decision counts once the trial is `grace` epochs past its first report
         decision = self.base.prune(study, trial)
         first = min(trial.intermediate_values) if trial.intermediate_values else 0
         assert trial.last_step is not None  # checked by prune()
-        return decision and trial.last_step - first >= grace
+        return decision and trial.last_step - first >= grace, f"by {rule_name(self.base)}"
+
+    def base_percentile(self) -> float:
+        """The percentile of trials a median or percentile base keeps (the median: 50)."""
+        assert isinstance(self.base, PercentilePruner)  # MedianPruner is one
+        return float(percentile_settings(self.base)["percentile"])
+
+    def pruned_by(self, number: int) -> str:
+        """The rule that stopped trial `number` in training, once: "" where none did."""
+        return self.rules.pop(number, "")
 
     def _percentile(self, closeness: float, grace: int) -> PercentilePruner:
         """The base's percentile rule, stricter as closeness falls, warmer by `grace` epochs."""
@@ -277,6 +303,29 @@ class VarianceShiftPruner(BasePruner):
 
 
 GATES = ("cost", "delta")
+RULES = {
+    "MedianPruner": "the median rule",
+    "PercentilePruner": "the percentile rule",
+    "SuccessiveHalvingPruner": "successive halving",
+    "HyperbandPruner": "Hyperband",
+    "ThresholdPruner": "the threshold rule",
+    "PatientPruner": "the patient rule",
+    "WilcoxonPruner": "the Wilcoxon rule",
+}
+
+
+def rule_name(pruner: BasePruner) -> str:
+    """A pruner's rule in words: "the median rule", or its class's name."""
+    return RULES.get(type(pruner).__name__, type(pruner).__name__)
+
+
+def pruning_rule(pruner: BasePruner, number: int) -> str:
+    """Which rule of the study's pruner stopped trial `number` in training, in words."""
+    if isinstance(pruner, VarianceShiftPruner):
+        return pruner.pruned_by(number)
+    return f"by {rule_name(pruner)}"
+
+
 # a learned line never closer to 1 than Δ = 0.9 (or 1/0.9): the best trials having Δ = 1 must not
 # gate every trial that has any dropout at all
 MIN_LEARNED_DISTANCE = abs(math.log(0.9))
