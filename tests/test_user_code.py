@@ -69,3 +69,52 @@ def test_a_long_name_is_echoed_by_its_start(tmp_path: Path) -> None:
     message = str(caught.value)
     assert message.startswith("data.datamodule: cannot import 'fuzz_absent.pkg.pkg.")
     assert "…" in message and len(message) < 400
+
+
+# --- the arguments a factory gets from the data -----------------------------------------------
+
+
+def test_a_factory_gets_the_data_under_the_names_common_models_use():
+    from autotune.core.spec import ModelSpec
+    from autotune.nn.surgery import factory_kwargs
+
+    def mlp(in_features, num_classes, width=8): ...
+    def cnn(in_channels, n_classes, img_size, depth=2): ...
+    def tabular(input_dim, n_outputs): ...
+
+    spec = ModelSpec.model_validate({"import": "user:build", "kwargs": {"width": 16}})
+    # a flat feature count for a Linear, the class count by either name, what the spec gives
+    assert factory_kwargs(spec, mlp, (1, 8, 8), 10) == {
+        "width": 16,
+        "in_features": 64,
+        "num_classes": 10,
+    }
+    # an image's channels and side
+    assert factory_kwargs(spec, cnn, (3, 16, 16), 4) == {
+        "width": 16,
+        "in_channels": 3,
+        "n_classes": 4,
+        "img_size": 16,
+    }
+    assert factory_kwargs(spec, tabular, (30,), 2) == {"width": 16, "input_dim": 30, "n_outputs": 2}
+
+
+def test_a_factory_argument_the_data_cannot_tell_is_named_in_one_line():
+    from autotune.core.spec import ModelSpec
+    from autotune.nn.surgery import factory_kwargs
+
+    def build(in_features, n_classes, depth, *, heads): ...
+
+    spec = ModelSpec.model_validate({"import": "user:build"})
+    with pytest.raises(SpecError) as caught:
+        factory_kwargs(spec, build, (30,), 2)
+    message = str(caught.value)
+    # the field to set and every argument left without a value
+    assert message.startswith("model.kwargs: 'user:build' needs 'depth', 'heads'")
+    assert "in_features" in message and "\n" not in message
+
+    # channels are not guessed for flat rows: a tabular in_channels is the user's to set
+    def conv(in_channels, n_classes): ...
+
+    with pytest.raises(SpecError, match="needs 'in_channels'"):
+        factory_kwargs(spec, conv, (30,), 2)

@@ -25,6 +25,7 @@ here load into the user's unmodified model, and the user's checkpoints load into
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,23 +144,62 @@ def load_factory(spec: ModelSpec, *, base_dir: Path = Path(".")) -> Any:
     return factory
 
 
+def data_arguments(input_shape: Sequence[int], n_classes: int) -> dict[str, Any]:
+    """What autotune can tell a factory of the data, under the names common models give it:
+    the shape, the class count, the flat feature count, and an image's channels and size."""
+    shape = tuple(input_shape)
+    known: dict[str, Any] = {"input_shape": shape}
+    known.update(dict.fromkeys(CLASS_NAMES, n_classes))
+    known.update(dict.fromkeys(FEATURE_NAMES, math.prod(shape)))
+    if len(shape) >= 2:  # channels first: (C, L) or (C, H, W)
+        known.update(dict.fromkeys(CHANNEL_NAMES, shape[0]))
+    if len(shape) == 3 and shape[1] == shape[2]:  # a square image
+        known.update(dict.fromkeys(SIZE_NAMES, shape[1]))
+    return known
+
+
+CLASS_NAMES = ("n_classes", "num_classes", "n_outputs", "num_outputs", "out_dim")
+FEATURE_NAMES = ("in_features", "n_features", "num_features", "input_dim", "input_size", "in_dim")
+CHANNEL_NAMES = ("in_channels", "in_chans", "input_channels", "n_channels", "num_channels")
+SIZE_NAMES = ("image_size", "img_size")
+
+
 def factory_kwargs(
     spec: ModelSpec, factory: Any, input_shape: Sequence[int], n_classes: int
 ) -> dict[str, Any]:
-    """`model.kwargs`, with input_shape and n_classes where the factory takes them."""
+    """`model.kwargs`, with what the data tells (data_arguments) under each name the factory
+    takes that the spec does not set. A required argument left without a value is a SpecError
+    naming it and `model.kwargs`."""
     kwargs = dict(spec.kwargs)
-    for name, value in (("input_shape", tuple(input_shape)), ("n_classes", n_classes)):
-        if name not in kwargs and _takes(factory, name):
-            kwargs[name] = value
+    parameters = _parameters(factory)
+    if parameters is None:  # a builtin without a signature: what the spec gives
+        return kwargs
+    known = data_arguments(input_shape, n_classes)
+    for name in parameters:
+        if name not in kwargs and name in known:
+            kwargs[name] = known[name]
+    missing = [
+        name
+        for name, parameter in parameters.items()
+        if name not in kwargs
+        and parameter.default is inspect.Parameter.empty
+        and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+    ]
+    if missing:
+        names = ", ".join(repr(name) for name in missing)
+        raise SpecError(
+            f"model.kwargs: {spec.import_!r} needs {names}, which the data does not tell: set "
+            f"{'it' if len(missing) == 1 else 'them'} in model.kwargs (autotune fills in "
+            "input_shape, n_classes, num_classes, in_features, in_channels and their like)"
+        )
     return kwargs
 
 
-def _takes(factory: Any, name: str) -> bool:
+def _parameters(factory: Any) -> dict[str, inspect.Parameter] | None:
     try:
-        parameters = inspect.signature(factory).parameters
+        return dict(inspect.signature(factory).parameters)
     except (TypeError, ValueError):  # a builtin without a signature
-        return False
-    return name in parameters
+        return None
 
 
 def find_blocks(model: nn.Module, input_shape: Sequence[int]) -> tuple[FoundBlock, ...]:
@@ -280,13 +320,14 @@ def add_regularizer(host: nn.Module, drop: nn.Module, where: str) -> None:
         host.register_forward_hook(drop_output)
 
 
-def drop_input(module: nn.Module, args: tuple) -> tuple:
-    """Forward pre-hook: the module's regulariser on its first input."""
-    return (module.drop_input(args[0]), *args[1:])
+def drop_input(module: nn.Module, args: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
+    """Forward pre-hook: the module's regulariser on its input, the one tensor a BN layer or an
+    activation takes. Typed as TorchScript wants a hook: torch.jit.script compiles it too."""
+    return (module.drop_input(args[0]),)
 
 
-def drop_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook: the module's regulariser on its output."""
+def drop_output(module: nn.Module, args: tuple[torch.Tensor], output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: the module's regulariser on its output (typed for TorchScript)."""
     return module.drop_output(output)
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-from autotune.core.errors import WriteError
+from autotune.core.errors import SpecError, WriteError
 from autotune.core.names import (
     DEVICE_WORKERS_ENV,
     DEVICES_ENV,
@@ -97,6 +97,29 @@ def device_count(devices: list[str] | None, accelerator: str) -> int:
 
         return max(1, torch.cuda.device_count())
     return max(1, len(devices))
+
+
+def check_devices(devices: list[str], accelerator: str) -> None:
+    """SpecError naming --devices where it names a CUDA device this process does not see, or
+    where training runs on the CPU: a run never quietly trains elsewhere than asked."""
+    shown = ",".join(devices)
+    if accelerator == "cpu":
+        raise SpecError(f"--devices {shown}: train.accelerator is cpu; drop --devices")
+    import torch
+
+    count = torch.cuda.device_count()  # NVML: counts without initialising CUDA
+    absent = [d for d in devices if int(d) >= count]
+    if not absent:
+        return
+    if count == 0:
+        raise SpecError(
+            f"--devices {shown}: this machine shows no CUDA device; drop --devices to train "
+            "on what train.accelerator finds"
+        )
+    raise SpecError(
+        f"--devices {shown}: no CUDA device {', '.join(absent)} here: this process sees "
+        f"{count} ({', '.join(str(i) for i in range(count))})"
+    )
 
 
 def plan_devices(n: int, devices: list[str] | None, accelerator: str) -> list[str | None]:

@@ -295,7 +295,8 @@ def load_existing_study(spec: Spec) -> optuna.Study:
     url = spec.storage_url
     path = url_file(url)
     if path is not None and not Path(path).is_file():
-        raise SpecError(f"study.name: no study {spec.study.name!r}: {url} does not exist")
+        relative = "" if Path(path).is_absolute() else f" (from the working directory {Path.cwd()})"
+        raise SpecError(f"study.name: no study {spec.study.name!r}: {url} does not exist{relative}")
     try:
         study = optuna.load_study(study_name=spec.study.name, storage=spec_storage(spec))
     except KeyError:
