@@ -48,8 +48,38 @@ def compose_variables() -> dict[str, str | None]:
 
 
 def test_the_three_services_exist():
-    # PostgreSQL for Optuna, the MLflow server and the workers
-    assert set(SERVICES) == {"postgres", "mlflow", "worker"}
+    # PostgreSQL for Optuna, the MLflow server and the workers, and the check of .env before
+    assert set(SERVICES) == {"env-check", "postgres", "mlflow", "worker"}
+
+
+def test_a_placeholder_or_weak_password_stops_compose_before_the_database_starts(tmp_path):
+    import subprocess
+
+    check = SERVICES["env-check"]
+    # the database waits for the check to pass; mlflow and the workers wait for the database
+    assert SERVICES["postgres"]["depends_on"]["env-check"]["condition"] == (
+        "service_completed_successfully"
+    )
+    assert check["image"] == SERVICES["postgres"]["image"]  # nothing more to pull
+    shell, flag, script = check["entrypoint"]
+    script = script.replace("$$", "$")  # what compose hands the container's shell
+
+    def run(password: str) -> subprocess.CompletedProcess:
+        env = {"PATH": "/usr/bin:/bin", "POSTGRES_PASSWORD": password}
+        return subprocess.run([shell, flag, script], env=env, capture_output=True, text=True)
+
+    # .env.example's own value, as it is: refused in one line that says what to do
+    refused = run(ENV_EXAMPLE["POSTGRES_PASSWORD"])
+    assert refused.returncode == 1
+    assert refused.stderr == (
+        "POSTGRES_PASSWORD is the placeholder of .env.example: set a long random one in .env\n"
+    )
+    # short, or with a character that a URL would need escaped
+    assert "at least 16" in run("short-one").stderr
+    assert "letters, digits" in run("a-long-password-with@sign").stderr
+    # a long random one passes, silently
+    passed = run("Xk3_9vQz-Lm2pR7tWb8s")
+    assert passed.returncode == 0 and passed.stderr == ""
 
 
 def test_no_credential_is_written_in_the_compose_file():
