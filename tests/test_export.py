@@ -467,3 +467,97 @@ def test_verify_weights_names_a_file_that_cannot_be_read(tmp_path: Path) -> None
     # a check that failed, naming the file: `export` prints it in one line, not a traceback
     with pytest.raises(WeightsDoNotLoad, match=rf"^{re.escape(str(weights))}: cannot be read"):
         verify_weights(load_snippet(path), reference, weights, shape, path)
+
+
+# --- a result that loads in one call ----------------------------------------------------------
+
+
+def raw_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """digits as they come, unstandardised: pixel values 0 to 16, shaped like the data, and
+    the labels."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return torch.tensor(x, dtype=torch.float32).reshape(-1, *DIGITS), torch.tensor(y)
+
+
+def test_autotune_load_gives_the_trained_network_for_raw_features(one_trial):
+    import autotune
+    from autotune.search.queries import trial_config
+
+    def load_tensors(path: Path):
+        return torch.load(path, weights_only=True)
+
+    spec, study = one_trial
+    model = autotune.load(spec.output_dir)
+    # eval mode, the standardisation in front, the labels of its outputs
+    assert not model.training
+    stats = load_tensors(spec.output_dir / "input_stats.pt")
+    assert model.classes == stats["classes"] == list(range(10))
+    # raw pixels in: the outputs of the tuned network fed what the trials were fed
+    tuned = build_model(spec.model, trial_config(study.trials[0]), DIGITS, 10)
+    tuned.load_state_dict(load_tensors(spec.output_dir / "weights" / "trial_0.pt"))
+    raw, labels = raw_digits()
+    with torch.no_grad():
+        expected = tuned.eval()((raw - stats["mean"].float()) / stats["std"].float())
+        got = model(raw)
+    assert torch.allclose(got, expected, atol=1e-4), float((got - expected).abs().max())
+    # on every digit, raw, it scores what the trial scored on its validation rows
+    accuracy = float((got.argmax(1) == labels).float().mean())
+    assert abs(accuracy - study.trials[0].value) < 0.1, (accuracy, study.trials[0].value)
+    # the verification said so in recommended.yaml
+    verified = yaml.safe_load((spec.output_dir / "recommended.yaml").read_text())["verified"]
+    assert "its load() gives them from raw inputs" in verified["best_model.py"]
+
+
+def test_the_loaded_network_scripts_and_exports(one_trial):
+    import autotune
+
+    spec, _ = one_trial
+    model = autotune.load(spec.output_dir)
+    raw, _ = raw_digits()
+    with torch.no_grad():
+        expected = model(raw[:8])
+        # TorchScript: no hooks, no Python the compiler cannot read
+        scripted = torch.jit.script(model)
+        assert torch.allclose(scripted(raw[:8]), expected)
+        # torch.export: one graph
+        exported = torch.export.export(model, (raw[:8],))
+        assert torch.allclose(exported.module()(raw[:8]), expected)
+
+
+def test_the_loaded_network_exports_to_onnx_where_onnx_is_installed(one_trial, tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")  # torch's ONNX exporter needs both
+    import autotune
+
+    spec, _ = one_trial
+    model = autotune.load(spec.output_dir)
+    raw, _ = raw_digits()
+    import onnx
+
+    torch.onnx.export(model, (raw[:8],), tmp_path / "model.onnx")
+    # a model ONNX's own checker passes, taking the raw features
+    saved = onnx.load(tmp_path / "model.onnx")
+    onnx.checker.check_model(saved, full_check=True)
+    [given] = saved.graph.input
+    assert [d.dim_value for d in given.type.tensor_type.shape.dim] == [8, *DIGITS]
+
+
+@pytest.mark.parametrize("name", ["cnn-before_bn-dropblock", "mlp-before_bn-uout"])
+def test_every_regularizer_of_a_snippet_scripts(tmp_path: Path, name: str) -> None:
+    spec, config, shape = CASES[name]
+    model = build_model(spec, config, shape, 3)
+    path = tmp_path / "best_model.py"
+    path.write_text(render_snippet(model, "header", shape))
+    rebuilt = load_snippet(path).eval()
+    x = torch.randn(2, *shape)
+    # the regularisers torch lacks, carried in the snippet, compile as well
+    assert torch.allclose(torch.jit.script(rebuilt)(x), rebuilt(x))
+
+
+def test_autotune_load_of_a_folder_without_a_recommendation_says_so(tmp_path):
+    import autotune
+
+    with pytest.raises(FileNotFoundError, match="autotune export SPEC"):
+        autotune.load(tmp_path)

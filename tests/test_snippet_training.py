@@ -173,8 +173,10 @@ def test_the_snippet_defines_what_its_configuration_needs(
     assert ("as your DataModule prepares them" in doc) is not standardised
     values = constants(code)
     assert values["RECALIBRATE_BN"] is recalibrate
-    assert ("INPUT_STATS" in values) is standardised
-    assert values.get("INPUT_STATS", INPUT_STATS) == INPUT_STATS
+    # the statistics' file where there are statistics, None where the DataModule prepares inputs
+    assert values["INPUT_STATS"] == (INPUT_STATS if standardised else None)
+    # no weights given: no load(), which would have nothing to load
+    assert "load" not in functions and "WEIGHTS" not in values
     # the training, in the docstring and as TRAINING
     assert values["TRAINING"] == {
         "optimizer": "adamw",
@@ -205,18 +207,23 @@ def test_training_says_sgd_s_momentum_and_a_user_datamodule_s_own_batches() -> N
     assert "momentum 0.8" in doc and "your DataModule's training batches" in doc
 
 
-def test_the_imported_snippet_carries_them_too(tmp_path: Path, monkeypatch) -> None:
+def imported_snippet(config: TrialConfig, monkeypatch, **options) -> tuple[nn.Module, str]:
+    """examples/own_model's resnet tuned with `config`, and its best_model.py's text."""
     spec = ModelSpec(**{"import": "small_resnet:build", "kwargs": {"widths": [4, 8]}})
-    config = TrialConfig((BlockConfig("before_bn", 0.5, "dropout", 0.1),) * 6, True)
     model = build_model(spec, config, DIGITS, 3, base_dir=EXAMPLE)
     monkeypatch.syspath_prepend(str(EXAMPLE))
     plain = surgery.make_user_model(spec, DIGITS, 3, base_dir=EXAMPLE)
     blocks = surgery.user_blocks(spec, plain, DIGITS)
-    factory = surgery.load_factory(spec, base_dir=EXAMPLE)
-    kwargs = surgery.factory_kwargs(spec, factory, DIGITS, 3)
+    kwargs = surgery.factory_kwargs(spec, surgery.load_factory(spec, base_dir=EXAMPLE), DIGITS, 3)
     code = render_imported_snippet(
-        spec, model, blocks, config, "Header.", DIGITS, kwargs, TRAIN, standardised=True
+        spec, model, blocks, config, "Header.", DIGITS, kwargs, TRAIN, standardised=True, **options
     )
+    return model, code
+
+
+def test_the_imported_snippet_carries_them_too(tmp_path: Path, monkeypatch) -> None:
+    config = TrialConfig((BlockConfig("before_bn", 0.5, "dropout", 0.1),) * 6, True)
+    _, code = imported_snippet(config, monkeypatch)
     path = tmp_path / "best_model.py"
     check_rendered(code, path, "Header.")
     path.write_text(code)
@@ -227,6 +234,29 @@ def test_the_imported_snippet_carries_them_too(tmp_path: Path, monkeypatch) -> N
     rebuilt.eval()
     assert_same_recalibration(rebuilt, batches)  # the copy in the file, against autotune's
     assert callable(module.standardise)
+
+
+def test_the_imported_snippet_loads_its_weights_and_scripts(tmp_path: Path, monkeypatch) -> None:
+    config = TrialConfig((BlockConfig("after_bn", 0.3, "gaussian", 0.1),) * 6, False)
+    model, code = imported_snippet(config, monkeypatch, weights="weights/trial_3.pt")
+    path = tmp_path / "best_model.py"
+    path.write_text(code)
+    # the trained weights and the input statistics, beside the file as autotune leaves them
+    learned_under_dropout(model, DIGITS)  # BN statistics that are not the defaults
+    (tmp_path / "weights").mkdir()
+    torch.save(model.state_dict(), tmp_path / "weights" / "trial_3.pt")
+    stats = {"mean": torch.full(DIGITS, 3.0), "std": torch.full(DIGITS, 2.0), "classes": [7, 8, 9]}
+    torch.save(stats, tmp_path / INPUT_STATS)
+    loaded = import_file(path, "loading_best_model").load()
+    # raw features in, the tuned network's outputs on the standardised ones out
+    raw = torch.randn(4, *DIGITS, generator=torch.Generator().manual_seed(1)) * 2 + 3
+    with torch.no_grad():
+        expected = model.eval()((raw - 3) / 2)
+        assert torch.allclose(loaded(raw), expected, atol=1e-5)
+        assert loaded.classes == [7, 8, 9] and not loaded.training
+        # the regularisers ride on typed hooks, which TorchScript compiles with the model
+        assert torch.allclose(torch.jit.script(loaded)(raw), expected, atol=1e-5)
+        assert torch.allclose(torch.export.export(loaded, (raw,)).module()(raw), expected)
 
 
 def test_standardise_reads_the_statistics_beside_the_file(tmp_path: Path) -> None:

@@ -113,15 +113,17 @@ class DropBlock2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
-        h, w = x.shape[-2:]
+        h, w = x.shape[-2], x.shape[-1]
         bs = min(self.block_size, h, w)
         # 1. seed rate: `rate` of the map spread over blocks of bs² pixels, whose seeds fall only
         #    where a whole block fits, (h - bs + 1) x (w - bs + 1) places
         gamma = self.rate / bs**2 * (h * w) / ((h - bs + 1) * (w - bs + 1))
         # 2. one seed per place a block fits: (..., h - bs + 1, w - bs + 1), a block's top-left
-        seeds = torch.bernoulli(x.new_full((*x.shape[:-2], h - bs + 1, w - bs + 1), gamma))
+        #    (written for TorchScript: lists of sizes, nothing unpacked)
+        places = list(x.shape[:-2]) + [h - bs + 1, w - bs + 1]  # noqa: RUF005 (TorchScript)
+        seeds = torch.bernoulli(x.new_full(places, gamma))
         # 3. grow each seed into its square: pad by bs - 1, max-pool at stride 1: (..., h, w)
-        mask = 1 - F.max_pool2d(F.pad(seeds, (bs - 1,) * 4), bs, stride=1)
+        mask = 1 - F.max_pool2d(F.pad(seeds, [bs - 1] * 4), bs, stride=1)
         # 4. scale up what is kept; an all-dropped mask stays zero rather than dividing by zero
         return x * mask * (mask.numel() / mask.sum().clamp(min=1.0))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from autotune.core.names import (
     BEST_MODEL,
     BLOCKS_AT,
     INPUT_SHAPE_ATTR,
+    INPUT_STATS,
     MEASURED_SHIFT_ATTR,
     METRIC_ATTR,
     N_CLASSES_ATTR,
@@ -55,7 +57,12 @@ from autotune.outputs.recommendation import (
     rebuild_recommendation,
     robust_section,
 )
-from autotune.outputs.snippet import render_imported_snippet, render_snippet, run_snippet
+from autotune.outputs.snippet import (
+    render_imported_snippet,
+    render_snippet,
+    run_snippet,
+    verify_load,
+)
 from autotune.search.queries import (
     current_scores,
     recommended_config,
@@ -260,6 +267,7 @@ class _Outputs:
                 kwargs,
                 self.training(),
                 standardised=self.standardised,
+                weights=self.weights_from_snippet(),
             )
         else:
             code = render_snippet(
@@ -269,10 +277,23 @@ class _Outputs:
                 self.training(),
                 recalibrate=self.config.recalibrate_bn,
                 standardised=self.standardised,
+                weights=self.weights_from_snippet(),
             )
         write_atomic(path, code)
-        self.verified[BEST_MODEL] = self.check(lambda: run_snippet(code, path, header), path)
+        said = self.check(lambda: run_snippet(code, path, header), path)
+        if self.weights is not None and said.startswith("same layers") and "unused" not in said:
+            stats = self.out / INPUT_STATS if self.standardised else None
+            diff = verify_load(code, path, self.tuned(), self.weights, stats, self.shape)
+            said += f"; its load() gives them from raw inputs (largest difference {diff:.2g})"
+        self.verified[BEST_MODEL] = said
         self.written.append(path)
+
+    def weights_from_snippet(self) -> str | None:
+        """The recommendation's weights as best_model.py's load() finds them: relative to the
+        output folder, where the snippet is; None where none were saved here."""
+        if self.weights is None:
+            return None
+        return Path(os.path.relpath(self.weights, self.out)).as_posix()
 
     @property
     def standardised(self) -> bool:

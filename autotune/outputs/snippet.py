@@ -23,6 +23,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from autotune.core.space import TrialConfig
@@ -99,6 +100,7 @@ def render_imported_snippet(
     train: dict[str, Any] | None = None,
     *,
     standardised: bool = False,
+    weights: str | None = None,
 ) -> str:
     """A module whose build_model() calls the user's factory and applies `config` to what it
     returns (with `kwargs`), by the same surgery autotune did (copied in), so the state_dict keys
@@ -110,9 +112,11 @@ def render_imported_snippet(
         inspect.getsource(f).rstrip()
         for f in (surgery.add_regularizer, surgery.drop_input, surgery.drop_output)
     )
-    functional = "import torch.nn.functional as F\n" if classes else ""
+    functional = "import torch.nn.functional as F\n" if "F." in carried else ""
     body = _recommendation_body(blocks, config)
-    more, imports, constants, functions = training_parts(train, config.recalibrate_bn, standardised)
+    more, imports, constants, functions = training_parts(
+        train, config.recalibrate_bn, standardised, weights
+    )
     stdlib = f"{imports}\n" if imports else ""
     doc = f"""{header}
 
@@ -187,13 +191,14 @@ def render_snippet(
     *,
     recalibrate: bool = False,
     standardised: bool = False,
+    weights: str | None = None,
 ) -> str:
     """A standalone module whose build_model() returns a fresh copy of `model`'s architecture,
     with what the training needs besides: see `training_parts`."""
     classes = custom_classes(model)
     carried = "".join(f"\n\n\n{inspect.getsource(cls).rstrip()}" for cls in classes)
-    functional = "import torch.nn.functional as F\n" if classes else ""
-    more, imports, constants, functions = training_parts(train, recalibrate, standardised)
+    functional = "import torch.nn.functional as F\n" if "F." in carried else ""
+    more, imports, constants, functions = training_parts(train, recalibrate, standardised, weights)
     doc = f"""{header}
 
 Standalone: imports torch and the standard library only. Copy build_model() into your code base;
@@ -329,13 +334,49 @@ def _dunder(name: str) -> bool:
     return name.startswith("__") and name.endswith("__")
 
 
-def run_snippet(code: str, source: Path, header: str | None = None) -> nn.Module:
-    """Run snippet code in a fresh namespace, once check_rendered passes, and return its
-    build_model()."""
+def snippet_namespace(code: str, source: Path, header: str | None = None) -> dict[str, Any]:
+    """Run snippet code in a fresh namespace, once check_rendered passes, as if it were the file
+    `source` (its load() finds its files beside it); return the namespace."""
     check_rendered(code, source, header)
-    namespace: dict[str, Any] = {"__name__": "autotune_snippet"}
+    namespace: dict[str, Any] = {"__name__": "autotune_snippet", "__file__": str(source)}
     exec(compile(code, str(source), "exec"), namespace)
-    return namespace["build_model"]()
+    return namespace
+
+
+def run_snippet(code: str, source: Path, header: str | None = None) -> nn.Module:
+    """Run snippet code (snippet_namespace) and return its build_model()."""
+    return snippet_namespace(code, source, header)["build_model"]()
+
+
+def verify_load(
+    code: str,
+    source: Path,
+    reference: nn.Module,
+    weights: Path,
+    stats: Path | None,
+    input_shape: tuple[int, ...],
+) -> float:
+    """Check the snippet's load(): from the files beside it, fed raw features, it gives the
+    outputs of `reference` with the saved weights fed the standardised ones (`stats`: the
+    input statistics, None where the inputs were not standardised). Returns the largest
+    difference; CheckFailed past the tolerance."""
+    loaded = snippet_namespace(code, source)["load"]()
+    reference.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    x = torch.randn(4, *input_shape, generator=torch.Generator().manual_seed(0))
+    raw = x
+    if stats is not None:
+        saved = torch.load(stats, map_location="cpu", weights_only=True)
+        raw = x * saved["std"] + saved["mean"]
+    with torch.no_grad():
+        ours, theirs = reference.eval()(x), loaded(raw)
+    diff = float((ours - theirs).abs().max())
+    if not torch.allclose(ours, theirs, atol=LOAD_TOLERANCE, rtol=LOAD_TOLERANCE):
+        raise CheckFailed(f"{source}: load() gives outputs that differ by up to {diff:.3g}")
+    return diff
+
+
+# raw features are standardised again inside load()'s network: float32 rounding, twice
+LOAD_TOLERANCE = 1e-4
 
 
 def load_snippet(path: Path) -> nn.Module:

@@ -19,6 +19,7 @@ module does not import it): they run unchanged once pasted into a standalone fil
 
 import inspect
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +28,27 @@ from torch import nn
 
 from autotune.core.names import INPUT_STATS
 
+# best_model.py's own names that load() reads once it is copied there: bound by the snippet
+WEIGHTS: str | None = None
+build_model: Callable[[], nn.Module] | None = None
+
 # TRAINING's settings the docstring's paragraph names first, in this order
 _HYPER = ("optimizer", "lr", "weight_decay", "momentum")
 
 
 def training_parts(
-    train: dict[str, Any] | None, recalibrate: bool, standardised: bool
+    train: dict[str, Any] | None,
+    recalibrate: bool,
+    standardised: bool,
+    weights: str | None = None,
 ) -> tuple[str, str, str, str]:
     """(docstring paragraphs, imports, constants, functions) of best_model.py besides its
     network: how autotune trained it (`train`: optimizer, lr, weight_decay, momentum, max_epochs,
     batch_size; None: not said) as a paragraph and TRAINING; whether it recalibrated BN as
     RECALIBRATE_BN, with recalibrate_bn() where it did; standardise() and INPUT_STATS where
-    autotune standardised the inputs. Values are rendered with repr; the paragraphs are text for
+    autotune standardised the inputs; load() and WEIGHTS (`weights`, the saved weights' path
+    relative to the snippet's folder) where there are weights, with Standardised where the
+    inputs were standardised. Values are rendered with repr; the paragraphs are text for
     `docstring`, each opening with a blank line."""
     doc, functions = [], []
     settings = None if train is None else training_settings(train)
@@ -72,17 +82,35 @@ def training_parts(
         functions.append(standardise)
     else:
         doc.append("The model expects inputs prepared as your DataModule prepares them.")
+    if weights is not None:
+        raw = "raw features" if standardised else "inputs prepared as for training"
+        doc.append(
+            f"load() returns the network with the weights autotune trained ({weights}), in eval "
+            f"mode, ready for inference on {raw}"
+            + (
+                ": the standardisation included, model.classes[i] the label of output i."
+                if standardised
+                else "."
+            )
+            + " It is plain torch: torch.jit.script(load()) and torch.export.export(load(), "
+            "(x,)) work on it."
+        )
+        functions.extend((Standardised, load) if standardised else (load,))
     constants = []
     if settings is not None:
         items = "".join(f"    {key!r}: {value!r},\n" for key, value in settings.items())
         constants.append(f"TRAINING = {{  # how autotune trained it\n{items}}}")
     said = "call recalibrate_bn() once after training" if recalibrate else "not recalibrated"
     constants.append(f"RECALIBRATE_BN = {bool(recalibrate)!r}  # BN's statistics: {said}")
-    if standardised:
-        constants.append(f"INPUT_STATS = {INPUT_STATS!r}  # standardise()'s file, beside this one")
+    constants.append(
+        f"INPUT_STATS = {INPUT_STATS if standardised else None!r}  # standardise()'s file, "
+        + ("beside this one" if standardised else "none: your DataModule prepares the inputs")
+    )
+    if weights is not None:
+        constants.append(f"WEIGHTS = {weights!r}  # load()'s file, from this one's folder")
     return (
         "".join(f"\n{textwrap.fill(paragraph, 99)}\n" for paragraph in doc),
-        "from pathlib import Path\n" if standardised else "",
+        "from pathlib import Path\n" if standardised or weights is not None else "",
         "\n".join(constants),
         "".join(f"\n\n\n{inspect.getsource(f).rstrip()}" for f in functions),
     )
@@ -171,3 +199,39 @@ def standardise(raw, stats_path=None) -> torch.Tensor:
     path = Path(__file__).with_name(INPUT_STATS) if stats_path is None else stats_path
     stats = torch.load(path, weights_only=True)
     return (torch.as_tensor(raw, dtype=torch.float32) - stats["mean"]) / stats["std"]
+
+
+class Standardised(nn.Module):
+    """The network behind the input standardisation autotune trained it with: forward() takes
+    raw features shaped (rows, *INPUT_SHAPE). classes[i] is the label of output i."""
+
+    def __init__(self, net: nn.Module, mean: torch.Tensor, std: torch.Tensor, classes) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
+        self.classes = list(classes)
+
+    def forward(self, raw: torch.Tensor) -> torch.Tensor:
+        return self.net((raw.to(torch.float32) - self.mean) / self.std)
+
+
+def load(weights=None, stats_path=None) -> nn.Module:
+    """The recommended network with the weights autotune trained, in eval mode.
+
+    `weights`: a state_dict file, by default WEIGHTS beside this file. Where autotune
+    standardised the inputs, the network comes behind that standardisation (Standardised, its
+    statistics from `stats_path`, by default INPUT_STATS beside this file): it takes raw features
+    and model.classes[i] is the label of output i. Otherwise it takes inputs prepared as for
+    training. Either way model(x).argmax(1) is the predicted output.
+    """
+    here = Path(__file__).parent
+    net = build_model()
+    state = torch.load(here / WEIGHTS if weights is None else weights, weights_only=True)
+    net.load_state_dict(state)
+    net.eval()
+    if INPUT_STATS is None:
+        return net
+    path = here / INPUT_STATS if stats_path is None else stats_path
+    stats = torch.load(path, weights_only=True)
+    return Standardised(net, stats["mean"], stats["std"], stats["classes"]).eval()
