@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
 import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -82,3 +88,61 @@ def stored(tmp_path: Path, monkeypatch) -> Path:
     shutil.copytree(STORED, copy)
     monkeypatch.chdir(copy)
     return copy / "spec.yaml"
+
+
+# --- a tracking server of the test's own -------------------------------------------------------
+
+SERVER_START_SECONDS = 90
+
+
+class MlflowServer:
+    """`mlflow server` on a free loopback port, its store in a folder; killed and started again
+    on the same port and store, as a tracking server that went away and came back."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"]
+        command += ["--port", str(self.port), "--workers", "1"]
+        command += ["--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}"]
+        command += ["--artifacts-destination", str(self.folder / "artifacts")]
+        # no background job runners: seven more processes that a test has no use for
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        with (self.folder / "server.log").open("a") as log:
+            self.process = subprocess.Popen(
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + SERVER_START_SECONDS
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2),
+            ):
+                return
+            assert self.process.poll() is None, (self.folder / "server.log").read_text()[-2000:]
+            time.sleep(0.3)
+        raise TimeoutError(f"mlflow server on {self.uri} did not start")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    folder = tmp_path / "mlflow-server"
+    folder.mkdir()
+    server = MlflowServer(folder)
+    server.start()
+    yield server
+    server.kill()

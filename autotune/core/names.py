@@ -91,6 +91,8 @@ BEST_TRIAL_TAG = "autotune.best_trial"
 RECOMMENDED_TAG = "autotune.recommended.{}"
 # what is recommended: "trial 7", or a baseline as good and simpler ("bn_only")
 RECOMMENDATION_TAG = "autotune.recommendation"
+# on the recommendation's logged model: its files' digest, so that a study ended again logs it once
+MODEL_DIGEST_TAG = "autotune.files_sha256"
 
 # --- files -------------------------------------------------------------------------------------
 # under the output folder, unless the spec names a storage or a tracking URI of its own

@@ -19,11 +19,15 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autotune.core.errors import WriteError
 from autotune.core.names import (
+    BEST_MODEL,
     BEST_TRIAL_TAG,
     BUDGET_TAG,
     FIGURES_DIR,
+    INPUT_STATS,
+    RECALIBRATE_ATTR,
     RECOMMENDATION_TAG,
     RECOMMENDED_TAG,
+    RECOMMENDED_YAML,
 )
 from autotune.core.space import TrialConfig
 from autotune.core.spec import Spec
@@ -31,12 +35,14 @@ from autotune.outputs.report import write_figures
 from autotune.run.held_out import held_out_metrics, score_recommendation
 from autotune.run.robust import robust_recommendation
 from autotune.run.session import Session, StudyOutcome
+from autotune.search.mlflow_store import RecommendedModel
 from autotune.search.queries import (
     best_trial,
     count_finished,
     current_ranking,
     recommended_config,
     recommended_trial,
+    recommended_weights,
 )
 from autotune.search.sync import sync_study
 from autotune.search.tracking import Tracker
@@ -138,7 +144,26 @@ def end_parent_run(
         outcome.outputs,
         status=parent_status(outcome),
         figures=figures,
+        model=recommended_model(study, spec) if outcome.outputs else None,
     )
+    outcome.experiment_id = tracker.experiment_id
+
+
+def recommended_model(study: optuna.Study, spec: Spec) -> RecommendedModel | None:
+    """What the parent run logs as its model: the files a production model needs from the
+    output folder (best_model.py, recommended.yaml, the weights, the input statistics), in the
+    folder's layout, and the recommended configuration as params."""
+    chosen = recommended_config(study, spec)
+    if chosen is None:
+        return None
+    name, config = chosen
+    weights, _ = recommended_weights(study, spec)
+    out = spec.output_dir
+    files = [BEST_MODEL, RECOMMENDED_YAML, INPUT_STATS]
+    if weights.is_file():
+        files.append(weights.relative_to(out).as_posix() if weights.is_relative_to(out) else "")
+    params = {**config.to_params(), RECALIBRATE_ATTR: config.recalibrate_bn}
+    return RecommendedModel(name, out, tuple(f for f in files if f), params)
 
 
 def sync_parent_run(study: optuna.Study, spec: Spec, tracker: Tracker) -> StudyOutcome | None:

@@ -56,7 +56,12 @@ from autotune.nn.shift import measured_record
 from autotune.nn.weights import save_tensors
 from autotune.search.optuna_private import frozen_trial
 from autotune.search.pruners import VarianceShiftPruner, Verdict, pruning_rule
-from autotune.search.run_fields import measured_metrics, predicted_metrics
+from autotune.search.run_fields import (
+    after_epoch_1,
+    measured_metrics,
+    predicted_metrics,
+    split_one_off,
+)
 from autotune.search.settings import trial_settings
 
 # which process ran a trial, when several share a study: host and process id
@@ -211,7 +216,8 @@ class Objective:
         prediction = fitting.predict(self.spec, config, self.datamodule)
         trial.set_user_attr(PREDICTED_SHIFT_ATTR, prediction.to_dict())
         trial.set_user_attr(DELTA_KEY, prediction.summary.worst_delta)
-        self.tracker.log_metrics(run_id, predicted_metrics(prediction.to_dict()), step=0)
+        params, tags = split_one_off(predicted_metrics(prediction.to_dict()))
+        self.tracker.log_tags(run_id, tags, params=params)
         # 2. the pruner's gate, before the first epoch: one verdict decides, names the reason
         #    and marks an exploring trial (asked twice, a trial finishing elsewhere between the
         #    two could change it); another pruner is asked as Optuna asks it
@@ -238,7 +244,7 @@ class Objective:
             # after the first epoch, from the trial's own weights: the same metrics, at step 1
             stored = prediction.to_dict()
             trial.set_user_attr(TRAINED_PREDICTION_ATTR, stored)
-            self.tracker.log_metrics(run_id, predicted_metrics(stored), step=1)
+            self.tracker.log_tags(run_id, after_epoch_1(predicted_metrics(stored)))
 
         # 3. train, then what was measured after training
         result = fitting.fit(
@@ -280,8 +286,8 @@ class Objective:
         measured = measured_record(result.measured)
         trial.set_user_attr(MEASURED_SHIFT_ATTR, measured)
         trial.set_user_attr(FINAL_ATTR, result.final)
-        metrics = measured_metrics(measured, result.final)
-        self.tracker.log_metrics(run_id, metrics, step=self.spec.train.max_epochs)
+        params, tags = split_one_off(measured_metrics(measured, result.final))
+        self.tracker.log_tags(run_id, tags, params=params)
 
     def _save_if_best(self, trial: optuna.Trial, result: fitting.TrialResult) -> None:
         study = trial.study

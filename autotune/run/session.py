@@ -63,6 +63,7 @@ class StudyOutcome:
     outputs: list[Path] = field(default_factory=list)
     # the trials this process had sampled and was running when a signal stopped them
     cut_short: list[int] = field(default_factory=list)
+    experiment_id: str | None = None  # the MLflow experiment its end logged to
 
 
 @dataclass

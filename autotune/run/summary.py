@@ -16,6 +16,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from autotune.core.direction import maximizes
 from autotune.core.names import (
     CONFIG_ATTR,
     FAIL_REASON_ATTR,
@@ -38,6 +39,7 @@ from autotune.search.endings import (
     ending,
     ending_counts,
 )
+from autotune.search.mlflow_store import trials_link
 from autotune.search.queries import recommended_config, recommended_weights, top_trials
 
 if TYPE_CHECKING:  # no torch at import time: the CLI's start-up stays fast
@@ -99,11 +101,28 @@ def print_summary(
         )
     for line in output_lines(spec, outcome, spec_file):
         console.print(line, soft_wrap=True, highlight=False)
+    for line in compare_lines(spec, outcome):
+        console.print(line, soft_wrap=True, highlight=False)
+
+
+def compare_lines(spec: Spec, outcome: StudyOutcome) -> list[str]:
+    """Where to compare the trials in MLflow: the server's page of them, or the `mlflow ui`
+    command and that page on it."""
+    if not spec.mlflow.enabled:
+        return []
     uri = redact(spec.tracking_uri)
-    if spec.mlflow.enabled and uri.startswith(("http://", "https://")):
-        console.print(f"compare trials: {uri}", soft_wrap=True)
-    elif spec.mlflow.enabled:
-        console.print(f"compare trials: mlflow ui --backend-store-uri {uri}", soft_wrap=True)
+    server = uri.startswith(("http://", "https://"))
+    lines = [] if server else [f"compare trials: mlflow ui --backend-store-uri {uri}"]
+    if outcome.experiment_id is None:  # MLflow did not answer at the end
+        return lines or [f"compare trials: {uri}"]
+    page = trials_link(
+        uri if server else "http://127.0.0.1:5000",
+        outcome.experiment_id,
+        spec.study.name,
+        spec.study.metric,
+        maximizes(outcome.study),
+    )
+    return [*lines, f"{'compare trials' if server else 'then open'}: {page}"]
 
 
 def styled_counts(counts: dict[str, int]) -> str:

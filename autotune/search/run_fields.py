@@ -58,21 +58,23 @@ class TrialRecord:
         self.params = {} if attrs.get(CONFIG_ATTR) is None else trial_config(trial).to_params()
         self.start_ms = _ms(trial.datetime_start)
         self.end_ms = _ms(trial.datetime_complete) or self.start_ms
-        self.metrics: list[tuple[int, dict[str, float]]] = []
+        self.metrics: list[tuple[int, dict[str, float]]] = []  # per epoch, the curves
+        self.tags: dict[str, Any] = {}
+        one_off: dict[str, float] = {}  # the values a trial has once: params and tags
         if PREDICTED_SHIFT_ATTR in attrs:
-            self.metrics.append((0, predicted_metrics(attrs[PREDICTED_SHIFT_ATTR])))
+            one_off.update(predicted_metrics(attrs[PREDICTED_SHIFT_ATTR]))
         if TRAINED_PREDICTION_ATTR in attrs:  # again from its weights, after the first epoch
-            self.metrics.append((1, predicted_metrics(attrs[TRAINED_PREDICTION_ATTR])))
+            self.tags.update(after_epoch_1(predicted_metrics(attrs[TRAINED_PREDICTION_ATTR])))
         history = attrs.get(HISTORY_ATTR) or [
             {"epoch": step, metric: value} for step, value in trial.intermediate_values.items()
         ]
         for row in history:
             self.metrics.append((int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"}))
         if MEASURED_SHIFT_ATTR in attrs:
-            last = max((step for step, _ in self.metrics), default=0)
-            measured = measured_metrics(attrs[MEASURED_SHIFT_ATTR], attrs[FINAL_ATTR])
-            self.metrics.append((last, measured))
-        self.tags: dict[str, Any] = {}
+            one_off.update(measured_metrics(attrs[MEASURED_SHIFT_ATTR], attrs[FINAL_ATTR]))
+        params, tags = split_one_off(one_off)
+        self.params.update(params)
+        self.tags.update(tags)
         if self.state == "PRUNED":
             self.tags[PRUNED_EPOCH_TAG] = attrs.get(PRUNED_EPOCH_ATTR, 0)
             self.tags[PRUNED_REASON_TAG] = attrs.get(PRUNED_REASON_ATTR, "")
@@ -83,6 +85,21 @@ class TrialRecord:
             )
         if attrs.get(EXPLORED_ATTR):
             self.tags[EXPLORED_TAG] = True
+
+
+def split_one_off(values: Mapping[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """Values a trial has once (its predicted and measured Δ, its final metrics) as MLflow
+    params and tags, never single-point metric charts: the summaries (`*.worst`, `final.*`) as
+    params, which the runs table sorts and the parallel-coordinates view plots; each BN layer's
+    value and the products as tags, on the run's page. The metrics are the per-epoch curves."""
+    params = {k: v for k, v in values.items() if k.endswith(".worst") or k.startswith("final.")}
+    return params, {k: v for k, v in values.items() if k not in params}
+
+
+def after_epoch_1(values: Mapping[str, float]) -> dict[str, float]:
+    """The prediction made again after the first epoch, under names of its own, as tags:
+    `after_epoch_1.predicted_delta.worst`, ..."""
+    return {f"after_epoch_1.{key}": value for key, value in values.items()}
 
 
 def predicted_metrics(prediction: Mapping[str, Any]) -> dict[str, float]:

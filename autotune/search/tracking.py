@@ -25,9 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from autotune.core.errors import WriteError, first_line_with_type
-from autotune.core.files import SQLITE, url_file
 from autotune.core.names import (
-    ARTIFACTS_DIR,
     FIGURES_DIR,
     PARENT_ROLE,
     PARTIAL,
@@ -40,20 +38,24 @@ from autotune.core.names import (
 )
 from autotune.core.redaction import redact, redact_params
 from autotune.core.writes import write_failure
+from autotune.search.mlflow_store import (
+    BATCH,
+    HTTP_DEFAULTS,
+    KIND,
+    KIND_TAG,
+    QUIET_URL,
+    RETRY_SECONDS,
+    RUN_NAME_TAG,
+    RecommendedModel,
+    artifact_location,
+    log_recommended,
+    make_sqlite_folder,
+    run_name,
+    shown,
+    store_path,
+)
 from autotune.search.run_fields import RUN_STATUS, TrialRecord
 
-# while the server does not answer, one call in this many seconds tries again
-RETRY_SECONDS = 30.0
-# MLflow's HTTP client retries a refused request 7 times over about four minutes by default; a
-# trial should not wait that long for its record. The user's own settings win.
-HTTP_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
-}
-# MLflow prints "View run ... at: <tracking URI>" when a run on a server ends, with any password
-# in the URI; autotune says where to compare trials itself, redacted (progress.print_summary)
-QUIET_URL = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 T = TypeVar("T")
 
 
@@ -92,7 +94,7 @@ class Tracker:
         self.fault: WriteError | None = None
         if not enabled:
             return
-        _make_sqlite_folder(tracking_uri)
+        make_sqlite_folder(tracking_uri)
         for key, value in HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
         os.environ.update(QUIET_URL)
@@ -127,12 +129,14 @@ class Tracker:
         if found is None:
             try:
                 self.client.create_experiment(
-                    self.experiment, artifact_location=_artifact_location(self.tracking_uri)
+                    self.experiment, artifact_location=artifact_location(self.tracking_uri)
                 )
             except Exception:
                 if self.client.get_experiment_by_name(self.experiment) is None:
                     raise  # not another worker that was first: a real failure
             found = self.client.get_experiment_by_name(self.experiment)
+        if KIND_TAG not in found.tags:  # the UI then opens it on its runs, not on traces
+            self.client.set_experiment_tag(found.experiment_id, KIND_TAG, KIND)
         self.experiment_id = found.experiment_id
         return self.experiment_id
 
@@ -192,10 +196,11 @@ class Tracker:
         *,
         status: str = "FINISHED",
         figures: Iterable[Path] = (),
+        model: RecommendedModel | None = None,
     ) -> None:
-        """Best value, recommendation, files and pictures (under figures/) on the parent run;
-        then `status` (finish.parent_status: FINISHED only for a study that reached its budget;
-        a rerun sets a KILLED one RUNNING again)."""
+        """Best value, recommendation, files and pictures (under figures/) on the parent run, the
+        recommendation as a logged model (`model`); then `status` (finish.parent_status:
+        FINISHED only for a study that reached its budget; a rerun sets a KILLED one RUNNING)."""
         if not self.enabled:
             return
 
@@ -209,6 +214,8 @@ class Tracker:
                     self.client.log_artifact(parent, str(path))
             for path in figures:
                 self.client.log_artifact(parent, str(path), artifact_path=FIGURES_DIR)
+            if model is not None:  # the Models tab: weights, snippet, configuration
+                log_recommended(self.client, self._experiment(), parent, self.study_name, model)
             self.client.set_terminated(parent, status=status)
 
         self._send(end, now=True)
@@ -255,8 +262,8 @@ class Tracker:
         """One batch per call: all of an epoch's metrics in one request."""
         self._trial_call(run_id, lambda run: self._log(run, metrics=metrics, step=step))
 
-    def log_tags(self, run_id: str | None, tags: Mapping[str, Any]) -> None:
-        self._trial_call(run_id, lambda run: self._log(run, tags=tags))
+    def log_tags(self, run_id: str | None, tags: Mapping[str, Any], params: Any = None) -> None:
+        self._trial_call(run_id, lambda run: self._log(run, tags=tags, params=params))
 
     def end_trial(
         self, run_id: str | None, state: str, tags: Mapping[str, Any] | None = None
@@ -265,8 +272,10 @@ class Tracker:
 
         def end(run: str) -> None:
             # a run that missed some of its calls is not the trial's record: sync replaces it
-            partial = {PARTIAL: "true"} if self.run_trial.get(run) in self.missed else {}
-            self._log(run, tags={STATE_TAG: state, **(tags or {}), **partial})
+            number = self.run_trial.get(run)
+            partial = {PARTIAL: "true"} if number in self.missed else {}
+            named = {} if number is None else {RUN_NAME_TAG: run_name(number, state, tags or {})}
+            self._log(run, tags={STATE_TAG: state, **(tags or {}), **partial, **named})
             self.client.set_terminated(run, status=RUN_STATUS[state])
 
         self._trial_call(run_id, end)
@@ -295,7 +304,7 @@ class Tracker:
             self.last_try = time.monotonic()  # a server that times out takes long to fail
             failed = None if self.remote else write_failure(exc)
             if failed is not None:  # the local store's disk: not a server that comes back
-                self.fault = self.fault or WriteError(f"{_store_path(self.tracking_uri)}: {failed}")
+                self.fault = self.fault or WriteError(f"{store_path(self.tracking_uri)}: {failed}")
                 self.down_since = self.down_since or time.monotonic()
                 return None
             self.went_down(exc)
@@ -356,7 +365,8 @@ class Tracker:
         )
         for step, metrics in record.metrics:
             self._log(run_id, metrics=metrics, step=step, timestamp=record.end_ms)
-        self._log(run_id, tags={STATE_TAG: record.state, **record.tags})
+        named = {RUN_NAME_TAG: run_name(record.number, record.state, record.tags)}
+        self._log(run_id, tags={STATE_TAG: record.state, **record.tags, **named})
         self.client.set_terminated(run_id, status=RUN_STATUS[record.state], end_time=record.end_ms)
         return run_id
 
@@ -373,27 +383,11 @@ class Tracker:
         from mlflow.entities import Metric, Param, RunTag
 
         now = timestamp or int(time.time() * 1000)
-        self.client.log_batch(  # what anyone who opens the MLflow UI reads: redacted
-            run_id,
-            metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
-            params=[Param(k, v) for k, v in redact_params(params or {}).items()],
-            tags=[RunTag(k, v) for k, v in redact_params(tags or {}).items()],
-        )
-
-
-def _artifact_location(uri: str) -> str | None:
-    """Artifacts of a sqlite store go beside the database; a server chooses its own."""
-    path = url_file(uri, (SQLITE,))
-    return None if path is None else (Path(path).parent / ARTIFACTS_DIR).resolve().as_uri()
-
-
-def _store_path(uri: str) -> str:
-    """A local store's file, for a message."""
-    return url_file(uri, (SQLITE,)) or uri
-
-
-def _make_sqlite_folder(uri: str) -> None:
-    """sqlite:///runs/x/mlflow.db needs runs/x/ to exist before MLflow opens it."""
-    path = url_file(uri, (SQLITE,))
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        metric = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()]
+        param = [Param(k, v) for k, v in redact_params(shown(params or {})).items()]
+        tag = [RunTag(k, v) for k, v in redact_params(shown(tags or {})).items()]
+        for i in range(0, max(len(metric), len(param), len(tag), 1), BATCH):  # MLflow's limit
+            self.client.log_batch(  # what anyone who opens the MLflow UI reads: redacted
+                run_id, metrics=metric[i : i + BATCH], params=param[i : i + BATCH],
+                tags=tag[i : i + BATCH],
+            )  # fmt: skip
