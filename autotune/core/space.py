@@ -187,3 +187,13 @@ def _suggest(trial: optuna.Trial, name: str, param: Param) -> Any:
 
 def _default(param: Param) -> Any:
     return param.value if isinstance(param, Fixed) else param.default
+
+
+def block_line(index: int, block: Mapping[str, Any]) -> str:
+    """A block of a configuration (TrialConfig.to_dicts()) in one short line, as the summary,
+    `autotune trials` and the report say it: "1 dropout after_bn 0.33 m=0.11", "0 none m=0.21"
+    (regulariser, placement, drop rate, BN momentum to two significant digits)."""
+    momentum = f"m={block['bn_momentum']:.2g}"
+    if block["placement"] == "none":
+        return f"{index} none {momentum}"
+    return f"{index} {block['regularizer']} {block['placement']} {block['rate']:.2f} {momentum}"

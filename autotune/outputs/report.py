@@ -44,6 +44,7 @@ from autotune.core.names import (
     REPORT,
     ROBUST_ATTR,
 )
+from autotune.core.space import block_line
 from autotune.core.spec import Spec
 from autotune.core.writes import write_atomic
 from autotune.outputs.recommendation import folds_said, trust_lines
@@ -61,6 +62,19 @@ FIGURES = {
     "shift_lag": "BN's lag, the other factor of Δ, per BN layer against its momentum",
     "shift_layers": "Measured variance shift per BN layer, top trials",
     "learning_curves": "Learning curves, top trials",
+}
+# under each picture, how to read it (its title is in the picture)
+READING = {
+    "history": "A point per trial at its value (a pruned trial at its last epoch, a gated one "
+    "marked on the axis: it never trained); the line is the best so far.",
+    "importances": "How much of the value's variation each parameter explains (Optuna's "
+    "fANOVA importances over the complete trials).",
+    "shift": "A point per BN layer of each trial: the dropout factor the theory predicted "
+    "before training against the one measured after it. On the diagonal, the theory was right.",
+    "shift_lag": "A point per BN layer of each trial: how far BN's running variance lagged the "
+    "weights (1: not at all), against the layer's momentum.",
+    "shift_layers": "Each BN layer's measured Δ in the best trials; 1 is no shift.",
+    "learning_curves": "The metric after each epoch of the best trials.",
 }
 TOP = 8  # trials in the heat map and the learning curves
 NUMBERED_COLUMNS = 15  # the heat map prints each Δ up to this many BN layers
@@ -302,11 +316,17 @@ def write_report(study: optuna.Study, spec: Spec) -> Path:
             + html_table(
                 ["block", "placement", "rate", "regularizer", "BN momentum"],
                 [
-                    [i, b["placement"], f"{b['rate']:.3f}", b["regularizer"], b["bn_momentum"]]
+                    [
+                        i,
+                        b["placement"],
+                        "-" if b["placement"] == "none" else f"{b['rate']:.3f}",
+                        "-" if b["placement"] == "none" else b["regularizer"],
+                        f"{b['bn_momentum']:.3g}",
+                    ]
                     for i, b in enumerate(config.to_dicts())
                 ],
             )
-            + f"<p>recalibrate_bn: {_e(config.recalibrate_bn)}</p>"
+            + f"<p>recalibrate_bn: {str(config.recalibrate_bn).lower()}</p>"
         )
         parts += [f'<p class="trust">{_e(line.strip())}</p>' for line in trust_lines(study, spec)]
     robust = study.user_attrs.get(ROBUST_ATTR)
@@ -335,7 +355,7 @@ def write_report(study: optuna.Study, spec: Spec) -> Path:
         data = base64.b64encode(path.read_bytes()).decode("ascii")
         parts.append(
             f'<figure><img id="{name}" alt="{_e(title)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{_e(title)}</figcaption></figure>"
+            f"<figcaption>{_e(READING[name])}</figcaption></figure>"
         )
     page = TEMPLATE.format(title=_e(f"autotune: {study.study_name}"), body="\n".join(parts))
     return write_atomic(out / REPORT, page)
@@ -355,7 +375,8 @@ def _top_table(study: optuna.Study, metric: str) -> str:
             [
                 trial.number,
                 f"{trial.value:.4f}",
-                "; ".join(f"{b['regularizer']}@{b['placement']} {b['rate']:.2f}" for b in blocks),
+                "; ".join(block_line(i, b) for i, b in enumerate(blocks)),
+                _worst(trial.user_attrs.get(PREDICTED_SHIFT_ATTR)),
                 *(
                     _worst(part)
                     for part in (measured.get("dropout"), measured.get("lag"), measured)
@@ -363,7 +384,8 @@ def _top_table(study: optuna.Study, metric: str) -> str:
             ]
         )
     columns = ["worst dropout factor", "worst BN lag", "worst Δ"]
-    return html_table(["trial", metric, "blocks", *(f"{c} measured" for c in columns)], rows)
+    header = ["trial", metric, "blocks", "worst dropout factor predicted"]
+    return html_table([*header, *(f"{c} measured" for c in columns)], rows)
 
 
 def _worst(part: dict | None) -> str:

@@ -20,7 +20,8 @@ from autotune.core.names import (
     RECALIBRATE_ATTR,
     WORKER_ATTR,
 )
-from autotune.run.summary import STYLES, block_line
+from autotune.core.space import block_line
+from autotune.run.summary import STYLES
 from autotune.search.endings import ENDINGS, ending, epochs_run, why
 
 SORTS = ("number", "value", "ending", "epochs")

@@ -26,6 +26,7 @@ from autotune.core.names import (
     PREDICTED_SHIFT_ATTR,
 )
 from autotune.core.redaction import redact
+from autotune.core.space import block_line
 from autotune.core.spec import Spec
 from autotune.run.loop import MAX_FAILURES_IN_A_ROW
 from autotune.run.session import StudyOutcome
@@ -148,14 +149,6 @@ def output_lines(spec: Spec, outcome: StudyOutcome, spec_file: Path | None) -> l
         lines.append(f"figures: {out / FIGURES_DIR}/, {len(figures)} PNG")
         lines.append(f"a page of it all: autotune report {spec_file or 'SPEC'}")
     return lines
-
-
-def block_line(index: int, block: dict) -> str:
-    """A block in one short line: "1 dropout after_bn 0.33 m=0.11", "0 none m=0.21"."""
-    momentum = f"m={block['bn_momentum']:.2g}"
-    if block["placement"] == "none":
-        return f"{index} none {momentum}"
-    return f"{index} {block['regularizer']} {block['placement']} {block['rate']:.2f} {momentum}"
 
 
 def block_cell(block: dict) -> str:
