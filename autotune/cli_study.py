@@ -10,7 +10,17 @@ import click
 from autotune.cli_common import friendly, make_console, storage_option, url_overrides
 from autotune.core.errors import SpecError
 
-ENDED = ("complete", "pruned", "gated", "failed", "interrupted", "not started", "running")
+# search.endings.ENDINGS, without importing Optuna for --help
+ENDED = (
+    "complete",
+    "pruned",
+    "gated",
+    "failed",
+    "interrupted",
+    "not started",
+    "running",
+    "waiting",
+)
 
 
 @click.command()

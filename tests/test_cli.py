@@ -855,12 +855,12 @@ def test_a_factory_that_fails_after_a_trial_completed_still_leaves_a_recommendat
 def test_devices_that_are_not_there_are_one_line(write_spec, monkeypatch):
     spec = write_spec(tiny_spec())
     # no GPU on this machine: the run would train on the CPU, not where it was told
-    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    monkeypatch.setattr("autotune.run.workers.visible_gpus", lambda: 0)
     result = CliRunner().invoke(main, ["run", str(spec), "--devices", "0"])
     assert result.exit_code == 2
     assert result.output.startswith("error: --devices 0: this machine shows no CUDA device")
     # two GPUs, and the third asked for
-    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    monkeypatch.setattr("autotune.run.workers.visible_gpus", lambda: 2)
     result = CliRunner().invoke(main, ["run", str(spec), "--devices", "1,2"])
     assert result.exit_code == 2 and result.output.count("\n") == 1
     assert "no CUDA device 2 here: this process sees 2 (0, 1)" in result.output

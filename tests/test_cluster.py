@@ -569,7 +569,7 @@ def test_trials_per_device_runs_that_many_workers_on_each_device(write_spec, mon
 
     monkeypatch.setattr(workers, "launch", launch)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)  # a node with two GPUs
+    monkeypatch.setattr("autotune.run.workers.visible_gpus", lambda: 2)  # a node with two GPUs
     spec = str(write_spec(tiny_spec(train={"accelerator": "gpu"})))
     CliRunner().invoke(main, ["run", spec, "--trials-per-device", "3", "--devices", "0,1"])
     # three workers on each of the two GPUs

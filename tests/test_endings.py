@@ -97,6 +97,14 @@ def test_each_ending_is_told_apart_and_says_why():
     assert lines[6] == "gated before training" and why(study.trials[6]) == ""
 
 
+def test_the_trials_filter_offers_every_ending():
+    from autotune.cli_study import ENDED
+    from autotune.search.endings import ENDINGS
+
+    # written out in the CLI, which imports no Optuna for --help: the same names
+    assert ENDED == ENDINGS
+
+
 def test_counts_separate_gated_from_pruned_and_interrupted_from_failed():
     counts = ending_counts(every_ending())
     assert counts == {
@@ -236,6 +244,12 @@ def test_init_writes_a_starter_spec_that_validates(tmp_path, monkeypatch):
     # a second init does not write over the first
     result = CliRunner().invoke(main, ["init"])
     assert result.exit_code == 2 and "--force" in result.output
+    # a name YAML would read as a number or a boolean is quoted, and still validates
+    for name in ("2024.yaml", "on.yaml"):
+        assert CliRunner().invoke(main, ["init", name]).exit_code == 0
+        result = CliRunner().invoke(main, ["validate", name])
+        assert result.exit_code == 0, result.output
+        assert f"study '{Path(name).stem}'" in result.output
 
 
 def test_init_with_a_model_writes_a_factory_the_spec_tunes(tmp_path, monkeypatch):

@@ -98,6 +98,11 @@ def test_a_factory_gets_the_data_under_the_names_common_models_use():
     }
     assert factory_kwargs(spec, tabular, (30,), 2) == {"width": 16, "input_dim": 30, "n_outputs": 2}
 
+    # a default the factory chose stays, but for the two names autotune always filled
+    def sized(input_size=128, n_classes=2, *, in_channels=3): ...
+
+    assert factory_kwargs(spec, sized, (30,), 5) == {"width": 16, "n_classes": 5}
+
 
 def test_a_factory_argument_the_data_cannot_tell_is_named_in_one_line():
     from autotune.core.spec import ModelSpec

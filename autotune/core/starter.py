@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+
+import yaml
 
 from autotune.core.errors import SpecError
 from autotune.core.spec import BUILTIN_DATASETS
@@ -40,7 +43,7 @@ REST = """\
   lr: 1.0e-3
   accelerator: auto         # a GPU where there is one, else the CPU
 search_space: dropout_bn    # per block: placement, rate, kind, BN momentum (`autotune spaces`)
-output: runs/{name}{pad_out}# recommended.yaml, best_model.py, the study and MLflow's store
+output: {out}{pad_out}# recommended.yaml, best_model.py, the study and MLflow's store
 """
 
 TEMPLATE_MODEL = """\
@@ -98,6 +101,7 @@ def starter_spec(
     name = _study_name(spec_file, data_file, dataset)
     if model_file is not None and spec_file.stem in ("spec", "autotune"):
         name = f"{name}-{model_file.stem}"
+    name = scalar(name)
     text = HEAD.format(spec=spec_file, name=name, pad=_pad("  name: " + name))
     if data_file is None:
         if dataset not in BUILTIN_DATASETS:
@@ -111,7 +115,7 @@ def starter_spec(
             builtins=", ".join(BUILTIN_DATASETS),
         )
     else:
-        path = _beside(data_file, spec_file, "--data")
+        path, label = scalar(_beside(data_file, spec_file, "--data")), scalar(label)
         text += OWN_FILE.format(
             path=path,
             pad=_pad("  path: " + path),
@@ -125,7 +129,8 @@ def starter_spec(
         model = IMPORTED_MODEL.format(
             target=target, pad=_pad("  import: " + target), file=model_file.name
         )
-    return text + REST.format(model=model, name=name, pad_out=_pad("output: runs/" + name))
+    out = scalar(f"runs/{name.strip(chr(34))}")
+    return text + REST.format(model=model, out=out, pad_out=_pad("output: " + out))
 
 
 def starter_factory(model_file: Path, spec_file: Path) -> str:
@@ -161,6 +166,16 @@ def _study_name(spec_file: Path, data_file: Path | None, dataset: str) -> str:
     stem = spec_file.stem if spec_file.stem not in ("spec", "autotune") else None
     name = stem or (data_file.stem if data_file is not None else dataset)
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "study"
+
+
+def scalar(text: str) -> str:
+    """`text` as a YAML value that reads back as this string: as it is where YAML would read it
+    so, else in double quotes (a name like 2024, yes or on, a "#" that would start a comment)."""
+    try:
+        plain = yaml.safe_load(text) == text and "#" not in text and ": " not in text
+    except yaml.YAMLError:
+        plain = False
+    return text if plain else json.dumps(text)
 
 
 def _pad(line: str) -> str:

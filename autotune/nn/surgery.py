@@ -103,8 +103,9 @@ def make_user_model(
     """Call the factory `model.import` names; UserCodeError naming the field when it raises
     (SystemExit too) or returns what is not a module."""
     factory = load_factory(spec, base_dir=base_dir)
+    kwargs = factory_kwargs(spec, factory, input_shape, n_classes)  # a SpecError of its own
     try:
-        model = factory(**factory_kwargs(spec, factory, input_shape, n_classes))
+        model = factory(**kwargs)
     except USER_ERRORS as exc:
         raise factory_failed(spec, exc) from exc
     if not isinstance(model, nn.Module):
@@ -162,28 +163,32 @@ CLASS_NAMES = ("n_classes", "num_classes", "n_outputs", "num_outputs", "out_dim"
 FEATURE_NAMES = ("in_features", "n_features", "num_features", "input_dim", "input_size", "in_dim")
 CHANNEL_NAMES = ("in_channels", "in_chans", "input_channels", "n_channels", "num_channels")
 SIZE_NAMES = ("image_size", "img_size")
+ALWAYS_FILLED = ("input_shape", "n_classes")  # filled over a default, as autotune always did
 
 
 def factory_kwargs(
     spec: ModelSpec, factory: Any, input_shape: Sequence[int], n_classes: int
 ) -> dict[str, Any]:
-    """`model.kwargs`, with what the data tells (data_arguments) under each name the factory
-    takes that the spec does not set. A required argument left without a value is a SpecError
-    naming it and `model.kwargs`."""
+    """`model.kwargs`, with what the data tells (data_arguments) under the names the factory
+    takes by keyword that the spec does not set: `input_shape` and `n_classes` wherever it takes
+    them, the other names only where they have no default (a default the factory chose stays).
+    A required argument left without a value is a SpecError naming it and `model.kwargs`."""
     kwargs = dict(spec.kwargs)
     parameters = _parameters(factory)
     if parameters is None:  # a builtin without a signature: what the spec gives
         return kwargs
     known = data_arguments(input_shape, n_classes)
-    for name in parameters:
-        if name not in kwargs and name in known:
+    by_keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    for name, parameter in parameters.items():
+        wanted = parameter.default is inspect.Parameter.empty or name in ALWAYS_FILLED
+        if wanted and name not in kwargs and name in known and parameter.kind in by_keyword:
             kwargs[name] = known[name]
     missing = [
         name
         for name, parameter in parameters.items()
         if name not in kwargs
         and parameter.default is inspect.Parameter.empty
-        and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+        and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
     ]
     if missing:
         names = ", ".join(repr(name) for name in missing)

@@ -48,7 +48,13 @@ from autotune.core.user_code import USER_ERRORS, raised_in
 from autotune.core.writes import write_atomic
 from autotune.nn import surgery
 from autotune.nn.models import build_model
-from autotune.nn.weights import WeightsDoNotLoad, own_weights, verify_network, verify_weights
+from autotune.nn.weights import (
+    CheckFailed,
+    WeightsDoNotLoad,
+    own_weights,
+    verify_network,
+    verify_weights,
+)
 from autotune.outputs.recommendation import (
     finite,
     inputs_section,
@@ -253,40 +259,52 @@ class _Outputs:
             return
         path = self.out / FORMATS["py"]
         header = self.snippet_header()
+        code = self.snippet_code(header, self.weights_from_snippet())
+        write_atomic(path, code)
+        said = self.check(lambda: run_snippet(code, path, header), path)
+        if (self.weights is not None and not said.startswith("same layers")) or "unused" in said:
+            # weights that do not load: no load() that would fail on them
+            code = self.snippet_code(header, None)
+            write_atomic(path, code)
+        elif self.weights is not None:
+            stats = self.out / INPUT_STATS if self.standardised else None
+            try:
+                diff = verify_load(code, path, self.tuned(), self.weights, stats, self.shape)
+                said += f"; its load() gives them from raw inputs (largest difference {diff:.2g})"
+            except CheckFailed as exc:
+                said += f"; its load() is not verified: {exc}"
+        self.verified[BEST_MODEL] = said
+        self.written.append(path)
+
+    def snippet_code(self, header: str, weights: str | None) -> str:
+        """best_model.py's code: a template's network, or the user's model with the surgery;
+        `weights`: what its load() loads, None for no load()."""
         spec = self.spec
-        if spec.model.imported:
-            factory = surgery.load_factory(spec.model, base_dir=spec.base_dir)
-            kwargs = surgery.factory_kwargs(spec.model, factory, self.shape, self.n_classes)
-            code = render_imported_snippet(
-                spec.model,
-                self.model,
-                self.blocks,
-                self.config,
-                header,
-                self.shape,
-                kwargs,
-                self.training(),
-                standardised=self.standardised,
-                weights=self.weights_from_snippet(),
-            )
-        else:
-            code = render_snippet(
+        assert self.model is not None
+        if not spec.model.imported:
+            return render_snippet(
                 self.model,
                 header,
                 self.shape,
                 self.training(),
                 recalibrate=self.config.recalibrate_bn,
                 standardised=self.standardised,
-                weights=self.weights_from_snippet(),
+                weights=weights,
             )
-        write_atomic(path, code)
-        said = self.check(lambda: run_snippet(code, path, header), path)
-        if self.weights is not None and said.startswith("same layers") and "unused" not in said:
-            stats = self.out / INPUT_STATS if self.standardised else None
-            diff = verify_load(code, path, self.tuned(), self.weights, stats, self.shape)
-            said += f"; its load() gives them from raw inputs (largest difference {diff:.2g})"
-        self.verified[BEST_MODEL] = said
-        self.written.append(path)
+        factory = surgery.load_factory(spec.model, base_dir=spec.base_dir)
+        kwargs = surgery.factory_kwargs(spec.model, factory, self.shape, self.n_classes)
+        return render_imported_snippet(
+            spec.model,
+            self.model,
+            self.blocks,
+            self.config,
+            header,
+            self.shape,
+            kwargs,
+            self.training(),
+            standardised=self.standardised,
+            weights=weights,
+        )
 
     def weights_from_snippet(self) -> str | None:
         """The recommendation's weights as best_model.py's load() finds them: relative to the

@@ -208,12 +208,13 @@ class Standardised(nn.Module):
     def __init__(self, net: nn.Module, mean: torch.Tensor, std: torch.Tensor, classes) -> None:
         super().__init__()
         self.net = net
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
-        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
+        # float64, as autotune standardised: a large mean over a small spread loses no digits
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float64))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float64))
         self.classes = list(classes)
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
-        return self.net((raw.to(torch.float32) - self.mean) / self.std)
+        return self.net(((raw.to(torch.float64) - self.mean) / self.std).to(torch.float32))
 
 
 def load(weights=None, stats_path=None) -> nn.Module:

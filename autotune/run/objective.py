@@ -147,9 +147,9 @@ class Objective:
         except optuna.TrialPruned as exc:
             epoch = int(history[-1]["epoch"]) if history else 0
             reason = str(exc)
-            if epoch:  # stopped in training: say by which of the pruner's rules
-                rule = pruning_rule(trial.study.pruner, trial.number)
-                reason = f"{reason}, {rule}" if rule else reason
+            rule = pruning_rule(trial.study.pruner, trial.number)  # read, so never kept
+            if epoch and rule:  # stopped in training: say by which of the pruner's rules
+                reason = f"{reason}, {rule}"
             self._pruned(trial, run_id, epoch, reason)
             raise
         except (TrialInterrupted, KeyboardInterrupt, SystemExit) as exc:

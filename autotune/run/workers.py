@@ -105,9 +105,7 @@ def check_devices(devices: list[str], accelerator: str) -> None:
     shown = ",".join(devices)
     if accelerator == "cpu":
         raise SpecError(f"--devices {shown}: train.accelerator is cpu; drop --devices")
-    import torch
-
-    count = torch.cuda.device_count()  # NVML: counts without initialising CUDA
+    count = visible_gpus()
     absent = [d for d in devices if int(d) >= count]
     if not absent:
         return
@@ -120,6 +118,19 @@ def check_devices(devices: list[str], accelerator: str) -> None:
         f"--devices {shown}: no CUDA device {', '.join(absent)} here: this process sees "
         f"{count} ({', '.join(str(i) for i in range(count))})"
     )
+
+
+def visible_gpus() -> int:
+    """The CUDA devices this process sees, counted in a process of its own: where NVML is
+    missing, torch counts by initialising CUDA, which would fix the devices this process may
+    use before --devices chose one."""
+    counted = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return int(counted.stdout.strip() or 0) if counted.returncode == 0 else 0
 
 
 def plan_devices(n: int, devices: list[str] | None, accelerator: str) -> list[str | None]:

@@ -18,6 +18,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autotune.core.names import (
+    CONFIG_ATTR,
     FAIL_REASON_ATTR,
     INTERRUPTED_ATTR,
     PRUNED_REASON_ATTR,
@@ -29,6 +30,7 @@ INTERRUPTED, NOT_STARTED, RUNNING, WAITING = "interrupted", "not started", "runn
 # the order counts are said in; the last four only where there are any
 ENDINGS = (COMPLETE, PRUNED, GATED, FAILED, INTERRUPTED, NOT_STARTED, RUNNING, WAITING)
 ALWAYS_SAID = (COMPLETE, PRUNED, GATED, FAILED)
+WORKER_DIED = "its worker stopped without a word (killed, or its node lost)"
 
 
 def ending(trial: FrozenTrial) -> str:
@@ -57,9 +59,12 @@ def why(trial: FrozenTrial) -> str:
     if kind in (PRUNED, GATED):
         return _after_colon(trial.user_attrs.get(PRUNED_REASON_ATTR))
     if kind in (FAILED, NOT_STARTED):
-        return _after_colon(trial.user_attrs.get(FAIL_REASON_ATTR), keep=kind == FAILED)
+        # the objective records every failure it sees: without a reason, its worker died
+        reason = trial.user_attrs.get(FAIL_REASON_ATTR) or WORKER_DIED
+        return _after_colon(reason, keep=kind == FAILED)
     if kind == INTERRUPTED:
-        return "by a signal; its configuration runs again on resume"
+        sampled = trial.params or trial.user_attrs.get(CONFIG_ATTR)
+        return "by a signal; its configuration runs again on resume" if sampled else "by a signal"
     return ""
 
 

@@ -5,13 +5,14 @@ recommendation as a logged model."""
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from autotune.core.files import SQLITE, url_file
 from autotune.core.names import (
@@ -107,9 +108,9 @@ def log_recommended(
         return found[0].model_id
     logged = client.create_logged_model(
         experiment_id,
-        name=f"{study}-{model.name.replace(' ', '-')}",
+        name=model_name(study, model.name),
         source_run_id=run_id,
-        tags={STUDY_TAG: study, RECOMMENDATION_TAG: model.name, MODEL_DIGEST_TAG: key},
+        tags={STUDY_TAG: study, RECOMMENDATION_TAG: model.name},
         params={k: str(v) for k, v in redact_params(shown(model.params)).items()},
         model_type="pytorch",
     )
@@ -120,7 +121,14 @@ def log_recommended(
             shutil.copyfile(model.folder / name, target)
         client.log_model_artifacts(logged.model_id, folder)
     client.finalize_logged_model(logged.model_id, "READY")
+    # found again only once whole: a model whose upload failed is logged anew next time
+    client.set_logged_model_tags(logged.model_id, {MODEL_DIGEST_TAG: key})
     return logged.model_id
+
+
+def model_name(study: str, recommended: str) -> str:
+    """A logged model's name, "<study>-trial-7": MLflow refuses / : . % " ' in one."""
+    return re.sub(r"[/:.%\"'\s]+", "-", f"{study}-{recommended}").strip("-") or "recommended"
 
 
 @dataclass(frozen=True)
@@ -150,4 +158,10 @@ def trials_link(base: str, experiment_id: str, study: str, metric: str, maximize
             f"orderByAsc={'false' if maximize else 'true'}",
         )
     )
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
+    return f"{_without_userinfo(base).rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def _without_userinfo(url: str) -> str:
+    """A server's URL without user and password: a link for a browser, which asks for them."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))

@@ -150,7 +150,7 @@ class VarianceShiftPruner(BasePruner):
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         stop, rule = self.decide(study, trial)
-        if stop:  # read once by whoever stops the trial (pruning_rule)
+        if stop and trial.last_step is not None:  # in training: read once (pruning_rule)
             self.rules[trial.number] = rule
         return stop
 

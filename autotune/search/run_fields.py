@@ -31,6 +31,7 @@ from autotune.core.names import (
     WORKER_ATTR,
 )
 from autotune.core.theory import summarize_shift
+from autotune.search.endings import WORKER_DIED
 from autotune.search.queries import trial_config
 
 if TYPE_CHECKING:
@@ -76,13 +77,11 @@ class TrialRecord:
         self.params.update(params)
         self.tags.update(tags)
         if self.state == "PRUNED":
-            self.tags[PRUNED_EPOCH_TAG] = attrs.get(PRUNED_EPOCH_ATTR, 0)
+            self.tags[PRUNED_EPOCH_TAG] = attrs.get(PRUNED_EPOCH_ATTR, trial.last_step or 0)
             self.tags[PRUNED_REASON_TAG] = attrs.get(PRUNED_REASON_ATTR, "")
         if self.state == "FAIL":
             # the objective records every failure it sees: without a reason, the worker died
-            self.tags[FAIL_REASON_TAG] = attrs.get(
-                FAIL_REASON_ATTR, "its worker stopped without a word (killed, or its node lost)"
-            )
+            self.tags[FAIL_REASON_TAG] = attrs.get(FAIL_REASON_ATTR, WORKER_DIED)
         if attrs.get(EXPLORED_ATTR):
             self.tags[EXPLORED_TAG] = True
 

@@ -214,9 +214,14 @@ class Tracker:
                     self.client.log_artifact(parent, str(path))
             for path in figures:
                 self.client.log_artifact(parent, str(path), artifact_path=FIGURES_DIR)
-            if model is not None:  # the Models tab: weights, snippet, configuration
-                log_recommended(self.client, self._experiment(), parent, self.study_name, model)
             self.client.set_terminated(parent, status=status)
+            if model is not None:  # the Models tab: a courtesy that never holds up the parent
+                try:
+                    log_recommended(self.client, self._experiment(), parent, self.study_name, model)
+                except Exception as exc:
+                    self.notify(
+                        f"the recommendation not logged as a model: {first_line_with_type(exc)}"
+                    )
 
         self._send(end, now=True)
 
