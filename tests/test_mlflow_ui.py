@@ -123,3 +123,19 @@ def rendered(url: str, until: str, tries: int = 3) -> str:
         if until in page:
             break
     return page
+
+
+def test_names_and_links_are_what_mlflow_and_a_browser_take():
+    from autotune.search.mlflow_store import model_name, run_name, trials_link
+
+    # a study's name may hold a dot, which MLflow refuses in a logged model's name
+    assert model_name("mnist.v2", "trial 3") == "mnist-v2-trial-3"
+    assert model_name("digits", "bn_only") == "digits-bn_only"
+    # a pruned trial's name says the epoch, or that it was gated before training
+    assert run_name(9, "PRUNED", {"autotune.pruned_epoch": 3}) == "trial-9 pruned@3"
+    assert run_name(4, "PRUNED", {"autotune.pruned_epoch": 0}) == "trial-4 gated"
+    assert run_name(5, "FAIL", {}) == "trial-5 failed"
+    # a server's link without its user and password (redacted or not): the browser asks
+    link = trials_link("http://bob:***@gpu-head:5000", "7", "s", "val_loss", maximize=False)
+    assert link.startswith("http://gpu-head:5000/#/experiments/7/runs?")
+    assert link.endswith("orderByKey=metrics.%60val_loss%60&orderByAsc=true")

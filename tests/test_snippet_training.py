@@ -410,3 +410,22 @@ def test_a_network_trained_from_best_model_py_ends_where_the_trial_ended(
         before = trial.user_attrs["final"]["val_acc_before_recalibration"]
         assert trial.value >= before + 0.05
         assert final >= plain + 0.05, runs
+
+
+def test_load_keeps_the_digits_of_a_large_mean_over_a_small_spread(tmp_path: Path) -> None:
+    config = TrialConfig((BlockConfig("before_bn", 0.5, "dropout", 0.1),) * 2, False)
+    model = build_model(CNN, config, DIGITS, 10).eval()
+    code = render_snippet(
+        model, "A test network.", DIGITS, TRAIN, standardised=True, weights="w.pt"
+    )
+    (tmp_path / "best_model.py").write_text(code)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    # standardised in float64 by autotune: a mean of 1e5 over a spread of 0.01
+    mean = torch.full(DIGITS, 1e5, dtype=torch.float64)
+    std = torch.full(DIGITS, 0.01, dtype=torch.float64)
+    torch.save({"mean": mean, "std": std, "classes": list(range(10))}, tmp_path / INPUT_STATS)
+    x = torch.randn(4, *DIGITS, generator=torch.Generator().manual_seed(2))
+    raw = x.double() * std + mean
+    loaded = import_file(tmp_path / "best_model.py", "large_mean_best_model").load()
+    with torch.no_grad():
+        assert torch.allclose(loaded(raw), model(x), atol=1e-5)
