@@ -11,9 +11,10 @@ Each verb imports what it runs inside itself: `autotune --help` imports click al
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
@@ -345,5 +346,38 @@ main.add_command(fix)
 main.add_command(trials)
 main.add_command(init)
 
+
+
+def entry() -> None:
+    """The `autotune` console script (and `python -m autotune.cli`): `main`, then the process
+    ends without the interpreter's teardown of the modules a run loaded. With torch, Lightning,
+    Optuna and MLflow imported that teardown alone takes about 2 s on 2 cores (docs/benchmarks.md,
+    "The small end"), and by then everything autotune writes is whole on disk: files are written
+    atomically, the stores' transactions committed, the MLflow runs ended. The streams and the
+    logging handlers are flushed first. An error that escapes `main` ends the process as
+    Python does, traceback and all."""
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code
+        if code is not None and not isinstance(code, int):  # a message, as Python says it
+            sys.stderr.write(f"{code}\n")
+            code = 1
+        leave(code or 0)
+    leave(0)
+
+
+def leave(code: int) -> NoReturn:
+    """Flush what is said and logged, then end the process at once with `code`."""
+    import logging
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    entry()
