@@ -347,7 +347,6 @@ main.add_command(trials)
 main.add_command(init)
 
 
-
 def entry() -> None:
     """The `autotune` console script (and `python -m autotune.cli`): `main`, then the process
     ends without the interpreter's teardown of the modules a run loaded. With torch, Lightning,

@@ -307,11 +307,8 @@ class _Outputs:
         )
 
     def weights_from_snippet(self) -> str | None:
-        """The recommendation's weights as best_model.py's load() finds them: relative to the
-        output folder, where the snippet is; None where none were saved here."""
-        if self.weights is None:
-            return None
-        return Path(os.path.relpath(self.weights, self.out)).as_posix()
+        """The recommendation's weights as best_model.py's load() finds them."""
+        return relative_to_output(self.weights, self.out)
 
     @property
     def standardised(self) -> bool:
@@ -435,3 +432,9 @@ class _Outputs:
             if path in self.unverified or path not in self.written
         ]
         raise Unverified(f"{self.failed}; {', '.join(said)}", self.written)
+
+
+def relative_to_output(path: Path | None, out: Path) -> str | None:
+    """`path` from the output folder `out`, as best_model.py (which lives there) and the logged
+    model's layout name it: "weights/trial_7.pt"; None for no file."""
+    return None if path is None else Path(os.path.relpath(path, out)).as_posix()

@@ -156,14 +156,15 @@ def recommended_model(study: optuna.Study, spec: Spec) -> RecommendedModel | Non
     chosen = recommended_config(study, spec)
     if chosen is None:
         return None
+    from autotune.nn.weights import own_weights  # torch, loaded by the export already
+    from autotune.outputs.export import relative_to_output
+
     name, config = chosen
-    weights, _ = recommended_weights(study, spec)
-    out = spec.output_dir
-    files = [BEST_MODEL, RECOMMENDED_YAML, INPUT_STATS]
-    if weights.is_file():
-        files.append(weights.relative_to(out).as_posix() if weights.is_relative_to(out) else "")
+    # the weights best_model.py's load() reads: the recommendation's own, checked by digest
+    weights = relative_to_output(own_weights(*recommended_weights(study, spec))[0], spec.output_dir)
+    files = (BEST_MODEL, RECOMMENDED_YAML, INPUT_STATS, *([weights] if weights else []))
     params = {**config.to_params(), RECALIBRATE_ATTR: config.recalibrate_bn}
-    return RecommendedModel(name, out, tuple(f for f in files if f), params)
+    return RecommendedModel(name, spec.output_dir, files, params)
 
 
 def sync_parent_run(study: optuna.Study, spec: Spec, tracker: Tracker) -> StudyOutcome | None:

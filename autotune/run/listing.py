@@ -10,6 +10,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 from rich import box
+from rich.markup import escape  # a stored reason shown as it is
 from rich.table import Table
 
 from autotune.core.direction import maximizes
@@ -23,8 +24,6 @@ from autotune.core.names import (
 from autotune.core.space import block_line
 from autotune.run.summary import STYLES
 from autotune.search.endings import ENDINGS, ending, epochs_run, why
-
-SORTS = ("number", "value", "ending", "epochs")
 
 
 def listed(
@@ -62,7 +61,7 @@ def trials_table(study: optuna.Study, trials: list[FrozenTrial], metric: str) ->
         kind = ending(trial)
         blocks = [block_line(i, b) for i, b in enumerate(trial.user_attrs.get(CONFIG_ATTR, []))]
         reason = why(trial)
-        cell = "\n".join([*blocks, *([f"[dim]{_escape(reason)}[/]"] if reason else [])]) or "-"
+        cell = "\n".join([*blocks, *([f"[dim]{escape(reason)}[/]"] if reason else [])]) or "-"
         table.add_row(
             str(trial.number),
             f"[{STYLES[kind]}]{kind}[/]" if kind in STYLES else kind,
@@ -97,8 +96,3 @@ def trial_record(trial: FrozenTrial) -> dict[str, Any]:
 
 def _has_value(trial: FrozenTrial) -> bool:
     return trial.value is not None and math.isfinite(trial.value)
-
-
-def _escape(text: str) -> str:
-    """A stored reason shown as it is: Rich markup in it is text."""
-    return text.replace("[", r"\[")

@@ -217,7 +217,7 @@ class Objective:
         trial.set_user_attr(PREDICTED_SHIFT_ATTR, prediction.to_dict())
         trial.set_user_attr(DELTA_KEY, prediction.summary.worst_delta)
         params, tags = split_one_off(predicted_metrics(prediction.to_dict()))
-        self.tracker.log_tags(run_id, tags, params=params)
+        self.tracker.log_values(run_id, params=params, tags=tags)
         # 2. the pruner's gate, before the first epoch: one verdict decides, names the reason
         #    and marks an exploring trial (asked twice, a trial finishing elsewhere between the
         #    two could change it); another pruner is asked as Optuna asks it
@@ -232,7 +232,7 @@ class Objective:
             raise optuna.TrialPruned(gate_reason(verdict, prediction))
         if verdict is not None and verdict.past:  # past the line, trained anyway: mark it
             trial.set_user_attr(EXPLORED_ATTR, True)
-            self.tracker.log_tags(run_id, {EXPLORED_TAG: True})
+            self.tracker.log_values(run_id, tags={EXPLORED_TAG: True})
 
         def report(epoch: int, metrics: dict[str, float]) -> None:
             history.append({"epoch": epoch, **metrics})
@@ -244,7 +244,7 @@ class Objective:
             # after the first epoch, from the trial's own weights: the same metrics, at step 1
             stored = prediction.to_dict()
             trial.set_user_attr(TRAINED_PREDICTION_ATTR, stored)
-            self.tracker.log_tags(run_id, after_epoch_1(predicted_metrics(stored)))
+            self.tracker.log_values(run_id, tags=after_epoch_1(predicted_metrics(stored)))
 
         # 3. train, then what was measured after training
         result = fitting.fit(
@@ -287,7 +287,7 @@ class Objective:
         trial.set_user_attr(MEASURED_SHIFT_ATTR, measured)
         trial.set_user_attr(FINAL_ATTR, result.final)
         params, tags = split_one_off(measured_metrics(measured, result.final))
-        self.tracker.log_tags(run_id, tags, params=params)
+        self.tracker.log_values(run_id, params=params, tags=tags)
 
     def _save_if_best(self, trial: optuna.Trial, result: fitting.TrialResult) -> None:
         study = trial.study

@@ -90,9 +90,9 @@ class RichProgress(Observer):
         done = len(study.get_trials(deepcopy=False, states=FINISHED))
         self.bar.update(self.trials, completed=min(done, self.total), note=self._left(done))
         self.bar.update(self.epochs, visible=False, completed=0)
-        self.bar.status = self._status(study)
-        line = f"trial {trial.number} {told(trial, self.metric)}{_took(trial)}"
         best = best_trial(study)
+        self.bar.status = self._status(study, best)
+        line = f"trial {trial.number} {told(trial, self.metric)}{_took(trial)}"
         if not self.console.is_terminal and best is not None:  # no bar to read it from
             line += f" · best {best.value:.4f} (trial {best.number})"
         self.console.print(line, soft_wrap=True, highlight=False, markup=False)  # a line each
@@ -106,11 +106,12 @@ class RichProgress(Observer):
     def close(self) -> None:
         self.bar.stop()
 
-    def _status(self, study: optuna.Study) -> str:
-        return f"{self._best(study)} · {counts_line(ending_counts(study))}"
+    def _status(self, study: optuna.Study, best: FrozenTrial | None = None) -> str:
+        """The line under the bars: the best so far (`best`, or read) and the counts."""
+        best = best or best_trial(study)
+        return f"{self._best(best)} · {counts_line(ending_counts(study))}"
 
-    def _best(self, study: optuna.Study) -> str:
-        best = best_trial(study)
+    def _best(self, best: FrozenTrial | None) -> str:
         if best is None:
             return "best: none complete yet"
         return f"best {self.metric}={best.value:.4f} (trial {best.number})"

@@ -219,9 +219,8 @@ class Tracker:
                 try:
                     log_recommended(self.client, self._experiment(), parent, self.study_name, model)
                 except Exception as exc:
-                    self.notify(
-                        f"the recommendation not logged as a model: {first_line_with_type(exc)}"
-                    )
+                    said = first_line_with_type(exc)
+                    self.notify(f"the recommendation was not logged as a model: {said}")
 
         self._send(end, now=True)
 
@@ -267,8 +266,15 @@ class Tracker:
         """One batch per call: all of an epoch's metrics in one request."""
         self._trial_call(run_id, lambda run: self._log(run, metrics=metrics, step=step))
 
-    def log_tags(self, run_id: str | None, tags: Mapping[str, Any], params: Any = None) -> None:
-        self._trial_call(run_id, lambda run: self._log(run, tags=tags, params=params))
+    def log_values(
+        self,
+        run_id: str | None,
+        *,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None,
+    ) -> None:
+        """What a trial's run gets once, not per epoch: params and tags in one request."""
+        self._trial_call(run_id, lambda run: self._log(run, params=params, tags=tags))
 
     def end_trial(
         self, run_id: str | None, state: str, tags: Mapping[str, Any] | None = None
