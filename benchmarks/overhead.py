@@ -290,7 +290,7 @@ def timed_parts() -> Iterator[Parts]:
     parts.wrap(fitting, "train_mode_accuracy", "train-mode accuracy")
     parts.wrap(fitting, "factor_shift", "Δ's two factors")  # one more pass over validation
     parts.wrap(observers, "predict_trained", "prediction after epoch 1")  # inside Trainer.fit
-    for method in ("start_trial", "log_metrics", "log_tags", "end_trial"):
+    for method in ("start_trial", "log_metrics", "log_values", "end_trial"):
         parts.wrap(Tracker, method, "MLflow")
     for method in ("report", "should_prune", "set_user_attr"):
         parts.wrap(optuna.Trial, method, "Optuna report and attrs")
